@@ -1,0 +1,107 @@
+"""Row-form block-wise implicit GEMM for the depthwise forward and input-grad passes (ARCHITECTURE.md §4.2).
+
+A program owns one destination channel, BLOCK_M destination rows (batch and height flattened) and BLOCK_W
+destination columns. For each kernel row r it multiplies the matching source rows (BLOCK_M x BLOCK_J source
+columns) by a banded Toeplitz block B_r[j, t] = w[r, tap(j, t)] gathered from the filter on the fly, so every
+loaded element feeds BLOCK_W (or BLOCK_M) multiply-adds on the tensor cores.
+
+The forward pass reads x and writes y. The input grad (TRANSPOSED) reads dy and writes dx through the same tap
+relation, which covers stride, dilation and depth multipliers without rotating or dilating anything in memory.
+Kernel rows and source columns that only ever meet padding are skipped.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import filter_tap, mma
+
+
+@triton.jit
+def depthwise_rows_kernel(
+    src_ptr, weight_ptr, bias_ptr, dst_ptr,
+    batch, dst_height, dst_width, src_height, src_width,
+    kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, multiplier,
+    src_stride_n, src_stride_c, src_stride_h, src_stride_w,
+    w_stride_c, w_stride_h, w_stride_w,
+    dst_stride_n, dst_stride_c, dst_stride_h, dst_stride_w,
+    TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, OPERANDS_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    # Channel slowest, so neighbouring programs share the filter and the halo rows in L2.
+    pid = tl.program_id(0)
+    total_rows = batch * dst_height
+    col_blocks = tl.cdiv(dst_width, BLOCK_W)
+    blocks_per_channel = tl.cdiv(total_rows, BLOCK_M) * col_blocks
+    channel = pid // blocks_per_channel
+    row_block = (pid % blocks_per_channel) // col_blocks
+    col_block = pid % col_blocks
+
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < total_rows
+    image = (rows // dst_height).to(tl.int64)
+    dst_row = rows % dst_height
+    cols = col_block * BLOCK_W + tl.arange(0, BLOCK_W)
+    col_ok = cols < dst_width
+
+    # The kernel rows and source columns this block can reach; everything else is padding.
+    first_row = tl.min(tl.where(row_ok, dst_row, dst_height), axis=0)
+    last_row = tl.max(tl.where(row_ok, dst_row, 0), axis=0)
+    first_col = col_block * BLOCK_W
+    last_col = tl.minimum(first_col + BLOCK_W, dst_width) - 1
+    if TRANSPOSED:
+        # dst = input rows/cols, src = output rows/cols: in + pad - tap * dilation = out * stride.
+        low = first_row + pad_top - (src_height - 1) * stride_h
+        r_begin = tl.where(low > 0, (low + dilation_h - 1) // dilation_h, 0)
+        r_end = tl.minimum((last_row + pad_top) // dilation_h + 1, kernel_h)
+        low = first_col + pad_left - (kernel_w - 1) * dilation_w
+        c_begin = tl.where(low > 0, (low + stride_w - 1) // stride_w, 0)
+        c_end = tl.minimum((last_col + pad_left) // stride_w + 1, src_width)
+        fan = multiplier
+    else:
+        low = pad_top - last_row * stride_h
+        r_begin = tl.where(low > 0, (low + dilation_h - 1) // dilation_h, 0)
+        high = src_height - 1 + pad_top - first_row * stride_h
+        r_end = tl.where(high >= 0, tl.minimum(high // dilation_h + 1, kernel_h), 0)
+        c_begin = tl.maximum(first_col * stride_w - pad_left, 0)
+        c_end = tl.minimum(last_col * stride_w - pad_left + (kernel_w - 1) * dilation_w + 1, src_width)
+        fan = 1
+
+    acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
+    # The input grad of a depth multiplier m sums the m output channels fed by one input channel.
+    for k in range(0, fan):
+        if TRANSPOSED:
+            src_channel = channel * multiplier + k
+            w_channel = src_channel
+        else:
+            src_channel = channel // multiplier
+            w_channel = channel
+        src_row_base = image * src_stride_n + src_channel.to(tl.int64) * src_stride_c
+        w_base = weight_ptr + w_channel.to(tl.int64) * w_stride_c
+        for c0 in range(c_begin, c_end, BLOCK_J):
+            src_cols = c0 + tl.arange(0, BLOCK_J)
+            src_col_ok = src_cols < c_end
+            if TRANSPOSED:
+                tap, tap_ok = filter_tap(cols[None, :], src_cols[:, None], pad_left, stride_w, dilation_w, kernel_w)
+            else:
+                tap, tap_ok = filter_tap(src_cols[:, None], cols[None, :], pad_left, stride_w, dilation_w, kernel_w)
+            tap_offsets = tap * w_stride_w
+            src_col_offsets = src_cols * src_stride_w
+            for r in range(r_begin, r_end):
+                if TRANSPOSED:
+                    numerator = dst_row + pad_top - r * dilation_h
+                    src_row = numerator // stride_h
+                    src_row_ok = row_ok & (numerator >= 0) & (numerator % stride_h == 0) & (src_row < src_height)
+                else:
+                    src_row = dst_row * stride_h + r * dilation_h - pad_top
+                    src_row_ok = row_ok & (src_row >= 0) & (src_row < src_height)
+                src_offsets = (src_row_base + src_row.to(tl.int64) * src_stride_h)[:, None] + src_col_offsets[None, :]
+                a = tl.load(src_ptr + src_offsets, mask=src_row_ok[:, None] & src_col_ok[None, :], other=0.0)
+                b = tl.load(w_base + r * w_stride_h + tap_offsets, mask=tap_ok, other=0.0)
+                acc = mma(a, b, acc, PRECISION, OPERANDS_FP32)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + channel).to(tl.float32)
+    dst_offsets = (image * dst_stride_n + channel.to(tl.int64) * dst_stride_c
+                   + dst_row.to(tl.int64) * dst_stride_h)[:, None] + (cols * dst_stride_w)[None, :]
+    tl.store(dst_ptr + dst_offsets, acc.to(dst_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

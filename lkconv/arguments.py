@@ -1,0 +1,120 @@
+"""Checks and normalises the arguments of a depthwise conv before any kernel runs.
+
+One place turns what a user may pass (ints, pairs, 'same', 'valid', unbatched input) into the exact ints the
+ops take, and rejects everything else with an error that names the argument, the expected and the received
+value.
+"""
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+IntPair = Union[int, Sequence[int]]
+Padding = Union[str, int, Sequence[int]]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ConvArgs(NamedTuple):
+    """A depthwise conv after validation: stride and dilation as (h, w), padding as (top, left, bottom, right)."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+
+
+def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints; got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in both dimensions; got {value!r}")
+    return pair
+
+
+def conv_padding(
+    padding: Padding, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """Resolves ``padding`` to (top, left, bottom, right), the way F.conv2d does.
+
+    'same' pads dilation*(k-1) in total per axis, the odd element at the bottom/right, and needs stride 1.
+    """
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1; got stride={stride}")
+            total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+            begin = [t // 2 for t in total]
+            return (begin[0], begin[1], total[0] - begin[0], total[1] - begin[1])
+        raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid'; got {padding!r}")
+    top, left = _pair(padding, "padding", 0)
+    return (top, left, top, left)
+
+
+def output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int) -> int:
+    return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: IntPair,
+    padding: Padding,
+    dilation: IntPair,
+) -> ConvArgs:
+    """Validates a depthwise conv call on a batched (N, C, H, W) input; raises before any kernel runs."""
+    for name, tensor in (("input", input), ("weight", weight), ("bias", bias)):
+        if tensor is None and name == "bias":
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+        if tensor.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); got {tensor.dtype}"
+            )
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W) or 3-D (C, H, W); got {input.dim()}-D shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (C*m, 1, kh, kw); got {weight.dim()}-D shape {tuple(weight.shape)}")
+    channels = input.shape[1]
+    if channels == 0:
+        raise ValueError(f"input must have at least one channel; got shape {tuple(input.shape)}")
+    out_channels, per_group, kernel_h, kernel_w = weight.shape
+    if per_group != 1 or out_channels == 0 or out_channels % channels != 0 or kernel_h == 0 or kernel_w == 0:
+        raise ValueError(
+            f"weight must have shape (C*m, 1, kh, kw) with C = {channels} input channels, m >= 1 and kh, kw >= 1; "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"bias must have shape ({out_channels},), one value per output channel; got {tuple(bias.shape)}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != input.dtype:
+            raise TypeError(f"{name} must have the input's dtype {input.dtype}; got {tensor.dtype}")
+        if tensor.device != input.device:
+            raise ValueError(f"{name} must be on the input's device {input.device}; got {tensor.device}")
+
+    stride_pair = _pair(stride, "stride", 1)
+    dilation_pair = _pair(dilation, "dilation", 1)
+    kernel_size = (kernel_h, kernel_w)
+    pads = conv_padding(padding, kernel_size, stride_pair, dilation_pair)
+    in_size = (input.shape[2], input.shape[3])
+    out_size = tuple(
+        output_size(in_size[i], kernel_size[i], stride_pair[i], pads[i], pads[i + 2], dilation_pair[i]) for i in range(2)
+    )
+    if min(in_size) < 1 or min(out_size) < 1:
+        raise ValueError(
+            f"the output would be empty: input (H, W) = {in_size} padded by (top, left, bottom, right) = {pads} is "
+            f"smaller than the dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation_pair, kernel_size))}; "
+            f"got output size {out_size}"
+        )
+    return ConvArgs(stride_pair, pads, dilation_pair)

@@ -1,0 +1,78 @@
+"""The `torch` backend: reference and fallback, built from PyTorch's own convolutions on any device and dtype.
+
+The weight grad is computed as a grouped forward conv (input as the map, dy as the filter) rather than through
+aten's convolution backward: PyTorch 2.13's CPU weight grad corrupts memory for a single-channel conv whose
+non-square kernel is taller than the input (e.g. 31x5 on 12x9). The forward-conv form is correct everywhere.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+name = "torch"
+
+
+def unavailable_reason() -> Optional[str]:
+    return None
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return None
+
+
+def describe(pass_name: str, **_shape) -> str:
+    kernels = {
+        "forward": "F.conv2d",
+        "input_grad": "F.conv_transpose2d",
+        "weight_grad": "grouped F.conv2d over the batch (dy as the filter)",
+    }
+    return kernels[pass_name]
+
+
+def _symmetric_padding(padding: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Splits (top, left, bottom, right) into a symmetric part F.conv2d takes and the rest for F.pad."""
+    top, left, bottom, right = padding
+    both = (min(top, bottom), min(left, right))
+    rest = (left - both[1], right - both[1], top - both[0], bottom - both[0])
+    return both, rest
+
+
+def forward(input, weight, bias, stride, padding, dilation):
+    both, rest = _symmetric_padding(padding)
+    if any(rest):
+        input = F.pad(input, rest)
+    return F.conv2d(input, weight, bias, tuple(stride), both, tuple(dilation), groups=input.shape[1])
+
+
+def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
+    _, channels, height, width = input_shape
+    both, (left_rest, right_rest, top_rest, bottom_rest) = _symmetric_padding(padding)
+    # conv_transpose2d answers for the input padded by the asymmetric rest; its output_padding restores the
+    # rows/columns that the strided forward never reached.
+    rest_size = (height + top_rest + bottom_rest, width + left_rest + right_rest)
+    output_padding = tuple(
+        rest_size[i] - ((grad_output.shape[2 + i] - 1) * stride[i] - 2 * both[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+        for i in range(2)
+    )
+    grad_input = F.conv_transpose2d(
+        grad_output, weight, None, tuple(stride), both, output_padding, groups=channels, dilation=tuple(dilation)
+    )
+    return grad_input[:, :, top_rest : top_rest + height, left_rest : left_rest + width]
+
+
+def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with_bias):
+    batch, channels = input.shape[:2]
+    out_channels = grad_output.shape[1]
+    grad_bias = grad_output.sum((0, 2, 3)) if with_bias else grad_output.new_empty(0)
+    if batch == 0:
+        return grad_output.new_zeros(out_channels, 1, *kernel_size), grad_bias
+    top, left, bottom, right = padding
+    padded = F.pad(input, (left, right, top, bottom))
+    # dW[o, r, q] = sum_{n, oh, ow} x_pad[n, o // m, oh*s + r*d, ow*s + q*d] * dy[n, o, oh, ow]: a conv of the
+    # padded maps (batch moved into channels) with dy as the filter, stride and dilation swapped.
+    maps = padded.transpose(0, 1).reshape(1, channels * batch, padded.shape[2], padded.shape[3])
+    grad_weight = F.conv2d(
+        maps, grad_output.transpose(0, 1), None, stride=tuple(dilation), dilation=tuple(stride), groups=channels
+    )
+    return grad_weight[0, :, : kernel_size[0], : kernel_size[1]].unsqueeze(1), grad_bias

@@ -1,1 +1,24 @@
-"""x"""
+"""lkconv: fast large-kernel depthwise convolution for PyTorch.
+
+``depthwise_conv2d`` / ``DepthwiseConv2d`` compute exactly what ``F.conv2d(..., groups=C)`` / ``nn.Conv2d`` do,
+on block-wise implicit-GEMM Triton kernels where they apply and on PyTorch's own convs everywhere else.
+"""
+
+from .backends import BackendUnavailableError, available_backends, set_backend, use_backend
+from .modules import DepthwiseConv2d, convert, revert
+from .ops import Explanation, depthwise_conv2d, explain
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DepthwiseConv2d",
+    "Explanation",
+    "available_backends",
+    "convert",
+    "depthwise_conv2d",
+    "explain",
+    "revert",
+    "set_backend",
+    "use_backend",
+]

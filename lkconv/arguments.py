@@ -118,3 +118,10 @@ def check(
             f"got output size {out_size}"
         )
     return ConvArgs(stride_pair, pads, dilation_pair)
+
+
+def output_memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """The layout an op's output takes from its input: channels_last stays channels_last, all else is NCHW."""
+    if not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

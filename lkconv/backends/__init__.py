@@ -1,0 +1,106 @@
+"""Backend registry and dispatch: which implementation answers a pass, decided cheaply and explainably.
+
+A backend module has `name`, `unavailable_reason()`, `unsupported_reason(device, dtype)`, `describe(...)` and the
+passes `forward`, `input_grad` and `weight_grad`. The request comes from `set_backend` / `use_backend`, else
+the LKCONV_BACKEND environment variable, else 'auto'. 'auto' takes the fastest backend that can run the call
+and falls back to `torch`; a forced backend that cannot run the call raises instead of falling back.
+"""
+
+import contextlib
+import functools
+import os
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+
+from . import torch_backend, triton_backend
+
+NAMES = ("auto", "torch", "triton", "cuda")
+_MODULES = {"torch": torch_backend, "triton": triton_backend}
+_CUDA_UNAVAILABLE = "lkconv was installed without its CUDA C++ extension (lkconv._C); the cuda backend is not built yet"
+
+_override: Optional[str] = None
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend is not installed here, or cannot run the given tensors."""
+
+
+class Choice(NamedTuple):
+    """The backend that runs a call, and why it was picked."""
+
+    module: object
+    reason: str
+
+
+def _check_name(name: object, source: str) -> str:
+    if not isinstance(name, str) or name.strip().lower() not in NAMES:
+        raise ValueError(f"{source} must be one of {', '.join(NAMES)}; got {name!r}")
+    return name.strip().lower()
+
+
+def requested_backend() -> str:
+    """The backend asked for: set_backend/use_backend, else LKCONV_BACKEND, else 'auto'."""
+    if _override is not None:
+        return _override
+    return _check_name(os.environ.get("LKCONV_BACKEND", "auto") or "auto", "LKCONV_BACKEND")
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """Why backend `name` cannot run on this machine at all, or None if it can."""
+    if name == "cuda":
+        return _CUDA_UNAVAILABLE
+    return _MODULES[name].unavailable_reason()
+
+
+def available_backends() -> list[str]:
+    """The backends installed and usable on this machine (`torch` always is)."""
+    return [name for name in ("torch", "triton", "cuda") if unavailable_reason(name) is None]
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Forces a backend for every later call ('auto', 'torch', 'triton' or 'cuda'); None follows LKCONV_BACKEND again.
+
+    Raises at once if the backend is not installed here.
+    """
+    global _override
+    if name is not None:
+        name = _check_name(name, "backend")
+        if name != "auto" and (reason := unavailable_reason(name)) is not None:
+            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+    _override = name
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Context manager form of set_backend: restores the previous choice on exit."""
+    global _override
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def choose(device: torch.device, dtype: torch.dtype) -> Choice:
+    """The backend that answers a call on tensors of this device and dtype (cached per request/device/dtype)."""
+    return _choose(requested_backend(), device.type, dtype, triton_backend.interpreting())
+
+
+@functools.lru_cache(maxsize=256)
+def _choose(requested: str, device_type: str, dtype: torch.dtype, interpreting: bool) -> Choice:
+    device = torch.device(device_type)
+    if requested != "auto":
+        reason = unavailable_reason(requested) or _MODULES[requested].unsupported_reason(device, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend {requested!r} was forced but cannot run this call: {reason}")
+        return Choice(_MODULES[requested], f"forced ({requested!r})")
+    if device_type != "cuda":
+        return Choice(torch_backend, f"auto: lkconv's kernels run on CUDA tensors; PyTorch answers for {device_type}")
+    skipped = [f"cuda: {_CUDA_UNAVAILABLE}"]
+    reason = triton_backend.unavailable_reason() or triton_backend.unsupported_reason(device, dtype)
+    if reason is None:
+        return Choice(triton_backend, "auto: triton kernels (" + "; ".join(skipped) + ")")
+    skipped.append(f"triton: {reason}")
+    return Choice(torch_backend, "auto: falling back to PyTorch (" + "; ".join(skipped) + ")")

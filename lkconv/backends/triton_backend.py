@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from ..arguments import output_memory_format
+
 name = "triton"
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -204,12 +206,6 @@ def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilat
 # --- launches ------------------------------------------------------------------------------------------------
 
 
-def _memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    if not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _launch_conv(p: _Pass, src, weight, bias, dst, padding, multiplier, form: Optional[str]):
     form = form or choose_form(p)
     kernels = _kernels()
@@ -249,7 +245,7 @@ def forward(input, weight, bias, stride, padding, dilation, form: Optional[str] 
     out_h = (input.shape[2] + padding[0] + padding[2] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
     out_w = (input.shape[3] + padding[1] + padding[3] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
     output = torch.empty(
-        (batch, out_channels, out_h, out_w), dtype=input.dtype, device=input.device, memory_format=_memory_format(input)
+        (batch, out_channels, out_h, out_w), dtype=input.dtype, device=input.device, memory_format=output_memory_format(input)
     )
     if output.numel() == 0:
         return output
@@ -261,7 +257,7 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation, form
     batch, channels, height, width = input_shape
     grad_input = torch.empty(
         (batch, channels, height, width), dtype=grad_output.dtype, device=grad_output.device,
-        memory_format=_memory_format(grad_output),
+        memory_format=output_memory_format(grad_output),
     )
     if grad_input.numel() == 0:
         return grad_input

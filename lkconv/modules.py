@@ -1,0 +1,115 @@
+"""lkconv.DepthwiseConv2d, a drop-in nn.Conv2d(groups=C) that runs on lkconv's op, and model conversion both ways."""
+
+import copy
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import depthwise_conv2d
+
+_size_2_t = Union[int, tuple[int, int]]
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise conv layer: an ``nn.Conv2d`` with ``groups=in_channels`` whose forward runs ``lkconv.depthwise_conv2d``.
+
+    Parameter names, shapes, initialisation, ``state_dict`` and ``repr`` are those of
+    ``nn.Conv2d(in_channels, in_channels * depth_multiplier, kernel_size, ..., groups=in_channels)``, so weights
+    move between the two freely. Every ``padding_mode`` works ('zeros', 'reflect', 'replicate', 'circular').
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: Union[str, _size_2_t] = 0,
+        dilation: _size_2_t = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        depth_multiplier: int = 1,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if not isinstance(depth_multiplier, int) or isinstance(depth_multiplier, bool) or depth_multiplier < 1:
+            raise ValueError(f"depth_multiplier must be an int >= 1; got {depth_multiplier!r}")
+        super().__init__(
+            in_channels, in_channels * depth_multiplier, kernel_size, stride, padding, dilation,
+            groups=in_channels, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
+        )
+
+    @property
+    def depth_multiplier(self) -> int:
+        return self.out_channels // self.in_channels
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            # As nn.Conv2d does: pad explicitly in the requested mode, then convolve without padding.
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return depthwise_conv2d(input, weight, bias, self.stride, 0, self.dilation)
+        return depthwise_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
+        """Builds a DepthwiseConv2d that shares `conv`'s parameters (so optimiser state stays valid).
+
+        `conv` must be depthwise: groups == in_channels and out_channels a multiple of in_channels.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
+        if not is_depthwise(conv):
+            raise ValueError(
+                f"conv must be depthwise (groups == in_channels, out_channels a multiple of in_channels); got "
+                f"in_channels={conv.in_channels}, out_channels={conv.out_channels}, groups={conv.groups}"
+            )
+        return _recast(conv, cls)
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups == conv.in_channels and conv.out_channels % conv.in_channels == 0 and conv.weight.shape[1] == 1
+
+
+def _recast(module: nn.Module, cls: type) -> nn.Module:
+    """A `cls` instance with `module`'s configuration, sharing its parameters and buffers (no copy, no re-init)."""
+    recast = cls.__new__(cls)
+    recast.__dict__.update(module.__dict__)
+    for registry in ("_parameters", "_buffers", "_modules"):
+        recast.__dict__[registry] = dict(module.__dict__[registry])
+    return recast
+
+
+def _replace(model: nn.Module, convert_one) -> nn.Module:
+    replacement = convert_one(model)
+    if replacement is not None:
+        return replacement
+    for name, child in model.named_children():
+        setattr(model, name, _replace(child, convert_one))
+    return model
+
+
+def convert(model: nn.Module, min_kernel_size: int = 7, inplace: bool = False) -> nn.Module:
+    """Replaces every depthwise ``nn.Conv2d`` whose larger kernel side is >= `min_kernel_size` by a DepthwiseConv2d.
+
+    Only exact ``nn.Conv2d`` instances are converted (not subclasses); parameters are shared, so outputs are
+    unchanged. With ``inplace=False`` the model is deep-copied first and the original is left untouched.
+    """
+    if not isinstance(min_kernel_size, int) or min_kernel_size < 1:
+        raise ValueError(f"min_kernel_size must be an int >= 1; got {min_kernel_size!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    def convert_one(module):
+        if type(module) is nn.Conv2d and is_depthwise(module) and max(module.kernel_size) >= min_kernel_size:
+            return DepthwiseConv2d.from_conv2d(module)
+        return None
+
+    return _replace(model, convert_one)
+
+
+def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Turns every DepthwiseConv2d back into a plain ``nn.Conv2d`` (for export), sharing its parameters."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _replace(model, lambda m: _recast(m, nn.Conv2d) if isinstance(m, DepthwiseConv2d) else None)

@@ -1,0 +1,238 @@
+"""The lkconv custom ops (forward, input grad, weight grad) with fake kernels and autograd, and the functional API.
+
+Whichever backend runs, autograd, torch.compile and opcheck see these three `torch.ops.lkconv` ops. Autograd
+of each op calls the other ops, so backward passes dispatch to a backend too and can be differentiated again.
+Op arguments are already validated ints: padding is (top, left, bottom, right).
+"""
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import arguments, backends
+
+
+def _backend(tensor: Tensor):
+    return backends.choose(tensor.device, tensor.dtype).module
+
+
+@torch.library.custom_op("lkconv::depthwise_conv2d", mutates_args=())
+def depthwise_conv2d_op(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+) -> Tensor:
+    """y = conv2d(input, weight, bias, groups=C) on a validated (N, C, H, W) input."""
+    output = _backend(input).forward(input, weight, bias, stride, padding, dilation)
+    return output.contiguous(memory_format=arguments.output_memory_format(input))
+
+
+@depthwise_conv2d_op.register_fake
+def _(input, weight, bias, stride, padding, dilation):
+    size = [arguments.output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i]) for i in range(2)]
+    return input.new_empty((input.shape[0], weight.shape[0], *size)).contiguous(
+        memory_format=arguments.output_memory_format(input)
+    )
+
+
+@torch.library.custom_op("lkconv::depthwise_conv2d_input_grad", mutates_args=())
+def depthwise_conv2d_input_grad_op(
+    grad_output: Tensor, weight: Tensor, input_shape: Sequence[int],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+) -> Tensor:
+    """dL/dinput of the forward op, for an input of `input_shape` (N, C, H, W)."""
+    grad_input = _backend(grad_output).input_grad(grad_output, weight, input_shape, stride, padding, dilation)
+    return grad_input.contiguous(memory_format=arguments.output_memory_format(grad_output))
+
+
+@depthwise_conv2d_input_grad_op.register_fake
+def _(grad_output, weight, input_shape, stride, padding, dilation):
+    return grad_output.new_empty(tuple(input_shape)).contiguous(memory_format=arguments.output_memory_format(grad_output))
+
+
+@torch.library.custom_op("lkconv::depthwise_conv2d_weight_grad", mutates_args=())
+def depthwise_conv2d_weight_grad_op(
+    grad_output: Tensor, input: Tensor, kernel_size: Sequence[int],
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], bias: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dL/dweight, dL/dbias) of the forward op; dL/dbias is empty when `bias` is False."""
+    grad_weight, grad_bias = _backend(grad_output).weight_grad(
+        grad_output, input, kernel_size, stride, padding, dilation, bias
+    )
+    return grad_weight.contiguous(), grad_bias.contiguous()
+
+
+@depthwise_conv2d_weight_grad_op.register_fake
+def _(grad_output, input, kernel_size, stride, padding, dilation, bias):
+    out_channels = grad_output.shape[1]
+    return (
+        grad_output.new_empty((out_channels, 1, *kernel_size)),
+        grad_output.new_empty((out_channels,) if bias else (0,)),
+    )
+
+
+# --- autograd: every backward is made of the ops above -----------------------------------------------------------
+
+
+def _save_forward(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+    ctx.conv = (stride, padding, dilation)
+
+
+def _forward_backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv
+    needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_input = grad_weight = grad_bias = None
+    if needs_input:
+        grad_input = depthwise_conv2d_input_grad_op(grad_output, weight, list(input.shape), stride, padding, dilation)
+    if needs_weight:
+        grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
+            grad_output, input, list(weight.shape[2:]), stride, padding, dilation, bool(needs_bias and ctx.has_bias)
+        )
+    if needs_bias and ctx.has_bias and not needs_weight:
+        grad_bias = grad_output.sum((0, 2, 3))
+    return grad_input, grad_weight, (grad_bias if needs_bias else None), None, None, None
+
+
+def _save_input_grad(ctx, inputs, output):
+    grad_output, weight, input_shape, stride, padding, dilation = inputs
+    ctx.save_for_backward(grad_output, weight)
+    ctx.conv = (stride, padding, dilation)
+
+
+def _input_grad_backward(ctx, grad):
+    # input_grad is bilinear in (grad_output, weight): its adjoint in grad_output is the forward conv, in weight
+    # the weight grad with `grad` playing the input.
+    grad_output, weight = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv
+    grad_grad_output = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_grad_output = depthwise_conv2d_op(grad, weight, None, stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        grad_weight = depthwise_conv2d_weight_grad_op(
+            grad_output, grad, list(weight.shape[2:]), stride, padding, dilation, False
+        )[0]
+    return grad_grad_output, grad_weight, None, None, None, None
+
+
+def _save_weight_grad(ctx, inputs, output):
+    grad_output, input, kernel_size, stride, padding, dilation, bias = inputs
+    ctx.save_for_backward(grad_output, input)
+    ctx.conv = (kernel_size, stride, padding, dilation)
+    ctx.has_bias = bias
+
+
+def _weight_grad_backward(ctx, grad_weight, grad_bias):
+    # The adjoint of (dy -> (dW, db)) is a forward conv with (grad_weight, grad_bias) as the filter and bias;
+    # the adjoint in the input is the input grad with grad_weight as the filter.
+    grad_output, input = ctx.saved_tensors
+    kernel_size, stride, padding, dilation = ctx.conv
+    if grad_weight is None:
+        grad_weight = grad_output.new_zeros((grad_output.shape[1], 1, *kernel_size))
+    bias = grad_bias if ctx.has_bias and grad_bias is not None else None
+    grad_grad_output = grad_input = None
+    if ctx.needs_input_grad[0]:
+        grad_grad_output = depthwise_conv2d_op(input, grad_weight, bias, stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        grad_input = depthwise_conv2d_input_grad_op(grad_output, grad_weight, list(input.shape), stride, padding, dilation)
+    return grad_grad_output, grad_input, None, None, None, None, None
+
+
+depthwise_conv2d_op.register_autograd(_forward_backward, setup_context=_save_forward)
+depthwise_conv2d_input_grad_op.register_autograd(_input_grad_backward, setup_context=_save_input_grad)
+depthwise_conv2d_weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_save_weight_grad)
+
+
+# --- public functional API ----------------------------------------------------------------------------------------
+
+
+def _prepare(input, weight, bias, stride, padding, dilation):
+    """Validates a call and applies autocast, as F.conv2d would; returns the op's arguments."""
+    unbatched = isinstance(input, Tensor) and input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    args = arguments.check(input, weight, bias, stride, padding, dilation)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type) and input.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    return unbatched, (input, weight, bias, list(args.stride), list(args.padding), list(args.dilation))
+
+
+def depthwise_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: arguments.IntPair = 1,
+    padding: arguments.Padding = 0,
+    dilation: arguments.IntPair = 1,
+) -> Tensor:
+    """Depthwise 2-D convolution: exactly ``F.conv2d(input, weight, bias, stride, padding, dilation, groups=C)``.
+
+    Args:
+        input: (N, C, H, W) or unbatched (C, H, W); float16, bfloat16, float32 or float64; any strides
+            (NCHW, channels_last or sliced).
+        weight: (C*m, 1, kh, kw) for a depth multiplier m >= 1; any kh, kw (odd, even, non-square, larger
+            than the map).
+        bias: optional (C*m,).
+        stride, dilation: an int or an (h, w) pair, each >= 1.
+        padding: an int, an (h, w) pair, 'same' (stride 1 only; the odd element goes bottom/right) or 'valid'.
+
+    Returns:
+        (N, C*m, OH, OW), in the input's memory format. Differentiable to any order; the backend is chosen
+        per call (see ``lkconv.explain``).
+    """
+    unbatched, op_args = _prepare(input, weight, bias, stride, padding, dilation)
+    output = depthwise_conv2d_op(*op_args)
+    return output.squeeze(0) if unbatched else output
+
+
+class Explanation(NamedTuple):
+    """Which backend and kernels a call would use, and why; ``str()`` gives a readable summary."""
+
+    backend: str
+    reason: str
+    forward: str
+    input_grad: str
+    weight_grad: str
+
+    def __str__(self) -> str:
+        return (
+            f"backend: {self.backend} ({self.reason})\n"
+            f"  forward:     {self.forward}\n"
+            f"  input grad:  {self.input_grad}\n"
+            f"  weight grad: {self.weight_grad}"
+        )
+
+
+def explain(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: arguments.IntPair = 1,
+    padding: arguments.Padding = 0,
+    dilation: arguments.IntPair = 1,
+) -> Explanation:
+    """Says which backend and kernel each pass of ``depthwise_conv2d(input, weight, ...)`` would run, and why.
+
+    Takes the same arguments as ``depthwise_conv2d``, validates them the same way and runs nothing. A forced
+    backend that cannot run the call raises here as it would in the call.
+    """
+    _, (input, weight, bias, stride, padding, dilation) = _prepare(input, weight, bias, stride, padding, dilation)
+    choice = backends.choose(input.device, input.dtype)
+    output_hw = tuple(
+        arguments.output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
+        for i in range(2)
+    )
+    plans = {
+        pass_name: choice.module.describe(
+            pass_name, input_shape=tuple(input.shape), weight_shape=tuple(weight.shape), output_hw=output_hw,
+            stride=tuple(stride), dilation=tuple(dilation),
+        )
+        for pass_name in ("forward", "input_grad", "weight_grad")
+    }
+    return Explanation(choice.module.name, choice.reason, **plans)

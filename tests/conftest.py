@@ -1,0 +1,68 @@
+"""Shared test setup: the Triton interpreter on CPU-only machines, the float64 reference and per-dtype tolerances."""
+
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Relative L2 error allowed against the float64 reference (ARCHITECTURE.md §5).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+TF32_TOLERANCE = 3e-3
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32_convs():
+    """fp32 tests expect exact fp32 unless they opt into TF32 themselves."""
+    conv = torch.backends.cudnn.conv
+    previous = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    yield
+    conv.fp32_precision = previous
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; NaN anywhere gives inf so it never passes."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    scale = expected.norm().item()
+    return (actual - expected).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def assert_close(actual, expected, tolerance, what=""):
+    error = relative_error(actual, expected)
+    if not error <= tolerance:
+        diff = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs()
+        worst = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
+        raise AssertionError(f"{what}: relative error {error:.3e} > {tolerance:.1e} (largest at index {worst})")
+
+
+def reference(input, weight, bias, stride, padding, dilation, grad_output=None):
+    """F.conv2d in float64 on copies of the inputs: (output, grad_input, grad_weight, grad_bias or None)."""
+    x = input.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = bias.detach().double().requires_grad_() if bias is not None else None
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups=x.shape[1])
+    if grad_output is None:
+        return y.detach(), None, None, None
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], grad_output.double())
+    return (y.detach(), grads[0], grads[1], grads[2] if b is not None else None)

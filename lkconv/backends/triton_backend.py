@@ -206,6 +206,11 @@ def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilat
 # --- launches ------------------------------------------------------------------------------------------------
 
 
+def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """Uninitialised memory for a kernel to fill completely (tests swap in NaN-filled buffers to prove it)."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
 def _launch_conv(p: _Pass, src, weight, bias, dst, padding, multiplier, form: Optional[str]):
     form = form or choose_form(p)
     kernels = _kernels()
@@ -244,21 +249,19 @@ def forward(input, weight, bias, stride, padding, dilation, form: Optional[str] 
     out_channels, _, kernel_h, kernel_w = weight.shape
     out_h = (input.shape[2] + padding[0] + padding[2] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
     out_w = (input.shape[3] + padding[1] + padding[3] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
-    output = torch.empty(
-        (batch, out_channels, out_h, out_w), dtype=input.dtype, device=input.device, memory_format=output_memory_format(input)
-    )
+    output = new_buffer((batch, out_channels, out_h, out_w), input.dtype, input.device, output_memory_format(input))
     if output.numel() == 0:
         return output
     p = _forward_pass(input.shape, (out_h, out_w), (kernel_h, kernel_w), stride, dilation)
+    # The kernel reads bias[channel] at unit stride; autograd may hand in an expanded (stride-0) bias.
+    bias = bias.contiguous() if bias is not None else None
     return _launch_conv(p, input, weight, bias, output, padding, out_channels // channels, form)
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation, form: Optional[str] = None):
     batch, channels, height, width = input_shape
-    grad_input = torch.empty(
-        (batch, channels, height, width), dtype=grad_output.dtype, device=grad_output.device,
-        memory_format=output_memory_format(grad_output),
-    )
+    grad_input = new_buffer((batch, channels, height, width), grad_output.dtype, grad_output.device,
+                            output_memory_format(grad_output))
     if grad_input.numel() == 0:
         return grad_input
     p = _input_grad_pass(grad_output.shape, (height, width), weight.shape[2:], stride, dilation)
@@ -290,8 +293,8 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     rows_per_split = _cdiv(_cdiv(total_rows, splits), c.block_rows) * c.block_rows
     splits = _cdiv(total_rows, rows_per_split)
 
-    weight_partials = torch.empty((splits, out_channels, kernel_h, kernel_w), dtype=torch.float32, device=input.device)
-    bias_partials = torch.empty((splits, out_channels) if with_bias else (0,), dtype=torch.float32, device=input.device)
+    weight_partials = new_buffer((splits, out_channels, kernel_h, kernel_w), torch.float32, input.device)
+    bias_partials = new_buffer((splits, out_channels) if with_bias else (0,), torch.float32, input.device)
     precision, operands_fp32 = _dot_options(input.dtype)
     with torch.cuda.device(input.device) if input.is_cuda else contextlib.nullcontext():
         _kernels().depthwise_weight_grad_kernel[(tiles * splits,)](

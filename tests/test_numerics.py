@@ -1,0 +1,156 @@
+"""lkconv.depthwise_conv2d against float64 F.conv2d: output and all grads, every backend, over the awkward grid."""
+
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import lkconv
+from lkconv.backends import triton_backend
+
+from conftest import TOLERANCE, assert_close, reference
+
+
+class Case(NamedTuple):
+    batch: int
+    channels: int
+    multiplier: int
+    height: int
+    width: int
+    kernel: tuple
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    layout: str = "nchw"  # nchw | channels_last | sliced
+
+    def id(self):
+        return (f"n{self.batch}c{self.channels}m{self.multiplier}_{self.height}x{self.width}_k{self.kernel[0]}x{self.kernel[1]}"
+                f"_s{self.stride}_p{self.padding}_d{self.dilation}_{self.layout}").replace(" ", "")
+
+
+# ARCHITECTURE.md §5: odd maps, maps smaller than the kernel, C not a multiple of 8, N = 0 and 1, K from 1 to 63
+# (odd, even, non-square), stride 1 and 2, dilation, depth multipliers, channels_last and sliced inputs.
+CASES = [
+    Case(2, 3, 1, 9, 11, (3, 3), 1, 1),
+    Case(2, 4, 1, 16, 16, (31, 31), 1, 15),
+    Case(1, 5, 1, 7, 6, (9, 13), 1, "same"),
+    Case(2, 3, 2, 10, 9, (4, 6), 2, (1, 2), (2, 1), "channels_last"),
+    Case(1, 1, 1, 12, 9, (31, 5), 1, (15, 2)),
+    Case(0, 3, 1, 8, 8, (5, 5), 1, 2),
+    Case(2, 3, 3, 11, 13, (1, 1)),
+    Case(1, 2, 1, 5, 40, (3, 63), 1, "same"),
+    Case(2, 3, 1, 13, 7, (7, 7), 2, 3, 1, "sliced"),
+    Case(2, 3, 1, 9, 9, (5, 5), 1, "same", 3),
+    Case(1, 9, 1, 14, 14, (27, 27), 1, 13),
+    Case(2, 3, 1, 8, 8, (2, 2), 1, "same"),
+    Case(1, 2, 1, 6, 5, (13, 13), 2, 6, 1, "channels_last"),
+    Case(2, 3, 1, 9, 10, (3, 5), (2, 1), "valid", (1, 2)),
+    Case(1, 3, 2, 7, 7, (13, 13), 1, 6, 1, "channels_last"),
+    Case(2, 2, 1, 6, 7, (8, 3), (1, 2), (7, 4), (2, 3), "sliced"),
+]
+
+
+def make_input(case: Case, dtype) -> torch.Tensor:
+    shape = (case.batch, case.channels, case.height, case.width)
+    if case.layout == "channels_last":
+        return torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    if case.layout == "sliced":
+        big = torch.randn(case.batch, 2 * case.channels, case.height + 2, case.width + 3).to(dtype)
+        return big[:, ::2, 1:-1, 2:-1]
+    return torch.randn(shape).to(dtype)
+
+
+def run_case(case: Case, dtype, with_bias=True):
+    x = make_input(case, dtype).requires_grad_()
+    w = torch.randn(case.channels * case.multiplier, 1, *case.kernel).to(dtype).requires_grad_()
+    b = torch.randn(case.channels * case.multiplier).to(dtype).requires_grad_() if with_bias else None
+    y = lkconv.depthwise_conv2d(x, w, b, case.stride, case.padding, case.dilation)
+    dy = torch.randn(y.shape).to(dtype).contiguous(memory_format=lkconv.arguments.output_memory_format(y))
+    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
+    expected = reference(x, w, b, case.stride, case.padding, case.dilation, dy)
+    return x, y, grads, expected
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Triton outputs start as NaN, so an element a kernel never writes fails the comparison."""
+    original = triton_backend.new_buffer
+
+    def nan_buffer(*args, **kwargs):
+        return original(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(triton_backend, "new_buffer", nan_buffer)
+
+
+BACKEND_DTYPES = [("torch", torch.float64), ("torch", torch.float32), ("torch", torch.bfloat16),
+                  ("triton", torch.float32), ("triton", torch.bfloat16), ("triton", torch.float16)]
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=[f"{b}-{str(d)[6:]}" for b, d in BACKEND_DTYPES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
+def test_output_and_grads_match_float64_reference(case, backend, dtype, poisoned_outputs):
+    with lkconv.use_backend(backend):
+        x, y, grads, expected = run_case(case, dtype)
+    tolerance = TOLERANCE[dtype]
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
+        assert actual.dtype == dtype, f"{name} dtype {actual.dtype} != {dtype}"
+        assert_close(actual, wanted, tolerance, f"{backend} {dtype} {name}")
+    if case.layout == "channels_last" and case.batch > 0:
+        assert y.is_contiguous(memory_format=torch.channels_last), "channels_last input must give channels_last output"
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_without_bias(backend):
+    case = Case(2, 3, 2, 9, 8, (5, 7), 1, "same")
+    with lkconv.use_backend(backend):
+        _, y, grads, expected = run_case(case, torch.float32, with_bias=False)
+    assert len(grads) == 2
+    for actual, wanted in zip((y, *grads), expected):
+        assert_close(actual, wanted, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_only_weight_or_only_bias_requiring_grad(backend):
+    x = torch.randn(2, 3, 8, 9)
+    w = torch.randn(3, 1, 5, 5, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    dy = torch.randn(2, 3, 8, 9)
+    _, _, grad_w, grad_b = reference(x, w, b, 1, 2, 1, dy)
+    with lkconv.use_backend(backend):
+        (only_b,) = torch.autograd.grad(lkconv.depthwise_conv2d(x, w.detach(), b, padding=2), b, dy)
+        (only_w,) = torch.autograd.grad(lkconv.depthwise_conv2d(x, w, b.detach(), padding=2), w, dy)
+    assert_close(only_b, grad_b, TOLERANCE[torch.float32])
+    assert_close(only_w, grad_w, TOLERANCE[torch.float32])
+
+
+def test_unbatched_input_matches_reference():
+    x = torch.randn(3, 10, 11, dtype=torch.float64)
+    w = torch.randn(6, 1, 7, 3, dtype=torch.float64)
+    expected = torch.nn.functional.conv2d(x, w, None, 1, (3, 1), 1, groups=3)
+    assert_close(lkconv.depthwise_conv2d(x, w, padding=(3, 1)), expected, TOLERANCE[torch.float64])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tf32_when_pytorch_allows_it(backend):
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    case = Case(2, 4, 1, 12, 12, (7, 7), 1, 3)
+    with lkconv.use_backend(backend):
+        _, y, grads, expected = run_case(case, torch.float32)
+    for actual, wanted in zip((y, *grads), expected):
+        assert_close(actual, wanted, 3e-3, "tf32")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_weight_and_bias_and_expanded_grad_output(backend, poisoned_outputs):
+    """Autograd hands kernels expanded (stride-0) grads; weights may be views. Only strides may be assumed."""
+    x = torch.randn(2, 3, 9, 8).requires_grad_()
+    w = torch.randn(3, 1, 10, 14)[:, :, ::2, ::2].requires_grad_()
+    b = torch.randn(6)[::2].requires_grad_()
+    with lkconv.use_backend(backend):
+        y = lkconv.depthwise_conv2d(x, w, b, padding=(2, 3))
+        dy = torch.randn(()).expand(y.shape)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    expected = reference(x, w, b, 1, (2, 3), 1, dy)
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
+        assert_close(actual, wanted, TOLERANCE[torch.float32], name)

@@ -1,0 +1,165 @@
+"""The torch.ops.lkconv custom ops as the framework sees them: opcheck, gradcheck, double backward, torch.compile,
+autocast and the deterministic weight grad."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lkconv
+from lkconv.backends import triton_backend
+
+from conftest import TOLERANCE, assert_close, reference
+
+ops = torch.ops.lkconv
+STRIDE, PADDING, DILATION = [2, 1], [1, 2, 2, 0], [1, 2]  # asymmetric padding (top, left, bottom, right)
+
+
+def op_inputs(dtype, requires_grad=True, channels_last=False):
+    x = torch.randn(2, 3, 7, 8, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, 3, 4, dtype=dtype)
+    b = torch.randn(6, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (x, w, b)]
+
+
+def grad_output_for(x, w, dtype):
+    y = ops.depthwise_conv2d(x.detach(), w.detach(), None, STRIDE, PADDING, DILATION)
+    return torch.randn(y.shape, dtype=dtype).contiguous(memory_format=lkconv.arguments.output_memory_format(y))
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_every_op(backend, dtype, channels_last):
+    with lkconv.use_backend(backend):
+        x, w, b = op_inputs(dtype, channels_last=channels_last)
+        dy = grad_output_for(x, w, dtype).requires_grad_()
+        torch.library.opcheck(ops.depthwise_conv2d.default, (x, w, b, STRIDE, PADDING, DILATION))
+        torch.library.opcheck(ops.depthwise_conv2d.default, (x, w, None, STRIDE, PADDING, DILATION))
+        torch.library.opcheck(ops.depthwise_conv2d_input_grad.default, (dy, w, list(x.shape), STRIDE, PADDING, DILATION))
+        for bias in (True, False):
+            torch.library.opcheck(
+                ops.depthwise_conv2d_weight_grad.default, (dy, x, [3, 4], STRIDE, PADDING, DILATION, bias)
+            )
+
+
+def test_gradcheck_and_gradgradcheck_in_float64():
+    x, w, b = op_inputs(torch.float64)
+
+    def conv(x, w, b):
+        return lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+
+    assert torch.autograd.gradcheck(conv, (x, w, b))
+    assert torch.autograd.gradgradcheck(conv, (x, w, b))
+
+
+def test_gradcheck_and_gradgradcheck_of_the_backward_ops():
+    x, w, _ = op_inputs(torch.float64)
+    dy = grad_output_for(x, w, torch.float64).requires_grad_()
+
+    def input_grad(dy, w):
+        return ops.depthwise_conv2d_input_grad(dy, w, list(x.shape), STRIDE, PADDING, DILATION)
+
+    def weight_grad(dy, x):
+        return ops.depthwise_conv2d_weight_grad(dy, x, [3, 4], STRIDE, PADDING, DILATION, True)
+
+    for fn, args in ((input_grad, (dy, w)), (weight_grad, (dy, x))):
+        assert torch.autograd.gradcheck(fn, args)
+        assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_double_backward_through_triton_kernels():
+    """Grad of (grad_input . v) w.r.t. weight and grad_output, computed by the triton ops, against float64 F.conv2d."""
+    x, w, b = op_inputs(torch.float32)
+    v = torch.randn(x.shape)
+    results = {}
+    for name, dtype, conv in (
+        ("lkconv", torch.float32, lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2))),
+        ("reference", torch.float64, lambda x, w, b: F.conv2d(x, w, b, (2, 1), (1, 2), (1, 2), groups=3)),
+    ):
+        xs, ws, bs = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
+        with lkconv.use_backend("triton"):
+            y = conv(xs, ws, bs)
+            dy = torch.ones_like(y).mul_(0.5).requires_grad_()
+            (grad_x,) = torch.autograd.grad(y, xs, dy, create_graph=True)
+            results[name] = torch.autograd.grad((grad_x * v.to(dtype)).sum(), (ws, dy))
+    for actual, expected in zip(results["lkconv"], results["reference"]):
+        assert_close(actual, expected, TOLERANCE[torch.float32], "double backward")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_weight_grad_is_bit_identical_over_runs(backend):
+    x = torch.randn(3, 4, 12, 11)
+    dy = torch.randn(3, 4, 12, 11)
+    with lkconv.use_backend(backend):
+        runs = [ops.depthwise_conv2d_weight_grad(dy, x, [7, 5], [1, 1], [3, 2, 3, 2], [1, 1], True) for _ in range(5)]
+    for grad_weight, grad_bias in runs[1:]:
+        assert torch.equal(grad_weight, runs[0][0]) and torch.equal(grad_bias, runs[0][1])
+
+
+def test_triton_weight_grad_splits_agree_with_reference():
+    """Several fixed-order partial sums (as on a GPU) give the same answer as one."""
+    x = torch.randn(3, 4, 12, 11, dtype=torch.float64)
+    w = torch.randn(4, 1, 7, 5, dtype=torch.float64)
+    dy = torch.randn(3, 4, 12, 11, dtype=torch.float64)
+    _, _, grad_w, grad_b = reference(x, w, torch.zeros(4, dtype=torch.float64), 1, (3, 2), 1, dy)
+    for splits in (1, 2, 5):
+        got_w, got_b = triton_backend.weight_grad(dy.float(), x.float(), (7, 5), (1, 1), (3, 2, 3, 2), (1, 1), True, splits=splits)
+        assert_close(got_w, grad_w, TOLERANCE[torch.float32], f"grad_weight, {splits} splits")
+        assert_close(got_b, grad_b, TOLERANCE[torch.float32], f"grad_bias, {splits} splits")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    torch._dynamo.reset()
+    x, w, b = op_inputs(torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(x, w, b):
+        y = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+        return torch.relu(y).sum()
+
+    with lkconv.use_backend(backend):
+        loss = step(x, w, b)
+        grads = torch.autograd.grad(loss, (x, w, b))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref_loss = torch.relu(F.conv2d(x64, w64, b64, (2, 1), (1, 2), (1, 2), groups=3)).sum()
+    ref_grads = torch.autograd.grad(ref_loss, (x64, w64, b64))
+    assert_close(loss, ref_loss, TOLERANCE[torch.float32], "loss")
+    for actual, expected in zip(grads, ref_grads):
+        assert_close(actual, expected, TOLERANCE[torch.float32], "compiled grad")
+
+
+def test_torch_compile_with_inductor():
+    torch._dynamo.reset()
+    module = lkconv.DepthwiseConv2d(4, 7, padding=3)
+    x = torch.randn(2, 4, 10, 10, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    expected = F.conv2d(x.detach().double(), module.weight.double(), module.bias.double(), padding=3, groups=4)
+    assert_close(y, expected, TOLERANCE[torch.float32], "inductor output")
+    assert module.weight.grad is not None and torch.isfinite(module.weight.grad).all()
+
+
+def test_autocast_computes_in_the_autocast_dtype_like_nn_conv2d():
+    module = lkconv.DepthwiseConv2d(3, 5, padding=2)
+    plain = torch.nn.Conv2d(3, 3, 5, padding=2, groups=3)
+    plain.load_state_dict(module.state_dict())
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+        expected = plain(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    assert_close(y, expected.float(), TOLERANCE[torch.bfloat16], "autocast output")
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and module.weight.grad.dtype == torch.float32
+
+
+def test_float64_stays_float64_under_autocast():
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    w = torch.randn(2, 1, 3, 3, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lkconv.depthwise_conv2d(x, w, padding=1)
+    assert y.dtype == torch.float64
+    assert_close(y, F.conv2d(x, w, padding=1, groups=2), TOLERANCE[torch.float64])

@@ -1,0 +1,378 @@
+"""Backend control (set_backend, use_backend, LKCONV_BACKEND), dispatch, explain, and the forced triton backend."""
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lkconv
+from lkconv import backends
+from lkconv.backends import torch_backend, triton_backend
+from conftest import TOLERANCE, assert_close, reference
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA_EXTENSION = importlib.util.find_spec("lkconv._C") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def clean_backend_state(monkeypatch):
+    """Every test starts from 'auto' with no LKCONV_BACKEND, and leaves no forced backend behind."""
+    monkeypatch.delenv("LKCONV_BACKEND", raising=False)
+    lkconv.set_backend(None)
+    yield
+    lkconv.set_backend(None)
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Records which backend each pass actually ran on: a list of (backend name, pass name)."""
+    calls = []
+    for backend in (torch_backend, triton_backend):
+        for pass_name in ("forward", "input_grad", "weight_grad"):
+            original = getattr(backend, pass_name)
+
+            def spy(*args, _original=original, _where=(backend.name, pass_name), **kwargs):
+                calls.append(_where)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(backend, pass_name, spy)
+    return calls
+
+
+def small_call(dtype=torch.float32, batch=2):
+    x = torch.randn(batch, 3, 8, 9, dtype=dtype)
+    w = torch.randn(3, 1, 5, 3, dtype=dtype)
+    b = torch.randn(3, dtype=dtype)
+    return x, w, b
+
+
+def backend_of_a_call(dtype=torch.float32):
+    x, w, b = small_call(dtype)
+    return lkconv.explain(x, w, b, 1, (2, 1)).backend
+
+
+# --- what is available ----------------------------------------------------------------------------------------------
+
+
+def test_available_backends_lists_torch_and_triton_when_importable_never_cuda():
+    names = lkconv.available_backends()
+    assert isinstance(names, list) and all(isinstance(n, str) for n in names)
+    assert "torch" in names
+    assert ("triton" in names) == HAS_TRITON
+    if not HAS_CUDA_EXTENSION:
+        assert "cuda" not in names
+
+
+def test_the_three_custom_ops_exist_under_torch_ops_lkconv():
+    for op_name in ("depthwise_conv2d", "depthwise_conv2d_input_grad", "depthwise_conv2d_weight_grad"):
+        assert hasattr(torch.ops.lkconv, op_name), op_name
+        assert isinstance(getattr(torch.ops.lkconv, op_name).default, torch._ops.OpOverload)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_custom_ops_compute_the_conv_and_its_grads_with_asymmetric_padding(stride, dtype):
+    x = torch.randn(2, 3, 9, 8, dtype=dtype)
+    w = torch.randn(6, 1, 4, 5, dtype=dtype)
+    b = torch.randn(6, dtype=dtype)
+    pad = [1, 2, 2, 1]  # (top, left, bottom, right), as the ops take it
+    y = torch.ops.lkconv.depthwise_conv2d(x, w, b, [stride, stride], pad, [1, 1])
+    dy = torch.randn(y.shape, dtype=dtype)
+    dx = torch.ops.lkconv.depthwise_conv2d_input_grad(dy, w, list(x.shape), [stride, stride], pad, [1, 1])
+    dw, db = torch.ops.lkconv.depthwise_conv2d_weight_grad(dy, x, [4, 5], [stride, stride], pad, [1, 1], True)
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    y64 = F.conv2d(F.pad(x64, (pad[1], pad[3], pad[0], pad[2])), w64, b64, stride, 0, 1, groups=3)
+    grads = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
+    tolerance = TOLERANCE[dtype]
+    for name, actual, expected in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, dx, dw, db), (y64, *grads)):
+        assert_close(actual, expected, tolerance, name)
+
+
+# --- set_backend / use_backend / LKCONV_BACKEND ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["torch", "auto", "Torch", pytest.param("triton", marks=needs_triton), pytest.param(" triton ", marks=needs_triton)]
+)
+def test_set_backend_forces_the_backend_for_later_calls(name, ran):
+    lkconv.set_backend(name)
+    expected = {"auto": "torch"}.get(name.strip().lower(), name.strip().lower())  # auto on CPU is torch
+    assert backend_of_a_call() == expected
+    x, w, b = small_call()
+    y = lkconv.depthwise_conv2d(x, w, b, 1, (2, 1))
+    assert ran == [(expected, "forward")]
+    assert_close(y, reference(x, w, b, 1, (2, 1), 1)[0], TOLERANCE[torch.float32], "output")
+
+
+def test_set_backend_none_follows_the_environment_again(monkeypatch):
+    monkeypatch.setenv("LKCONV_BACKEND", "triton")
+    lkconv.set_backend("torch")
+    assert backend_of_a_call() == "torch"
+    lkconv.set_backend(None)
+    assert backend_of_a_call() == "triton"
+
+
+def test_use_backend_restores_the_previous_setting():
+    lkconv.set_backend("triton")
+    with lkconv.use_backend("torch"):
+        assert backend_of_a_call() == "torch"
+        with lkconv.use_backend("triton"):
+            assert backend_of_a_call() == "triton"
+        assert backend_of_a_call() == "torch"
+    assert backend_of_a_call() == "triton"
+    assert backends.requested_backend() == "triton"
+
+
+def test_use_backend_restores_the_previous_setting_on_exceptions():
+    lkconv.set_backend("torch")
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with lkconv.use_backend("triton"):
+            assert backend_of_a_call() == "triton"
+            raise Boom()
+    assert backends.requested_backend() == "torch"
+    assert backend_of_a_call() == "torch"
+
+
+def test_use_backend_restores_even_if_set_backend_is_called_inside(monkeypatch):
+    monkeypatch.setenv("LKCONV_BACKEND", "triton")
+    with lkconv.use_backend("torch"):
+        lkconv.set_backend("auto")
+        assert backends.requested_backend() == "auto"
+    assert backends.requested_backend() == "triton"
+    assert backend_of_a_call() == "triton"
+
+
+def test_lkconv_backend_environment_variable_is_read_on_every_call(monkeypatch, ran):
+    x, w, b = small_call()
+    expected = reference(x, w, b, 1, (2, 1), 1)[0]
+    sequence = ["torch", "triton", "torch", "auto", "triton", "TORCH"] if HAS_TRITON else ["torch", "auto", "TORCH"]
+    for value in sequence:
+        monkeypatch.setenv("LKCONV_BACKEND", value)
+        wanted = "torch" if value.lower() in ("auto", "torch") else value
+        assert lkconv.explain(x, w, b, 1, (2, 1)).backend == wanted, value
+        ran.clear()
+        y = lkconv.depthwise_conv2d(x, w, b, 1, (2, 1))
+        assert ran == [(wanted, "forward")], value
+        assert_close(y, expected, TOLERANCE[torch.float32], f"LKCONV_BACKEND={value}")
+
+
+def test_empty_lkconv_backend_means_auto(monkeypatch):
+    monkeypatch.setenv("LKCONV_BACKEND", "")
+    assert backends.requested_backend() == "auto"
+    assert backend_of_a_call() == "torch"
+
+
+def test_set_backend_overrides_the_environment_variable(monkeypatch):
+    monkeypatch.setenv("LKCONV_BACKEND", "triton")
+    with lkconv.use_backend("torch"):
+        assert backend_of_a_call() == "torch"
+    with lkconv.use_backend("auto"):
+        assert backend_of_a_call() == "torch"
+
+
+@pytest.mark.parametrize("name", ["fast", "cudnn", "", 3, "auto,torch"])
+def test_unknown_backend_name_raises_value_error_naming_the_argument(name):
+    lkconv.set_backend("torch")
+    with pytest.raises(ValueError, match=rf"backend.*{name!r}"):
+        lkconv.set_backend(name)
+    with pytest.raises(ValueError, match=rf"backend.*{name!r}"):
+        with lkconv.use_backend(name):
+            pass
+    assert backends.requested_backend() == "torch"  # a rejected name changes nothing
+
+
+@pytest.mark.parametrize("value", ["fast", "cudnn", "tor ch"])
+def test_unknown_lkconv_backend_raises_value_error_naming_the_variable(value, monkeypatch):
+    monkeypatch.setenv("LKCONV_BACKEND", value)
+    x, w, b = small_call()
+    with pytest.raises(ValueError, match=rf"LKCONV_BACKEND.*{value!r}"):
+        lkconv.depthwise_conv2d(x, w, b, 1, 2)
+    with pytest.raises(ValueError, match=rf"LKCONV_BACKEND.*{value!r}"):
+        lkconv.explain(x, w, b, 1, 2)
+
+
+@pytest.mark.skipif(HAS_CUDA_EXTENSION, reason="the CUDA extension is built here")
+def test_forcing_cuda_raises_backend_unavailable_at_set_time():
+    lkconv.set_backend("torch")
+    with pytest.raises(lkconv.BackendUnavailableError, match=r"(?s)'cuda'.*not available.*lkconv\._C"):
+        lkconv.set_backend("cuda")
+    with pytest.raises(lkconv.BackendUnavailableError, match=r"'cuda'"):
+        with lkconv.use_backend("cuda"):
+            pass
+    assert backends.requested_backend() == "torch"
+    assert issubclass(lkconv.BackendUnavailableError, RuntimeError)
+
+
+@pytest.mark.skipif(HAS_CUDA_EXTENSION, reason="the CUDA extension is built here")
+def test_cuda_from_the_environment_raises_backend_unavailable_at_call_time(monkeypatch, ran):
+    monkeypatch.setenv("LKCONV_BACKEND", "cuda")
+    x, w, b = small_call()
+    with pytest.raises(lkconv.BackendUnavailableError, match=r"'cuda'"):
+        lkconv.depthwise_conv2d(x, w, b, 1, 2)
+    assert ran == []
+
+
+@needs_triton
+def test_forced_triton_with_float64_raises_at_call_time_without_falling_back(ran):
+    lkconv.set_backend("triton")  # accepted: triton is installed
+    x, w, b = small_call(torch.float64)
+    with pytest.raises(lkconv.BackendUnavailableError, match=r"(?s)'triton'.*torch\.float64"):
+        lkconv.depthwise_conv2d(x, w, b, 1, 2)
+    with pytest.raises(lkconv.BackendUnavailableError, match=r"(?s)'triton'.*torch\.float64"):
+        lkconv.explain(x, w, b, 1, 2)
+    with pytest.raises(lkconv.BackendUnavailableError):
+        lkconv.DepthwiseConv2d(3, 5, padding=2, dtype=torch.float64)(x)
+    assert ran == []
+
+
+@needs_triton
+def test_forced_triton_on_cpu_without_the_interpreter_raises(monkeypatch, ran):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, b = small_call()
+    with lkconv.use_backend("triton"):
+        with pytest.raises(lkconv.BackendUnavailableError, match=r"(?s)'triton'.*cpu"):
+            lkconv.depthwise_conv2d(x, w, b, 1, 2)
+    assert ran == []
+
+
+# --- auto ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [2, 0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_auto_runs_every_valid_cpu_call_correctly(dtype, batch, ran):
+    x = torch.randn(batch, 3, 8, 9, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 1, 7, 5, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, dtype=dtype, requires_grad=True)
+    explanation = lkconv.explain(x, w, b, 1, (3, 2))
+    assert explanation.backend == "torch"
+    y = lkconv.depthwise_conv2d(x, w, b, 1, (3, 2))
+    dy = torch.randn(y.shape, dtype=dtype)
+    y.backward(dy)
+    assert {name for name, _ in ran} == {"torch"}
+    ref = reference(x, w, b, 1, (3, 2), 1, dy)
+    for name, actual, expected in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, x.grad, w.grad, b.grad), ref):
+        assert actual.dtype == dtype, name
+        assert_close(actual, expected, TOLERANCE[dtype], name)
+
+
+# --- explain --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=needs_triton)])
+def test_explain_returns_strings_and_its_str_names_the_backend(backend):
+    x, w, b = small_call()
+    with lkconv.use_backend(backend):
+        explanation = lkconv.explain(x, w, b, 1, (2, 1))
+    assert isinstance(explanation, lkconv.Explanation)
+    for field in ("backend", "reason", "forward", "input_grad", "weight_grad"):
+        value = getattr(explanation, field)
+        assert isinstance(value, str) and value, field
+    assert explanation.backend == ("torch" if backend == "auto" else backend)
+    text = str(explanation)
+    assert explanation.backend in text and explanation.forward in text and explanation.weight_grad in text
+    if backend != "auto":
+        assert "forced" in explanation.reason
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "shape, kernel, padding, form",
+    [((2, 3, 8, 9), (5, 3), (2, 1), "rows"), ((16, 2, 4, 4), (5, 5), 2, "whole_map")],
+    ids=["rows", "whole_map"],
+)
+def test_explain_names_the_triton_kernel_form(shape, kernel, padding, form):
+    x = torch.randn(shape)
+    w = torch.randn(shape[1], 1, *kernel)
+    with lkconv.use_backend("triton"):
+        explanation = lkconv.explain(x, w, None, 1, padding)
+    assert explanation.backend == "triton"
+    for plan in (explanation.forward, explanation.input_grad):
+        assert plan.split()[0] in ("rows", "whole_map"), plan
+    assert explanation.forward.split()[0] == form
+    assert "weight_grad" in explanation.weight_grad
+
+
+# --- the forced triton backend on CPU (interpreter) -----------------------------------------------------------------
+
+TRITON_CASES = [
+    dict(shape=(2, 3, 8, 9), kernel=(5, 3), multiplier=1, stride=1, padding=(2, 1), dilation=1, bias=True),
+    dict(shape=(2, 3, 8, 9), kernel=(3, 3), multiplier=2, stride=2, padding=1, dilation=(1, 2), bias=False),
+    dict(shape=(1, 3, 7, 6), kernel=(4, 4), multiplier=1, stride=1, padding="same", dilation=1, bias=True),
+    dict(shape=(16, 2, 4, 4), kernel=(5, 5), multiplier=1, stride=1, padding=2, dilation=1, bias=True),  # whole_map
+    dict(shape=(2, 2, 5, 6), kernel=(7, 7), multiplier=1, stride=1, padding=3, dilation=1, bias=True),  # K > H, W
+]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "case", TRITON_CASES, ids=["5x3", "3x3-m2-s2-dil", "4x4-same", "whole-map", "kernel-larger-than-map"]
+)
+def test_forced_triton_matches_reference_for_output_and_all_grads(case, ran):
+    dtype = torch.float32
+    batch, channels, height, width = case["shape"]
+    x = torch.randn(case["shape"], dtype=dtype, requires_grad=True)
+    w = torch.randn(channels * case["multiplier"], 1, *case["kernel"], dtype=dtype, requires_grad=True)
+    b = torch.randn(w.shape[0], dtype=dtype, requires_grad=True) if case["bias"] else None
+    conv = (case["stride"], case["padding"], case["dilation"])
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, b, *conv)
+        dy = torch.randn(y.shape, dtype=dtype)
+        y.backward(dy)
+    assert set(ran) == {("triton", "forward"), ("triton", "input_grad"), ("triton", "weight_grad")}
+    ref = reference(x, w, b, *conv, grad_output=dy)
+    actual = (y, x.grad, w.grad, b.grad if b is not None else None)
+    for name, a, e in zip(("output", "grad_input", "grad_weight", "grad_bias"), actual, ref):
+        if e is None:
+            continue
+        assert_close(a, e, TOLERANCE[dtype], f"triton {name}")
+
+
+@needs_triton
+def test_forced_triton_bfloat16_matches_reference():
+    x = torch.randn(2, 3, 8, 9, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 1, 5, 3, dtype=torch.bfloat16, requires_grad=True)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, None, 1, (2, 1))
+        dy = torch.randn(y.shape, dtype=torch.bfloat16)
+        y.backward(dy)
+    ref = reference(x, w, None, 1, (2, 1), 1, dy)
+    for name, a, e in zip(("output", "grad_input", "grad_weight"), (y, x.grad, w.grad), ref):
+        assert a.dtype == torch.bfloat16
+        assert_close(a, e, TOLERANCE[torch.bfloat16], f"triton bf16 {name}")
+
+
+@needs_triton
+def test_forced_triton_empty_batch_returns_empty_output_and_zero_weight_grad(ran):
+    x = torch.randn(0, 3, 8, 9, requires_grad=True)
+    w = torch.randn(3, 1, 5, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, b, 1, (2, 1))
+        dy = torch.randn(y.shape)
+        y.backward(dy)
+    ref = reference(x, w, b, 1, (2, 1), 1, dy)
+    assert y.shape == ref[0].shape == (0, 3, 8, 9)
+    assert x.grad.shape == x.shape
+    assert_close(w.grad, ref[2], TOLERANCE[torch.float32], "grad_weight")
+    assert_close(b.grad, ref[3], TOLERANCE[torch.float32], "grad_bias")
+    assert ("triton", "forward") in ran
+
+
+@needs_triton
+def test_forced_triton_drives_the_module_forward():
+    layer = lkconv.DepthwiseConv2d(3, 5, padding=2, padding_mode="reflect", depth_multiplier=2)
+    x = torch.randn(2, 3, 6, 7)
+    with lkconv.use_backend("triton"):
+        assert lkconv.explain(x, layer.weight, layer.bias, 1, 2).backend == "triton"
+        y = layer(x)
+    expected = reference(F.pad(x, (2, 2, 2, 2), mode="reflect"), layer.weight, layer.bias, 1, 0, 1)[0]
+    assert_close(y, expected, TOLERANCE[torch.float32], "module on triton")

@@ -354,7 +354,7 @@ def provenance(args: argparse.Namespace, on_gpu: bool) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _command_output("git", "rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
-        "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.machine()}, torch threads: {torch.get_num_threads()})",
         "driver": _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if on_gpu else None,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if on_gpu else None,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything we want from one call on a lent GPU machine: install lkconv, run the GPU tests, then benchmark.
 # The machine has torch and triton but no network, so nothing is downloaded. Logs and results go to $OUT
-# (./out when unset); the benchmark's short table is the last thing printed. Usage: bash benchmarks/gpu_session.sh
+# (./out when unset); the benchmark's short table is the last thing printed. The tests get at most
+# GPU_TESTS_TIMEOUT seconds (default 360) so that the benchmark still runs within one call.
+# Usage: bash benchmarks/gpu_session.sh
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,15 +17,16 @@ if ! python -m pip install --no-index --no-build-isolation --no-deps -e . >"$OUT
     echo "install failed: nothing else can run" >&2
     exit 1
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
 
 echo "== GPU tests (log: $OUT/gpu_tests.log)"
 tests_status=0
-python -m pytest -q -m gpu tests/ >"$OUT/gpu_tests.log" 2>&1 || tests_status=$?
+timeout "${GPU_TESTS_TIMEOUT:-360}" python -m pytest -q -m gpu tests/ >"$OUT/gpu_tests.log" 2>&1 || tests_status=$?
 tail -n 25 "$OUT/gpu_tests.log"
 case "$tests_status" in
     0) echo "GPU tests passed" ;;
     5) echo "GPU tests: none collected (exit 5)" ;;
+    124) echo "GPU tests TIMED OUT after ${GPU_TESTS_TIMEOUT:-360}s, see $OUT/gpu_tests.log" ;;
     *) echo "GPU tests FAILED (exit $tests_status), see $OUT/gpu_tests.log" ;;
 esac
 

@@ -5,6 +5,7 @@ ops take, and rejects everything else with an error that names the argument, the
 value.
 """
 
+import operator
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -23,15 +24,24 @@ class ConvArgs(NamedTuple):
     dilation: tuple[int, int]
 
 
+def _int(value) -> int:
+    """Any integer (Python or NumPy), but not a bool, a float or a tensor."""
+    if isinstance(value, (bool, torch.Tensor)):
+        raise TypeError
+    return operator.index(value)
+
+
 def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints; got {value!r}")
+    """An int or a 1- or 2-element sequence of ints as (h, w), as F.conv2d reads stride/padding/dilation."""
+    try:
+        if isinstance(value, (tuple, list, torch.Size)):
+            if len(value) not in (1, 2):
+                raise TypeError
+            pair = (_int(value[0]), _int(value[-1]))
+        else:
+            pair = (_int(value), _int(value))
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints; got {value!r}") from None
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum} in both dimensions; got {value!r}")
     return pair
@@ -111,7 +121,9 @@ def check(
     out_size = tuple(
         output_size(in_size[i], kernel_size[i], stride_pair[i], pads[i], pads[i + 2], dilation_pair[i]) for i in range(2)
     )
-    if min(in_size) < 1 or min(out_size) < 1:
+    if min(in_size) < 1:
+        raise ValueError(f"input must have H, W >= 1; got shape {tuple(input.shape)}")
+    if min(out_size) < 1:
         raise ValueError(
             f"the output would be empty: input (H, W) = {in_size} padded by (top, left, bottom, right) = {pads} is "
             f"smaller than the dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation_pair, kernel_size))}; "

@@ -72,11 +72,10 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
 
 
 def _recast(module: nn.Module, cls: type) -> nn.Module:
-    """A `cls` instance with `module`'s configuration, sharing its parameters and buffers (no copy, no re-init)."""
+    """A `cls` instance with `module`'s configuration, sharing its parameter and buffer tensors (no re-init)."""
     recast = cls.__new__(cls)
-    recast.__dict__.update(module.__dict__)
-    for registry in ("_parameters", "_buffers", "_modules"):
-        recast.__dict__[registry] = dict(module.__dict__[registry])
+    # Registries (parameters, buffers, hooks, ...) are copied so the two modules never share hooks.
+    recast.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
     return recast
 
 
@@ -95,7 +94,7 @@ def convert(model: nn.Module, min_kernel_size: int = 7, inplace: bool = False) -
     Only exact ``nn.Conv2d`` instances are converted (not subclasses); parameters are shared, so outputs are
     unchanged. With ``inplace=False`` the model is deep-copied first and the original is left untouched.
     """
-    if not isinstance(min_kernel_size, int) or min_kernel_size < 1:
+    if not isinstance(min_kernel_size, int) or isinstance(min_kernel_size, bool) or min_kernel_size < 1:
         raise ValueError(f"min_kernel_size must be an int >= 1; got {min_kernel_size!r}")
     if not inplace:
         model = copy.deepcopy(model)

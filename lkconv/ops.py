@@ -156,7 +156,11 @@ def _prepare(input, weight, bias, stride, padding, dilation):
         input = input.unsqueeze(0)
     args = arguments.check(input, weight, bias, stride, padding, dilation)
     device_type = input.device.type
-    if torch.is_autocast_enabled(device_type) and input.dtype != torch.float64:
+    if (
+        torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+        and input.dtype != torch.float64
+    ):
         dtype = torch.get_autocast_dtype(device_type)
         input, weight = input.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None

@@ -65,6 +65,14 @@ def test_available_backends_lists_torch_and_triton_when_importable_never_cuda():
         assert "cuda" not in names
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_triton_is_not_available_without_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "triton" not in lkconv.available_backends()
+    with pytest.raises(lkconv.BackendUnavailableError, match="TRITON_INTERPRET"):
+        lkconv.set_backend("triton")
+
+
 def test_the_three_custom_ops_exist_under_torch_ops_lkconv():
     for op_name in ("depthwise_conv2d", "depthwise_conv2d_input_grad", "depthwise_conv2d_weight_grad"):
         assert hasattr(torch.ops.lkconv, op_name), op_name

@@ -49,8 +49,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def unavailable_reason() -> Optional[str]:
+    if (reason := _import_failure()) is not None:
+        return reason
+    if not interpreting() and not torch.cuda.is_available():
+        return "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly, for testing)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _import_failure() -> Optional[str]:
     try:
         import triton  # noqa: F401
     except ImportError as error:
@@ -147,7 +155,7 @@ def whole_map_config(p: _Pass) -> WholeMapConfig:
         return WholeMapConfig(
             _next_pow2(p.batch, 16, 64), _next_pow2(p.dst_h * p.dst_w, 16, 256), _next_pow2(p.src_h * p.src_w, 16, 256)
         )
-    return WholeMapConfig(64 if p.batch > 16 else 16, 64, 64)
+    return WholeMapConfig(64 if p.batch > 16 else 16, 64, 32, num_warps=8)
 
 
 def weight_grad_config(kernel: Sequence[int], in_width: int, total_rows: int) -> WeightGradConfig:
@@ -157,15 +165,23 @@ def weight_grad_config(kernel: Sequence[int], in_width: int, total_rows: int) ->
             _next_pow2(kernel[0], 16, 64), _next_pow2(kernel[1], 16, 64), _next_pow2(total_rows, 1, 256 // block_iw), block_iw
         )
     block_iw = 32 if in_width > 16 else 16
-    return WeightGradConfig(16 if kernel[0] <= 16 else 32, 16 if kernel[1] <= 16 else 32, 128 // block_iw, block_iw)
+    return WeightGradConfig(
+        16 if kernel[0] <= 16 else 32, 16 if kernel[1] <= 16 else 32, 128 // block_iw, block_iw, num_warps=8
+    )
 
 
 def kernel_configs() -> dict[str, list]:
-    """Every GPU configuration the choices above can return, per kernel (for ahead-of-time compile checks)."""
+    """Every GPU configuration the choices above can return, per kernel (for ahead-of-time compile checks).
+
+    Block sizes and warps keep ptxas register spills at a few dozen bytes at most (tests/compile_kernels.py
+    reports registers and spills per configuration); speed tuning on a GPU is still owed.
+    """
     return {
         "rows": [RowsConfig(64, w, j) for w in (16, 32) for j in (32, 64)],
-        "whole_map": [WholeMapConfig(n, 64, 64) for n in (16, 64)],
-        "weight_grad": [WeightGradConfig(r, q, 128 // iw, iw) for r in (16, 32) for q in (16, 32) for iw in (16, 32)],
+        "whole_map": [WholeMapConfig(n, 64, 32, num_warps=8) for n in (16, 64)],
+        "weight_grad": [
+            WeightGradConfig(r, q, 128 // iw, iw, num_warps=8) for r in (16, 32) for q in (16, 32) for iw in (16, 32)
+        ],
     }
 
 
@@ -176,7 +192,7 @@ def choose_form(p: _Pass) -> str:
         return "rows"
     config = rows_config(p)
     rows_cost = _kernel_rows_reached(p) * _cdiv(_source_span(p, config.block_w), config.block_j) * config.block_j
-    whole_cost = _cdiv(src_pixels, 64) * 64 * max(1.0, 16 / max(p.batch, 1))
+    whole_cost = _cdiv(src_pixels, 32) * 32 * max(1.0, 16 / max(p.batch, 1))
     return "whole_map" if whole_cost < rows_cost else "rows"
 
 

@@ -242,8 +242,10 @@ def test_forced_triton_with_float64_raises_at_call_time_without_falling_back(ran
 
 
 @needs_triton
-def test_forced_triton_on_cpu_without_the_interpreter_raises(monkeypatch, ran):
+def test_forced_triton_on_cpu_tensors_without_the_interpreter_raises(monkeypatch, ran):
+    """On a GPU machine (simulated: triton reports itself available) a CPU tensor cannot run on triton."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)
     x, w, b = small_call()
     with lkconv.use_backend("triton"):
         with pytest.raises(lkconv.BackendUnavailableError, match=r"(?s)'triton'.*cpu"):

@@ -1,0 +1,93 @@
+"""GPU checks at realistic shapes: the triton kernels against float64 F.conv2d on the GPU (skipped without CUDA)."""
+
+import pytest
+import torch
+
+import lkconv
+
+from conftest import TF32_TOLERANCE, TOLERANCE, assert_close, reference
+
+pytestmark = pytest.mark.gpu
+
+# (N, C, H, W), K: the issue's (32,384,32,32) K=31 and the RepLKNet-31B stages (REFERENCE.md §4).
+SHAPES = [
+    ((32, 384, 32, 32), 31),
+    ((64, 128, 56, 56), 31),
+    ((64, 256, 28, 28), 29),
+    ((64, 512, 14, 14), 27),
+    ((64, 1024, 7, 7), 13),
+]
+
+
+def _inputs(shape, kernel, dtype, channels_last):
+    x = torch.randn(shape, device="cuda").to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], 1, kernel, kernel, device="cuda").div_(kernel).to(dtype)
+    b = torch.randn(shape[1], device="cuda").to(dtype)
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,kernel", SHAPES, ids=[f"{s}-k{k}" for s, k in SHAPES])
+def test_triton_matches_float64_at_realistic_shapes(shape, kernel, dtype, channels_last):
+    x, w, b = _inputs(shape, kernel, dtype, channels_last)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, b, padding=kernel // 2)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    expected = reference(x, w, b, 1, kernel // 2, 1, dy)
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
+        assert_close(actual, wanted, TOLERANCE[dtype], f"{shape} K={kernel} {dtype} {name}")
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_auto_picks_triton_on_cuda():
+    x, w, b = _inputs((2, 8, 16, 16), 7, torch.bfloat16, False)
+    assert lkconv.explain(x, w, b, padding=3).backend == "triton"
+
+
+def test_tf32_within_tf32_tolerance_when_allowed():
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    x, w, b = _inputs((8, 64, 32, 32), 31, torch.float32, False)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, b, padding=15)
+    assert_close(y, reference(x, w, b, 1, 15, 1)[0], TF32_TOLERANCE, "tf32 output")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_grad_bit_identical_over_runs_at_full_size(dtype):
+    x = torch.randn(32, 384, 32, 32, device="cuda").to(dtype)
+    dy = torch.randn(32, 384, 32, 32, device="cuda").to(dtype)
+    with lkconv.use_backend("triton"):
+        runs = [
+            torch.ops.lkconv.depthwise_conv2d_weight_grad(dy, x, [31, 31], [1, 1], [15, 15, 15, 15], [1, 1], True)
+            for _ in range(5)
+        ]
+    for grad_weight, grad_bias in runs[1:]:
+        assert torch.equal(grad_weight, runs[0][0]) and torch.equal(grad_bias, runs[0][1])
+
+
+def test_runs_on_a_non_default_stream():
+    x, w, b = _inputs((16, 64, 32, 32), 31, torch.bfloat16, False)
+    expected = reference(x, w, b, 1, 15, 1)[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, b, padding=15)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert_close(y, expected, TOLERANCE[torch.bfloat16], "non-default stream")
+
+
+@pytest.mark.parametrize("stride,dilation", [(2, 1), (1, 2), (2, 3)])
+def test_strided_and_dilated_large_kernels(stride, dilation):
+    x, w, b = _inputs((8, 96, 40, 36), 13, torch.bfloat16, True)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, b, stride, 6, dilation)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    for actual, wanted in zip((y, *grads), reference(x, w, b, stride, 6, dilation, dy)):
+        assert_close(actual, wanted, TOLERANCE[torch.bfloat16], f"stride {stride} dilation {dilation}")

@@ -91,3 +91,24 @@ def test_strided_and_dilated_large_kernels(stride, dilation):
         grads = torch.autograd.grad(y, (x, w, b), dy)
     for actual, wanted in zip((y, *grads), reference(x, w, b, stride, 6, dilation, dy)):
         assert_close(actual, wanted, TOLERANCE[torch.bfloat16], f"stride {stride} dilation {dilation}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_tensors_past_2_to_the_31_elements(channels_last):
+    """int64 offsets: the last images and channels of a 2.1e9-element tensor, checked on slices in float64."""
+    shape, kernel = (2, 64, 4096, 4100), 7
+    assert shape[0] * shape[1] * shape[2] * shape[3] > 2**31
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], 1, kernel, kernel, device="cuda", dtype=torch.bfloat16)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, padding=3)
+        dy = torch.randn_like(y)
+        grad_input = torch.ops.lkconv.depthwise_conv2d_input_grad(dy, w, list(shape), [1, 1], [3, 3, 3, 3], [1, 1])
+        grad_weight, _ = torch.ops.lkconv.depthwise_conv2d_weight_grad(dy, x, [7, 7], [1, 1], [3, 3, 3, 3], [1, 1], False)
+    tail = slice(-2, None)
+    expected = reference(x[:, tail], w[tail], None, 1, 3, 1, dy[:, tail])
+    assert_close(y[:, tail], expected[0], TOLERANCE[torch.bfloat16], "output, last channels")
+    assert_close(grad_input[:, tail], expected[1], TOLERANCE[torch.bfloat16], "grad_input, last channels")
+    assert_close(grad_weight[tail], expected[2], TOLERANCE[torch.bfloat16], "grad_weight, last channels")

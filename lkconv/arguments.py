@@ -137,3 +137,40 @@ def output_memory_format(tensor: torch.Tensor) -> torch.memory_format:
     if not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def check_same_dtype_and_device(op: str, first: tuple, *others: tuple) -> None:
+    """Every (name, tensor) in `others` has the dtype and device of `first`."""
+    first_name, first_tensor = first
+    for name, tensor in others:
+        if tensor.dtype != first_tensor.dtype or tensor.device != first_tensor.device:
+            raise ValueError(
+                f"{op}: {name} must match {first_name} in dtype and device ({first_tensor.dtype}, {first_tensor.device}); "
+                f"got ({tensor.dtype}, {tensor.device})"
+            )
+
+
+def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_shape: Optional[Sequence[int]],
+             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple:
+    """Checks the shapes the ops receive directly (their kernels would otherwise read out of bounds) and returns
+    the output shape (N, C*m, OH, OW); `out_shape`, when given, must equal it."""
+    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4 or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"{op}: stride and dilation must be 2 ints >= 1 and padding 4 ints >= 0 (top, left, bottom, right); "
+            f"got stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}"
+        )
+    in_shape, weight_shape = tuple(in_shape), tuple(weight_shape)
+    if (len(in_shape) != 4 or len(weight_shape) != 4 or weight_shape[1] != 1 or in_shape[1] < 1
+            or weight_shape[0] < 1 or weight_shape[0] % in_shape[1] != 0 or min(weight_shape[2:]) < 1):
+        raise ValueError(
+            f"{op}: input must be (N, C, H, W) and weight (C*m, 1, kh, kw); got input {in_shape}, weight {weight_shape}"
+        )
+    expected = (in_shape[0], weight_shape[0], *(
+        output_size(in_shape[2 + i], weight_shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i]) for i in range(2)
+    ))
+    if min(expected[2:]) < 1 or (out_shape is not None and tuple(out_shape) != expected):
+        raise ValueError(
+            f"{op}: input {in_shape} and weight {weight_shape} with stride {list(stride)}, padding {list(padding)} and "
+            f"dilation {list(dilation)} give output {expected}; got {tuple(out_shape) if out_shape is not None else expected}"
+        )
+    return expected

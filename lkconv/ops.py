@@ -23,14 +23,25 @@ def depthwise_conv2d_op(
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
 ) -> Tensor:
     """y = conv2d(input, weight, bias, groups=C) on a validated (N, C, H, W) input."""
+    _check_forward(input, weight, bias, stride, padding, dilation)
     output = _backend(input).forward(input, weight, bias, stride, padding, dilation)
     return output.contiguous(memory_format=arguments.output_memory_format(input))
 
 
+def _check_forward(input, weight, bias, stride, padding, dilation) -> tuple:
+    op = "lkconv::depthwise_conv2d"
+    shape = arguments.check_op(op, input.shape, weight.shape, None, stride, padding, dilation)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
+    others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    arguments.check_same_dtype_and_device(op, ("input", input), *others)
+    return shape
+
+
 @depthwise_conv2d_op.register_fake
 def _(input, weight, bias, stride, padding, dilation):
-    size = [arguments.output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i]) for i in range(2)]
-    return input.new_empty((input.shape[0], weight.shape[0], *size)).contiguous(
+    shape = _check_forward(input, weight, bias, stride, padding, dilation)
+    return input.new_empty(shape).contiguous(
         memory_format=arguments.output_memory_format(input)
     )
 
@@ -41,33 +52,52 @@ def depthwise_conv2d_input_grad_op(
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
 ) -> Tensor:
     """dL/dinput of the forward op, for an input of `input_shape` (N, C, H, W)."""
+    _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation)
     grad_input = _backend(grad_output).input_grad(grad_output, weight, input_shape, stride, padding, dilation)
     return grad_input.contiguous(memory_format=arguments.output_memory_format(grad_output))
 
 
+def _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation):
+    op = "lkconv::depthwise_conv2d_input_grad"
+    arguments.check_op(op, input_shape, weight.shape, grad_output.shape, stride, padding, dilation)
+    arguments.check_same_dtype_and_device(op, ("grad_output", grad_output), ("weight", weight))
+
+
 @depthwise_conv2d_input_grad_op.register_fake
 def _(grad_output, weight, input_shape, stride, padding, dilation):
+    _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation)
     return grad_output.new_empty(tuple(input_shape)).contiguous(memory_format=arguments.output_memory_format(grad_output))
 
 
 @torch.library.custom_op("lkconv::depthwise_conv2d_weight_grad", mutates_args=())
 def depthwise_conv2d_weight_grad_op(
     grad_output: Tensor, input: Tensor, kernel_size: Sequence[int],
-    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], bias: bool,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], with_bias: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(dL/dweight, dL/dbias) of the forward op; dL/dbias is empty when `bias` is False."""
+    """(dL/dweight, dL/dbias) of the forward op; dL/dbias is empty when `with_bias` is False."""
+    _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilation)
     grad_weight, grad_bias = _backend(grad_output).weight_grad(
-        grad_output, input, kernel_size, stride, padding, dilation, bias
+        grad_output, input, kernel_size, stride, padding, dilation, with_bias
     )
     return grad_weight.contiguous(), grad_bias.contiguous()
 
 
+def _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilation):
+    op = "lkconv::depthwise_conv2d_weight_grad"
+    if len(kernel_size) != 2:
+        raise ValueError(f"{op}: kernel_size must be 2 ints; got {list(kernel_size)}")
+    weight_shape = (grad_output.shape[1] if grad_output.dim() == 4 else 0, 1, *kernel_size)
+    arguments.check_op(op, input.shape, weight_shape, grad_output.shape, stride, padding, dilation)
+    arguments.check_same_dtype_and_device(op, ("grad_output", grad_output), ("input", input))
+
+
 @depthwise_conv2d_weight_grad_op.register_fake
-def _(grad_output, input, kernel_size, stride, padding, dilation, bias):
+def _(grad_output, input, kernel_size, stride, padding, dilation, with_bias):
+    _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilation)
     out_channels = grad_output.shape[1]
     return (
         grad_output.new_empty((out_channels, 1, *kernel_size)),
-        grad_output.new_empty((out_channels,) if bias else (0,)),
+        grad_output.new_empty((out_channels,) if with_bias else (0,)),
     )
 
 
@@ -119,10 +149,10 @@ def _input_grad_backward(ctx, grad):
 
 
 def _save_weight_grad(ctx, inputs, output):
-    grad_output, input, kernel_size, stride, padding, dilation, bias = inputs
+    grad_output, input, kernel_size, stride, padding, dilation, with_bias = inputs
     ctx.save_for_backward(grad_output, input)
     ctx.conv = (kernel_size, stride, padding, dilation)
-    ctx.has_bias = bias
+    ctx.has_bias = with_bias
 
 
 def _weight_grad_backward(ctx, grad_weight, grad_bias):
@@ -149,21 +179,23 @@ depthwise_conv2d_weight_grad_op.register_autograd(_weight_grad_backward, setup_c
 # --- public functional API ----------------------------------------------------------------------------------------
 
 
+def _autocast(tensor: Optional[Tensor], device_type: str) -> Optional[Tensor]:
+    """The tensor as autocast would hand it to conv2d: floating point but float64 goes to the autocast dtype."""
+    if isinstance(tensor, Tensor) and tensor.is_floating_point() and tensor.dtype != torch.float64:
+        return tensor.to(torch.get_autocast_dtype(device_type))
+    return tensor
+
+
 def _prepare(input, weight, bias, stride, padding, dilation):
-    """Validates a call and applies autocast, as F.conv2d would; returns the op's arguments."""
+    """Applies autocast and validates a call, as F.conv2d would; returns the op's arguments."""
     unbatched = isinstance(input, Tensor) and input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
+    if isinstance(input, Tensor):
+        device_type = input.device.type
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            input, weight, bias = (_autocast(t, device_type) for t in (input, weight, bias))
     args = arguments.check(input, weight, bias, stride, padding, dilation)
-    device_type = input.device.type
-    if (
-        torch.amp.is_autocast_available(device_type)
-        and torch.is_autocast_enabled(device_type)
-        and input.dtype != torch.float64
-    ):
-        dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
     return unbatched, (input, weight, bias, list(args.stride), list(args.padding), list(args.dilation))
 
 

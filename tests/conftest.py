@@ -2,16 +2,21 @@
 
 import os
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 # Without a GPU the Triton kernels run under the interpreter; it must be chosen before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# Where the triton backend runs: CUDA tensors on a GPU machine, CPU tensors under the interpreter otherwise.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Dispatch tests that force triton on small CPU tensors need the interpreter, which only CPU-only machines use;
+# on a GPU machine test_numerics.py, test_ops.py and test_gpu.py run the same kernels on CUDA tensors instead.
+needs_interpreter = pytest.mark.skipif(HAS_CUDA, reason="forces triton on CPU tensors: needs the Triton interpreter")
 
 # Relative L2 error allowed against the float64 reference (ARCHITECTURE.md §5).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

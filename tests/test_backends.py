@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import lkconv
 from lkconv import backends
 from lkconv.backends import torch_backend, triton_backend
-from conftest import TOLERANCE, assert_close, reference
+from conftest import TOLERANCE, assert_close, needs_interpreter, reference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA_EXTENSION = importlib.util.find_spec("lkconv._C") is not None
@@ -67,7 +67,7 @@ def test_available_backends_lists_torch_and_triton_when_importable_never_cuda():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_triton_is_not_available_without_a_gpu_or_the_interpreter(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
     assert "triton" not in lkconv.available_backends()
     with pytest.raises(lkconv.BackendUnavailableError, match="TRITON_INTERPRET"):
         lkconv.set_backend("triton")
@@ -103,6 +103,7 @@ def test_custom_ops_compute_the_conv_and_its_grads_with_asymmetric_padding(strid
 # --- set_backend / use_backend / LKCONV_BACKEND ----------------------------------------------------------------------
 
 
+@needs_interpreter
 @pytest.mark.parametrize(
     "name", ["torch", "auto", "Torch", pytest.param("triton", marks=needs_triton), pytest.param(" triton ", marks=needs_triton)]
 )
@@ -116,6 +117,7 @@ def test_set_backend_forces_the_backend_for_later_calls(name, ran):
     assert_close(y, reference(x, w, b, 1, (2, 1), 1)[0], TOLERANCE[torch.float32], "output")
 
 
+@needs_interpreter
 def test_set_backend_none_follows_the_environment_again(monkeypatch):
     monkeypatch.setenv("LKCONV_BACKEND", "triton")
     lkconv.set_backend("torch")
@@ -124,6 +126,7 @@ def test_set_backend_none_follows_the_environment_again(monkeypatch):
     assert backend_of_a_call() == "triton"
 
 
+@needs_interpreter
 def test_use_backend_restores_the_previous_setting():
     lkconv.set_backend("triton")
     with lkconv.use_backend("torch"):
@@ -135,6 +138,7 @@ def test_use_backend_restores_the_previous_setting():
     assert backends.requested_backend() == "triton"
 
 
+@needs_interpreter
 def test_use_backend_restores_the_previous_setting_on_exceptions():
     lkconv.set_backend("torch")
 
@@ -149,15 +153,41 @@ def test_use_backend_restores_the_previous_setting_on_exceptions():
     assert backend_of_a_call() == "torch"
 
 
-def test_use_backend_restores_even_if_set_backend_is_called_inside(monkeypatch):
+@needs_interpreter
+def test_set_backend_inside_use_backend_sets_the_process_default_for_after_the_block(monkeypatch):
     monkeypatch.setenv("LKCONV_BACKEND", "triton")
     with lkconv.use_backend("torch"):
         lkconv.set_backend("auto")
-        assert backends.requested_backend() == "auto"
+        assert backends.requested_backend() == "torch"  # the block's own choice still wins inside it
+    assert backends.requested_backend() == "auto"
+    lkconv.set_backend(None)
     assert backends.requested_backend() == "triton"
     assert backend_of_a_call() == "triton"
 
 
+def test_use_backend_does_not_leak_into_other_threads():
+    import threading
+
+    seen = {}
+    inside, checked = threading.Event(), threading.Event()
+
+    def other_thread():
+        inside.wait()
+        seen["other"] = backends.requested_backend()
+        checked.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    lkconv.set_backend("torch")
+    with lkconv.use_backend("triton"):
+        inside.set()
+        checked.wait()
+        seen["this"] = backends.requested_backend()
+    worker.join()
+    assert seen == {"this": "triton", "other": "torch"}
+
+
+@needs_interpreter
 def test_lkconv_backend_environment_variable_is_read_on_every_call(monkeypatch, ran):
     x, w, b = small_call()
     expected = reference(x, w, b, 1, (2, 1), 1)[0]
@@ -178,6 +208,7 @@ def test_empty_lkconv_backend_means_auto(monkeypatch):
     assert backend_of_a_call() == "torch"
 
 
+@needs_interpreter
 def test_set_backend_overrides_the_environment_variable(monkeypatch):
     monkeypatch.setenv("LKCONV_BACKEND", "triton")
     with lkconv.use_backend("torch"):
@@ -244,7 +275,7 @@ def test_forced_triton_with_float64_raises_at_call_time_without_falling_back(ran
 @needs_triton
 def test_forced_triton_on_cpu_tensors_without_the_interpreter_raises(monkeypatch, ran):
     """On a GPU machine (simulated: triton reports itself available) a CPU tensor cannot run on triton."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
     monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)
     x, w, b = small_call()
     with lkconv.use_backend("triton"):
@@ -277,7 +308,7 @@ def test_auto_runs_every_valid_cpu_call_correctly(dtype, batch, ran):
 # --- explain --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["auto", "torch", pytest.param("triton", marks=[needs_triton, needs_interpreter])])
 def test_explain_returns_strings_and_its_str_names_the_backend(backend):
     x, w, b = small_call()
     with lkconv.use_backend(backend):
@@ -293,6 +324,7 @@ def test_explain_returns_strings_and_its_str_names_the_backend(backend):
         assert "forced" in explanation.reason
 
 
+@needs_interpreter
 @needs_triton
 @pytest.mark.parametrize(
     "shape, kernel, padding, form",
@@ -322,6 +354,7 @@ TRITON_CASES = [
 ]
 
 
+@needs_interpreter
 @needs_triton
 @pytest.mark.parametrize(
     "case", TRITON_CASES, ids=["5x3", "3x3-m2-s2-dil", "4x4-same", "whole-map", "kernel-larger-than-map"]
@@ -346,6 +379,7 @@ def test_forced_triton_matches_reference_for_output_and_all_grads(case, ran):
         assert_close(a, e, TOLERANCE[dtype], f"triton {name}")
 
 
+@needs_interpreter
 @needs_triton
 def test_forced_triton_bfloat16_matches_reference():
     x = torch.randn(2, 3, 8, 9, dtype=torch.bfloat16, requires_grad=True)
@@ -360,6 +394,7 @@ def test_forced_triton_bfloat16_matches_reference():
         assert_close(a, e, TOLERANCE[torch.bfloat16], f"triton bf16 {name}")
 
 
+@needs_interpreter
 @needs_triton
 def test_forced_triton_empty_batch_returns_empty_output_and_zero_weight_grad(ran):
     x = torch.randn(0, 3, 8, 9, requires_grad=True)
@@ -377,6 +412,7 @@ def test_forced_triton_empty_batch_returns_empty_output_and_zero_weight_grad(ran
     assert ("triton", "forward") in ran
 
 
+@needs_interpreter
 @needs_triton
 def test_forced_triton_drives_the_module_forward():
     layer = lkconv.DepthwiseConv2d(3, 5, padding=2, padding_mode="reflect", depth_multiplier=2)

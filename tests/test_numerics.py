@@ -8,7 +8,7 @@ import torch
 import lkconv
 from lkconv.backends import triton_backend
 
-from conftest import TOLERANCE, assert_close, reference
+from conftest import TOLERANCE, TRITON_DEVICE, assert_close, reference
 
 
 class Case(NamedTuple):
@@ -50,22 +50,26 @@ CASES = [
 ]
 
 
-def make_input(case: Case, dtype) -> torch.Tensor:
+def device_for(backend: str) -> str:
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def make_input(case: Case, dtype, device) -> torch.Tensor:
     shape = (case.batch, case.channels, case.height, case.width)
     if case.layout == "channels_last":
-        return torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+        return torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
     if case.layout == "sliced":
-        big = torch.randn(case.batch, 2 * case.channels, case.height + 2, case.width + 3).to(dtype)
+        big = torch.randn(case.batch, 2 * case.channels, case.height + 2, case.width + 3, device=device).to(dtype)
         return big[:, ::2, 1:-1, 2:-1]
-    return torch.randn(shape).to(dtype)
+    return torch.randn(shape, device=device).to(dtype)
 
 
-def run_case(case: Case, dtype, with_bias=True):
-    x = make_input(case, dtype).requires_grad_()
-    w = torch.randn(case.channels * case.multiplier, 1, *case.kernel).to(dtype).requires_grad_()
-    b = torch.randn(case.channels * case.multiplier).to(dtype).requires_grad_() if with_bias else None
+def run_case(case: Case, dtype, device, with_bias=True):
+    x = make_input(case, dtype, device).requires_grad_()
+    w = torch.randn(case.channels * case.multiplier, 1, *case.kernel, device=device).to(dtype).requires_grad_()
+    b = torch.randn(case.channels * case.multiplier, device=device).to(dtype).requires_grad_() if with_bias else None
     y = lkconv.depthwise_conv2d(x, w, b, case.stride, case.padding, case.dilation)
-    dy = torch.randn(y.shape).to(dtype).contiguous(memory_format=lkconv.arguments.output_memory_format(y))
+    dy = torch.randn(y.shape, device=device).to(dtype).contiguous(memory_format=lkconv.arguments.output_memory_format(y))
     grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], dy)
     expected = reference(x, w, b, case.stride, case.padding, case.dilation, dy)
     return x, y, grads, expected
@@ -90,7 +94,7 @@ BACKEND_DTYPES = [("torch", torch.float64), ("torch", torch.float32), ("torch", 
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_output_and_grads_match_float64_reference(case, backend, dtype, poisoned_outputs):
     with lkconv.use_backend(backend):
-        x, y, grads, expected = run_case(case, dtype)
+        x, y, grads, expected = run_case(case, dtype, device_for(backend))
     tolerance = TOLERANCE[dtype]
     for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
         assert actual.dtype == dtype, f"{name} dtype {actual.dtype} != {dtype}"
@@ -104,7 +108,7 @@ def test_output_and_grads_match_float64_reference(case, backend, dtype, poisoned
 def test_without_bias(backend):
     case = Case(2, 3, 2, 9, 8, (5, 7), 1, "same")
     with lkconv.use_backend(backend):
-        _, y, grads, expected = run_case(case, torch.float32, with_bias=False)
+        _, y, grads, expected = run_case(case, torch.float32, device_for(backend), with_bias=False)
     assert len(grads) == 2
     for actual, wanted in zip((y, *grads), expected):
         assert_close(actual, wanted, TOLERANCE[torch.float32])
@@ -112,10 +116,11 @@ def test_without_bias(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_only_weight_or_only_bias_requiring_grad(backend):
-    x = torch.randn(2, 3, 8, 9)
-    w = torch.randn(3, 1, 5, 5, requires_grad=True)
-    b = torch.randn(3, requires_grad=True)
-    dy = torch.randn(2, 3, 8, 9)
+    device = device_for(backend)
+    x = torch.randn(2, 3, 8, 9, device=device)
+    w = torch.randn(3, 1, 5, 5, device=device, requires_grad=True)
+    b = torch.randn(3, device=device, requires_grad=True)
+    dy = torch.randn(2, 3, 8, 9, device=device)
     _, _, grad_w, grad_b = reference(x, w, b, 1, 2, 1, dy)
     with lkconv.use_backend(backend):
         (only_b,) = torch.autograd.grad(lkconv.depthwise_conv2d(x, w.detach(), b, padding=2), b, dy)
@@ -136,7 +141,7 @@ def test_tf32_when_pytorch_allows_it(backend):
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     case = Case(2, 4, 1, 12, 12, (7, 7), 1, 3)
     with lkconv.use_backend(backend):
-        _, y, grads, expected = run_case(case, torch.float32)
+        _, y, grads, expected = run_case(case, torch.float32, device_for(backend))
     for actual, wanted in zip((y, *grads), expected):
         assert_close(actual, wanted, 3e-3, "tf32")
 
@@ -144,13 +149,41 @@ def test_tf32_when_pytorch_allows_it(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_strided_weight_and_bias_and_expanded_grad_output(backend, poisoned_outputs):
     """Autograd hands kernels expanded (stride-0) grads; weights may be views. Only strides may be assumed."""
-    x = torch.randn(2, 3, 9, 8).requires_grad_()
-    w = torch.randn(3, 1, 10, 14)[:, :, ::2, ::2].requires_grad_()
-    b = torch.randn(6)[::2].requires_grad_()
+    device = device_for(backend)
+    x = torch.randn(2, 3, 9, 8, device=device).requires_grad_()
+    w = torch.randn(3, 1, 10, 14, device=device)[:, :, ::2, ::2].requires_grad_()
+    b = torch.randn(6, device=device)[::2].requires_grad_()
     with lkconv.use_backend(backend):
         y = lkconv.depthwise_conv2d(x, w, b, padding=(2, 3))
-        dy = torch.randn(()).expand(y.shape)
+        dy = torch.randn((), device=device).expand(y.shape)
         grads = torch.autograd.grad(y, (x, w, b), dy)
     expected = reference(x, w, b, 1, (2, 3), 1, dy)
     for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
         assert_close(actual, wanted, TOLERANCE[torch.float32], name)
+
+
+# GPU-sized blocks are far larger than the CPU shapes, so every map would fit one block. Small blocks make the
+# interpreter run the paths a GPU takes: several row, column and pixel blocks per channel, and block edges.
+SMALL_BLOCKS = {
+    "rows": triton_backend.RowsConfig(16, 16, 16),
+    "whole_map": triton_backend.WholeMapConfig(16, 16, 16),
+}
+MULTI_BLOCK_CASES = [
+    Case(2, 2, 1, 12, 20, (5, 5), 1, 2),
+    Case(2, 3, 2, 10, 9, (4, 6), 2, (1, 2), (2, 1), "channels_last"),
+    Case(1, 5, 1, 7, 6, (9, 13), 1, "same"),
+    Case(2, 3, 1, 13, 7, (7, 7), 2, 3, 1, "sliced"),
+    Case(2, 2, 1, 6, 7, (8, 3), (1, 2), (7, 4), (2, 3), "sliced"),
+    Case(1, 3, 2, 7, 7, (13, 13), 1, 6, 1, "channels_last"),
+]
+
+
+@pytest.mark.parametrize("form", ["rows", "whole_map"])
+@pytest.mark.parametrize("case", MULTI_BLOCK_CASES, ids=[c.id() for c in MULTI_BLOCK_CASES])
+def test_triton_kernels_with_small_blocks(case, form, monkeypatch, poisoned_outputs):
+    monkeypatch.setattr(triton_backend, "plan_conv", lambda p, interpret: triton_backend.ConvPlan(form, SMALL_BLOCKS[form]))
+    monkeypatch.setattr(triton_backend, "weight_grad_config", lambda *args: triton_backend.WeightGradConfig(16, 16, 2, 16))
+    with lkconv.use_backend("triton"):
+        _, y, grads, expected = run_case(case, torch.float32, TRITON_DEVICE)
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
+        assert_close(actual, wanted, TOLERANCE[torch.float32], f"{form} {name}")

@@ -8,31 +8,31 @@ import torch.nn.functional as F
 import lkconv
 from lkconv.backends import triton_backend
 
-from conftest import TOLERANCE, assert_close, reference
+from conftest import TOLERANCE, TRITON_DEVICE, assert_close, reference
 
 ops = torch.ops.lkconv
 STRIDE, PADDING, DILATION = [2, 1], [1, 2, 2, 0], [1, 2]  # asymmetric padding (top, left, bottom, right)
 
 
-def op_inputs(dtype, requires_grad=True, channels_last=False):
-    x = torch.randn(2, 3, 7, 8, dtype=dtype)
+def op_inputs(dtype, device="cpu", channels_last=False, requires_grad=True):
+    x = torch.randn(2, 3, 7, 8, dtype=dtype, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(6, 1, 3, 4, dtype=dtype)
-    b = torch.randn(6, dtype=dtype)
+    w = torch.randn(6, 1, 3, 4, dtype=dtype, device=device)
+    b = torch.randn(6, dtype=dtype, device=device)
     return [t.requires_grad_(requires_grad) for t in (x, w, b)]
 
 
 def grad_output_for(x, w, dtype):
     y = ops.depthwise_conv2d(x.detach(), w.detach(), None, STRIDE, PADDING, DILATION)
-    return torch.randn(y.shape, dtype=dtype).contiguous(memory_format=lkconv.arguments.output_memory_format(y))
+    return torch.randn(y.shape, dtype=dtype, device=x.device).contiguous(memory_format=lkconv.arguments.output_memory_format(y))
 
 
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck_every_op(backend, dtype, channels_last):
     with lkconv.use_backend(backend):
-        x, w, b = op_inputs(dtype, channels_last=channels_last)
+        x, w, b = op_inputs(dtype, TRITON_DEVICE if backend == "triton" else "cpu", channels_last)
         dy = grad_output_for(x, w, dtype).requires_grad_()
         torch.library.opcheck(ops.depthwise_conv2d.default, (x, w, b, STRIDE, PADDING, DILATION))
         torch.library.opcheck(ops.depthwise_conv2d.default, (x, w, None, STRIDE, PADDING, DILATION))
@@ -70,8 +70,8 @@ def test_gradcheck_and_gradgradcheck_of_the_backward_ops():
 
 def test_double_backward_through_triton_kernels():
     """Grad of (grad_input . v) w.r.t. weight and grad_output, computed by the triton ops, against float64 F.conv2d."""
-    x, w, b = op_inputs(torch.float32)
-    v = torch.randn(x.shape)
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE)
+    v = torch.randn(x.shape, device=TRITON_DEVICE)
     results = {}
     for name, dtype, conv in (
         ("lkconv", torch.float32, lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2))),
@@ -89,8 +89,10 @@ def test_double_backward_through_triton_kernels():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_weight_grad_is_bit_identical_over_runs(backend):
-    x = torch.randn(3, 4, 12, 11)
-    dy = torch.randn(3, 4, 12, 11)
+    """Meaningful on a GPU, where the triton splits really run in parallel (on CPU the interpreter is serial)."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = torch.randn(3, 4, 12, 11, device=device)
+    dy = torch.randn(3, 4, 12, 11, device=device)
     with lkconv.use_backend(backend):
         runs = [ops.depthwise_conv2d_weight_grad(dy, x, [7, 5], [1, 1], [3, 2, 3, 2], [1, 1], True) for _ in range(5)]
     for grad_weight, grad_bias in runs[1:]:
@@ -104,7 +106,9 @@ def test_triton_weight_grad_splits_agree_with_reference():
     dy = torch.randn(3, 4, 12, 11, dtype=torch.float64)
     _, _, grad_w, grad_b = reference(x, w, torch.zeros(4, dtype=torch.float64), 1, (3, 2), 1, dy)
     for splits in (1, 2, 5):
-        got_w, got_b = triton_backend.weight_grad(dy.float(), x.float(), (7, 5), (1, 1), (3, 2, 3, 2), (1, 1), True, splits=splits)
+        got_w, got_b = triton_backend.weight_grad(
+            dy.float().to(TRITON_DEVICE), x.float().to(TRITON_DEVICE), (7, 5), (1, 1), (3, 2, 3, 2), (1, 1), True, splits=splits
+        )
         assert_close(got_w, grad_w, TOLERANCE[torch.float32], f"grad_weight, {splits} splits")
         assert_close(got_b, grad_b, TOLERANCE[torch.float32], f"grad_bias, {splits} splits")
 
@@ -112,7 +116,7 @@ def test_triton_weight_grad_splits_agree_with_reference():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_compile_fullgraph_forward_and_backward(backend):
     torch._dynamo.reset()
-    x, w, b = op_inputs(torch.float32)
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE if backend == "triton" else "cpu")
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(x, w, b):
@@ -163,3 +167,38 @@ def test_float64_stays_float64_under_autocast():
         y = lkconv.depthwise_conv2d(x, w, padding=1)
     assert y.dtype == torch.float64
     assert_close(y, F.conv2d(x, w, padding=1, groups=2), TOLERANCE[torch.float64])
+
+
+def test_autocast_accepts_mixed_input_and_weight_dtypes_like_f_conv2d():
+    """model.bfloat16() fed float32 activations under autocast: F.conv2d casts both; so must lkconv."""
+    x = torch.randn(2, 3, 9, 9)
+    w = torch.randn(3, 1, 5, 5).to(torch.bfloat16)
+    b = torch.randn(3).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lkconv.depthwise_conv2d(x, w, b, padding=2)
+        expected = F.conv2d(x, w, b, padding=2, groups=3)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    assert_close(y, reference(x, w, b, 1, 2, 1)[0], TOLERANCE[torch.bfloat16], "mixed-dtype autocast")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ops_called_directly_reject_inconsistent_shapes(backend):
+    """The ops are public: shapes that do not form a depthwise conv raise instead of reading out of bounds."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    dy = torch.randn(1, 2, 6, 6, device=device)
+    w = torch.randn(4, 1, 3, 3, device=device)
+    x = torch.randn(1, 2, 6, 6, device=device)
+    same = [1, 1, 1, 1]
+    with lkconv.use_backend(backend):
+        with pytest.raises(ValueError, match="depthwise_conv2d_input_grad"):
+            ops.depthwise_conv2d_input_grad(dy, w, [1, 2, 6, 6], [1, 1], same, [1, 1])  # dy has 2 channels, w 4
+        with pytest.raises(ValueError, match="depthwise_conv2d_input_grad"):
+            ops.depthwise_conv2d_input_grad(dy, w[:2], [1, 2, 9, 6], [1, 1], same, [1, 1])  # dy too short for H=9
+        with pytest.raises(ValueError, match="depthwise_conv2d_weight_grad"):
+            ops.depthwise_conv2d_weight_grad(dy, x[:, :1].repeat(1, 3, 1, 1), [3, 3], [1, 1], same, [1, 1], True)
+        with pytest.raises(ValueError, match="depthwise_conv2d_weight_grad"):
+            ops.depthwise_conv2d_weight_grad(dy.double(), x, [3, 3], [1, 1], same, [1, 1], True)
+        with pytest.raises(ValueError, match="lkconv::depthwise_conv2d:"):
+            ops.depthwise_conv2d(x, w[:3], None, [1, 1], same, [1, 1])  # 3 is not a multiple of 2 channels
+        with pytest.raises(ValueError, match="bias"):
+            ops.depthwise_conv2d(x, w, torch.randn(3, device=device), [1, 1], same, [1, 1])

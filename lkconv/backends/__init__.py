@@ -7,6 +7,7 @@ and falls back to `torch`; a forced backend that cannot run the call raises inst
 """
 
 import contextlib
+import contextvars
 import functools
 import os
 from typing import Iterator, NamedTuple, Optional
@@ -19,7 +20,8 @@ NAMES = ("auto", "torch", "triton", "cuda")
 _MODULES = {"torch": torch_backend, "triton": triton_backend}
 _CUDA_UNAVAILABLE = "lkconv was installed without its CUDA C++ extension (lkconv._C); the cuda backend is not built yet"
 
-_override: Optional[str] = None
+_override: Optional[str] = None  # set_backend: the whole process
+_scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lkconv_backend", default=None)  # use_backend
 
 
 class BackendUnavailableError(RuntimeError):
@@ -40,7 +42,9 @@ def _check_name(name: object, source: str) -> str:
 
 
 def requested_backend() -> str:
-    """The backend asked for: set_backend/use_backend, else LKCONV_BACKEND, else 'auto'."""
+    """The backend asked for: use_backend (this thread/context), else set_backend, else LKCONV_BACKEND, else 'auto'."""
+    if (scoped := _scoped.get()) is not None:
+        return scoped
     if _override is not None:
         return _override
     return _check_name(os.environ.get("LKCONV_BACKEND", "auto") or "auto", "LKCONV_BACKEND")
@@ -58,39 +62,38 @@ def available_backends() -> list[str]:
     return [name for name in ("torch", "triton", "cuda") if unavailable_reason(name) is None]
 
 
-def set_backend(name: Optional[str]) -> None:
-    """Forces a backend for every later call ('auto', 'torch', 'triton' or 'cuda'); None follows LKCONV_BACKEND again.
+def _checked(name: str) -> str:
+    name = _check_name(name, "backend")
+    if name != "auto" and (reason := unavailable_reason(name)) is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
+    return name
 
-    Raises at once if the backend is not installed here.
-    """
+
+def set_backend(name: Optional[str]) -> None:
+    """Forces a backend for every later call in the process ('auto', 'torch', 'triton' or 'cuda'); None follows
+    LKCONV_BACKEND again. Raises at once if the backend is not installed here."""
     global _override
-    if name is not None:
-        name = _check_name(name, "backend")
-        if name != "auto" and (reason := unavailable_reason(name)) is not None:
-            raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
-    _override = name
+    _override = None if name is None else _checked(name)
 
 
 @contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Context manager form of set_backend: restores the previous choice on exit."""
-    global _override
-    previous = _override
-    set_backend(name)
+def use_backend(name: str) -> Iterator[None]:
+    """Forces a backend inside a `with` block, for this thread (or asyncio task) only; restores it on exit."""
+    token = _scoped.set(_checked(name))
     try:
         yield
     finally:
-        _override = previous
+        _scoped.reset(token)
 
 
 def choose(device: torch.device, dtype: torch.dtype) -> Choice:
     """The backend that answers a call on tensors of this device and dtype (cached per request/device/dtype)."""
-    return _choose(requested_backend(), device.type, dtype, triton_backend.interpreting())
+    return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting())
 
 
 @functools.lru_cache(maxsize=256)
-def _choose(requested: str, device_type: str, dtype: torch.dtype, interpreting: bool) -> Choice:
-    device = torch.device(device_type)
+def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch.dtype, interpreting: bool) -> Choice:
+    device = torch.device(device_type, index)
     if requested != "auto":
         reason = unavailable_reason(requested) or _MODULES[requested].unsupported_reason(device, dtype)
         if reason is not None:

@@ -1,8 +1,9 @@
 """The `triton` backend: launches the lkconv.kernels implicit-GEMM kernels with block sizes per shape class.
 
-Everything shape-dependent is decided here on the host, with integer arithmetic only: which kernel form runs
-(row band or whole map), its block sizes, and how the weight-grad reduction is split. `kernel_configs()` lists
-every configuration these choices can produce on a GPU, so a CPU test can compile all of them ahead of time.
+Everything shape-dependent is decided here on the host with integer arithmetic, and cached per shape class:
+which kernel form runs (row band or whole map), its block sizes, and how the weight-grad reduction is split.
+The GPU configurations come from three small tables, so the ahead-of-time compile test (kernel_configs) and the
+dispatcher can never disagree.
 """
 
 import contextlib
@@ -12,7 +13,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from ..arguments import output_memory_format
+from ..arguments import output_memory_format, output_size
 
 name = "triton"
 
@@ -44,17 +45,46 @@ class WeightGradConfig(NamedTuple):
     num_stages: int = 2
 
 
+# GPU configurations, keyed by what selects them. Block sizes and warps keep ptxas register spills at a few dozen
+# bytes at most (tests/compile_kernels.py reports registers and spills per configuration); speed tuning on a GPU
+# is still owed.
+GPU_ROWS = {(block_w, block_j): RowsConfig(64, block_w, block_j) for block_w in (16, 32) for block_j in (32, 64)}
+GPU_WHOLE_MAP = {block_n: WholeMapConfig(block_n, 64, 32, num_warps=8) for block_n in (16, 64)}
+GPU_WEIGHT_GRAD = {
+    (block_r, block_q, block_iw): WeightGradConfig(block_r, block_q, 128 // block_iw, block_iw, num_warps=8)
+    for block_r in (16, 32) for block_q in (16, 32) for block_iw in (16, 32)
+}
+
+
+def kernel_configs() -> dict[str, list]:
+    """Every GPU configuration the dispatcher can pick, per kernel (for ahead-of-time compile checks)."""
+    return {
+        "rows": list(GPU_ROWS.values()),
+        "whole_map": list(GPU_WHOLE_MAP.values()),
+        "weight_grad": list(GPU_WEIGHT_GRAD.values()),
+    }
+
+
+# --- availability ------------------------------------------------------------------------------------------------
+
+_interpreted: Optional[bool] = None  # how the kernels were built, once they are imported
+
+
 def interpreting() -> bool:
-    """True under the Triton interpreter (TRITON_INTERPRET=1), which runs the kernels on CPU tensors."""
+    """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when they were first imported)."""
+    if _interpreted is not None:
+        return _interpreted
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def unavailable_reason() -> Optional[str]:
-    if (reason := _import_failure()) is not None:
-        return reason
-    if not interpreting() and not torch.cuda.is_available():
-        return "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly, for testing)"
-    return None
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    # Imported on first use: TRITON_INTERPRET is read when the kernels are decorated, and fixed from then on.
+    global _interpreted
+    _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    from lkconv import kernels
+
+    return kernels
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,28 +96,32 @@ def _import_failure() -> Optional[str]:
     return None
 
 
-def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if dtype not in DTYPES:
-        return f"the triton kernels take float16, bfloat16 and float32 tensors, not {dtype}"
-    if device.type == "cuda" or interpreting():
-        return None
-    return f"triton runs on CUDA tensors (or any tensor under TRITON_INTERPRET=1); got a {device.type} tensor"
+def unavailable_reason() -> Optional[str]:
+    if (reason := _import_failure()) is not None:
+        return reason
+    if not interpreting() and not torch.cuda.is_available():
+        return "no CUDA GPU is visible (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly, for testing)"
+    return None
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels():
-    # Imported on first use: TRITON_INTERPRET is read when the kernels are decorated.
-    from lkconv import kernels
-
-    return kernels
-
-
-def _next_pow2(n: int, low: int, high: int) -> int:
-    return max(low, min(high, 1 << max(0, int(n) - 1).bit_length()))
+def _gpu_unsupported_reason(index: int) -> Optional[str]:
+    if torch.version.hip:
+        return "the triton kernels are built and tested for NVIDIA GPUs only; this is a ROCm build of PyTorch"
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return f"the triton kernels need an sm_80 or newer GPU (bfloat16 and TF32 tensor cores); cuda:{index} is sm_{major}{minor}"
+    return None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in DTYPES:
+        return f"the triton kernels take float16, bfloat16 and float32 tensors, not {dtype}"
+    if interpreting():
+        return None
+    if device.type != "cuda":
+        return f"triton runs on CUDA tensors (or any tensor under TRITON_INTERPRET=1); got a {device.type} tensor"
+    return _gpu_unsupported_reason(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def conv_allows_tf32() -> bool:
@@ -109,11 +143,22 @@ def _dot_options(dtype: torch.dtype) -> tuple[str, bool]:
     return "tf32", interpreting() and dtype == torch.bfloat16
 
 
-# --- shape classes -------------------------------------------------------------------------------------------
+# --- plans: which kernel and blocks, per shape class ------------------------------------------------------------
 
 
-class _Pass(NamedTuple):
-    """One forward-shaped pass: `src` maps of (src_h, src_w) into `dst` maps of (dst_h, dst_w)."""
+def _next_pow2(n: int, low: int, high: int) -> int:
+    return max(low, min(high, 1 << max(0, int(n) - 1).bit_length()))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ConvPass(NamedTuple):
+    """A forward-shaped pass: `src` maps of (src_h, src_w) into `dst` maps of (dst_h, dst_w).
+
+    The forward reads x and writes y; the input grad (transposed) reads dy and writes dx.
+    """
 
     transposed: bool
     batch: int
@@ -126,7 +171,12 @@ class _Pass(NamedTuple):
     dilation: tuple[int, int]
 
 
-def _source_span(p: _Pass, block_w: int) -> int:
+class ConvPlan(NamedTuple):
+    form: str  # "rows" or "whole_map"
+    config: NamedTuple
+
+
+def _source_span(p: ConvPass, block_w: int) -> int:
     """Source columns one block of `block_w` destination columns reads."""
     reach = (p.kernel[1] - 1) * p.dilation[1]
     if p.transposed:
@@ -134,92 +184,101 @@ def _source_span(p: _Pass, block_w: int) -> int:
     return (block_w - 1) * p.stride[1] + reach + 1
 
 
-def _kernel_rows_reached(p: _Pass) -> int:
+def _kernel_rows_reached(p: ConvPass) -> int:
     """Kernel rows one destination row multiplies at most (the rest fall in the padding)."""
     if p.transposed:
         return min(p.kernel[0], _cdiv(p.src_h * p.stride[0], p.dilation[0]))
     return min(p.kernel[0], _cdiv(p.src_h, p.dilation[0]))
 
 
-def rows_config(p: _Pass) -> RowsConfig:
-    if interpreting():
+def _rows_config(p: ConvPass, interpret: bool) -> RowsConfig:
+    if interpret:
         # The interpreter pays per operation, not per element: few, large programs.
         block_w = _next_pow2(p.dst_w, 16, 64)
         return RowsConfig(_next_pow2(p.batch * p.dst_h, 16, 128), block_w, _next_pow2(_source_span(p, block_w), 16, 256))
     block_w = 32 if p.dst_w > 16 else 16
-    return RowsConfig(64, block_w, 64 if _source_span(p, block_w) > 32 else 32)
+    return GPU_ROWS[block_w, 64 if _source_span(p, block_w) > 32 else 32]
 
 
-def whole_map_config(p: _Pass) -> WholeMapConfig:
-    if interpreting():
+def _whole_map_config(p: ConvPass, interpret: bool) -> WholeMapConfig:
+    if interpret:
         return WholeMapConfig(
             _next_pow2(p.batch, 16, 64), _next_pow2(p.dst_h * p.dst_w, 16, 256), _next_pow2(p.src_h * p.src_w, 16, 256)
         )
-    return WholeMapConfig(64 if p.batch > 16 else 16, 64, 32, num_warps=8)
+    return GPU_WHOLE_MAP[64 if p.batch > 16 else 16]
 
 
-def weight_grad_config(kernel: Sequence[int], in_width: int, total_rows: int) -> WeightGradConfig:
-    if interpreting():
+@functools.lru_cache(maxsize=4096)
+def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
+    """Rows or whole map, whichever multiplies less (padding of each block included), with its blocks."""
+    rows = _rows_config(p, interpret)
+    dst_rows = p.batch * p.dst_h
+    rows_cost = (
+        _kernel_rows_reached(p) * _cdiv(_source_span(p, rows.block_w), rows.block_j) * rows.block_j
+        * _cdiv(dst_rows, rows.block_m) * rows.block_m / dst_rows
+    )
+    src_pixels = p.src_h * p.src_w
+    if src_pixels <= 4096:
+        whole = _whole_map_config(p, interpret)
+        whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(p.batch, whole.block_n) * whole.block_n / p.batch
+        if whole_cost < rows_cost:
+            return ConvPlan("whole_map", whole)
+    return ConvPlan("rows", rows)
+
+
+@functools.lru_cache(maxsize=4096)
+def weight_grad_config(kernel: tuple[int, int], in_width: int, total_rows: int, interpret: bool) -> WeightGradConfig:
+    if interpret:
         block_iw = _next_pow2(in_width, 16, 64)
         return WeightGradConfig(
             _next_pow2(kernel[0], 16, 64), _next_pow2(kernel[1], 16, 64), _next_pow2(total_rows, 1, 256 // block_iw), block_iw
         )
-    block_iw = 32 if in_width > 16 else 16
-    return WeightGradConfig(
-        16 if kernel[0] <= 16 else 32, 16 if kernel[1] <= 16 else 32, 128 // block_iw, block_iw, num_warps=8
-    )
+    return GPU_WEIGHT_GRAD[16 if kernel[0] <= 16 else 32, 16 if kernel[1] <= 16 else 32, 32 if in_width > 16 else 16]
 
 
-def kernel_configs() -> dict[str, list]:
-    """Every GPU configuration the choices above can return, per kernel (for ahead-of-time compile checks).
-
-    Block sizes and warps keep ptxas register spills at a few dozen bytes at most (tests/compile_kernels.py
-    reports registers and spills per configuration); speed tuning on a GPU is still owed.
-    """
-    return {
-        "rows": [RowsConfig(64, w, j) for w in (16, 32) for j in (32, 64)],
-        "whole_map": [WholeMapConfig(n, 64, 32, num_warps=8) for n in (16, 64)],
-        "weight_grad": [
-            WeightGradConfig(r, q, 128 // iw, iw, num_warps=8) for r in (16, 32) for q in (16, 32) for iw in (16, 32)
-        ],
-    }
+def _forward_pass(input_shape, out_hw, kernel, stride, dilation) -> ConvPass:
+    return ConvPass(False, input_shape[0], out_hw[0], out_hw[1], input_shape[2], input_shape[3],
+                    tuple(kernel), tuple(stride), tuple(dilation))
 
 
-def choose_form(p: _Pass) -> str:
-    """'whole_map' when one dense GEMM over the map costs fewer multiplies than the row bands, else 'rows'."""
-    src_pixels = p.src_h * p.src_w
-    if src_pixels > 4096:
-        return "rows"
-    config = rows_config(p)
-    rows_cost = _kernel_rows_reached(p) * _cdiv(_source_span(p, config.block_w), config.block_j) * config.block_j
-    whole_cost = _cdiv(src_pixels, 32) * 32 * max(1.0, 16 / max(p.batch, 1))
-    return "whole_map" if whole_cost < rows_cost else "rows"
-
-
-def _forward_pass(input_shape, out_hw, kernel, stride, dilation) -> _Pass:
-    return _Pass(False, input_shape[0], out_hw[0], out_hw[1], input_shape[2], input_shape[3], tuple(kernel), tuple(stride), tuple(dilation))
-
-
-def _input_grad_pass(grad_shape, input_hw, kernel, stride, dilation) -> _Pass:
-    return _Pass(True, grad_shape[0], input_hw[0], input_hw[1], grad_shape[2], grad_shape[3], tuple(kernel), tuple(stride), tuple(dilation))
+def _input_grad_pass(grad_shape, input_hw, kernel, stride, dilation) -> ConvPass:
+    return ConvPass(True, grad_shape[0], input_hw[0], input_hw[1], grad_shape[2], grad_shape[3],
+                    tuple(kernel), tuple(stride), tuple(dilation))
 
 
 def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation) -> str:
     """The kernel and block sizes that `pass_name` would launch, in words."""
-    kernel = weight_shape[2:]
+    kernel = tuple(weight_shape[2:])
+    interpret = interpreting()
     if pass_name == "weight_grad":
-        config = weight_grad_config(kernel, input_shape[3], input_shape[0] * output_hw[0])
+        config = weight_grad_config(kernel, input_shape[3], input_shape[0] * output_hw[0], interpret)
         return f"weight_grad (deterministic split reduction) {config}"
     if pass_name == "forward":
         p = _forward_pass(input_shape, output_hw, kernel, stride, dilation)
     else:
         p = _input_grad_pass((input_shape[0], weight_shape[0], *output_hw), input_shape[2:], kernel, stride, dilation)
-    form = choose_form(p)
-    config = rows_config(p) if form == "rows" else whole_map_config(p)
-    return f"{form} {config}"
+    plan = plan_conv(p, interpret)
+    return f"{plan.form} {plan.config}"
 
 
-# --- launches ------------------------------------------------------------------------------------------------
+# --- launches ------------------------------------------------------------------------------------------------------
+
+_INT32_LIMIT = 2**31
+
+
+def _fits_int32(tensor: torch.Tensor, dims: Sequence[int]) -> bool:
+    """Whether offsets along `dims` stay below 2**31: the kernels index within a map row (and within a filter)
+    in int32, while image, channel and row offsets are int64."""
+    return sum((tensor.shape[d] - 1) * tensor.stride(d) for d in dims) < _INT32_LIMIT
+
+
+def _int32_safe_map(tensor: torch.Tensor) -> torch.Tensor:
+    # Only exotic views (a row spanning 2**31 elements) need the copy.
+    return tensor if _fits_int32(tensor, (3,)) else tensor.contiguous()
+
+
+def _int32_safe_filter(weight: torch.Tensor) -> torch.Tensor:
+    return weight if _fits_int32(weight, (2, 3)) else weight.contiguous()
 
 
 def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -227,8 +286,17 @@ def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> t
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
-def _launch_conv(p: _Pass, src, weight, bias, dst, padding, multiplier, form: Optional[str]):
-    form = form or choose_form(p)
+def _device_guard(tensor: torch.Tensor):
+    """Launch on the tensor's GPU; triton then uses that device's current stream."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier, form: Optional[str]):
+    interpret = interpreting()
+    plan = plan_conv(p, interpret)
+    if form is not None and form != plan.form:
+        config = _rows_config(p, interpret) if form == "rows" else _whole_map_config(p, interpret)
+        plan = ConvPlan(form, config)
     kernels = _kernels()
     precision, operands_fp32 = _dot_options(src.dtype)
     args = (
@@ -239,18 +307,16 @@ def _launch_conv(p: _Pass, src, weight, bias, dst, padding, multiplier, form: Op
         *src.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dst.stride(),
     )
     flags = dict(TRANSPOSED=p.transposed, HAS_BIAS=bias is not None, PRECISION=precision, OPERANDS_FP32=operands_fp32)
-    channels = dst.shape[1]
-    with torch.cuda.device(dst.device) if dst.is_cuda else contextlib.nullcontext():
-        if form == "rows":
-            c = rows_config(p)
-            grid = (channels * _cdiv(p.batch * p.dst_h, c.block_m) * _cdiv(p.dst_w, c.block_w),)
+    c = plan.config
+    with _device_guard(dst):
+        if plan.form == "rows":
+            grid = (dst.shape[1] * _cdiv(p.batch * p.dst_h, c.block_m) * _cdiv(p.dst_w, c.block_w),)
             kernels.depthwise_rows_kernel[grid](
                 *args, **flags, BLOCK_M=c.block_m, BLOCK_W=c.block_w, BLOCK_J=c.block_j,
                 num_warps=c.num_warps, num_stages=c.num_stages,
             )
-        elif form == "whole_map":
-            c = whole_map_config(p)
-            grid = (channels * _cdiv(p.batch, c.block_n) * _cdiv(p.dst_h * p.dst_w, c.block_p),)
+        elif plan.form == "whole_map":
+            grid = (dst.shape[1] * _cdiv(p.batch, c.block_n) * _cdiv(p.dst_h * p.dst_w, c.block_p),)
             kernels.depthwise_whole_map_kernel[grid](
                 *args, **flags, BLOCK_N=c.block_n, BLOCK_P=c.block_p, BLOCK_K=c.block_k,
                 num_warps=c.num_warps, num_stages=c.num_stages,
@@ -260,28 +326,43 @@ def _launch_conv(p: _Pass, src, weight, bias, dst, padding, multiplier, form: Op
     return dst
 
 
+def _output_format(like: torch.Tensor, shape) -> torch.memory_format:
+    """The op's output layout, unless a channels_last row would span 2**31 elements (then NCHW; the op restores it)."""
+    memory_format = output_memory_format(like)
+    if memory_format == torch.channels_last and (shape[3] - 1) * shape[1] >= _INT32_LIMIT:
+        return torch.contiguous_format
+    return memory_format
+
+
 def forward(input, weight, bias, stride, padding, dilation, form: Optional[str] = None):
+    """y = depthwise conv of `input`; `form` forces 'rows' or 'whole_map' (tests), else the plan decides."""
     batch, channels = input.shape[:2]
     out_channels, _, kernel_h, kernel_w = weight.shape
-    out_h = (input.shape[2] + padding[0] + padding[2] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
-    out_w = (input.shape[3] + padding[1] + padding[3] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
-    output = new_buffer((batch, out_channels, out_h, out_w), input.dtype, input.device, output_memory_format(input))
+    out_hw = tuple(
+        output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
+        for i in range(2)
+    )
+    shape = (batch, out_channels, *out_hw)
+    output = new_buffer(shape, input.dtype, input.device, _output_format(input, shape))
     if output.numel() == 0:
         return output
-    p = _forward_pass(input.shape, (out_h, out_w), (kernel_h, kernel_w), stride, dilation)
+    p = _forward_pass(input.shape, out_hw, (kernel_h, kernel_w), stride, dilation)
     # The kernel reads bias[channel] at unit stride; autograd may hand in an expanded (stride-0) bias.
     bias = bias.contiguous() if bias is not None else None
-    return _launch_conv(p, input, weight, bias, output, padding, out_channels // channels, form)
+    return _launch_conv(p, _int32_safe_map(input), _int32_safe_filter(weight), bias, output, padding,
+                        out_channels // channels, form)
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation, form: Optional[str] = None):
+    """dx for an input of `input_shape`: the same kernels run transposed, reading dy and writing dx."""
     batch, channels, height, width = input_shape
-    grad_input = new_buffer((batch, channels, height, width), grad_output.dtype, grad_output.device,
-                            output_memory_format(grad_output))
+    shape = (batch, channels, height, width)
+    grad_input = new_buffer(shape, grad_output.dtype, grad_output.device, _output_format(grad_output, shape))
     if grad_input.numel() == 0:
         return grad_input
     p = _input_grad_pass(grad_output.shape, (height, width), weight.shape[2:], stride, dilation)
-    return _launch_conv(p, grad_output, weight, None, grad_input, padding, weight.shape[0] // channels, form)
+    return _launch_conv(p, _int32_safe_map(grad_output), _int32_safe_filter(weight), None, grad_input, padding,
+                        weight.shape[0] // channels, form)
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,7 +373,7 @@ def _multiprocessors(device_index: int) -> int:
 def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with_bias, splits: Optional[int] = None):
     """Weight grad (and bias grad) from fixed-order fp32 partials: bit-identical run to run.
 
-    `splits` (the number of partial sums along N*OH) is chosen to fill the GPU unless given.
+    `splits` (how many partial sums divide the N*OH rows) fills the GPU with 4 programs per SM unless given.
     """
     batch, channels = input.shape[:2]
     out_channels, out_h, out_w = grad_output.shape[1:]
@@ -301,18 +382,19 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     if total_rows == 0:
         grad_weight = grad_output.new_zeros(out_channels, 1, kernel_h, kernel_w)
         return grad_weight, grad_output.new_zeros(out_channels if with_bias else 0)
-    c = weight_grad_config(kernel_size, input.shape[3], total_rows)
+    c = weight_grad_config((kernel_h, kernel_w), input.shape[3], total_rows, interpreting())
     tiles = out_channels * _cdiv(kernel_h, c.block_r) * _cdiv(kernel_w, c.block_q)
     if splits is None:
-        splits = 1 if not input.is_cuda else _cdiv(4 * _multiprocessors(input.device.index or 0), tiles)
+        splits = _cdiv(4 * _multiprocessors(input.device.index or 0), tiles) if input.is_cuda else 1
     splits = max(1, min(splits, _cdiv(total_rows, c.block_rows)))
     rows_per_split = _cdiv(_cdiv(total_rows, splits), c.block_rows) * c.block_rows
     splits = _cdiv(total_rows, rows_per_split)
+    grad_output, input = _int32_safe_map(grad_output), _int32_safe_map(input)
 
     weight_partials = new_buffer((splits, out_channels, kernel_h, kernel_w), torch.float32, input.device)
     bias_partials = new_buffer((splits, out_channels) if with_bias else (0,), torch.float32, input.device)
     precision, operands_fp32 = _dot_options(input.dtype)
-    with torch.cuda.device(input.device) if input.is_cuda else contextlib.nullcontext():
+    with _device_guard(input):
         _kernels().depthwise_weight_grad_kernel[(tiles * splits,)](
             grad_output, input, weight_partials, bias_partials,
             batch, out_channels, out_h, out_w, input.shape[2], input.shape[3],
@@ -323,6 +405,8 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
             BLOCK_R=c.block_r, BLOCK_Q=c.block_q, BLOCK_ROWS=c.block_rows, BLOCK_IW=c.block_iw,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
-    grad_weight = weight_partials.sum(0).unsqueeze(1).to(input.dtype)
-    grad_bias = bias_partials.sum(0).to(input.dtype) if with_bias else grad_output.new_empty(0)
+    # Sum the splits in a fixed order (nothing to sum when there is one).
+    grad_weight = (weight_partials[0] if splits == 1 else weight_partials.sum(0)).unsqueeze(1).to(input.dtype)
+    grad_bias = (bias_partials[0] if splits == 1 else bias_partials.sum(0)).to(input.dtype) if with_bias \
+        else grad_output.new_empty(0)
     return grad_weight, grad_bias

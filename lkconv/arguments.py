@@ -69,6 +69,7 @@ def conv_padding(
 
 
 def output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int) -> int:
+    """Output length along one axis, as F.conv2d computes it (floor division)."""
     return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
 
 

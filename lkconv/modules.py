@@ -68,7 +68,8 @@ class DepthwiseConv2d(nn.Conv2d):
 
 
 def is_depthwise(conv: nn.Conv2d) -> bool:
-    return conv.groups == conv.in_channels and conv.out_channels % conv.in_channels == 0 and conv.weight.shape[1] == 1
+    """One filter group per input channel (out_channels is then a multiple of in_channels)."""
+    return conv.groups == conv.in_channels
 
 
 def _recast(module: nn.Module, cls: type) -> nn.Module:

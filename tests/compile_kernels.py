@@ -18,20 +18,23 @@ PRECISIONS = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf
 
 
 def _jobs():
+    """(kernel, arch, dtype, precision, transposed, bias, config, int type) for every launch variant.
+
+    Integer arguments compile as i32, and as i64 (what Triton passes once a stride passes 2**31) in bf16.
+    """
     from lkconv.backends.triton_backend import kernel_configs
 
     configs = kernel_configs()
     for arch in ARCHES:
         for dtype, precision in PRECISIONS:
-            for config in configs["rows"]:
-                for transposed, bias in ((False, False), (False, True), (True, False)):
-                    yield ("rows", arch, dtype, precision, transposed, bias, tuple(config))
-            for config in configs["whole_map"]:
-                for transposed, bias in ((False, False), (False, True), (True, False)):
-                    yield ("whole_map", arch, dtype, precision, transposed, bias, tuple(config))
-            for config in configs["weight_grad"]:
-                for bias in (False, True):
-                    yield ("weight_grad", arch, dtype, precision, False, bias, tuple(config))
+            for int_type in ("i32", "i64") if dtype == "bf16" else ("i32",):
+                for kind in ("rows", "whole_map"):
+                    for config in configs[kind]:
+                        for transposed, bias in ((False, False), (False, True), (True, False)):
+                            yield (kind, arch, dtype, precision, transposed, bias, tuple(config), int_type)
+                for config in configs["weight_grad"]:
+                    for bias in (False, True):
+                        yield ("weight_grad", arch, dtype, precision, False, bias, tuple(config), int_type)
 
 
 def _ptxas_usage(ptx: str, arch: int):
@@ -61,7 +64,7 @@ def _compile(job):
 
     from lkconv import kernels
 
-    kind, arch, dtype, precision, transposed, bias, config = job
+    kind, arch, dtype, precision, transposed, bias, config, int_type = job
     flags = {"HAS_BIAS": bias, "PRECISION": precision, "OPERANDS_FP32": False}
     if kind == "weight_grad":
         fn = kernels.depthwise_weight_grad_kernel
@@ -81,7 +84,7 @@ def _compile(job):
         elif name in pointer_types:
             signature[name] = "*" + pointer_types[name]
         else:
-            signature[name] = "i32"
+            signature[name] = int_type
     num_warps, num_stages = config[-2:]
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs),
@@ -91,7 +94,7 @@ def _compile(job):
     registers, spill_bytes = _ptxas_usage(compiled.asm["ptx"], arch)
     return {
         "kernel": kind, "arch": f"sm_{arch}", "dtype": dtype, "precision": precision, "transposed": transposed,
-        "bias": bias, "config": list(config), "cubin_bytes": len(compiled.asm["cubin"]),
+        "bias": bias, "config": list(config), "int_type": int_type, "cubin_bytes": len(compiled.asm["cubin"]),
         "shared_bytes": compiled.metadata.shared, "registers": registers, "spill_bytes": spill_bytes,
         "uses_mma": ("mma" in compiled.asm["ptx"]) if precision != "ieee" else None,
     }

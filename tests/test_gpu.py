@@ -70,16 +70,37 @@ def test_weight_grad_bit_identical_over_runs_at_full_size(dtype):
         assert torch.equal(grad_weight, runs[0][0]) and torch.equal(grad_bias, runs[0][1])
 
 
-def test_runs_on_a_non_default_stream():
+def test_cuda_graph_capture_on_a_side_stream():
+    """Capture fails if any launch goes to another stream, so this proves the current-stream launch; replays
+    must then recompute from new inputs copied into the captured buffers."""
     x, w, b = _inputs((16, 64, 32, 32), 31, torch.bfloat16, False)
-    expected = reference(x, w, b, 1, 15, 1)[0]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), lkconv.use_backend("triton"):
-        y = lkconv.depthwise_conv2d(x, w, b, padding=15)
-    torch.cuda.current_stream().wait_stream(stream)
+    x, w, b = x.detach(), w.detach(), b.detach()
+    dy = torch.randn(16, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y = torch.ops.lkconv.depthwise_conv2d(x, w, b, [1, 1], [15, 15, 15, 15], [1, 1])
+        grad_input = torch.ops.lkconv.depthwise_conv2d_input_grad(dy, w, list(x.shape), [1, 1], [15, 15, 15, 15], [1, 1])
+        grad_weight, grad_bias = torch.ops.lkconv.depthwise_conv2d_weight_grad(
+            dy, x, [31, 31], [1, 1], [15, 15, 15, 15], [1, 1], True
+        )
+        return y, grad_input, grad_weight, grad_bias
+
+    with lkconv.use_backend("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # compile and warm up outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = step()
+    for tensor in (x, w, b, dy):
+        tensor.copy_(torch.randn_like(tensor, dtype=torch.float32).to(tensor.dtype))
+    graph.replay()
     torch.cuda.synchronize()
-    assert_close(y, expected, TOLERANCE[torch.bfloat16], "non-default stream")
+    expected = reference(x, w, b, 1, 15, 1, dy)
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), outputs, expected):
+        assert_close(actual, wanted, TOLERANCE[torch.bfloat16], f"graph replay {name}")
 
 
 @pytest.mark.parametrize("stride,dilation", [(2, 1), (1, 2), (2, 3)])

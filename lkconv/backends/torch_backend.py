@@ -14,11 +14,11 @@ name = "torch"
 
 
 def unavailable_reason() -> Optional[str]:
-    return None
+    return None  # PyTorch is always there
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    return None
+    return None  # whatever F.conv2d runs, this backend runs
 
 
 def describe(pass_name: str, **_shape) -> str:
@@ -39,6 +39,7 @@ def _symmetric_padding(padding: Sequence[int]) -> tuple[tuple[int, int], tuple[i
 
 
 def forward(input, weight, bias, stride, padding, dilation):
+    """F.conv2d; an asymmetric padding part (from 'same' with an even kernel) is applied with F.pad."""
     both, rest = _symmetric_padding(padding)
     if any(rest):
         input = F.pad(input, rest)
@@ -46,6 +47,7 @@ def forward(input, weight, bias, stride, padding, dilation):
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
+    """dx = conv_transpose2d(dy, w) cropped to the input; depth multipliers sum through groups=C."""
     _, channels, height, width = input_shape
     both, (left_rest, right_rest, top_rest, bottom_rest) = _symmetric_padding(padding)
     # conv_transpose2d answers for the input padded by the asymmetric rest; its output_padding restores the
@@ -62,6 +64,7 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
 
 
 def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with_bias):
+    """(dW, db) with dW from one grouped forward conv (see the module docstring for why not aten's backward)."""
     batch, channels = input.shape[:2]
     out_channels = grad_output.shape[1]
     grad_bias = grad_output.sum((0, 2, 3)) if with_bias else grad_output.new_empty(0)

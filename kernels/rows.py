@@ -57,7 +57,7 @@ def depthwise_rows_kernel(
         low = first_col + pad_left - (kernel_w - 1) * dilation_w
         c_begin = tl.where(low > 0, (low + stride_w - 1) // stride_w, 0)
         c_end = tl.minimum((last_col + pad_left) // stride_w + 1, src_width)
-        fan = multiplier
+        source_channels = multiplier
     else:
         low = pad_top - last_row * stride_h
         r_begin = tl.where(low > 0, (low + dilation_h - 1) // dilation_h, 0)
@@ -65,11 +65,11 @@ def depthwise_rows_kernel(
         r_end = tl.where(high >= 0, tl.minimum(high // dilation_h + 1, kernel_h), 0)
         c_begin = tl.maximum(first_col * stride_w - pad_left, 0)
         c_end = tl.minimum(last_col * stride_w - pad_left + (kernel_w - 1) * dilation_w + 1, src_width)
-        fan = 1
+        source_channels = 1
 
     acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
     # The input grad of a depth multiplier m sums the m output channels fed by one input channel.
-    for k in range(0, fan):
+    for k in range(0, source_channels):
         if TRANSPOSED:
             src_channel = channel * multiplier + k
             w_channel = src_channel

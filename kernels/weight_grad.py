@@ -22,7 +22,7 @@ def depthwise_weight_grad_kernel(
     batch, out_channels, out_height, out_width, in_height, in_width,
     kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, multiplier,
     rows_per_split,
-    go_stride_n, go_stride_c, go_stride_h, go_stride_w,
+    grad_out_stride_n, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w,
     in_stride_n, in_stride_c, in_stride_h, in_stride_w,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, OPERANDS_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_IW: tl.constexpr,
@@ -52,7 +52,7 @@ def depthwise_weight_grad_kernel(
     lane_row = lane // BLOCK_IW
     lane_col = lane % BLOCK_IW
     in_channel_offset = (channel // multiplier).to(tl.int64) * in_stride_c
-    go_channel_offset = channel.to(tl.int64) * go_stride_c
+    grad_out_channel_offset = channel.to(tl.int64) * grad_out_stride_c
 
     acc = tl.zeros((BLOCK_R, BLOCK_Q), dtype=tl.float32)
     for row0 in range(row_begin, row_end, BLOCK_ROWS):
@@ -60,7 +60,7 @@ def depthwise_weight_grad_kernel(
         rows_ok = rows < row_end
         image = (rows // out_height).to(tl.int64)
         out_row = rows % out_height
-        go_row_base = image * go_stride_n + go_channel_offset + out_row.to(tl.int64) * go_stride_h
+        grad_out_row_base = image * grad_out_stride_n + grad_out_channel_offset + out_row.to(tl.int64) * grad_out_stride_h
         in_rows = out_row[None, :] * stride_h - pad_top + taps_h[:, None] * dilation_h
         in_rows_ok = rows_ok[None, :] & (in_rows >= 0) & (in_rows < in_height)
         in_row_offsets = (image * in_stride_n + in_channel_offset)[None, :] + in_rows.to(tl.int64) * in_stride_h
@@ -73,7 +73,7 @@ def depthwise_weight_grad_kernel(
             out_cols = numerator // stride_w
             b_ok = (rows_ok & in_cols_ok)[:, None] & (numerator >= 0) & (numerator % stride_w == 0) \
                 & (out_cols < out_width)
-            b = tl.load(grad_out_ptr + go_row_base[:, None] + out_cols * go_stride_w, mask=b_ok, other=0.0)
+            b = tl.load(grad_out_ptr + grad_out_row_base[:, None] + out_cols * grad_out_stride_w, mask=b_ok, other=0.0)
             acc = mma(a, b, acc, PRECISION, OPERANDS_FP32)
 
     partial_offsets = ((split * out_channels + channel).to(tl.int64) * kernel_h + taps_h[:, None]) * kernel_w \
@@ -88,10 +88,10 @@ def depthwise_weight_grad_kernel(
                 rows = row0 + lane_row
                 rows_ok = rows < row_end
                 image = (rows // out_height).to(tl.int64)
-                go_row_base = image * go_stride_n + go_channel_offset + (rows % out_height).to(tl.int64) * go_stride_h
+                grad_out_row_base = image * grad_out_stride_n + grad_out_channel_offset + (rows % out_height).to(tl.int64) * grad_out_stride_h
                 for ow0 in range(0, out_width, BLOCK_IW):
                     out_cols = ow0 + lane_col
-                    g = tl.load(grad_out_ptr + go_row_base + out_cols * go_stride_w,
+                    g = tl.load(grad_out_ptr + grad_out_row_base + out_cols * grad_out_stride_w,
                                 mask=rows_ok & (out_cols < out_width), other=0.0)
                     total += g.to(tl.float32)
             tl.store(bias_partial_ptr + split * out_channels + channel, tl.sum(total, axis=0))

@@ -41,12 +41,12 @@ def depthwise_whole_map_kernel(
     dst_row = pixels // dst_width
     dst_col = pixels % dst_width
     if TRANSPOSED:
-        fan = multiplier
+        source_channels = multiplier
     else:
-        fan = 1
+        source_channels = 1
 
     acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
-    for k in range(0, fan):
+    for k in range(0, source_channels):
         if TRANSPOSED:
             src_channel = channel * multiplier + k
             w_channel = src_channel

@@ -187,3 +187,23 @@ def test_triton_kernels_with_small_blocks(case, form, monkeypatch, poisoned_outp
         _, y, grads, expected = run_case(case, torch.float32, TRITON_DEVICE)
     for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
         assert_close(actual, wanted, TOLERANCE[torch.float32], f"{form} {name}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_triton_reads_inputs_in_place_without_a_copy(layout, monkeypatch):
+    """NCHW and channels_last maps go to the kernels as they are: strides, not a hidden copy."""
+    launched = []
+    original = triton_backend._launch_conv
+
+    def spy(p, src, weight, *args, **kwargs):
+        launched.append((src.data_ptr(), weight.data_ptr()))
+        return original(p, src, weight, *args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "_launch_conv", spy)
+    x = make_input(Case(2, 3, 1, 9, 8, (5, 5), layout=layout), torch.float32, TRITON_DEVICE).requires_grad_()
+    w = torch.randn(3, 1, 5, 5, device=TRITON_DEVICE, requires_grad=True)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, padding=2)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    assert launched == [(x.data_ptr(), w.data_ptr()), (dy.data_ptr(), w.data_ptr())]

@@ -175,3 +175,16 @@ def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_
             f"dilation {list(dilation)} give output {expected}; got {tuple(out_shape) if out_shape is not None else expected}"
         )
     return expected
+
+
+def layout_strides(shape: Sequence[int], memory_format: torch.memory_format) -> tuple[int, ...]:
+    """The strides torch.empty gives a non-empty `shape` in `memory_format`, size-1 dimensions included.
+
+    The ops return exactly these strides and their fake kernels promise them, so compiled graphs never disagree.
+    """
+    order = (1, 3, 2, 0) if memory_format == torch.channels_last else (3, 2, 1, 0)  # innermost first
+    strides, step = [0] * 4, 1
+    for dim in order:
+        strides[dim] = step
+        step *= max(int(shape[dim]), 1)
+    return tuple(strides)

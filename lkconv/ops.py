@@ -17,6 +17,19 @@ def _backend(tensor: Tensor):
     return backends.choose(tensor.device, tensor.dtype).module
 
 
+def _in_layout_of(output: Tensor, like: Tensor) -> Tensor:
+    """`output` with exactly the strides torch.empty gives it in `like`'s layout (what the fake kernels promise)."""
+    memory_format = arguments.output_memory_format(like)
+    if output.numel() > 0 and output.stride() == arguments.layout_strides(output.shape, memory_format):
+        return output
+    return torch.empty(output.shape, dtype=output.dtype, device=output.device, memory_format=memory_format).copy_(output)
+
+
+def _empty_in_layout_of(shape, like: Tensor) -> Tensor:
+    return torch.empty(tuple(shape), dtype=like.dtype, device=like.device,
+                       memory_format=arguments.output_memory_format(like))
+
+
 @torch.library.custom_op("lkconv::depthwise_conv2d", mutates_args=())
 def depthwise_conv2d_op(
     input: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -25,7 +38,7 @@ def depthwise_conv2d_op(
     """y = conv2d(input, weight, bias, groups=C) on a validated (N, C, H, W) input."""
     _check_forward(input, weight, bias, stride, padding, dilation)
     output = _backend(input).forward(input, weight, bias, stride, padding, dilation)
-    return output.contiguous(memory_format=arguments.output_memory_format(input))
+    return _in_layout_of(output, input)
 
 
 def _check_forward(input, weight, bias, stride, padding, dilation) -> tuple:
@@ -41,9 +54,7 @@ def _check_forward(input, weight, bias, stride, padding, dilation) -> tuple:
 @depthwise_conv2d_op.register_fake
 def _(input, weight, bias, stride, padding, dilation):
     shape = _check_forward(input, weight, bias, stride, padding, dilation)
-    return input.new_empty(shape).contiguous(
-        memory_format=arguments.output_memory_format(input)
-    )
+    return _empty_in_layout_of(shape, input)
 
 
 @torch.library.custom_op("lkconv::depthwise_conv2d_input_grad", mutates_args=())
@@ -54,7 +65,7 @@ def depthwise_conv2d_input_grad_op(
     """dL/dinput of the forward op, for an input of `input_shape` (N, C, H, W)."""
     _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation)
     grad_input = _backend(grad_output).input_grad(grad_output, weight, input_shape, stride, padding, dilation)
-    return grad_input.contiguous(memory_format=arguments.output_memory_format(grad_output))
+    return _in_layout_of(grad_input, grad_output)
 
 
 def _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation):
@@ -66,7 +77,7 @@ def _check_input_grad(grad_output, weight, input_shape, stride, padding, dilatio
 @depthwise_conv2d_input_grad_op.register_fake
 def _(grad_output, weight, input_shape, stride, padding, dilation):
     _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation)
-    return grad_output.new_empty(tuple(input_shape)).contiguous(memory_format=arguments.output_memory_format(grad_output))
+    return _empty_in_layout_of(input_shape, grad_output)
 
 
 @torch.library.custom_op("lkconv::depthwise_conv2d_weight_grad", mutates_args=())

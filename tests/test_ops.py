@@ -202,3 +202,25 @@ def test_ops_called_directly_reject_inconsistent_shapes(backend):
             ops.depthwise_conv2d(x, w[:3], None, [1, 1], same, [1, 1])  # 3 is not a multiple of 2 channels
         with pytest.raises(ValueError, match="bias"):
             ops.depthwise_conv2d(x, w, torch.randn(3, device=device), [1, 1], same, [1, 1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_real_and_fake_outputs_have_identical_strides_even_for_size_one_dims(backend):
+    """A 1x1 output of a channels_last input: torch.empty's strides, in eager and under FakeTensorMode alike."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    for shape, kernel in (((2, 3, 4, 4), 4), ((1, 3, 5, 5), 5), ((2, 1, 6, 6), 3), ((0, 3, 4, 4), 3)):
+        x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(shape[1], 1, kernel, kernel, device=device)
+        with lkconv.use_backend(backend):
+            real = ops.depthwise_conv2d(x, w, None, [1, 1], [0, 0, 0, 0], [1, 1])
+            dy = torch.randn_like(real)
+            grad = ops.depthwise_conv2d_input_grad(dy, w, list(shape), [1, 1], [0, 0, 0, 0], [1, 1])
+        mode = FakeTensorMode()
+        fake_x, fake_w, fake_dy = mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(dy)
+        with mode:
+            fake = ops.depthwise_conv2d(fake_x, fake_w, None, [1, 1], [0, 0, 0, 0], [1, 1])
+            fake_grad = ops.depthwise_conv2d_input_grad(fake_dy, fake_w, list(shape), [1, 1], [0, 0, 0, 0], [1, 1])
+        assert real.stride() == fake.stride(), (shape, real.stride(), fake.stride())
+        assert grad.stride() == fake_grad.stride(), (shape, grad.stride(), fake_grad.stride())

@@ -2,7 +2,8 @@
 
 Whichever backend runs, autograd, torch.compile and opcheck see these three `torch.ops.lkconv` ops. Autograd
 of each op calls the other ops, so backward passes dispatch to a backend too and can be differentiated again.
-Op arguments are already validated ints: padding is (top, left, bottom, right).
+Op arguments are ints, padding as (top, left, bottom, right). `depthwise_conv2d` turns user input into them with
+full error messages; the ops themselves re-check shapes cheaply, since they can be called directly.
 """
 
 from typing import NamedTuple, Optional, Sequence

@@ -291,12 +291,8 @@ def _device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier, form: Optional[str]):
-    interpret = interpreting()
-    plan = plan_conv(p, interpret)
-    if form is not None and form != plan.form:
-        config = _rows_config(p, interpret) if form == "rows" else _whole_map_config(p, interpret)
-        plan = ConvPlan(form, config)
+def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier):
+    plan = plan_conv(p, interpreting())
     kernels = _kernels()
     precision, operands_fp32 = _dot_options(src.dtype)
     args = (
@@ -322,7 +318,7 @@ def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier, form:
                 num_warps=c.num_warps, num_stages=c.num_stages,
             )
         else:
-            raise ValueError(f"form must be 'rows' or 'whole_map'; got {form!r}")
+            raise ValueError(f"unknown kernel form {plan.form!r}")
     return dst
 
 
@@ -334,8 +330,8 @@ def _output_format(like: torch.Tensor, shape) -> torch.memory_format:
     return memory_format
 
 
-def forward(input, weight, bias, stride, padding, dilation, form: Optional[str] = None):
-    """y = depthwise conv of `input`; `form` forces 'rows' or 'whole_map' (tests), else the plan decides."""
+def forward(input, weight, bias, stride, padding, dilation):
+    """y = depthwise conv of `input`, with the kernel form and blocks that plan_conv picks."""
     batch, channels = input.shape[:2]
     out_channels, _, kernel_h, kernel_w = weight.shape
     out_hw = tuple(
@@ -350,10 +346,10 @@ def forward(input, weight, bias, stride, padding, dilation, form: Optional[str] 
     # The kernel reads bias[channel] at unit stride; autograd may hand in an expanded (stride-0) bias.
     bias = bias.contiguous() if bias is not None else None
     return _launch_conv(p, _int32_safe_map(input), _int32_safe_filter(weight), bias, output, padding,
-                        out_channels // channels, form)
+                        out_channels // channels)
 
 
-def input_grad(grad_output, weight, input_shape, stride, padding, dilation, form: Optional[str] = None):
+def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
     """dx for an input of `input_shape`: the same kernels run transposed, reading dy and writing dx."""
     batch, channels, height, width = input_shape
     shape = (batch, channels, height, width)
@@ -362,7 +358,7 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation, form
         return grad_input
     p = _input_grad_pass(grad_output.shape, (height, width), weight.shape[2:], stride, dilation)
     return _launch_conv(p, _int32_safe_map(grad_output), _int32_safe_filter(weight), None, grad_input, padding,
-                        weight.shape[0] // channels, form)
+                        weight.shape[0] // channels)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,129 @@
+"""RefConv: a frozen pre-trained kernel refocused by a learnable conv over the bank of its own 2-D kernels."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import depthwise_conv2d
+from ..reparam import refocused_kernel
+from .conv_bn import LARGE_KERNEL, ReparamBlock, _size_2_t, make_conv
+
+
+class RefConv(ReparamBlock):
+    """A conv whose kernel is W_t = W_b + W_b ⊛ W_r (REFERENCE.md §5), for depthwise, grouped and dense convs.
+
+    - `weight`: the frozen base kernel W_b, a buffer (C_out, C_in/g, kh, kw), named as the conv it replaces.
+    - `convmap`: the learnable refocusing conv W_r over the C_out·C_in/g base kernels, `map_k`×`map_k` with
+      C_in·C_out/g² groups; for a depthwise conv it mixes all channels' kernels.
+    - `bias`: the conv's own bias, if any, stays a learnable parameter.
+
+    `RefConv.from_conv(conv)` starts from a trained conv with W_r = 0, so the model starts exactly equal to it.
+    `reparameterize()` bakes W_t into `weight` (now a parameter) and drops `convmap`; `to_conv()` returns the
+    plain conv, which is what `lkconv.reparameterize_model` puts in the model.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: Optional[_size_2_t] = None,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = False,
+        map_k: int = 3,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        # A reference conv holds and checks the configuration; its weight becomes the base kernel.
+        template = make_conv(in_channels, out_channels, kernel_size, stride,
+                             _same(kernel_size, dilation) if padding is None else padding, dilation, groups, bias,
+                             device=device, dtype=dtype)
+        if not isinstance(map_k, int) or map_k < 1 or map_k % 2 == 0:
+            raise ValueError(f"map_k must be an odd int >= 1; got {map_k!r}")
+        self._configure(template)
+        self.register_buffer("weight", template.weight.detach().clone())
+        self.bias = template.bias
+        maps = out_channels * (in_channels // groups)
+        self.convmap = nn.Conv2d(maps, maps, map_k, padding=map_k // 2, groups=in_channels * out_channels // groups**2,
+                                 bias=False, device=device, dtype=dtype)
+        nn.init.zeros_(self.convmap.weight)
+
+    def _configure(self, conv: nn.Conv2d) -> None:
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(conv, name))
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"RefConv supports padding_mode='zeros' only; got {conv.padding_mode!r}")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, map_k: int = 3, zero_init: bool = True) -> "RefConv":
+        """A RefConv whose base is `conv`'s (trained) kernel and whose bias is a copy of `conv`'s.
+
+        With `zero_init` (the default) W_r starts at zero and the output equals `conv`'s exactly; otherwise W_r
+        keeps PyTorch's default conv initialisation.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
+        weight = conv.weight
+        ref = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, map_k, device=weight.device, dtype=weight.dtype)
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"RefConv supports padding_mode='zeros' only; got {conv.padding_mode!r}")
+        with torch.no_grad():
+            ref.weight.copy_(weight)
+            if conv.bias is not None:
+                ref.bias.copy_(conv.bias)
+            if not zero_init:
+                nn.init.kaiming_uniform_(ref.convmap.weight, a=5**0.5)
+        return ref
+
+    @property
+    def merged(self) -> bool:
+        return not hasattr(self, "convmap")
+
+    def refocused_weight(self) -> torch.Tensor:
+        """W_t, differentiable with respect to the refocusing kernel."""
+        if self.merged:
+            return self.weight
+        return refocused_kernel(self.weight, self.convmap.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.refocused_weight()
+        if self._runs_on_lkconv():
+            return depthwise_conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _runs_on_lkconv(self) -> bool:
+        return self.groups == self.in_channels and max(self.kernel_size) >= LARGE_KERNEL
+
+    def _merge(self) -> None:
+        weight = self.refocused_weight()
+        del self.convmap
+        del self.weight
+        self.weight = nn.Parameter(weight.detach().clone())
+
+    def to_conv(self) -> nn.Conv2d:
+        """The plain conv with W_t and the bias: an nn.Conv2d, or lkconv.DepthwiseConv2d for large depthwise."""
+        weight = self.refocused_weight().detach()
+        conv = make_conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, self.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"bias={self.bias is not None}, merged={self.merged}")
+
+
+def _same(kernel_size: _size_2_t, dilation: _size_2_t):
+    sizes = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    rates = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    return tuple(r * (k - 1) // 2 for k, r in zip(sizes, rates))

@@ -1,0 +1,202 @@
+"""RepLKNet (Ding et al., CVPR 2022): large-kernel depthwise CNNs whose 31x31 convs run on lkconv.
+
+Module and parameter names are the official ones (`stem`, `stages.i.blocks.j.*`, `transitions`,
+`lkb_origin.conv/bn`, `small_conv.conv/bn`, merged `lkb_reparam`), so official checkpoints load strictly.
+"""
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..blocks import ConvBN, DropPath, ReparamLargeKernelConv, reparameterize_model
+from .registry import register_model
+
+
+def _norm_layer(use_sync_bn: bool) -> type:
+    return nn.SyncBatchNorm if use_sync_bn else nn.BatchNorm2d
+
+
+class RepLKBlock(nn.Module):
+    """BN -> 1x1 conv-BN-ReLU -> large-kernel depthwise conv (+ small kernel) -> ReLU -> 1x1 conv-BN, residual."""
+
+    def __init__(self, in_channels: int, dw_channels: int, block_lk_size: int, small_kernel: Optional[int],
+                 drop_path: float, deploy: bool = False, norm_layer: type = nn.BatchNorm2d, **factory) -> None:
+        super().__init__()
+        self.pw1 = ConvBN(in_channels, dw_channels, 1, activation=nn.ReLU(), norm_layer=norm_layer, **factory)
+        self.pw2 = ConvBN(dw_channels, in_channels, 1, norm_layer=norm_layer, **factory)
+        self.large_kernel = ReparamLargeKernelConv(dw_channels, dw_channels, block_lk_size, 1, dw_channels,
+                                                   small_kernel, deploy, norm_layer, **factory)
+        self.lk_nonlinear = nn.ReLU()
+        self.prelkb_bn = norm_layer(in_channels, **factory)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(self.prelkb_bn(x)))))
+        return x + self.drop_path(out)
+
+
+class ConvFFN(nn.Module):
+    """BN -> 1x1 conv-BN to `internal_channels` -> GELU -> 1x1 conv-BN back, residual."""
+
+    def __init__(self, in_channels: int, internal_channels: int, out_channels: int, drop_path: float,
+                 norm_layer: type = nn.BatchNorm2d, **factory) -> None:
+        super().__init__()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.preffn_bn = norm_layer(in_channels, **factory)
+        self.pw1 = ConvBN(in_channels, internal_channels, 1, norm_layer=norm_layer, **factory)
+        self.pw2 = ConvBN(internal_channels, out_channels, 1, norm_layer=norm_layer, **factory)
+        self.nonlinear = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x)))))
+
+
+class RepLKNetStage(nn.Module):
+    """`num_blocks` pairs of (RepLKBlock, ConvFFN); `norm` is a BN for multi-scale outputs, or an identity."""
+
+    def __init__(self, channels: int, num_blocks: int, stage_lk_size: int, drop_path: Sequence[float],
+                 small_kernel: Optional[int], dw_ratio: float = 1, ffn_ratio: float = 4, use_checkpoint: bool = False,
+                 deploy: bool = False, norm_intermediate_features: bool = False, norm_layer: type = nn.BatchNorm2d,
+                 **factory) -> None:
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        blocks = []
+        for rate in drop_path:
+            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), stage_lk_size, small_kernel, rate, deploy,
+                                     norm_layer, **factory))
+            blocks.append(ConvFFN(channels, int(channels * ffn_ratio), channels, rate, norm_layer, **factory))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = norm_layer(channels, **factory) if norm_intermediate_features else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = _run(block, x, self.use_checkpoint and self.training)
+        return x
+
+
+def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    """Runs `module`, recomputing its activations in backward instead of storing them when asked to."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
+
+
+class RepLKNet(nn.Module):
+    """RepLKNet with the official structure (REFERENCE.md §5).
+
+    - `num_classes`: the head's classes; 0 keeps norm and pooling but no linear layer.
+    - `out_indices`: return the listed stages' features (after `stages.i.norm`) instead of logits, for detection
+      and segmentation backbones; `norm_intermediate_features=True` makes those norms BatchNorms as officially.
+    - `deploy`: build the merged form directly (the official `small_kernel_merged`).
+    - `use_checkpoint`: activation checkpointing of every block in training; `use_sync_bn`: SyncBatchNorm.
+    """
+
+    def __init__(
+        self,
+        large_kernel_sizes: Sequence[int],
+        layers: Sequence[int],
+        channels: Sequence[int],
+        drop_path_rate: float = 0.0,
+        small_kernel: Optional[int] = 5,
+        dw_ratio: float = 1,
+        ffn_ratio: float = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        out_indices: Optional[Sequence[int]] = None,
+        use_checkpoint: bool = False,
+        deploy: bool = False,
+        use_sync_bn: bool = False,
+        norm_intermediate_features: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not (len(large_kernel_sizes) == len(layers) == len(channels)):
+            raise ValueError(f"large_kernel_sizes, layers and channels must have one entry per stage; got lengths "
+                             f"{len(large_kernel_sizes)}, {len(layers)}, {len(channels)}")
+        if out_indices is not None and any(not 0 <= i < len(layers) for i in out_indices):
+            raise ValueError(f"out_indices must index the {len(layers)} stages; got {tuple(out_indices)}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+        factory = dict(device=device, dtype=dtype)
+        norm_layer = _norm_layer(use_sync_bn)
+        self.num_stages = len(layers)
+        self.out_indices = None if out_indices is None else tuple(out_indices)
+        self.use_checkpoint = use_checkpoint
+        width = channels[0]
+        relu = nn.ReLU
+        self.stem = nn.ModuleList([
+            ConvBN(in_chans, width, 3, 2, 1, activation=relu(), norm_layer=norm_layer, **factory),
+            ConvBN(width, width, 3, 1, 1, groups=width, activation=relu(), norm_layer=norm_layer, **factory),
+            ConvBN(width, width, 1, 1, 0, activation=relu(), norm_layer=norm_layer, **factory),
+            ConvBN(width, width, 3, 2, 1, groups=width, activation=relu(), norm_layer=norm_layer, **factory),
+        ])
+        total = sum(layers)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # rising linearly over all blocks
+        self.stages = nn.ModuleList()
+        self.transitions = nn.ModuleList()
+        for index, (kernel, blocks) in enumerate(zip(large_kernel_sizes, layers)):
+            first = sum(layers[:index])
+            self.stages.append(RepLKNetStage(
+                channels[index], blocks, kernel, rates[first:first + blocks], small_kernel, dw_ratio, ffn_ratio,
+                use_checkpoint, deploy, norm_intermediate_features, norm_layer, **factory))
+            if index < self.num_stages - 1:
+                following = channels[index + 1]
+                self.transitions.append(nn.Sequential(
+                    ConvBN(channels[index], following, 1, 1, 0, activation=relu(), norm_layer=norm_layer, **factory),
+                    ConvBN(following, following, 3, 2, 1, groups=following, activation=relu(),
+                           norm_layer=norm_layer, **factory),
+                ))
+        if self.out_indices is None:
+            self.norm = norm_layer(channels[-1], **factory)
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(channels[-1], num_classes, **factory) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """The last stage's feature map, or with `out_indices` the list of the chosen stages' normalised maps."""
+        checkpointing = self.use_checkpoint and self.training
+        x = self.stem[0](x)
+        for layer in self.stem[1:]:
+            x = _run(layer, x, checkpointing)
+        outputs = []
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            if self.out_indices is not None and index in self.out_indices:
+                outputs.append(stage.norm(x))
+            if index < self.num_stages - 1:
+                x = self.transitions[index](x)
+        return x if self.out_indices is None else outputs
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+        features = self.forward_features(x)
+        if self.out_indices is not None:
+            return features
+        return self.head(torch.flatten(self.avgpool(self.norm(features)), 1))
+
+    def structural_reparam(self) -> None:
+        """The official name for merging every large-kernel block in place (lkconv.reparameterize_model does it too)."""
+        reparameterize_model(self, inplace=True)
+
+
+@register_model
+def replknet_31b(**kwargs) -> RepLKNet:
+    """RepLKNet-31B: kernels 31/29/27/13, channels 128-1024, ≈79.9M parameters before the merge."""
+    return RepLKNet(**{**dict(large_kernel_sizes=(31, 29, 27, 13), layers=(2, 2, 18, 2),
+                              channels=(128, 256, 512, 1024), small_kernel=5), **kwargs})
+
+
+@register_model
+def replknet_31l(**kwargs) -> RepLKNet:
+    """RepLKNet-31L: RepLKNet-31B at 1.5x width (channels 192-1536)."""
+    return RepLKNet(**{**dict(large_kernel_sizes=(31, 29, 27, 13), layers=(2, 2, 18, 2),
+                              channels=(192, 384, 768, 1536), small_kernel=5), **kwargs})
+
+
+@register_model
+def replknet_xl(**kwargs) -> RepLKNet:
+    """RepLKNet-XL: kernels 27/27/27/13, channels 256-2048, no small kernel, depthwise width 1.5x."""
+    return RepLKNet(**{**dict(large_kernel_sizes=(27, 27, 27, 13), layers=(2, 2, 18, 2),
+                              channels=(256, 512, 1024, 2048), small_kernel=None, dw_ratio=1.5), **kwargs})

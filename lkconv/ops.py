@@ -6,10 +6,12 @@ Op arguments are ints, padding as (top, left, bottom, right). `depthwise_conv2d`
 full error messages; the ops themselves re-check shapes cheaply, since they can be called directly.
 """
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import arguments, backends
 
@@ -186,6 +188,23 @@ def _weight_grad_backward(ctx, grad_weight, grad_bias):
 depthwise_conv2d_op.register_autograd(_forward_backward, setup_context=_save_forward)
 depthwise_conv2d_input_grad_op.register_autograd(_input_grad_backward, setup_context=_save_input_grad)
 depthwise_conv2d_weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_save_weight_grad)
+
+
+# FLOPs for torch.utils.flop_counter.FlopCounterMode, counted as aten's conv is: 2 per multiply-add. Every pass of a
+# depthwise conv does one multiply-add per (output element, tap), whether it is read forward or scattered backward.
+@register_flop_formula(torch.ops.lkconv.depthwise_conv2d)
+def _forward_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(out_shape) * weight_shape[-2] * weight_shape[-1]
+
+
+@register_flop_formula(torch.ops.lkconv.depthwise_conv2d_input_grad)
+def _input_grad_flops(grad_output_shape, weight_shape, *args, **kwargs) -> int:
+    return 2 * math.prod(grad_output_shape) * weight_shape[-2] * weight_shape[-1]
+
+
+@register_flop_formula(torch.ops.lkconv.depthwise_conv2d_weight_grad)
+def _weight_grad_flops(grad_output_shape, input_shape, kernel_size, *args, **kwargs) -> int:
+    return 2 * math.prod(grad_output_shape) * kernel_size[0] * kernel_size[1]
 
 
 # --- public functional API ----------------------------------------------------------------------------------------

@@ -224,3 +224,21 @@ def test_real_and_fake_outputs_have_identical_strides_even_for_size_one_dims(bac
             fake_grad = ops.depthwise_conv2d_input_grad(fake_dy, fake_w, list(shape), [1, 1], [0, 0, 0, 0], [1, 1])
         assert real.stride() == fake.stride(), (shape, real.stride(), fake.stride())
         assert grad.stride() == fake_grad.stride(), (shape, grad.stride(), fake_grad.stride())
+
+
+def test_flop_counter_counts_every_pass_as_one_multiply_add_per_output_tap():
+    """FlopCounterMode sees the custom ops: forward as aten's conv counts it, and each backward pass the same."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, b = op_inputs(torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        ops.depthwise_conv2d(x, w, b, STRIDE, PADDING, DILATION).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    y_numel = ops.depthwise_conv2d(x, w, b, STRIDE, PADDING, DILATION).numel()
+    expected = 2 * y_numel * w.shape[-2] * w.shape[-1]
+    assert counts == {"lkconv.depthwise_conv2d": expected, "lkconv.depthwise_conv2d_input_grad": expected,
+                      "lkconv.depthwise_conv2d_weight_grad": expected}
+    padded = F.pad(x.detach(), (PADDING[1], PADDING[3], PADDING[0], PADDING[2]))
+    with FlopCounterMode(display=False) as aten_counter:
+        F.conv2d(padded, w.detach(), None, STRIDE, 0, DILATION, groups=x.shape[1])
+    assert aten_counter.get_total_flops() == expected

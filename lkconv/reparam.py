@@ -87,7 +87,7 @@ def identity_kernel(
     be odd. Used to merge an identity (or identity-BN) branch into a conv.
     """
     kh, kw = _pair(kernel_size, "kernel_size")
-    if not (isinstance(channels, int) and isinstance(groups, int) and channels >= 1 and groups >= 1):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (channels, groups)):
         raise ValueError(f"channels and groups must be positive ints; got channels={channels!r}, groups={groups!r}")
     if channels % groups:
         raise ValueError(f"channels must be divisible by groups; got channels={channels}, groups={groups}")

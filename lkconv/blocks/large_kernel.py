@@ -187,9 +187,10 @@ class DilatedReparamBlock(ReparamBlock):
                              f"and {len(dilations)}")
         for k, r in zip(kernel_sizes, dilations):
             same_padding(k, "kernel_sizes entries")
-            if not isinstance(r, int) or r < 1 or r * (k - 1) + 1 > kernel_size:
-                raise ValueError(f"each dilated branch must fit in the {kernel_size}x{kernel_size} kernel; got "
-                                 f"kernel {k} with dilation {r!r} (spans {r * (k - 1) + 1 if isinstance(r, int) else '?'})")
+            if not isinstance(r, int) or isinstance(r, bool) or r < 1 or r * (k - 1) + 1 > kernel_size:
+                raise ValueError(f"each dilation must be an int >= 1 and its branch must fit in the "
+                                 f"{kernel_size}x{kernel_size} kernel; got kernel {k} with dilation {r!r}"
+                                 + (f" (spans {r * (k - 1) + 1})" if type(r) is int else ""))
         self.kernel_size = kernel_size
         self.kernel_sizes, self.dilations = tuple(kernel_sizes), tuple(dilations)
         factory = dict(device=device, dtype=dtype)

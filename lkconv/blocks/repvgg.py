@@ -58,7 +58,7 @@ class RepVGGBlock(ReparamBlock):
         self.in_channels, self.groups = in_channels, groups
         self.nonlinearity = nn.ReLU()
         self.se = SEBlock(out_channels, max(1, out_channels // 16), **factory) if use_se else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path != 0 else nn.Identity()
         if deploy:
             self.rbr_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, 1, groups=groups, bias=True, **factory)
             return

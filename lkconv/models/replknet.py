@@ -31,7 +31,7 @@ class RepLKBlock(nn.Module):
                                                    small_kernel, deploy, norm_layer, **factory)
         self.lk_nonlinear = nn.ReLU()
         self.prelkb_bn = norm_layer(in_channels, **factory)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path != 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(self.prelkb_bn(x)))))
@@ -44,7 +44,7 @@ class ConvFFN(nn.Module):
     def __init__(self, in_channels: int, internal_channels: int, out_channels: int, drop_path: float,
                  norm_layer: type = nn.BatchNorm2d, **factory) -> None:
         super().__init__()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path != 0 else nn.Identity()
         self.preffn_bn = norm_layer(in_channels, **factory)
         self.pw1 = ConvBN(in_channels, internal_channels, 1, norm_layer=norm_layer, **factory)
         self.pw2 = ConvBN(internal_channels, out_channels, 1, norm_layer=norm_layer, **factory)

@@ -121,7 +121,7 @@ def test_large_kernels_run_on_lkconv_before_and_after_the_merge(name):
         [13, 27, 29, 31] if name == "replknet_31b" else [13, 27]
 
 
-@pytest.mark.parametrize("name", ["replknet_31b", "replknet_xl", "repvgg_a0", "repvgg_b1g4", "repvgg_d2se"])
+@pytest.mark.parametrize("name", REPLKNETS + REPVGGS)
 def test_gradients_flow_to_every_parameter_in_training(name):
     torch.manual_seed(0)
     model = tiny(name, drop_path_rate=0.1).train()
@@ -165,6 +165,17 @@ def test_state_dict_uses_official_names_and_round_trips_in_both_forms(name):
             assert torch.equal(fresh(x), source(x))
 
 
+@pytest.mark.parametrize("name", REPLKNETS + REPVGGS)
+def test_state_dict_round_trips_in_both_forms(name):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny(name)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for source, fresh in ((model, tiny(name)), (lkconv.reparameterize_model(model), tiny(name, deploy=True))):
+        fresh.load_state_dict(source.state_dict(), strict=True)
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(x), source(x))
+
+
 @pytest.mark.parametrize("wrap", ["bare", "module_prefix", "model_wrapper", "both"])
 def test_load_checkpoint_unwraps_and_strips_prefixes(tmp_path, wrap):
     torch.manual_seed(0)
@@ -198,7 +209,7 @@ def test_clean_state_dict_errors_name_the_problem():
         clean_state_dict({"epoch": 3, "args": {"lr": 0.1}})
 
 
-@pytest.mark.parametrize("name", ["replknet_31b", "repvgg_a0"])
+@pytest.mark.parametrize("name", REPLKNETS + REPVGGS)
 def test_a_few_optimiser_steps_lower_the_loss(name):
     """A synthetic task the model can fit: the class is which quadrant of the image is bright."""
     torch.manual_seed(0)

@@ -317,3 +317,15 @@ def test_drop_path_rates_rise_linearly_over_all_blocks():
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
     with pytest.raises(ValueError, match="drop_path_rate"):
         tiny("replknet_31b", drop_path_rate=1.0)
+
+
+def test_structural_reparam_is_the_official_in_place_alias():
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tiny("replknet_31b")).eval()
+    merged_copy = lkconv.reparameterize_model(model)
+    model.structural_reparam()
+    assert model.state_dict().keys() == merged_copy.state_dict().keys()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), merged_copy(x))
+    assert all(block.large_kernel.merged for stage in model.stages for block in stage.blocks[::2])

@@ -31,7 +31,7 @@ def _int(value) -> int:
     return operator.index(value)
 
 
-def _pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
+def pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
     """An int or a 1- or 2-element sequence of ints as (h, w), as F.conv2d reads stride/padding/dilation."""
     try:
         if isinstance(value, (tuple, list, torch.Size)):
@@ -64,7 +64,7 @@ def conv_padding(
             begin = [t // 2 for t in total]
             return (begin[0], begin[1], total[0] - begin[0], total[1] - begin[1])
         raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid'; got {padding!r}")
-    top, left = _pair(padding, "padding", 0)
+    top, left = pair(padding, "padding", 0)
     return (top, left, top, left)
 
 
@@ -114,8 +114,8 @@ def check(
         if tensor.device != input.device:
             raise ValueError(f"{name} must be on the input's device {input.device}; got {tensor.device}")
 
-    stride_pair = _pair(stride, "stride", 1)
-    dilation_pair = _pair(dilation, "dilation", 1)
+    stride_pair = pair(stride, "stride", 1)
+    dilation_pair = pair(dilation, "dilation", 1)
     kernel_size = (kernel_h, kernel_w)
     pads = conv_padding(padding, kernel_size, stride_pair, dilation_pair)
     in_size = (input.shape[2], input.shape[3])

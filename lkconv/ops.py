@@ -190,8 +190,9 @@ depthwise_conv2d_input_grad_op.register_autograd(_input_grad_backward, setup_con
 depthwise_conv2d_weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_save_weight_grad)
 
 
-# FLOPs for torch.utils.flop_counter.FlopCounterMode, counted as aten's conv is: 2 per multiply-add. Every pass of a
-# depthwise conv does one multiply-add per (output element, tap), whether it is read forward or scattered backward.
+# FLOPs for torch.utils.flop_counter.FlopCounterMode: 2 per multiply-add, as aten's forward conv is counted. Every
+# pass of a depthwise conv does one multiply-add per (output element, tap), forward or backward. (torch's own formula
+# for convolution_backward ignores groups and counts a depthwise weight grad C times too high; these are right.)
 @register_flop_formula(torch.ops.lkconv.depthwise_conv2d)
 def _forward_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(out_shape) * weight_shape[-2] * weight_shape[-1]

@@ -12,15 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arguments import pair
+
 Branch = tuple[torch.Tensor, Optional[torch.Tensor]]
-
-
-def _pair(value: Union[int, Sequence[int]], name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    raise TypeError(f"{name} must be an int or a pair of ints; got {value!r}")
 
 
 def _check_kernel(kernel: torch.Tensor, name: str = "kernel") -> None:
@@ -29,25 +23,29 @@ def _check_kernel(kernel: torch.Tensor, name: str = "kernel") -> None:
         raise ValueError(f"{name} must be a 4-D conv weight (out_channels, in_channels/groups, kh, kw); got {shape}")
 
 
-def fuse_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.modules.batchnorm._BatchNorm) -> Branch:
+def fuse_conv_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.Module) -> Branch:
     """The (weight, bias) of one conv that equals conv(weight, bias) followed by `bn` in eval mode.
 
-    Works for any groups (BN scales whole output channels) and for a conv with or without a bias. `bn` must track
-    running statistics; without them its output depends on the batch and no single conv equals it. The
-    arithmetic runs in at least float32 and the result comes back in `weight`'s dtype.
+    Works for any groups (BN scales whole output channels) and for a conv with or without a bias. `bn` is a
+    BatchNorm (or a frozen one, such as torchvision's FrozenBatchNorm2d: anything with running_mean, running_var,
+    eps and optional weight/bias) that tracks running statistics; without them its output depends on the batch and
+    no single conv equals it. The arithmetic runs in at least float32 and the result comes back in `weight`'s dtype.
     """
     _check_kernel(weight, "weight")
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"bn must be a BatchNorm module; got {type(bn).__name__}")
+    if not all(hasattr(bn, name) for name in ("running_mean", "running_var", "eps")):
+        raise TypeError(f"bn must be a BatchNorm module (with running_mean, running_var and eps); got {type(bn).__name__}")
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn must track running statistics (track_running_stats=True) to be fused into a conv")
-    if bn.num_features != weight.shape[0]:
-        raise ValueError(f"bn.num_features must equal the conv's out_channels {weight.shape[0]}; got {bn.num_features}")
+    if bn.running_mean.numel() != weight.shape[0]:
+        raise ValueError(f"bn must have the conv's out_channels {weight.shape[0]} features; "
+                         f"got {bn.running_mean.numel()}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
     dtype = torch.promote_types(weight.dtype, torch.float32)
     mean = bn.running_mean.to(weight.device, dtype)
     std = (bn.running_var.to(weight.device, dtype) + bn.eps).sqrt()
-    gamma = bn.weight.to(weight.device, dtype) if bn.weight is not None else torch.ones_like(mean)
-    beta = bn.bias.to(weight.device, dtype) if bn.bias is not None else torch.zeros_like(mean)
+    gamma = bn.weight.to(weight.device, dtype) if getattr(bn, "weight", None) is not None else torch.ones_like(mean)
+    beta = bn.bias.to(weight.device, dtype) if getattr(bn, "bias", None) is not None else torch.zeros_like(mean)
     scale = gamma / std
     fused_weight = weight.to(dtype) * scale.reshape(-1, 1, 1, 1)
     shift = bias.to(weight.device, dtype) - mean if bias is not None else -mean
@@ -62,7 +60,7 @@ def pad_kernel(kernel: torch.Tensor, size: Union[int, Sequence[int]]) -> torch.T
     grow by an even amount, otherwise the centre would move by half a pixel.
     """
     _check_kernel(kernel)
-    height, width = _pair(size, "size")
+    height, width = pair(size, "size", 1)
     kh, kw = kernel.shape[-2:]
     grow_h, grow_w = height - kh, width - kw
     if grow_h < 0 or grow_w < 0 or grow_h % 2 or grow_w % 2:
@@ -86,12 +84,12 @@ def identity_kernel(
     Each output channel reads its own input channel through a 1 at the kernel's centre, so the kernel sizes must
     be odd. Used to merge an identity (or identity-BN) branch into a conv.
     """
-    kh, kw = _pair(kernel_size, "kernel_size")
+    kh, kw = pair(kernel_size, "kernel_size", 1)
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (channels, groups)):
         raise ValueError(f"channels and groups must be positive ints; got channels={channels!r}, groups={groups!r}")
     if channels % groups:
         raise ValueError(f"channels must be divisible by groups; got channels={channels}, groups={groups}")
-    if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1:
+    if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"kernel_size must be odd so the kernel has a centre; got ({kh}, {kw})")
     per_group = channels // groups
     kernel = torch.zeros(channels, per_group, kh, kw, dtype=dtype, device=device)
@@ -106,9 +104,7 @@ def dilated_to_dense(kernel: torch.Tensor, dilation: Union[int, Sequence[int]]) 
     A conv with the dense kernel, dilation 1 and the same padding computes the same output.
     """
     _check_kernel(kernel)
-    dh, dw = _pair(dilation, "dilation")
-    if dh < 1 or dw < 1:
-        raise ValueError(f"dilation must be >= 1; got ({dh}, {dw})")
+    dh, dw = pair(dilation, "dilation", 1)
     kh, kw = kernel.shape[-2:]
     dense = kernel.new_zeros(*kernel.shape[:2], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
     dense[..., ::dh, ::dw] = kernel

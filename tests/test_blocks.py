@@ -150,10 +150,10 @@ CASES = [
     Case("repvgg-depthwise", partial(RepVGGBlock, 8, 8, groups=8), 8, 1, 8),
     Case("repvgg-se", partial(RepVGGBlock, 8, 8, use_se=True), 8, 1, 1),
     Case("repvgg-droppath", partial(RepVGGBlock, 8, 8, drop_path=0.3), 8, 1, 1),
-    Case("refconv-depthwise-k7", partial(RefConv, 8, 8, 7, groups=8), 8, 1, 8, deploy=False),
-    Case("refconv-depthwise-k9-multiplier2", partial(RefConv, 4, 8, 9, groups=4, bias=True), 4, 1, 4, deploy=False),
-    Case("refconv-grouped", partial(RefConv, 8, 8, 3, groups=2, bias=True), 8, 1, 2, deploy=False),
-    Case("refconv-dense-stride2", partial(RefConv, 4, 6, 3, stride=2), 4, 2, 1, deploy=False),
+    Case("refconv-depthwise-k7", partial(RefConv, 8, 8, 7, groups=8), 8, 1, 8),
+    Case("refconv-depthwise-k9-multiplier2", partial(RefConv, 4, 8, 9, groups=4, bias=True), 4, 1, 4),
+    Case("refconv-grouped", partial(RefConv, 8, 8, 3, groups=2, bias=True), 8, 1, 2),
+    Case("refconv-dense-stride2", partial(RefConv, 4, 6, 3, stride=2), 4, 2, 1),
 ]
 DEPLOY_CASES = [case for case in CASES if case.deploy]
 MAP_SIZES = [(13, 11), (5, 3)]  # the second is smaller than most kernels
@@ -524,7 +524,7 @@ def test_equivalent_kernel_bias_is_differentiable_and_equals_merge(case):
     block = case.build()
     x = random_input(case)
     weight, bias = block.equivalent_kernel_bias()
-    assert weight.requires_grad and bias.requires_grad
+    assert weight.requires_grad and (bias is None or bias.requires_grad)  # a RefConv may have no bias
     y_block = block(x)
     y_equivalent = equivalent_forward(block, x, weight, bias, case)
     assert_close(y_equivalent, y_block, F64, "equivalent kernel output")
@@ -541,7 +541,8 @@ def test_equivalent_kernel_bias_is_differentiable_and_equals_merge(case):
     # and it is what the merge writes
     merged = merged_copy(block)
     merged_weight, merged_bias = merged.equivalent_kernel_bias()
-    assert torch.equal(merged_weight, weight.detach()) and torch.equal(merged_bias, bias.detach())
+    assert torch.equal(merged_weight, weight.detach())
+    assert (merged_bias is None and bias is None) or torch.equal(merged_bias, bias.detach())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -689,7 +690,7 @@ def test_refconv_errors():
         RefConv.from_conv(nn.Linear(3, 3))
     with pytest.raises(ValueError, match=r"map_k must be an odd int >= 1; got 4"):
         RefConv(4, 4, 3, map_k=4)
-    with pytest.raises(ValueError, match=r"padding_mode='zeros' only; got 'reflect'"):
+    with pytest.raises(ValueError, match=r"conv.padding_mode must be 'zeros' for RefConv; got 'reflect'"):
         RefConv.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
 
 
@@ -988,3 +989,53 @@ def test_reparameterize_model_inplace_on_mixed_model():
 def test_constructor_errors(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_reparameterize_model_keeps_shared_modules_shared():
+    torch.manual_seed(0)
+    shared_ref = RefConv(8, 8, 9, groups=8)
+    shared_block = ReparamLargeKernelConv(8, 8, 9, small_kernel=3)
+    model = randomize_bn(nn.Sequential(shared_ref, nn.ReLU(), shared_ref, shared_block, shared_block)).eval()
+    merged = reparameterize_model(model)
+    assert merged[0] is merged[2] and isinstance(merged[0], lkconv.DepthwiseConv2d)
+    assert merged[3] is merged[4] and merged[3].merged
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        assert_close(merged(x), model(x), TOLERANCE[torch.float32], "shared modules")
+
+
+def test_reparameterize_model_calls_official_merge_names_and_skips_methods_with_arguments():
+    calls = []
+
+    class OfficialRepLK(nn.Module):  # official RepLKNet / SLaK name
+        def merge_kernel(self):
+            calls.append("merge_kernel")
+
+    class OfficialUniRepLK(nn.Module):  # UniRepLKNet's dilated block
+        def merge_dilated_branches(self):
+            calls.append("merge_dilated_branches")
+
+    class VariationalEncoder(nn.Module):  # a VAE's reparameterize(mu, logvar) is not a merge
+        def reparameterize(self, mu, logvar):
+            raise AssertionError("must not be called")
+
+    reparameterize_model(nn.Sequential(OfficialRepLK(), OfficialUniRepLK(), VariationalEncoder()), inplace=True)
+    assert calls == ["merge_kernel", "merge_dilated_branches"]
+
+
+def test_validation_of_repeated_branches_and_list_strides():
+    with pytest.raises(ValueError, match=r"each \(kernel size, dilation\) pair may appear once"):
+        DilatedReparamBlock(8, 9, kernel_sizes=(3, 3), dilations=(2, 2))
+    assert RepVGGBlock(8, 8, stride=[1, 1]).rbr_identity is not None
+    assert RepVGGBlock(8, 8, stride=(2, 2)).rbr_identity is None
+
+
+def test_decomposed_block_has_no_small_branch_when_it_equals_the_thin_kernels():
+    block = DecomposedLargeKernelConv(8, 5, small_kernel=5)
+    assert not hasattr(block, "small_conv")
+    randomize_bn(block).eval()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float32)
+    with torch.no_grad():
+        expected = block(x)
+        block.reparameterize()
+        assert_close(block(x), expected, TOLERANCE[torch.float32], "SLaK K=5 merge")

@@ -271,8 +271,18 @@ def test_out_indices_return_multi_scale_features(name):
 
 def test_replknet_intermediate_norms_are_batchnorms_when_asked():
     model = tiny("replknet_31b", out_indices=(1, 3), norm_intermediate_features=True)
-    assert all(isinstance(stage.norm, nn.BatchNorm2d) for stage in model.stages)
+    assert [isinstance(stage.norm, nn.BatchNorm2d) for stage in model.stages] == [False, True, False, True]
     assert "stages.1.norm.running_mean" in model.state_dict()
+    outputs = model(torch.randn(2, 3, 64, 64))
+    sum(o.sum() for o in outputs).backward()
+    assert all(p.grad is not None for p in model.parameters()), "every parameter is used"
+    with pytest.raises(ValueError, match="norm_intermediate_features=True .* pass out_indices"):
+        tiny("replknet_31b", norm_intermediate_features=True)
+
+
+def test_repvgg_rejects_widths_of_zero_channels():
+    with pytest.raises(ValueError, match=r"width_multiplier must give every stage at least one channel"):
+        tiny("repvgg_a0", width_multiplier=(0.01, 1, 1, 1))
 
 
 def test_forward_features_feed_the_head():
@@ -298,6 +308,9 @@ def test_activation_checkpointing_gives_the_same_gradients(name):
         model(x).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert_close(grads[1], grads[0], TOLERANCE[torch.float64], "checkpointed grads")
+    # The recomputation must not update BatchNorm statistics a second time: the merge reads them.
+    for (n, b), c in zip(plain.named_buffers(), checkpointed.buffers()):
+        assert torch.equal(c, b), f"checkpointing changed {n}"
 
 
 @pytest.mark.parametrize("name", ["replknet_31b", "repvgg_a0"])
@@ -329,3 +342,30 @@ def test_structural_reparam_is_the_official_in_place_alias():
     with torch.no_grad():
         assert torch.equal(model(x), merged_copy(x))
     assert all(block.large_kernel.merged for stage in model.stages for block in stage.blocks[::2])
+
+
+def test_load_checkpoint_reads_training_script_checkpoints_with_args_and_ema(tmp_path):
+    import argparse
+
+    torch.manual_seed(0)
+    source = randomize_batchnorm(tiny("repvgg_a0")).eval()
+    path = tmp_path / "training.pth"
+    torch.save({"model": {}, "model_ema": source.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    target = tiny("repvgg_a0").eval()
+    load_checkpoint(target, path, key="model_ema")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))
+    with pytest.raises(ValueError, match="key must name a state dict in the checkpoint; got 'ema'"):
+        load_checkpoint(target, path, key="ema")
+
+
+@pytest.mark.parametrize("saved_merged", [True, False])
+def test_load_checkpoint_names_the_form_on_a_mismatch(tmp_path, saved_merged):
+    source = tiny("replknet_31b")
+    if saved_merged:
+        source = lkconv.reparameterize_model(source)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(source.state_dict(), path)
+    with pytest.raises(RuntimeError, match="merged" if saved_merged else "training-time"):
+        load_checkpoint(tiny("replknet_31b", deploy=not saved_merged), path)

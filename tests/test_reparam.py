@@ -163,9 +163,11 @@ def test_fuse_conv_bn_errors():
     weight = random_kernel(4, 4, 1, 3)
     with pytest.raises(ValueError, match=r"bn must track running statistics"):
         fuse_conv_bn(weight, None, nn.BatchNorm2d(4, track_running_stats=False, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"bn\.num_features must equal the conv's out_channels 4; got 5"):
+    with pytest.raises(ValueError, match=r"bn must have the conv's out_channels 4 features; got 5"):
         fuse_conv_bn(weight, None, random_bn(5))
-    with pytest.raises(TypeError, match=r"bn must be a BatchNorm module; got LayerNorm"):
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\); got \(5,\)"):
+        fuse_conv_bn(weight, torch.zeros(5, dtype=weight.dtype), random_bn(4))
+    with pytest.raises(TypeError, match=r"bn must be a BatchNorm module \(with running_mean, running_var and eps\); got LayerNorm"):
         fuse_conv_bn(weight, None, nn.LayerNorm(4))
     with pytest.raises(ValueError, match=r"weight must be a 4-D conv weight"):
         fuse_conv_bn(weight[0], None, random_bn(4))
@@ -499,3 +501,32 @@ def test_refocused_kernel_rejects_non_4d():
         refocused_kernel(torch.randn(4, 5, 5), torch.randn(4, 4, 3, 3))
     with pytest.raises(ValueError, match=r"refocus must be a 4-D conv weight"):
         refocused_kernel(torch.randn(4, 1, 5, 5), torch.randn(4, 4, 3))
+
+
+def test_fuse_conv_bn_accepts_a_frozen_batchnorm():
+    """Detection backbones use FrozenBatchNorm2d-style modules: buffers only, no nn.BatchNorm base class."""
+
+    class FrozenBatchNorm2d(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            for name, value in (("weight", torch.rand(n) + 0.5), ("bias", torch.randn(n)),
+                                ("running_mean", torch.randn(n)), ("running_var", torch.rand(n) + 0.5)):
+                self.register_buffer(name, value.double())
+            self.eps = 1e-5
+
+        def forward(self, x):
+            scale = self.weight / (self.running_var + self.eps).sqrt()
+            return x * scale.view(1, -1, 1, 1) + (self.bias - self.running_mean * scale).view(1, -1, 1, 1)
+
+    bn = FrozenBatchNorm2d(6)
+    weight, x = torch.randn(6, 3, 3, 3, dtype=torch.float64), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    fused_weight, fused_bias = fuse_conv_bn(weight, None, bn)
+    assert_close(F.conv2d(x, fused_weight, fused_bias, padding=1), bn(F.conv2d(x, weight, padding=1)),
+                 TOLERANCE[torch.float64], "frozen BN fuse")
+
+
+def test_pairs_reject_bools():
+    with pytest.raises(TypeError, match=r"kernel_size must be an int or a pair of ints"):
+        identity_kernel(4, 1, (3, True))
+    with pytest.raises(TypeError, match=r"size must be an int or a pair of ints"):
+        pad_kernel(torch.zeros(2, 1, 3, 3), (True, 5))

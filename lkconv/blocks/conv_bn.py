@@ -6,6 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..arguments import pair
 from ..modules import DepthwiseConv2d
 from ..reparam import fuse_conv_bn
 
@@ -29,9 +30,8 @@ def make_conv(
     dtype=None,
 ) -> nn.Conv2d:
     """An nn.Conv2d, or an lkconv.DepthwiseConv2d (same parameters and names) when it is depthwise and large."""
-    sizes = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     depthwise = groups == in_channels and out_channels % in_channels == 0
-    if depthwise and max(sizes) >= LARGE_KERNEL:
+    if depthwise and max(pair(kernel_size, "kernel_size", 1)) >= LARGE_KERNEL:
         return DepthwiseConv2d(
             in_channels, kernel_size, stride, padding, dilation, bias=bias,
             depth_multiplier=out_channels // in_channels, device=device, dtype=dtype,
@@ -42,8 +42,8 @@ def make_conv(
 
 def same_padding(kernel_size: _size_2_t, name: str = "kernel_size") -> tuple[int, int]:
     """k // 2 per side; kernels must be odd so that branches of different sizes share a centre."""
-    sizes = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-    if len(sizes) != 2 or any(not isinstance(k, int) or k < 1 or k % 2 == 0 for k in sizes):
+    sizes = pair(kernel_size, name, 1)
+    if sizes[0] % 2 == 0 or sizes[1] % 2 == 0:
         raise ValueError(f"{name} must be an odd int or a pair of odd ints (branches must share a centre); "
                          f"got {kernel_size!r}")
     return sizes[0] // 2, sizes[1] // 2

@@ -2,11 +2,12 @@
 convs and UniRepLKNet's dilated branches. Each merges into one K×K depthwise conv with a bias on lkconv."""
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ..arguments import pair
 from ..reparam import dilated_to_dense, fuse_conv_bn, merge_branches
 from .conv_bn import ConvBN, ReparamBlock, _size_2_t, make_conv, merged_conv_like, same_padding
 
@@ -39,7 +40,7 @@ class ReparamLargeKernelConv(ReparamBlock):
         self.small_kernel = small_kernel
         if small_kernel is not None:
             same_padding(small_kernel, "small_kernel")
-            big, small = _sizes(kernel_size), _sizes(small_kernel)
+            big, small = pair(kernel_size, "kernel_size", 1), pair(small_kernel, "small_kernel", 1)
             if small[0] > big[0] or small[1] > big[1]:
                 raise ValueError(f"small_kernel must not exceed kernel_size {kernel_size!r}; got {small_kernel!r}")
         factory = dict(device=device, dtype=dtype)
@@ -83,7 +84,8 @@ class ReparamLargeKernelConv(ReparamBlock):
 
 
 class DecomposedLargeKernelConv(ReparamBlock):
-    """SLaK's decomposed large kernel: depthwise (K, s) and (s, K) conv-BNs plus an s×s conv-BN (s = 5), summed.
+    """SLaK's decomposed large kernel: depthwise (K, s) and (s, K) conv-BNs plus an s×s conv-BN (s = 5, and only
+    when s < K), summed.
 
     Names follow SLaK: `LoRA1`, `LoRA2`, `small_conv`. The merge gives one K×K depthwise conv `lkb_reparam`, which
     SLaK itself does not offer; it trades 2Ks + s² taps for K², so it pays off only where a dense K×K kernel is
@@ -116,7 +118,8 @@ class DecomposedLargeKernelConv(ReparamBlock):
             return
         self.LoRA1 = ConvBN(channels, channels, (kernel_size, small_kernel), stride, groups=channels, **factory)
         self.LoRA2 = ConvBN(channels, channels, (small_kernel, kernel_size), stride, groups=channels, **factory)
-        self.small_conv = ConvBN(channels, channels, small_kernel, stride, groups=channels, **factory)
+        if small_kernel < kernel_size:  # as in SLaK: at equal sizes the two thin kernels already cover it
+            self.small_conv = ConvBN(channels, channels, small_kernel, stride, groups=channels, **factory)
 
     @property
     def merged(self) -> bool:
@@ -125,19 +128,22 @@ class DecomposedLargeKernelConv(ReparamBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.lkb_reparam(x)
-        return self.LoRA1(x) + self.LoRA2(x) + self.small_conv(x)
+        out = self.LoRA1(x) + self.LoRA2(x)
+        return out + self.small_conv(x) if hasattr(self, "small_conv") else out
 
     def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The merged K×K (weight, bias); differentiable."""
         if self.merged:
             return self.lkb_reparam.weight, self.lkb_reparam.bias
-        branches = [m.fused_kernel_bias() for m in (self.LoRA1, self.LoRA2, self.small_conv)]
+        branches = [m.fused_kernel_bias() for m in (self.LoRA1, self.LoRA2, getattr(self, "small_conv", None)) if m is not None]
         return merge_branches(branches, self.kernel_size)
 
     def _merge(self) -> None:
         weight, bias = self.equivalent_kernel_bias()
         self.lkb_reparam = merged_conv_like(self.LoRA1.conv, weight, bias)
-        del self.LoRA1, self.LoRA2, self.small_conv
+        del self.LoRA1, self.LoRA2
+        if hasattr(self, "small_conv"):
+            del self.small_conv
 
 
 # UniRepLKNet's dilated branches per large kernel size: (kernel sizes, dilations), REFERENCE.md §5.
@@ -191,6 +197,9 @@ class DilatedReparamBlock(ReparamBlock):
                 raise ValueError(f"each dilation must be an int >= 1 and its branch must fit in the "
                                  f"{kernel_size}x{kernel_size} kernel; got kernel {k} with dilation {r!r}"
                                  + (f" (spans {r * (k - 1) + 1})" if type(r) is int else ""))
+        if len(set(zip(kernel_sizes, dilations))) != len(kernel_sizes):
+            raise ValueError(f"each (kernel size, dilation) pair may appear once (branches are named by it); got "
+                             f"{list(zip(kernel_sizes, dilations))}")
         self.kernel_size = kernel_size
         self.kernel_sizes, self.dilations = tuple(kernel_sizes), tuple(dilations)
         factory = dict(device=device, dtype=dtype)
@@ -238,6 +247,3 @@ class DilatedReparamBlock(ReparamBlock):
             delattr(self, f"dil_conv_k{k}_{r}")
             delattr(self, f"dil_bn_k{k}_{r}")
 
-
-def _sizes(kernel_size: Union[int, Sequence[int]]) -> tuple[int, int]:
-    return (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)

@@ -1,24 +1,28 @@
 """reparameterize_model: merges every re-param block of a model, lkconv's own and foreign ones, for inference."""
 
 import copy
+import inspect
+from typing import Optional
 
 from torch import nn
 
 from .conv_bn import ReparamBlock
 from .refconv import RefConv
 
-# Merge methods of other re-param code, tried in this order: timm (MobileOne, FastViT, RepVGG in byobnet) and
-# official RepVGG/RepLKNet-style code. `fuse()` may return a replacement module (timm's LeViT, EfficientViT).
-FOREIGN_METHODS = ("reparameterize", "switch_to_deploy", "fuse")
+# Merge methods of other re-param code, tried in this order: timm's (`reparameterize` in MobileOne, FastViT and
+# byobnet's RepVGG; `fuse` returning a replacement in LeViT and EfficientViT), official RepVGG's
+# `switch_to_deploy`, official RepLKNet's and SLaK's `merge_kernel`, UniRepLKNet's `merge_dilated_branches`.
+FOREIGN_METHODS = ("reparameterize", "switch_to_deploy", "merge_kernel", "merge_dilated_branches", "fuse")
 
 
 def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Returns `model` with every re-param block merged into a single conv; use the returned module.
 
     - lkconv blocks call `reparameterize()`; a `RefConv` is replaced by its plain conv.
-    - Other modules merge through the first of `reparameterize()`, `switch_to_deploy()` or `fuse()` they define;
-      a module returned by `fuse()` replaces the original.
+    - Other modules merge through the first of `FOREIGN_METHODS` they define that takes no arguments; a module
+      returned by `fuse()` replaces the original.
     - A parent is merged before its children, so a block that consumes its own branches sees them intact.
+    - A module reachable along several paths is merged once, and its replacement stays shared.
     - With ``inplace=False`` the model is deep-copied first and left untouched.
     The merge uses BatchNorm running statistics: the result equals the original model in eval mode.
     """
@@ -26,16 +30,22 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    return _merge(model)
+    return _merge(model, {})
 
 
-def _merge(module: nn.Module) -> nn.Module:
-    module = _merge_one(module)
-    for name, child in list(module.named_children()):
-        merged = _merge(child)
-        if merged is not child:
-            setattr(module, name, merged)
-    return module
+def _merge(module: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
+    if id(module) in done:
+        return done[id(module)]
+    merged = _merge_one(module)
+    done[id(module)] = done[id(merged)] = merged
+    # Not named_children(): it skips a child already seen under another name, which would keep the old module there.
+    for name, child in list(merged._modules.items()):
+        if child is None:
+            continue
+        replacement = _merge(child, done)
+        if replacement is not child:
+            setattr(merged, name, replacement)
+    return merged
 
 
 def _merge_one(module: nn.Module) -> nn.Module:
@@ -47,12 +57,29 @@ def _merge_one(module: nn.Module) -> nn.Module:
     if _is_lkconv(module):
         # lkconv's models and helpers merge only through their blocks, never a second time here.
         return module
+    name = _foreign_method(module)
+    if name is None:
+        return module
+    result = getattr(module, name)()
+    return result if name == "fuse" and isinstance(result, nn.Module) else module
+
+
+def _foreign_method(module: nn.Module) -> Optional[str]:
+    """The first merge method `module` defines that can be called without arguments (a VAE's
+    `reparameterize(mu, logvar)` is not a merge)."""
     for name in FOREIGN_METHODS:
         method = getattr(module, name, None)
-        if callable(method):
-            result = method()
-            return result if name == "fuse" and isinstance(result, nn.Module) else module
-    return module
+        if callable(method) and _takes_no_arguments(method):
+            return name
+    return None
+
+
+def _takes_no_arguments(method) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
 
 
 def _is_lkconv(module: nn.Module) -> bool:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arguments import pair
 from ..ops import depthwise_conv2d
 from ..reparam import refocused_kernel
 from .conv_bn import LARGE_KERNEL, ReparamBlock, _size_2_t, make_conv
@@ -20,8 +21,9 @@ class RefConv(ReparamBlock):
     - `bias`: the conv's own bias, if any, stays a learnable parameter.
 
     `RefConv.from_conv(conv)` starts from a trained conv with W_r = 0, so the model starts exactly equal to it.
-    `reparameterize()` bakes W_t into `weight` (now a parameter) and drops `convmap`; `to_conv()` returns the
-    plain conv, which is what `lkconv.reparameterize_model` puts in the model.
+    `reparameterize()` bakes W_t into `weight` (now a parameter) and drops `convmap`; `deploy=True` builds that
+    form directly. `to_conv()` returns the plain conv, which is what `lkconv.reparameterize_model` puts in the
+    model; its state_dict keys are the same (`weight`, `bias`).
     """
 
     def __init__(
@@ -35,29 +37,28 @@ class RefConv(ReparamBlock):
         groups: int = 1,
         bias: bool = False,
         map_k: int = 3,
+        deploy: bool = False,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         # A reference conv holds and checks the configuration; its weight becomes the base kernel.
         template = make_conv(in_channels, out_channels, kernel_size, stride,
-                             _same(kernel_size, dilation) if padding is None else padding, dilation, groups, bias,
-                             device=device, dtype=dtype)
-        if not isinstance(map_k, int) or map_k < 1 or map_k % 2 == 0:
+                             same_padding_for(kernel_size, dilation) if padding is None else padding, dilation,
+                             groups, bias, device=device, dtype=dtype)
+        if not isinstance(map_k, int) or isinstance(map_k, bool) or map_k < 1 or map_k % 2 == 0:
             raise ValueError(f"map_k must be an odd int >= 1; got {map_k!r}")
-        self._configure(template)
-        self.register_buffer("weight", template.weight.detach().clone())
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
+            setattr(self, name, getattr(template, name))
         self.bias = template.bias
+        if deploy:  # the merged form: W_t is an ordinary learnable kernel
+            self.weight = template.weight
+            return
+        self.register_buffer("weight", template.weight.detach().clone())
         maps = out_channels * (in_channels // groups)
         self.convmap = nn.Conv2d(maps, maps, map_k, padding=map_k // 2, groups=in_channels * out_channels // groups**2,
                                  bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.convmap.weight)
-
-    def _configure(self, conv: nn.Conv2d) -> None:
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
-            setattr(self, name, getattr(conv, name))
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"RefConv supports padding_mode='zeros' only; got {conv.padding_mode!r}")
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, map_k: int = 3, zero_init: bool = True) -> "RefConv":
@@ -68,11 +69,11 @@ class RefConv(ReparamBlock):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"conv.padding_mode must be 'zeros' for RefConv; got {conv.padding_mode!r}")
         weight = conv.weight
         ref = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                   conv.groups, conv.bias is not None, map_k, device=weight.device, dtype=weight.dtype)
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"RefConv supports padding_mode='zeros' only; got {conv.padding_mode!r}")
         with torch.no_grad():
             ref.weight.copy_(weight)
             if conv.bias is not None:
@@ -90,6 +91,10 @@ class RefConv(ReparamBlock):
         if self.merged:
             return self.weight
         return refocused_kernel(self.weight, self.convmap.weight)
+
+    def equivalent_kernel_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(W_t, bias): the plain conv this block equals; differentiable."""
+        return self.refocused_weight(), self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.refocused_weight()
@@ -123,7 +128,8 @@ class RefConv(ReparamBlock):
                 f"bias={self.bias is not None}, merged={self.merged}")
 
 
-def _same(kernel_size: _size_2_t, dilation: _size_2_t):
-    sizes = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-    rates = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+
+def same_padding_for(kernel_size: _size_2_t, dilation: _size_2_t) -> tuple[int, int]:
+    """'Same' padding of an odd (possibly dilated) kernel: half its span per side."""
+    sizes, rates = pair(kernel_size, "kernel_size", 1), pair(dilation, "dilation", 1)
     return tuple(r * (k - 1) // 2 for k, r in zip(sizes, rates))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arguments import pair
 from ..reparam import fuse_conv_bn, identity_kernel, merge_branches
 from .conv_bn import ConvBN, ReparamBlock, _size_2_t, merged_conv_like
 from .drop_path import DropPath
@@ -62,7 +63,7 @@ class RepVGGBlock(ReparamBlock):
         if deploy:
             self.rbr_reparam = nn.Conv2d(in_channels, out_channels, 3, stride, 1, groups=groups, bias=True, **factory)
             return
-        has_identity = in_channels == out_channels and stride in (1, (1, 1))
+        has_identity = in_channels == out_channels and pair(stride, "stride", 1) == (1, 1)
         self.rbr_identity = norm_layer(in_channels, **factory) if has_identity else None
         self.rbr_dense = ConvBN(in_channels, out_channels, 3, stride, 1, groups=groups, norm_layer=norm_layer,
                                 **factory)

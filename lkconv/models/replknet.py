@@ -9,14 +9,11 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..blocks import ConvBN, DropPath, ReparamLargeKernelConv, reparameterize_model
+from .common import batchnorm_class, run_block
 from .registry import register_model
 
-
-def _norm_layer(use_sync_bn: bool) -> type:
-    return nn.SyncBatchNorm if use_sync_bn else nn.BatchNorm2d
 
 
 class RepLKBlock(nn.Module):
@@ -73,15 +70,8 @@ class RepLKNetStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = _run(block, x, self.use_checkpoint and self.training)
+            x = run_block(block, x, self.use_checkpoint and self.training)
         return x
-
-
-def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    """Runs `module`, recomputing its activations in backward instead of storing them when asked to."""
-    if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(module, x, use_reentrant=False)
-    return module(x)
 
 
 class RepLKNet(nn.Module):
@@ -89,7 +79,10 @@ class RepLKNet(nn.Module):
 
     - `num_classes`: the head's classes; 0 keeps norm and pooling but no linear layer.
     - `out_indices`: return the listed stages' features (after `stages.i.norm`) instead of logits, for detection
-      and segmentation backbones; `norm_intermediate_features=True` makes those norms BatchNorms as officially.
+      and segmentation backbones; the model then has no head. `norm_intermediate_features=True` makes those
+      stages' norms BatchNorms, as the official backbones do (only stages in `out_indices` get one).
+    - Defaults differ from the official builders' (drop_path_rate 0.3, use_checkpoint True) in being inference
+      friendly: `drop_path_rate=0.0`, `use_checkpoint=False`. The architecture is the same.
     - `deploy`: build the merged form directly (the official `small_kernel_merged`).
     - `use_checkpoint`: activation checkpointing of every block in training; `use_sync_bn`: SyncBatchNorm.
     """
@@ -121,8 +114,11 @@ class RepLKNet(nn.Module):
             raise ValueError(f"out_indices must index the {len(layers)} stages; got {tuple(out_indices)}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+        if norm_intermediate_features and out_indices is None:
+            raise ValueError("norm_intermediate_features=True normalises the out_indices stages' outputs; "
+                             "pass out_indices too")
         factory = dict(device=device, dtype=dtype)
-        norm_layer = _norm_layer(use_sync_bn)
+        norm_layer = batchnorm_class(use_sync_bn)
         self.num_stages = len(layers)
         self.out_indices = None if out_indices is None else tuple(out_indices)
         self.use_checkpoint = use_checkpoint
@@ -142,7 +138,8 @@ class RepLKNet(nn.Module):
             first = sum(layers[:index])
             self.stages.append(RepLKNetStage(
                 channels[index], blocks, kernel, rates[first:first + blocks], small_kernel, dw_ratio, ffn_ratio,
-                use_checkpoint, deploy, norm_intermediate_features, norm_layer, **factory))
+                use_checkpoint, deploy, norm_intermediate_features and index in self.out_indices, norm_layer,
+                **factory))
             if index < self.num_stages - 1:
                 following = channels[index + 1]
                 self.transitions.append(nn.Sequential(
@@ -160,7 +157,7 @@ class RepLKNet(nn.Module):
         checkpointing = self.use_checkpoint and self.training
         x = self.stem[0](x)
         for layer in self.stem[1:]:
-            x = _run(layer, x, checkpointing)
+            x = run_block(layer, x, checkpointing)
         outputs = []
         for index, stage in enumerate(self.stages):
             x = stage(x)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..blocks import RepVGGBlock
+from .common import batchnorm_class, run_block
 from .registry import register_model
-from .replknet import _norm_layer, _run
 
 
 class RepVGG(nn.Module):
@@ -48,8 +48,12 @@ class RepVGG(nn.Module):
             raise ValueError(f"out_indices must index the 4 stages (0-3); got {tuple(out_indices)}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+        widths = [int(base * m) for base, m in zip((64, 128, 256, 512), width_multiplier)]
+        if min(widths) < 1:
+            raise ValueError(f"width_multiplier must give every stage at least one channel (64a, 128a, 256a, 512b); "
+                             f"got {tuple(width_multiplier)}, i.e. widths {widths}")
         groups_map = dict(override_groups_map or {})
-        block_args = dict(deploy=deploy, use_se=use_se, norm_layer=_norm_layer(use_sync_bn), device=device,
+        block_args = dict(deploy=deploy, use_se=use_se, norm_layer=batchnorm_class(use_sync_bn), device=device,
                           dtype=dtype)
         self.out_indices = None if out_indices is None else tuple(out_indices)
         self.use_checkpoint = use_checkpoint
@@ -79,7 +83,7 @@ class RepVGG(nn.Module):
         outputs = []
         for index in range(4):
             for block in getattr(self, f"stage{index + 1}"):
-                x = _run(block, x, checkpointing)
+                x = run_block(block, x, checkpointing)
             if self.out_indices is not None and index in self.out_indices:
                 outputs.append(x)
         return x if self.out_indices is None else outputs

@@ -6,6 +6,7 @@ Op arguments are ints, padding as (top, left, bottom, right). `depthwise_conv2d`
 full error messages; the ops themselves re-check shapes cheaply, since they can be called directly.
 """
 
+import functools
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -119,6 +120,7 @@ def _(grad_output, input, kernel_size, stride, padding, dilation, with_bias):
 
 
 def _save_forward(ctx, inputs, output):
+    ctx.backend_scope = backends.scoped_request()
     input, weight, bias, stride, padding, dilation = inputs
     ctx.save_for_backward(input, weight)
     ctx.has_bias = bias is not None
@@ -142,6 +144,7 @@ def _forward_backward(ctx, grad_output):
 
 
 def _save_input_grad(ctx, inputs, output):
+    ctx.backend_scope = backends.scoped_request()
     grad_output, weight, input_shape, stride, padding, dilation = inputs
     ctx.save_for_backward(grad_output, weight)
     ctx.conv = (stride, padding, dilation)
@@ -163,6 +166,7 @@ def _input_grad_backward(ctx, grad):
 
 
 def _save_weight_grad(ctx, inputs, output):
+    ctx.backend_scope = backends.scoped_request()
     grad_output, input, kernel_size, stride, padding, dilation, with_bias = inputs
     ctx.save_for_backward(grad_output, input)
     ctx.conv = (kernel_size, stride, padding, dilation)
@@ -185,9 +189,22 @@ def _weight_grad_backward(ctx, grad_weight, grad_bias):
     return grad_grad_output, grad_input, None, None, None, None, None
 
 
-depthwise_conv2d_op.register_autograd(_forward_backward, setup_context=_save_forward)
-depthwise_conv2d_input_grad_op.register_autograd(_input_grad_backward, setup_context=_save_input_grad)
-depthwise_conv2d_weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_save_weight_grad)
+def _in_forward_scope(backward):
+    """Runs `backward` under the use_backend request its forward saw (autograd may run it on another thread)."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with backends.scope(ctx.backend_scope):
+            return backward(ctx, *grads)
+
+    return run
+
+
+depthwise_conv2d_op.register_autograd(_in_forward_scope(_forward_backward), setup_context=_save_forward)
+depthwise_conv2d_input_grad_op.register_autograd(_in_forward_scope(_input_grad_backward),
+                                                 setup_context=_save_input_grad)
+depthwise_conv2d_weight_grad_op.register_autograd(_in_forward_scope(_weight_grad_backward),
+                                                  setup_context=_save_weight_grad)
 
 
 # FLOPs for torch.utils.flop_counter.FlopCounterMode: 2 per multiply-add, as aten's forward conv is counted. Every

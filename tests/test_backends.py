@@ -188,6 +188,26 @@ def test_use_backend_does_not_leak_into_other_threads():
 
 
 @needs_interpreter
+@pytest.mark.parametrize("forced,default", [("torch", "triton"), ("triton", "torch")])
+def test_backward_on_another_thread_runs_on_the_backend_its_forward_used(forced, default, ran):
+    """Autograd runs CUDA backward on its own threads, which do not see use_backend: the ops carry it there."""
+    import threading
+
+    x, w, b = (t.requires_grad_() for t in small_call())
+    lkconv.set_backend(default)
+    with lkconv.use_backend(forced):
+        y = lkconv.depthwise_conv2d(x, w, b, 1, (2, 1))
+    grad_output = torch.randn_like(y)
+    worker = threading.Thread(target=lambda: y.backward(grad_output))
+    worker.start()
+    worker.join()
+    assert ran == [(forced, "forward"), (forced, "input_grad"), (forced, "weight_grad")]
+    _, *expected = reference(x, w, b, 1, (2, 1), 1, grad_output)
+    for name, actual, wanted in zip(("input", "weight", "bias"), (x.grad, w.grad, b.grad), expected):
+        assert_close(actual, wanted, TOLERANCE[torch.float32], f"grad of {name}")
+
+
+@needs_interpreter
 def test_lkconv_backend_environment_variable_is_read_on_every_call(monkeypatch, ran):
     x, w, b = small_call()
     expected = reference(x, w, b, 1, (2, 1), 1)[0]

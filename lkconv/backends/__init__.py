@@ -86,6 +86,28 @@ def use_backend(name: str) -> Iterator[None]:
         _scoped.reset(token)
 
 
+def scoped_request() -> Optional[str]:
+    """The use_backend request active in this context, if any, so the ops can carry it to their backward."""
+    return _scoped.get()
+
+
+@contextlib.contextmanager
+def scope(name: Optional[str]) -> Iterator[None]:
+    """Re-enters a use_backend request saved by `scoped_request` (no-op for None).
+
+    Autograd runs the backward of CUDA tensors on its own threads, which do not see the caller's use_backend; the
+    ops save the request in their forward and re-enter it here, so a forced backend answers every pass.
+    """
+    if name is None:
+        yield
+        return
+    token = _scoped.set(name)
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
+
+
 def choose(device: torch.device, dtype: torch.dtype) -> Choice:
     """The backend that answers a call on tensors of this device and dtype (cached per request/device/dtype)."""
     return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting())

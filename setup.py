@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _cuda_extensions():
@@ -26,8 +26,9 @@ def _cuda_extensions():
 ext_modules, cmdclass = _cuda_extensions()
 
 setup(
-    packages=["lkconv", "lkconv.backends", "lkconv.kernels"],
-    package_dir={"lkconv.kernels": "kernels"},
+    packages=find_packages(include=["lkconv", "lkconv.*"]) + ["lkconv.kernels", "lkconv.benchmarks"],
+    # The top-level kernels/ and benchmarks/ folders install inside the package (`lkconv-bench` runs the latter).
+    package_dir={"lkconv.kernels": "kernels", "lkconv.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

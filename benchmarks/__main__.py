@@ -1,0 +1,219 @@
+"""The benchmark command: ``python -m benchmarks`` (also installed as ``lkconv-bench``).
+
+    python -m benchmarks                               # quick preset on a GPU, small CPU defaults otherwise
+    python -m benchmarks --preset full --chunk 1/4 --out results/h100
+    python -m benchmarks --suites op --shapes 64x384x32x32 --kernels 31 51x5 --dtypes bfloat16 --passes forward
+    python -m benchmarks report results/h100           # merge chunks, redo tables and plots from the JSON
+"""
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from . import model_suite, op_suite, paper_table, plots, presets, report
+from .progress import Progress
+from .provenance import device_name, provenance
+from .roofline import PASSES, ConvCase
+from .timing import Budget, set_fp32_math
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SUITES = ("op", "table1", "model")
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = text.lower().replace(",", "x").split("x")
+    if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"a shape is NxCxHxW with positive ints, e.g. 64x384x32x32; got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def parse_kernel(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) % 2 == 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"a kernel is an odd K or KHxKW, e.g. 31 or 51x5; got {text!r}")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def parse_chunk(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(p) for p in text.split("/"))
+    except ValueError:
+        index = count = 0
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"a chunk is K/N with 1 <= K <= N, e.g. 2/4; got {text!r}")
+    return index, count
+
+
+def parser() -> argparse.ArgumentParser:
+    invoked_as = Path(sys.argv[0]).name
+    prog = "python -m benchmarks" if invoked_as in ("__main__.py", "-c", "") else invoked_as
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=("quick", "full", "cpu"),
+                   help="quick (<5 min on an H100), full (use --chunk), cpu; default quick on a GPU, cpu otherwise")
+    p.add_argument("--suites", nargs="+", choices=SUITES, help="default: all three")
+    p.add_argument("--out", type=Path, help="folder for results*.{json,csv,md} and PNG plots")
+    p.add_argument("--chunk", type=parse_chunk, help="run only part K of N of the work (each part writes its files)")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, help="op suite input shapes NxCxHxW")
+    p.add_argument("--kernels", nargs="+", type=parse_kernel, help="kernel sizes K or KHxKW (op suite; square ones "
+                   "also for table1)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES))
+    p.add_argument("--layouts", nargs="+", choices=list(op_suite.LAYOUTS), help="layouts lkconv runs in")
+    p.add_argument("--passes", nargs="+", choices=PASSES, help="op suite passes (default: all four)")
+    p.add_argument("--backends", nargs="+", choices=op_suite.BACKENDS, help="lkconv backends to time")
+    p.add_argument("--baselines", nargs="+", choices=op_suite.BASELINES, help="PyTorch baselines to time")
+    p.add_argument("--tf32", action="store_true", help="let fp32 convs use TF32 (PyTorch's default); off = exact fp32")
+    p.add_argument("--rep-ms", type=float, help="GPU timed repetitions per measurement (do_bench)")
+    p.add_argument("--warmup-ms", type=float, help="GPU warm-up per measurement (do_bench)")
+    p.add_argument("--cpu-seconds", type=float, help="CPU time budget per measurement")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any measurement failed")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills every unset option from the preset; on a CPU-only machine every preset becomes the cpu one."""
+    asked = args.preset or presets.default_preset()
+    args.preset = asked if torch.cuda.is_available() else "cpu"
+    args.asked_preset = asked
+    defaults = presets.defaults(args.preset)
+    for name in ("suites", "dtypes", "layouts", "backends", "baselines"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    for name in ("rep_ms", "warmup_ms", "cpu_seconds"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    args.passes = tuple(args.passes or PASSES)
+    if args.shapes or args.kernels:
+        preset_cases = presets.op_shapes(args.preset)
+        shapes = args.shapes or list(dict.fromkeys(shape for shape, _ in preset_cases))
+        kernels = args.kernels or list(dict.fromkeys(kernel for _, kernel in preset_cases))
+        args.op_cases = [(s, k) for s in shapes for k in kernels]
+    else:
+        args.op_cases = presets.op_shapes(args.preset)
+    square = [k for k, w in args.kernels or [] if k == w]
+    args.defaults = defaults
+    args.table_kernels = tuple(square) or defaults["table_kernels"]
+    return args
+
+
+def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The run as independent pieces (suite, settings), so --chunk can split it evenly and reproducibly."""
+    d, budget = args.defaults, Budget(args.warmup_ms, args.rep_ms, args.cpu_seconds)
+    units = []
+    if "op" in args.suites:
+        settings = op_suite.OpSettings(args.passes, tuple(args.baselines), tuple(args.backends), tuple(args.layouts),
+                                       args.tf32, budget)
+        for shape, kernel in args.op_cases:
+            for dtype in args.dtypes:
+                units.append(("op", (ConvCase(shape, kernel, DTYPES[dtype]), settings)))
+    if "table1" in args.suites:
+        table = paper_table.TableSettings(
+            resolutions=d["table_resolutions"], kernels=args.table_kernels, batch=d["table_batch"],
+            channels=d["table_channels"], dtypes=d["table_dtypes"], passes=d["table_passes"], tf32=args.tf32,
+            budget=budget)
+        units += [("table1", dataclasses.replace(table, resolutions=(r,))) for r in table.resolutions]
+    if "model" in args.suites:
+        # A training step takes hundreds of ms on a GPU: a longer window gives a median of several samples.
+        model_budget = budget._replace(rep_ms=max(budget.rep_ms, 500.0))
+        model = model_suite.ModelSettings(
+            resolutions=d["model_resolutions"], batches=d["model_batches"], modes=d["model_modes"],
+            layouts=d["model_layouts"], model_overrides=d["model_overrides"], tf32=args.tf32, budget=model_budget)
+        units += [("model", dataclasses.replace(model, resolutions=(r,))) for r in model.resolutions]
+    if args.chunk:
+        index, count = args.chunk
+        units = units[index - 1::count]
+    return units
+
+
+def measurements(suite: str, work) -> int:
+    return work[1].measurements_per_case() if suite == "op" else work.measurements()
+
+
+def run(units: list, progress: Progress) -> list[dict]:
+    rows = []
+    for suite, work in units:
+        if suite == "op":
+            rows += op_suite.run_case(*work, progress)
+        elif suite == "table1":
+            rows += paper_table.run(work, progress)
+        else:
+            rows += model_suite.run(work, progress)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def settings_note(args: argparse.Namespace) -> dict:
+    return {
+        "preset": args.preset, "suites": list(args.suites), "chunk": "/".join(map(str, args.chunk)) if args.chunk else None,
+        "fp32_math": "tf32 allowed" if args.tf32 else "exact (ieee)",
+        "timing": (f"triton.testing.do_bench(warmup={args.warmup_ms}, rep={args.rep_ms}), CUDA events, L2 flushed, "
+                   "median/p20/p80" if torch.cuda.is_available()
+                   else f"time.perf_counter per call, {args.cpu_seconds}s per measurement, median/p20/p80"),
+        **op_suite.notes(op_suite.OpSettings(tf32=args.tf32)),
+    }
+
+
+def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, with_plots: bool) -> None:
+    paths = report.write(out, stem, rows, meta)
+    if with_plots:
+        if plots.available():
+            paths += plots.write_all(rows, out, meta.get("device", "?"))
+        else:
+            print("matplotlib is not installed: no plots (pip install matplotlib, then "
+                  f"python -m benchmarks report {out})")
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def main_run(argv) -> int:
+    args = resolve(parser().parse_args(argv))
+    if not torch.cuda.is_available():
+        print(f"No CUDA GPU here: running the CPU defaults (preset 'cpu' instead of '{args.asked_preset}'), small "
+              "shapes on the torch backend.\nGPU numbers need a GPU; nothing below says how fast lkconv is on one.")
+        torch.set_num_threads(1)  # on a small shared machine, oversubscribed threads turn ms calls into time slices
+    set_fp32_math(args.tf32)
+    torch.manual_seed(0)
+    meta = provenance(settings_note(args))
+    print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
+          f"commit {(meta['git_commit'] or 'unknown')[:12]} | preset {args.preset} | fp32 {meta['fp32_math']}")
+    units = work_units(args)
+    progress = Progress(sum(measurements(suite, work) for suite, work in units))
+    rows = run(units, progress)
+    progress.close()
+    if args.out is not None:
+        stem = f"results-chunk{args.chunk[0]}of{args.chunk[1]}" if args.chunk else "results"
+        write_outputs(args.out, stem, rows, meta, not args.no_plots)
+    failed = report.errors(rows)
+    for line in failed:
+        print(f"FAILED {line}")
+    print()
+    print(report.short_table(rows))
+    return 1 if failed and args.strict else 0
+
+
+def main_report(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks report",
+                                description="Merge the results*.json in a folder into combined.{json,csv,md} "
+                                            "and PNG plots.")
+    p.add_argument("folder", type=Path)
+    args = p.parse_args(argv)
+    rows, metas = report.load(args.folder)
+    meta = {"merged_from": [m["file"] for m in metas], **{k: v for k, v in metas[0].items() if k != "file"}}
+    write_outputs(args.folder, "combined", rows, meta, True)
+    print(report.short_table(rows))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        return main_report(argv[1:])
+    return main_run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Op level: each pass of one depthwise conv (forward, input grad, weight grad, fwd+bwd) for lkconv's backends
+against PyTorch NCHW (native depthwise kernels), PyTorch channels_last (cuDNN) and torch.compile, on the same
+inputs in the same process (ARCHITECTURE.md §6)."""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+import lkconv
+
+from .progress import Progress
+from .roofline import FLOORS_NOTE, PASSES, ConvCase, floor, useful_flops
+from .timing import Budget, failure, measure, release_memory
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+BASELINES = ("nchw", "channels_last", "compile")  # PyTorch's conv in NCHW, in channels_last, and compiled (NCHW)
+BACKENDS = ("auto", "torch", "triton", "cuda")
+COMPILED_PASSES = ("forward", "fwd_bwd")  # torch.compile has no separate backward-pass entry points to time
+
+
+@dataclass
+class OpSettings:
+    passes: tuple[str, ...] = PASSES
+    baselines: tuple[str, ...] = ("nchw", "channels_last")
+    backends: tuple[str, ...] = ("auto",)
+    layouts: tuple[str, ...] = tuple(LAYOUTS)
+    tf32: bool = False
+    budget: Budget = Budget()
+
+    def measurements_per_case(self) -> int:
+        baseline_passes = sum(len(self._passes_of(b)) for b in self.baselines)
+        return baseline_passes + len(self.backends) * len(self.layouts) * len(self.passes)
+
+    def _passes_of(self, baseline: str) -> tuple[str, ...]:
+        return tuple(p for p in self.passes if baseline != "compile" or p in COMPILED_PASSES)
+
+
+class Inputs(NamedTuple):
+    input: torch.Tensor
+    weight: torch.Tensor
+    grad_output: torch.Tensor
+
+
+def make_inputs(case: ConvCase, device: torch.device) -> Inputs:
+    """Fresh random tensors (never zeros: some kernels skip work on them); the weight is scaled to keep bf16 sane."""
+    c = case.shape[1]
+    scale = 1.0 / math.sqrt(case.kernel[0] * case.kernel[1])
+    return Inputs(
+        torch.randn(case.shape, device=device, dtype=case.dtype),
+        torch.randn((c, 1, *case.kernel), device=device, dtype=case.dtype) * scale,
+        torch.randn(case.output_shape, device=device, dtype=case.dtype),
+    )
+
+
+def in_layout(inputs: Inputs, layout: str) -> Inputs:
+    fmt = LAYOUTS[layout]
+    return Inputs(inputs.input.contiguous(memory_format=fmt), inputs.weight,
+                  inputs.grad_output.contiguous(memory_format=fmt))
+
+
+def _fwd_bwd(conv: Callable, t: Inputs) -> Callable:
+    """Forward then backward to input and weight; autograd.grad so that nothing accumulates into .grad."""
+    x = t.input.detach().requires_grad_()
+    w = t.weight.detach().requires_grad_()
+    return lambda: torch.autograd.grad(conv(x, w), (x, w), t.grad_output)
+
+
+def pytorch_passes(case: ConvCase, t: Inputs) -> dict[str, Callable]:
+    """PyTorch's depthwise conv; each backward pass alone via aten.convolution_backward's output_mask."""
+    c, padding = case.shape[1], list(case.padding)
+
+    def backward(mask):
+        return lambda: torch.ops.aten.convolution_backward(
+            t.grad_output, t.input, t.weight, None, [1, 1], padding, [1, 1], False, [0, 0], c, mask)
+
+    def conv(x, w):
+        return F.conv2d(x, w, None, 1, padding, 1, c)
+
+    return {"forward": lambda: conv(t.input, t.weight), "input_grad": backward([True, False, False]),
+            "weight_grad": backward([False, True, False]), "fwd_bwd": _fwd_bwd(conv, t)}
+
+
+def compiled_passes(case: ConvCase, t: Inputs) -> dict[str, Callable]:
+    """torch.compile of PyTorch's conv (inductor's default mode); compiled once per case before timing."""
+    c, padding = case.shape[1], list(case.padding)
+    conv = torch.compile(lambda x, w: F.conv2d(x, w, None, 1, padding, 1, c), dynamic=False)
+    return {"forward": lambda: conv(t.input, t.weight), "fwd_bwd": _fwd_bwd(conv, t)}
+
+
+def lkconv_passes(case: ConvCase, t: Inputs) -> dict[str, Callable]:
+    """lkconv's public function and its two backward ops, called exactly as its autograd calls them."""
+    (ph, pw), ops = case.padding, torch.ops.lkconv
+    box = [ph, pw, ph, pw]  # the ops take (top, left, bottom, right)
+
+    def conv(x, w):
+        return lkconv.depthwise_conv2d(x, w, None, 1, case.padding)
+
+    return {
+        "forward": lambda: conv(t.input, t.weight),
+        "input_grad": lambda: ops.depthwise_conv2d_input_grad(t.grad_output, t.weight, list(case.shape), [1, 1], box,
+                                                              [1, 1]),
+        "weight_grad": lambda: ops.depthwise_conv2d_weight_grad(t.grad_output, t.input, list(case.kernel), [1, 1], box,
+                                                                [1, 1], False),
+        "fwd_bwd": _fwd_bwd(conv, t),
+    }
+
+
+def baseline_label(baseline: str) -> str:
+    """What answers PyTorch's call (REFERENCE.md §1): native kernels for NCHW, cuDNN for channels_last."""
+    if not torch.cuda.is_available():
+        return "PyTorch CPU conv"
+    return {"nchw": "aten native depthwise", "channels_last": "cuDNN", "compile": "inductor"}[baseline]
+
+
+def _row(case: ConvCase, pass_name: str, impl: str, layout: str, runs_on: str) -> dict:
+    return {"suite": "op", "shape": "x".join(map(str, case.shape)), "batch": case.shape[0],
+            "kernel": f"{case.kernel[0]}x{case.kernel[1]}", "dtype": case.dtype_name, "pass": pass_name,
+            "impl": impl, "layout": layout, "runs_on": runs_on, "error": ""}
+
+
+def _timed(row: dict, case: ConvCase, fn: Callable, settings: OpSettings) -> dict:
+    """`row` with the timing of `fn`, or the error it raised (a benchmark run never stops at one failure)."""
+    try:
+        timing = measure(fn, settings.budget)
+    except Exception as error:  # noqa: BLE001 - reported in the row and at the end
+        release_memory()
+        return {**row, **failure(error)}
+    row.update(timing._asdict())
+    row["tflops"] = useful_flops(case, row["pass"]) / (timing.median_ms * 1e-3) / 1e12
+    if torch.cuda.is_available():
+        bound = floor(case, row["pass"], settings.tf32)
+        row.update(floor_ms=bound.ms, floor_bound=bound.bound, floor_fraction=bound.ms / timing.median_ms,
+                   fp32_fma_floor_fraction=floor(case._replace(dtype=torch.float32), row["pass"], False).compute_ms
+                   / timing.median_ms)
+    return row
+
+
+def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[dict]:
+    """Every baseline and lkconv backend for every pass of `case`; one row each, speed-ups filled in."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = make_inputs(case, device)
+    rows = []
+    for baseline in settings.baselines:
+        layout = "nchw" if baseline == "compile" else baseline
+        build = compiled_passes if baseline == "compile" else pytorch_passes
+        passes = build(case, in_layout(inputs, layout))
+        for pass_name in settings._passes_of(baseline):
+            progress.update(f"{case.label} {pass_name} pytorch[{baseline}]")
+            row = _row(case, pass_name, f"pytorch[{baseline}]", layout, baseline_label(baseline))
+            rows.append(_timed(row, case, passes[pass_name], settings))
+            progress.advance()
+    for backend in settings.backends:
+        for layout in settings.layouts:
+            t = in_layout(inputs, layout)
+            try:
+                with lkconv.use_backend(backend):
+                    runs_on = lkconv.explain(t.input, t.weight, None, 1, case.padding).backend
+            except lkconv.BackendUnavailableError as error:
+                runs_on, unavailable = "unavailable", str(error)
+            else:
+                unavailable = ""
+            passes = lkconv_passes(case, t)
+            for pass_name in settings.passes:
+                progress.update(f"{case.label} {pass_name} lkconv[{backend}] {layout}")
+                row = _row(case, pass_name, f"lkconv[{backend}]", layout, runs_on)
+                if unavailable:
+                    rows.append({**row, **failure(lkconv.BackendUnavailableError(unavailable))})
+                else:
+                    with lkconv.use_backend(backend):
+                        rows.append(_timed(row, case, passes[pass_name], settings))
+                progress.advance()
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speed-up of every row over each PyTorch baseline of the same pass (>1 means faster than that baseline)."""
+    baseline = {(r["pass"], r["impl"]): r.get("median_ms") for r in rows if r["impl"].startswith("pytorch")}
+    for row in rows:
+        for name in BASELINES:
+            reference, own = baseline.get((row["pass"], f"pytorch[{name}]")), row.get("median_ms")
+            row[f"speedup_vs_{name}"] = reference / own if reference and own else None
+
+
+def notes(settings: OpSettings) -> dict:
+    return {
+        "op_fp32_math": "tf32 allowed" if settings.tf32 else "exact (ieee)",
+        "op_floors": FLOORS_NOTE,
+        "op_flops": "useful taps only (taps that land inside the image), 2 FLOPs per multiply-add",
+    }

@@ -1,0 +1,54 @@
+"""Where numbers came from: machine, driver, library versions, git commit, date and the exact command."""
+
+import datetime
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import lkconv
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _command_output(*command: str) -> Optional[str]:
+    try:
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)"
+
+
+def provenance(settings: dict) -> dict:
+    """Everything needed to tell later which machine and code produced the numbers, plus the run's `settings`."""
+    import numpy
+    import triton
+
+    on_gpu = torch.cuda.is_available()
+    status = _command_output("git", "status", "--porcelain", "--untracked-files=no")
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _command_output("git", "rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "device": device_name(),
+        "driver": _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if on_gpu else None,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if on_gpu else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "lkconv": lkconv.__version__,
+        "lkconv_backends_available": lkconv.available_backends(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **settings,
+    }

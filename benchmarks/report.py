@@ -1,0 +1,118 @@
+"""Writing results: CSV and JSON with provenance, a markdown report, and the short table printed at the end.
+
+`python -m benchmarks report DIR` merges the JSON files of a chunked run (results-chunk*.json) into one report.
+"""
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from . import model_suite, paper_table
+
+
+def _ms(value: Optional[float]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def _percent(value: Optional[float]) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown(header: list[str], lines: list[list[str]]) -> str:
+    rows = [header, ["---"] * len(header), *lines]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
+
+
+def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
+    """Op rows: time, spread, speed-up over each PyTorch baseline, TFLOP/s, % of the H100 floor, peak memory."""
+    header = ["shape", "K", "dtype", "pass", "impl", "layout", "runs on", "median ms", "p20–p80 ms",
+              "vs NCHW", "vs CL", "vs compile", "TFLOP/s", "% floor", "% fp32 FMA", "peak MiB"]
+    lines = []
+    for r in rows:
+        if r.get("suite") != "op" or (lkconv_only and not r["impl"].startswith("lkconv")):
+            continue
+        failed = bool(r.get("error"))
+        memory = r.get("peak_memory_mb")
+        lines.append([
+            r["shape"], r["kernel"], r["dtype"], r["pass"], r["impl"], r["layout"], r["runs_on"],
+            "error" if failed else _ms(r["median_ms"]),
+            "—" if failed else f"{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])}",
+            _ratio(r.get("speedup_vs_nchw")), _ratio(r.get("speedup_vs_channels_last")),
+            _ratio(r.get("speedup_vs_compile")),
+            "—" if failed else f"{r['tflops']:.3g}", _percent(r.get("floor_fraction")),
+            _percent(r.get("fp32_fma_floor_fraction")), "—" if memory is None else f"{memory:.0f}",
+        ])
+    return markdown(header, lines) if lines else ""
+
+
+def errors(rows: list[dict]) -> list[str]:
+    keys = ("suite", "shape", "kernel", "resolution", "dtype", "pass", "mode", "precision", "impl", "layout", "form")
+    return [" ".join(str(r[k]) for k in keys if r.get(k) not in (None, "")) + f": {r['error']}"
+            for r in rows if r.get("error")]
+
+
+def full_report(rows: list[dict], meta: dict) -> str:
+    """Everything, for the results file: provenance, then each suite's table."""
+    parts = ["# lkconv benchmarks", "\n".join(f"- {key}: {value}" for key, value in meta.items())]
+    if any(r.get("suite") == "op" for r in rows):
+        parts += ["## Op level: each pass of one depthwise conv", op_table(rows)]
+    table_rows = [r for r in rows if r.get("suite") == "table1"]
+    if table_rows:
+        parts += ["## RepLKNet paper, Table 1: 24 stacked depthwise layers", paper_table.paper_layout(table_rows)]
+    model_rows = [r for r in rows if r.get("suite") == "model"]
+    if model_rows:
+        parts += ["## Model level", model_suite.summary_table(model_rows)]
+    failed = errors(rows)
+    if failed:
+        parts += ["## Errors", "\n".join(f"- {line}" for line in failed)]
+    return "\n\n".join(parts) + "\n"
+
+
+def short_table(rows: list[dict]) -> str:
+    """The table to read first: every lkconv op measurement next to its baselines, then the model headline."""
+    parts = [op_table(rows, lkconv_only=True)]
+    model_rows = [r for r in rows if r.get("suite") == "model"]
+    if model_rows:
+        parts.append(model_suite.summary_table(model_rows))
+    return "\n\n".join(p for p in parts if p)
+
+
+def _json_safe(row: dict) -> dict:
+    """Strict JSON has no NaN: a missing number becomes null."""
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def write(out: Path, stem: str, rows: list[dict], meta: dict) -> list[Path]:
+    """Writes `stem`.json (provenance + rows), .csv and .md under `out`; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps({"provenance": meta, "rows": [_json_safe(r) for r in rows]}, indent=1,
+                                   default=str))
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(paths[1], "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths[2].write_text(full_report(rows, meta))
+    return paths
+
+
+def load(directory: Path) -> tuple[list[dict], list[dict]]:
+    """Rows and provenance records of every results*.json in `directory` (chunks of one run, or one whole run)."""
+    files = sorted(directory.glob("results*.json"))
+    if not files:
+        raise FileNotFoundError(f"no results*.json in {directory}")
+    rows, metas = [], []
+    for path in files:
+        data = json.loads(path.read_text())
+        rows += data["rows"]
+        metas.append({"file": path.name, **data["provenance"]})
+    return rows, metas

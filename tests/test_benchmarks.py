@@ -1,0 +1,133 @@
+"""The benchmark suite as a tool: the CLI runs end to end on a CPU, writes results with provenance and plots, splits
+into chunks that add up to the whole, merges them again, and counts work and floors correctly."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lkconv.benchmarks import __main__ as cli
+from lkconv.benchmarks import report
+from lkconv.benchmarks.progress import Progress
+from lkconv.benchmarks.roofline import ConvCase, floor, minimum_bytes, useful_flops, useful_taps_per_axis
+
+TINY = ["--cpu-seconds", "0.005", "--shapes", "1x4x8x8", "--kernels", "3", "5x3"]
+
+
+@pytest.mark.parametrize("size", [1, 4, 9])
+@pytest.mark.parametrize("kernel", [1, 3, 5, 13])
+def test_useful_taps_count_only_taps_inside_the_image(size, kernel):
+    padding = kernel // 2
+    ones = torch.ones(1, 1, 1, size, dtype=torch.float64)
+    inside = F.conv2d(ones, torch.ones(1, 1, 1, kernel, dtype=torch.float64), padding=(0, padding)).sum()
+    assert useful_taps_per_axis(size, kernel, padding) == int(inside)
+
+
+def test_useful_flops_and_floors():
+    case = ConvCase((2, 3, 6, 5), (3, 5), torch.float32)
+    ones = torch.ones(2, 3, 6, 5, dtype=torch.float64)
+    taps = F.conv2d(ones, torch.ones(3, 1, 3, 5, dtype=torch.float64), padding=(1, 2), groups=3).sum()
+    assert useful_flops(case, "forward") == 2 * int(taps)
+    assert useful_flops(case, "fwd_bwd") == 3 * useful_flops(case, "weight_grad")
+    assert minimum_bytes(case, "forward") == 4 * (2 * 2 * 3 * 6 * 5 + 3 * 15)
+    big = ConvCase((64, 384, 32, 32), (31, 31), torch.float32)
+    assert floor(big, "forward", tf32=False).bound == "compute"
+    assert floor(big, "forward", tf32=True).ms < floor(big, "forward", tf32=False).ms
+    assert floor(big._replace(kernel=(1, 1)), "forward", tf32=False).bound == "memory"
+
+
+def read_results(folder, stem="results"):
+    data = json.loads((folder / f"{stem}.json").read_text())
+    return data["provenance"], data["rows"]
+
+
+def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, capsys):
+    assert cli.main(TINY + ["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "No CUDA GPU here" in printed and "GPU numbers need a GPU" in printed
+    meta, rows = read_results(tmp_path)
+    for key in ("device", "torch", "triton", "cuda", "git_commit", "date_utc", "driver", "preset", "timing"):
+        assert key in meta
+    assert meta["preset"] == "cpu"
+    assert {r["suite"] for r in rows} == {"op", "table1", "model"}
+    assert not [r for r in rows if r["error"]], report.errors(rows)
+    op_rows = [r for r in rows if r["suite"] == "op"]
+    assert {r["kernel"] for r in op_rows} == {"3x3", "5x3"}
+    assert {r["pass"] for r in op_rows} == {"forward", "input_grad", "weight_grad", "fwd_bwd"}
+    for r in op_rows:
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["tflops"] > 0
+        assert r["speedup_vs_nchw"] == pytest.approx(
+            next(b["median_ms"] for b in op_rows if b["impl"] == "pytorch[nchw]" and
+                 (b["shape"], b["kernel"], b["dtype"], b["pass"]) == (r["shape"], r["kernel"], r["dtype"], r["pass"]))
+            / r["median_ms"])
+    model_rows = [r for r in rows if r["suite"] == "model"]
+    assert {r["impl"] for r in model_rows} == {"lkconv", "pytorch"}
+    assert all(r["images_per_s"] > 0 for r in model_rows)
+    for name in ("results.csv", "results.md", "op_latency.png", "table1.png", "model_throughput.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "RepLKNet paper, Table 1" in (tmp_path / "results.md").read_text()
+    assert printed.rstrip().endswith(report.short_table(rows).rstrip()), "the short table is printed last"
+
+
+def test_chunks_partition_the_work_and_report_merges_them(tmp_path):
+    args = cli.resolve(cli.parser().parse_args(TINY))
+    whole = cli.work_units(args)
+    parts = []
+    for index in (1, 2, 3):
+        chunk = cli.resolve(cli.parser().parse_args(TINY + ["--chunk", f"{index}/3"]))
+        parts.append(cli.work_units(chunk))
+    assert sorted(map(repr, sum(parts, []))) == sorted(map(repr, whole))
+    assert all(parts)
+
+    for index in (1, 2):
+        assert cli.main(TINY + ["--suites", "op", "--chunk", f"{index}/2", "--out", str(tmp_path), "--no-plots"]) == 0
+    assert cli.main(["report", str(tmp_path)]) == 0
+    meta, rows = read_results(tmp_path, "combined")
+    assert meta["merged_from"] == ["results-chunk1of2.json", "results-chunk2of2.json"]
+    assert {r["kernel"] for r in rows} == {"3x3", "5x3"}
+    assert (tmp_path / "op_latency.png").stat().st_size > 0
+
+
+def test_a_failing_measurement_is_reported_not_raised(tmp_path, capsys):
+    """The cuda backend is not built here: its rows carry the error, the run finishes, --strict makes it fail."""
+    arguments = ["--suites", "op", "--backends", "auto", "cuda", "--passes", "forward"] + TINY
+    assert cli.main(arguments + ["--out", str(tmp_path)]) == 0
+    _, rows = read_results(tmp_path)
+    failed = [r for r in rows if r["error"]]
+    assert failed and all(r["impl"] == "lkconv[cuda]" and "BackendUnavailableError" in r["error"] for r in failed)
+    assert all(r["median_ms"] > 0 for r in rows if not r["error"])
+    assert "FAILED" in capsys.readouterr().out
+    assert cli.main(arguments + ["--strict"]) == 1
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (["--shapes", "1x2x3"], "a shape is NxCxHxW"),
+    (["--kernels", "4"], "a kernel is an odd K or KHxKW"),
+    (["--chunk", "3/2"], "a chunk is K/N"),
+    (["--dtypes", "float8"], "invalid choice"),
+])
+def test_bad_options_name_the_problem(arguments, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(arguments)
+    assert message in capsys.readouterr().err
+
+
+def test_report_without_results_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no results"):
+        cli.main(["report", str(tmp_path)])
+
+
+def test_progress_counts_and_estimates(capsys):
+    import io
+
+    stream = io.StringIO()
+    progress = Progress(3, stream=stream)
+    for label in ("a", "b", "c"):
+        progress.update(label)
+        progress.advance()
+    progress.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[") and "0/3" in lines[0] and lines[-1].startswith("3/3 measurements")
+    assert not math.isnan(float(lines[2].split("~")[1].split("s")[0]))

@@ -1,29 +1,132 @@
-"""Build script: installs the pure-Python package, plus lkconv._C once the CUDA sources exist.
+"""Build script: the Python package, plus lkconv._C (the `cuda` backend) whenever nvcc is found.
 
-The CUDA C++ extension (csrc/) is optional. ``LKCONV_SKIP_CUDA_BUILD=1`` always skips it; without nvcc the
-install is pure Python and says so in one line.
+The .cu files are compiled by nvcc for explicit targets (sm_80 and sm_90 plus PTX, or TORCH_CUDA_ARCH_LIST) and
+linked with the static CUDA runtime into a small torch extension whose binding uses only c10/ATen core headers.
+No GPU is needed to build, and a CPU-only torch works too. Switches:
+- LKCONV_SKIP_CUDA_BUILD=1: never build the extension.
+- LKCONV_FORCE_CUDA=1: the extension must build; without nvcc, or when it fails to compile, the install fails.
+- MAX_JOBS: parallel nvcc processes (default: CPU count).
+Without nvcc, or when the CUDA build fails (and LKCONV_FORCE_CUDA is unset), the install is pure Python and says
+why in one line.
 """
 
 import os
+import re
 import shutil
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+DEFAULT_ARCHS = "8.0;9.0+PTX"
 
-def _cuda_extensions():
-    if os.environ.get("LKCONV_SKIP_CUDA_BUILD", "0") == "1":
-        print("lkconv: LKCONV_SKIP_CUDA_BUILD=1, installing the pure-Python package", file=sys.stderr)
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") == "1"
+
+
+def _say(message: str) -> None:
+    print(f"lkconv: {message}", file=sys.stderr)
+
+
+def cuda_home():
+    """The CUDA toolkit holding nvcc, its headers and the static runtime (CUDA_HOME, CUDA_PATH, or nvcc's)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # nvcc may be a wrapper script; `nvcc --list-gpu-arch` would not say where it lives, the realpath may.
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    candidates.append("/usr/local/cuda")
+    for candidate in filter(None, candidates):
+        home = Path(candidate)
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
+
+
+def gencode_flags() -> list[str]:
+    """-gencode flags for TORCH_CUDA_ARCH_LIST (e.g. '8.0;8.6;9.0+PTX'), default sm_80 and sm_90 plus PTX."""
+    flags = []
+    for entry in re.split(r"[;\s,]+", os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS).strip()):
+        if not entry:
+            continue
+        match = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", entry)
+        if match is None:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST entries look like 8.0, 9.0a or 9.0+PTX; got {entry!r}")
+        arch = f"{match[1]}{match[2]}{match[3]}"
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        if match[4]:
+            flags += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
+    return flags
+
+
+def compile_cuda(home: Path, build_dir: Path) -> list[str]:
+    """Compiles every csrc/*.cu with nvcc (MAX_JOBS at a time) into object files; returns their paths."""
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = sorted(CSRC.glob("*.cu"))
+    common = [str(home / "bin" / "nvcc"), "-std=c++20", "-O3", "-Xcompiler", "-fPIC", "-I", str(CSRC),
+              *gencode_flags()]
+
+    def compile_one(source: Path) -> str:
+        target = build_dir / (source.stem + ".o")
+        command = [*common, "-c", str(source), "-o", str(target)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {source.name}:\n{result.stderr}")
+        return str(target)
+
+    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return list(pool.map(compile_one, sources))
+
+
+def cuda_extension():
+    """(ext_modules, cmdclass) for lkconv._C, or ([], {}) when it is not built."""
+    if _flag("LKCONV_SKIP_CUDA_BUILD"):
+        _say("LKCONV_SKIP_CUDA_BUILD=1, installing the pure-Python package")
         return [], {}
-    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
-        print("lkconv: nvcc not found, installing the pure-Python package", file=sys.stderr)
+    home = cuda_home()
+    if home is None:
+        if _flag("LKCONV_FORCE_CUDA"):
+            raise RuntimeError("LKCONV_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+        _say("nvcc not found, installing the pure-Python package (no `cuda` backend)")
         return [], {}
-    # The CUDA kernels (the `cuda` backend) are not written yet: csrc/README.md tracks them.
-    print("lkconv: csrc/ has no CUDA kernels yet, installing the pure-Python package", file=sys.stderr)
-    return [], {}
+
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    class BuildWithNvcc(BuildExtension):
+        """Compiles the .cu files with nvcc first, then links them into the C++ binding."""
+
+        def build_extensions(self):
+            try:
+                objects = compile_cuda(home, Path(self.build_temp) / "cuda")
+            except (RuntimeError, OSError) as error:
+                if _flag("LKCONV_FORCE_CUDA"):
+                    raise
+                _say(f"the CUDA build failed, installing the pure-Python package: {str(error).splitlines()[0]}")
+                self.extensions = []
+                return
+            for extension in self.extensions:
+                extension.extra_objects = objects
+            super().build_extensions()
+
+    extension = CppExtension(
+        "lkconv._C",
+        [str(CSRC.relative_to(ROOT) / "binding.cpp")],
+        include_dirs=[str(CSRC)],
+        library_dirs=[str(home / "lib64"), str(home / "lib")],
+        libraries=["cudart_static", "dl", "rt", "pthread"],
+        extra_compile_args=["-O2", "-std=c++17"],
+    )
+    _say(f"building lkconv._C with {home / 'bin' / 'nvcc'} for {' '.join(gencode_flags()[1::2])}")
+    return [extension], {"build_ext": BuildWithNvcc.with_options(use_ninja=False)}
 
 
-ext_modules, cmdclass = _cuda_extensions()
+ext_modules, cmdclass = cuda_extension()
 
 setup(
     packages=find_packages(include=["lkconv", "lkconv.*"]) + ["lkconv.kernels", "lkconv.benchmarks"],

@@ -1,4 +1,11 @@
-"""GPU checks at realistic shapes: the triton kernels against float64 F.conv2d on the GPU (skipped without CUDA)."""
+"""GPU checks at realistic shapes: the triton and cuda kernels against float64 F.conv2d on the GPU, determinism,
+streams, CUDA graphs, torch.compile and compute-sanitizer (all skipped without CUDA)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +15,9 @@ import lkconv
 from conftest import TF32_TOLERANCE, TOLERANCE, assert_close, reference
 
 pytestmark = pytest.mark.gpu
+
+# Both GPU backends run every check; the cuda one needs lkconv._C, which pip install builds wherever nvcc is.
+GPU_BACKENDS = ["triton", "cuda"]
 
 # (N, C, H, W), K: the issue's (32,384,32,32) K=31 and the RepLKNet-31B stages (REFERENCE.md §4).
 SHAPES = [
@@ -31,9 +41,10 @@ def _inputs(shape, kernel, dtype, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,kernel", SHAPES, ids=[f"{s}-k{k}" for s, k in SHAPES])
-def test_triton_matches_float64_at_realistic_shapes(shape, kernel, dtype, channels_last):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_matches_float64_at_realistic_shapes(backend, shape, kernel, dtype, channels_last):
     x, w, b = _inputs(shape, kernel, dtype, channels_last)
-    with lkconv.use_backend("triton"):
+    with lkconv.use_backend(backend):
         y = lkconv.depthwise_conv2d(x, w, b, padding=kernel // 2)
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, w, b), dy)
@@ -58,10 +69,11 @@ def test_tf32_within_tf32_tolerance_when_allowed():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_weight_grad_bit_identical_over_runs_at_full_size(dtype):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_weight_grad_bit_identical_over_runs_at_full_size(backend, dtype):
     x = torch.randn(32, 384, 32, 32, device="cuda").to(dtype)
     dy = torch.randn(32, 384, 32, 32, device="cuda").to(dtype)
-    with lkconv.use_backend("triton"):
+    with lkconv.use_backend(backend):
         runs = [
             torch.ops.lkconv.depthwise_conv2d_weight_grad(dy, x, [31, 31], [1, 1], [15, 15, 15, 15], [1, 1], True)
             for _ in range(5)
@@ -70,7 +82,8 @@ def test_weight_grad_bit_identical_over_runs_at_full_size(dtype):
         assert torch.equal(grad_weight, runs[0][0]) and torch.equal(grad_bias, runs[0][1])
 
 
-def test_cuda_graph_capture_on_a_side_stream():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_on_a_side_stream(backend):
     """Capture fails if any launch goes to another stream, so this proves the current-stream launch; replays
     must then recompute from new inputs copied into the captured buffers."""
     x, w, b = _inputs((16, 64, 32, 32), 31, torch.bfloat16, False)
@@ -85,7 +98,7 @@ def test_cuda_graph_capture_on_a_side_stream():
         )
         return y, grad_input, grad_weight, grad_bias
 
-    with lkconv.use_backend("triton"):
+    with lkconv.use_backend(backend):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -104,9 +117,10 @@ def test_cuda_graph_capture_on_a_side_stream():
 
 
 @pytest.mark.parametrize("stride,dilation", [(2, 1), (1, 2), (2, 3)])
-def test_strided_and_dilated_large_kernels(stride, dilation):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_strided_and_dilated_large_kernels(backend, stride, dilation):
     x, w, b = _inputs((8, 96, 40, 36), 13, torch.bfloat16, True)
-    with lkconv.use_backend("triton"):
+    with lkconv.use_backend(backend):
         y = lkconv.depthwise_conv2d(x, w, b, stride, 6, dilation)
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, w, b), dy)
@@ -115,7 +129,8 @@ def test_strided_and_dilated_large_kernels(stride, dilation):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_tensors_past_2_to_the_31_elements(channels_last):
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tensors_past_2_to_the_31_elements(backend, channels_last):
     """int64 offsets: the last images and channels of a 2.1e9-element tensor, checked on slices in float64."""
     shape, kernel = (2, 64, 4096, 4100), 7
     assert shape[0] * shape[1] * shape[2] * shape[3] > 2**31
@@ -123,7 +138,7 @@ def test_tensors_past_2_to_the_31_elements(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(shape[1], 1, kernel, kernel, device="cuda", dtype=torch.bfloat16)
-    with lkconv.use_backend("triton"):
+    with lkconv.use_backend(backend):
         y = lkconv.depthwise_conv2d(x, w, padding=3)
         dy = torch.randn_like(y)
         grad_input = torch.ops.lkconv.depthwise_conv2d_input_grad(dy, w, list(shape), [1, 1], [3, 3, 3, 3], [1, 1])
@@ -133,3 +148,57 @@ def test_tensors_past_2_to_the_31_elements(channels_last):
     assert_close(y[:, tail], expected[0], TOLERANCE[torch.bfloat16], "output, last channels")
     assert_close(grad_input[:, tail], expected[1], TOLERANCE[torch.bfloat16], "grad_input, last channels")
     assert_close(grad_weight[tail], expected[2], TOLERANCE[torch.bfloat16], "grad_weight, last channels")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_launches_on_the_current_non_default_stream(backend):
+    """Inputs made on a side stream and used there without synchronising: a launch on another stream would race."""
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side), lkconv.use_backend(backend):
+        x, w, b = _inputs((16, 128, 56, 56), 31, torch.float32, False)
+        y = lkconv.depthwise_conv2d(x, w, b, padding=15)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    side.synchronize()
+    for actual, wanted in zip((y, *grads), reference(x, w, b, 1, 15, 1, dy)):
+        assert_close(actual, wanted, TOLERANCE[torch.float32], f"{backend} on a side stream")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_torch_compile_reduce_overhead(backend):
+    layer = lkconv.DepthwiseConv2d(64, 31, padding=15).cuda()
+    x = torch.randn(8, 64, 32, 32, device="cuda")
+    with lkconv.use_backend(backend):
+        compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # the first calls record the CUDA graph, later ones replay it
+            y = compiled(x)
+    expected = reference(x, layer.weight, layer.bias, 1, 15, 1)[0]
+    assert_close(y, expected, TOLERANCE[torch.float32], f"{backend} compiled with reduce-overhead")
+
+
+MEMCHECK_SCRIPT = """
+import torch, lkconv
+for shape, kernel, stride, dilation, dtype in [((2, 5, 17, 23), 31, 1, 1, torch.float32),
+                                              ((1, 3, 9, 40), 13, 2, 2, torch.bfloat16),
+                                              ((2, 4, 8, 8), 63, 1, 1, torch.float16)]:
+    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(shape[1] * 2, 1, kernel, kernel, device="cuda", dtype=dtype, requires_grad=True)
+    y = lkconv.depthwise_conv2d(x, w, None, stride, kernel // 2, dilation)
+    y.backward(torch.randn_like(y))
+torch.cuda.synchronize()
+print("done")
+"""
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compute_sanitizer_memcheck(backend, tmp_path):
+    home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    sanitizer = shutil.which("compute-sanitizer") or str(home / "bin" / "compute-sanitizer")
+    if not Path(sanitizer).exists():
+        pytest.skip("compute-sanitizer is not installed here")
+    script = tmp_path / "memcheck.py"
+    script.write_text(MEMCHECK_SCRIPT)
+    result = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, str(script)],
+                            capture_output=True, text=True, timeout=500,
+                            env={**os.environ, "LKCONV_BACKEND": backend})
+    assert result.returncode == 0 and "done" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lkconv
-from lkconv.backends import triton_backend
+from lkconv.backends import cuda_backend, triton_backend
 
 from conftest import TOLERANCE, TRITON_DEVICE, assert_close, reference
 
@@ -50,8 +50,12 @@ CASES = [
 ]
 
 
+# The cuda backend (lkconv._C) runs CUDA tensors only: its cases are GPU tests.
+BACKENDS = ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
 def device_for(backend: str) -> str:
-    return TRITON_DEVICE if backend == "triton" else "cpu"
+    return {"triton": TRITON_DEVICE, "cuda": "cuda"}.get(backend, "cpu")
 
 
 def make_input(case: Case, dtype, device) -> torch.Tensor:
@@ -77,20 +81,23 @@ def run_case(case: Case, dtype, device, with_bias=True):
 
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
-    """Triton outputs start as NaN, so an element a kernel never writes fails the comparison."""
-    original = triton_backend.new_buffer
+    """Triton and CUDA outputs start as NaN, so an element a kernel never writes fails the comparison."""
+    for module in (triton_backend, cuda_backend):
+        original = module.new_buffer
 
-    def nan_buffer(*args, **kwargs):
-        return original(*args, **kwargs).fill_(float("nan"))
+        def nan_buffer(*args, _original=original, **kwargs):
+            return _original(*args, **kwargs).fill_(float("nan"))
 
-    monkeypatch.setattr(triton_backend, "new_buffer", nan_buffer)
+        monkeypatch.setattr(module, "new_buffer", nan_buffer)
 
 
 BACKEND_DTYPES = [("torch", torch.float64), ("torch", torch.float32), ("torch", torch.bfloat16),
-                  ("triton", torch.float32), ("triton", torch.bfloat16), ("triton", torch.float16)]
+                  ("triton", torch.float32), ("triton", torch.bfloat16), ("triton", torch.float16)] + [
+    pytest.param("cuda", dtype, marks=pytest.mark.gpu) for dtype in (torch.float32, torch.bfloat16, torch.float16)]
 
 
-@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=[f"{b}-{str(d)[6:]}" for b, d in BACKEND_DTYPES])
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES,
+                         ids=[f"{b}-{str(d)[6:]}" for b, d in (getattr(p, "values", p) for p in BACKEND_DTYPES)])
 @pytest.mark.parametrize("case", CASES, ids=[c.id() for c in CASES])
 def test_output_and_grads_match_float64_reference(case, backend, dtype, poisoned_outputs):
     with lkconv.use_backend(backend):
@@ -104,7 +111,7 @@ def test_output_and_grads_match_float64_reference(case, backend, dtype, poisoned
         assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_without_bias(backend):
     case = Case(2, 3, 2, 9, 8, (5, 7), 1, "same")
     with lkconv.use_backend(backend):
@@ -114,7 +121,7 @@ def test_without_bias(backend):
         assert_close(actual, wanted, TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_only_weight_or_only_bias_requiring_grad(backend):
     device = device_for(backend)
     x = torch.randn(2, 3, 8, 9, device=device)
@@ -136,7 +143,7 @@ def test_unbatched_input_matches_reference():
     assert_close(lkconv.depthwise_conv2d(x, w, padding=(3, 1)), expected, TOLERANCE[torch.float64])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tf32_when_pytorch_allows_it(backend):
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     case = Case(2, 4, 1, 12, 12, (7, 7), 1, 3)
@@ -146,7 +153,7 @@ def test_tf32_when_pytorch_allows_it(backend):
         assert_close(actual, wanted, 3e-3, "tf32")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_weight_and_bias_and_expanded_grad_output(backend, poisoned_outputs):
     """Autograd hands kernels expanded (stride-0) grads; weights may be views. Only strides may be assumed."""
     device = device_for(backend)

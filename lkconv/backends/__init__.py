@@ -14,11 +14,13 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from . import torch_backend, triton_backend
+from . import cuda_backend, torch_backend, triton_backend
 
 NAMES = ("auto", "torch", "triton", "cuda")
-_MODULES = {"torch": torch_backend, "triton": triton_backend}
-_CUDA_UNAVAILABLE = "lkconv was installed without its CUDA C++ extension (lkconv._C); the cuda backend is not built yet"
+_MODULES = {"torch": torch_backend, "triton": triton_backend, "cuda": cuda_backend}
+# What `auto` tries, in order, before falling back to torch. Triton comes first until a GPU has measured which of
+# the two is faster per shape class (the measured choice is owed; see benchmarks/NOTES.md).
+AUTO_ORDER = ("triton", "cuda")
 
 _override: Optional[str] = None  # set_backend: the whole process
 _scoped: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lkconv_backend", default=None)  # use_backend
@@ -52,8 +54,6 @@ def requested_backend() -> str:
 
 def unavailable_reason(name: str) -> Optional[str]:
     """Why backend `name` cannot run on this machine at all, or None if it can."""
-    if name == "cuda":
-        return _CUDA_UNAVAILABLE
     return _MODULES[name].unavailable_reason()
 
 
@@ -123,9 +123,12 @@ def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch
         return Choice(_MODULES[requested], f"forced ({requested!r})")
     if device_type != "cuda":
         return Choice(torch_backend, f"auto: lkconv's kernels run on CUDA tensors; PyTorch answers for {device_type}")
-    skipped = [f"cuda: {_CUDA_UNAVAILABLE}"]
-    reason = triton_backend.unavailable_reason() or triton_backend.unsupported_reason(device, dtype)
-    if reason is None:
-        return Choice(triton_backend, "auto: triton kernels (" + "; ".join(skipped) + ")")
-    skipped.append(f"triton: {reason}")
+    skipped = []
+    for name in AUTO_ORDER:
+        module = _MODULES[name]
+        reason = module.unavailable_reason() or module.unsupported_reason(device, dtype)
+        if reason is None:
+            tried = f" ({'; '.join(skipped)})" if skipped else ""
+            return Choice(module, f"auto: {name} kernels{tried}")
+        skipped.append(f"{name}: {reason}")
     return Choice(torch_backend, "auto: falling back to PyTorch (" + "; ".join(skipped) + ")")

@@ -1,0 +1,69 @@
+// The interface between the torch binding (binding.cpp) and the CUDA kernels (*.cu), free of torch types:
+// plain structs of pointers, sizes and element strides, so strided and channels_last tensors need no copies.
+#pragma once
+
+#include <cstdint>
+
+namespace lkconv {
+
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// One (N, C, H, W) tensor: its data and element strides.
+struct Map {
+  void* data;
+  int64_t n, c, h, w;
+  int64_t stride_n, stride_c, stride_h, stride_w;
+};
+
+// What every pass needs to know about the conv. Output channel `o` reads input channel `o / multiplier`.
+struct Geometry {
+  int64_t multiplier;
+  int kernel_h, kernel_w;
+  int stride_h, stride_w;
+  int pad_top, pad_left;
+  int dilation_h, dilation_w;
+};
+
+struct ForwardArgs {
+  DType dtype;
+  Geometry conv;
+  Map input;           // (N, C, H, W)
+  Map output;          // (N, C*m, OH, OW), written
+  const void* weight;  // (C*m, 1, kh, kw), contiguous
+  const void* bias;    // (C*m,) contiguous, or null
+};
+
+struct InputGradArgs {
+  DType dtype;
+  Geometry conv;
+  Map grad_output;     // (N, C*m, OH, OW)
+  Map grad_input;      // (N, C, H, W), written
+  const void* weight;  // (C*m, 1, kh, kw), contiguous
+};
+
+struct WeightGradArgs {
+  DType dtype;
+  Geometry conv;
+  Map grad_output;     // (N, C*m, OH, OW)
+  Map input;           // (N, C, H, W)
+  float* workspace;    // splits x C*m x (kh*kw + 1) fp32 partial sums (the +1 is the bias)
+  int64_t splits;      // how many row ranges the N*OH reduction is cut into
+  void* grad_weight;   // (C*m, 1, kh, kw), contiguous, written
+  void* grad_bias;     // (C*m,) contiguous, written, or null
+};
+
+// Each launcher enqueues its kernels on `stream` (a cudaStream_t) and returns the cudaError_t of the launch (0 on
+// success).
+int forward(const ForwardArgs& args, void* stream);
+int input_grad(const InputGradArgs& args, void* stream);
+int weight_grad(const WeightGradArgs& args, void* stream);
+
+enum class Pass : int { Forward = 0, InputGrad = 1, WeightGrad = 2 };
+
+// The kernel a launcher picks for a pass with this geometry (what lkconv.explain reports).
+const char* kernel_name(Pass pass, const Geometry& conv);
+
+// cudaGetErrorString for a code the launchers returned.
+const char* error_string(int code);
+
+}  // namespace lkconv

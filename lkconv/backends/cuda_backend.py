@@ -1,0 +1,115 @@
+"""The `cuda` backend: lkconv._C's hand-written CUDA kernels (csrc/), compiled by pip install when nvcc is found.
+
+This module allocates every output and workspace with PyTorch's allocator and calls the extension's ops
+(`torch.ops.lkconv.cuda_*`), which check their arguments and launch on the device's current stream. If the
+extension is missing or fails to import, the backend reports why, and `auto` carries on with the others.
+"""
+
+import functools
+import warnings
+from typing import Optional
+
+import torch
+
+from ..arguments import output_memory_format, output_size
+
+name = "cuda"
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps lkconv (with nvcc on PATH)"
+
+
+@functools.lru_cache(maxsize=None)
+def _import_failure() -> Optional[str]:
+    """None once lkconv._C is loaded; otherwise why not. A broken build warns once, a skipped one stays quiet."""
+    try:
+        from lkconv import _C  # noqa: F401  (loading the library registers the ops)
+    except ModuleNotFoundError:
+        return "lkconv was installed without its CUDA extension lkconv._C (no nvcc at install time)"
+    except ImportError as error:  # built, but cannot load here: say how to fix it, once
+        warnings.warn(f"lkconv._C failed to import ({error}); the cuda backend is off. Reinstall with: {REINSTALL}",
+                      RuntimeWarning, stacklevel=3)
+        return f"lkconv._C failed to import: {error}"
+    return None
+
+
+def extension_loaded() -> bool:
+    return _import_failure() is None
+
+
+def unavailable_reason() -> Optional[str]:
+    if (reason := _import_failure()) is not None:
+        return reason
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_unsupported_reason(index: int) -> Optional[str]:
+    if torch.version.hip:
+        return "lkconv._C is built for NVIDIA GPUs; this is a ROCm build of PyTorch"
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return f"lkconv._C is built for sm_80 and newer; cuda:{index} is sm_{major}{minor}"
+    return None
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if dtype not in DTYPES:
+        return f"the CUDA kernels take float16, bfloat16 and float32 tensors, not {dtype}"
+    if device.type != "cuda":
+        return f"the CUDA kernels run on CUDA tensors; got a {device.type} tensor"
+    return _gpu_unsupported_reason(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation) -> str:
+    """The kernel the extension launches for `pass_name` (it decides, from the kernel size, stride and dilation)."""
+    return torch.ops.lkconv.cuda_kernel_name(pass_name, list(weight_shape[2:]), list(stride), list(dilation))
+
+
+def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """Uninitialised memory for a kernel to fill completely (tests swap in NaN-filled buffers to prove it)."""
+    return torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=memory_format)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def forward(input, weight, bias, stride, padding, dilation):
+    out_hw = [output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
+              for i in range(2)]
+    output = new_buffer((input.shape[0], weight.shape[0], *out_hw), input.dtype, input.device,
+                        output_memory_format(input))
+    bias = bias.contiguous() if bias is not None else None  # autograd may hand in an expanded (stride-0) bias
+    torch.ops.lkconv.cuda_forward(input, weight.contiguous(), bias, list(stride), list(padding), list(dilation),
+                                  output)
+    return output
+
+
+def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
+    grad_input = new_buffer(input_shape, grad_output.dtype, grad_output.device, output_memory_format(grad_output))
+    torch.ops.lkconv.cuda_input_grad(grad_output, weight.contiguous(), list(stride), list(padding), list(dilation),
+                                     grad_input)
+    return grad_input
+
+
+def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with_bias, splits: Optional[int] = None):
+    """Weight grad (and bias grad) from fixed-order fp32 partial sums: bit-identical run to run.
+
+    `splits` cuts the N*OH reduction into that many row ranges; by default enough to give each SM 4 blocks.
+    """
+    out_channels = grad_output.shape[1]
+    taps = kernel_size[0] * kernel_size[1]
+    rows = grad_output.shape[0] * grad_output.shape[2]
+    if splits is None:
+        splits = -(-4 * _multiprocessors(grad_output.device.index or 0) // max(out_channels, 1))
+    splits = max(1, min(splits, rows, 65535))
+    workspace = new_buffer((splits * out_channels * (taps + 1),), torch.float32, grad_output.device)
+    grad_weight = new_buffer((out_channels, 1, *kernel_size), grad_output.dtype, grad_output.device)
+    grad_bias = new_buffer((out_channels if with_bias else 0,), grad_output.dtype, grad_output.device)
+    torch.ops.lkconv.cuda_weight_grad(grad_output, input, list(stride), list(padding), list(dilation), workspace,
+                                      grad_weight, grad_bias if with_bias else None)
+    return grad_weight, grad_bias

@@ -1,0 +1,77 @@
+"""lkconv._C, the CUDA extension, on any machine: it is built wherever nvcc is, it loads with a CPU-only torch,
+its ops are registered for CUDA, and calls it cannot serve are answered cleanly (numerics are GPU tests)."""
+
+import shutil
+
+import pytest
+import torch
+
+import lkconv
+from lkconv.backends import cuda_backend
+
+OPS = ("cuda_forward", "cuda_input_grad", "cuda_weight_grad")
+needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+
+
+@pytest.fixture(autouse=True)
+def default_backend():
+    lkconv.set_backend(None)
+    yield
+    lkconv.set_backend(None)
+
+
+def test_extension_is_built_wherever_nvcc_is():
+    """setup.py builds lkconv._C when nvcc is found; a build that silently fell back to pure Python fails here."""
+    if shutil.which("nvcc") is None:
+        assert not cuda_backend.extension_loaded()
+        assert "without its CUDA extension" in cuda_backend.unavailable_reason()
+    else:
+        assert cuda_backend.extension_loaded(), cuda_backend.unavailable_reason()
+
+
+@pytest.mark.skipif(not cuda_backend.extension_loaded(), reason="lkconv._C is not built (no nvcc at install)")
+class TestLoadedExtension:
+    @pytest.mark.parametrize("op", OPS)
+    def test_ops_are_registered_for_cuda_only(self, op):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lkconv::{op}", "CUDA")
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"lkconv::{op}", "CPU")
+
+    def test_calling_an_op_with_cpu_tensors_raises_instead_of_crashing(self):
+        x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+        out = torch.empty(1, 2, 8, 8)
+        with pytest.raises(NotImplementedError, match=r"cuda_forward.*CPU"):
+            torch.ops.lkconv.cuda_forward(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], out)
+
+    @pytest.mark.parametrize("pass_name,kernel,stride,dilation,expected", [
+        ("forward", [31, 31], [1, 1], [1, 1], "forward_tiled"),
+        ("forward", [5, 51], [2, 2], [1, 1], "forward_tiled"),
+        ("forward", [63, 63], [2, 2], [2, 2], "forward_general"),  # the tile would not fit in shared memory
+        ("input_grad", [31, 31], [1, 1], [1, 1], "input_grad_tiled"),
+        ("input_grad", [7, 7], [2, 2], [1, 1], "input_grad_general"),
+        ("weight_grad", [31, 31], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
+    ])
+    def test_kernel_names_follow_the_geometry(self, pass_name, kernel, stride, dilation, expected):
+        assert torch.ops.lkconv.cuda_kernel_name(pass_name, kernel, stride, dilation) == expected
+
+    def test_kernel_name_rejects_bad_arguments_by_name(self):
+        with pytest.raises(RuntimeError, match="pass_name must be forward, input_grad or weight_grad; got 'backward'"):
+            torch.ops.lkconv.cuda_kernel_name("backward", [3, 3], [1, 1], [1, 1])
+        with pytest.raises(RuntimeError, match="stride entries must be >= 1"):
+            torch.ops.lkconv.cuda_kernel_name("forward", [3, 3], [0, 1], [1, 1])
+        with pytest.raises(RuntimeError, match="kernel must have 2 entries; got 3"):
+            torch.ops.lkconv.cuda_kernel_name("forward", [3, 3, 3], [1, 1], [1, 1])
+
+
+@needs_cpu_only
+def test_auto_falls_back_and_a_forced_cuda_backend_refuses_cpu_tensors():
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+    assert lkconv.explain(x, w, padding=1).backend == "torch"
+    expected = torch.nn.functional.conv2d(x, w, padding=1, groups=2)
+    assert torch.equal(lkconv.depthwise_conv2d(x, w, padding=1), expected)
+    with pytest.raises(lkconv.BackendUnavailableError, match=r"'cuda'.*no CUDA GPU"):
+        lkconv.set_backend("cuda")
+
+
+def test_unsupported_reasons_name_the_tensor():
+    assert "CUDA tensors" in cuda_backend.unsupported_reason(torch.device("cpu"), torch.float32)
+    assert "float64" in cuda_backend.unsupported_reason(torch.device("cuda", 0), torch.float64)

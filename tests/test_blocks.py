@@ -1039,3 +1039,27 @@ def test_decomposed_block_has_no_small_branch_when_it_equals_the_thin_kernels():
         expected = block(x)
         block.reparameterize()
         assert_close(block(x), expected, TOLERANCE[torch.float32], "SLaK K=5 merge")
+
+
+def test_reparameterize_model_keeps_replaced_modules_alive_until_the_walk_ends():
+    """The walk remembers modules by id; a replaced module freed mid-walk could hand its id to a module created
+    later (a merged conv), which would then be swapped for the stale replacement. CI once saw exactly that."""
+    import weakref
+
+    class Fusable(nn.Module):
+        def fuse(self):
+            return nn.Conv2d(2, 2, 1)
+
+    seen = []
+
+    class Probe(nn.Module):
+        def switch_to_deploy(self):
+            seen.append(alive() is not None)
+
+    original = Fusable()
+    alive = weakref.ref(original)
+    model = nn.Sequential(nn.Sequential(original), Probe())
+    del original
+    reparameterize_model(model, inplace=True)
+    assert seen == [True]
+    assert isinstance(model[0][0], nn.Conv2d)

@@ -33,11 +33,14 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     return _merge(model, {})
 
 
-def _merge(module: nn.Module, done: dict[int, nn.Module]) -> nn.Module:
+def _merge(module: nn.Module, done: dict[int, tuple[nn.Module, nn.Module]]) -> nn.Module:
+    # `done` maps id(original) to (original, merged). Holding the original keeps it alive for the whole walk, so
+    # its id cannot be reused by a module created later (a replacement from fuse() or to_conv()).
     if id(module) in done:
-        return done[id(module)]
+        return done[id(module)][1]
     merged = _merge_one(module)
-    done[id(module)] = done[id(merged)] = merged
+    done[id(module)] = (module, merged)
+    done[id(merged)] = (merged, merged)
     # Not named_children(): it skips a child already seen under another name, which would keep the old module there.
     for name, child in list(merged._modules.items()):
         if child is None:

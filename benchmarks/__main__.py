@@ -10,14 +10,15 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from . import model_suite, op_suite, paper_table, plots, presets, report
 from .progress import Progress
-from .provenance import device_name, provenance
+from .provenance import provenance
 from .roofline import PASSES, ConvCase
-from .timing import Budget, set_fp32_math
+from .timing import Budget, CudaContextLost, release_memory, set_fp32_math
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUITES = ("op", "table1", "model")
@@ -115,7 +116,9 @@ def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
             resolutions=d["table_resolutions"], kernels=args.table_kernels, batch=d["table_batch"],
             channels=d["table_channels"], dtypes=d["table_dtypes"], passes=d["table_passes"], tf32=args.tf32,
             budget=budget)
-        units += [("table1", dataclasses.replace(table, resolutions=(r,))) for r in table.resolutions]
+        # One unit per (resolution, dtype, pass): the slow ones (R=64, fwd+bwd) then spread over chunks.
+        units += [("table1", dataclasses.replace(table, resolutions=(r,), dtypes=(dtype,), passes=(pass_name,)))
+                  for r in table.resolutions for dtype in table.dtypes for pass_name in table.passes]
     if "model" in args.suites:
         # A training step takes hundreds of ms on a GPU: a longer window gives a median of several samples.
         model_budget = budget._replace(rep_ms=max(budget.rep_ms, 500.0))
@@ -133,18 +136,25 @@ def measurements(suite: str, work) -> int:
     return work[1].measurements_per_case() if suite == "op" else work.measurements()
 
 
-def run(units: list, progress: Progress) -> list[dict]:
+def run(units: list, progress: Progress, save) -> tuple[list[dict], Optional[str]]:
+    """Runs the units in order, saving after each; stops early (keeping what it has) when interrupted or when a
+    CUDA error made the context unusable. Returns the rows and why it stopped early, if it did."""
     rows = []
     for suite, work in units:
-        if suite == "op":
-            rows += op_suite.run_case(*work, progress)
-        elif suite == "table1":
-            rows += paper_table.run(work, progress)
-        else:
-            rows += model_suite.run(work, progress)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return rows
+        try:
+            if suite == "op":
+                rows += op_suite.run_case(*work, progress)
+            elif suite == "table1":
+                rows += paper_table.run(work, progress)
+            else:
+                rows += model_suite.run(work, progress)
+            release_memory()
+        except CudaContextLost as error:
+            return rows, f"stopped: the CUDA context was lost ({error})"
+        except KeyboardInterrupt:
+            return rows, "stopped: interrupted (SIGINT, e.g. a time limit)"
+        save(rows, None)
+    return rows, None
 
 
 def settings_note(args: argparse.Namespace) -> dict:
@@ -160,6 +170,7 @@ def settings_note(args: argparse.Namespace) -> dict:
 
 def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, with_plots: bool) -> None:
     paths = report.write(out, stem, rows, meta)
+    with_plots = with_plots and bool(rows)
     if with_plots:
         if plots.available():
             paths += plots.write_all(rows, out, meta.get("device", "?"))
@@ -172,27 +183,40 @@ def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, with_plots
 def main_run(argv) -> int:
     args = resolve(parser().parse_args(argv))
     if not torch.cuda.is_available():
-        print(f"No CUDA GPU here: running the CPU defaults (preset 'cpu' instead of '{args.asked_preset}'), small "
-              "shapes on the torch backend.\nGPU numbers need a GPU; nothing below says how fast lkconv is on one.")
+        instead = "" if args.asked_preset == "cpu" else f" instead of '{args.asked_preset}'"
+        print(f"No CUDA GPU here: running the CPU defaults (preset 'cpu'{instead}), small shapes on the torch "
+              "backend.\nGPU numbers need a GPU; nothing below says how fast lkconv is on one.")
         torch.set_num_threads(1)  # on a small shared machine, oversubscribed threads turn ms calls into time slices
     set_fp32_math(args.tf32)
+    # cuDNN picks its fastest algorithm in the (untimed) first call, so the baseline is cuDNN at its best.
+    torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     meta = provenance(settings_note(args))
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
           f"commit {(meta['git_commit'] or 'unknown')[:12]} | preset {args.preset} | fp32 {meta['fp32_math']}")
     units = work_units(args)
     progress = Progress(sum(measurements(suite, work) for suite, work in units))
-    rows = run(units, progress)
+    stem = f"results-chunk{args.chunk[0]}of{args.chunk[1]}" if args.chunk else "results"
+
+    def save(rows, stopped):
+        if args.out is not None:
+            report.write(args.out, stem, rows, {**meta, "stopped_early": stopped})
+
+    rows, stopped = run(units, progress, save)
     progress.close()
+    meta["stopped_early"] = stopped
     if args.out is not None:
-        stem = f"results-chunk{args.chunk[0]}of{args.chunk[1]}" if args.chunk else "results"
         write_outputs(args.out, stem, rows, meta, not args.no_plots)
     failed = report.errors(rows)
     for line in failed:
         print(f"FAILED {line}")
+    for line in report.skipped(rows):
+        print(f"skipped {line}")
+    if stopped:
+        print(stopped.upper())
     print()
     print(report.short_table(rows))
-    return 1 if failed and args.strict else 0
+    return 1 if (failed or stopped) and args.strict else 0
 
 
 def main_report(argv) -> int:
@@ -201,7 +225,10 @@ def main_report(argv) -> int:
                                             "and PNG plots.")
     p.add_argument("folder", type=Path)
     args = p.parse_args(argv)
-    rows, metas = report.load(args.folder)
+    try:
+        rows, metas = report.load(args.folder)
+    except (OSError, ValueError, KeyError) as error:
+        p.error(f"cannot read results from {args.folder}: {error}")
     meta = {"merged_from": [m["file"] for m in metas], **{k: v for k, v in metas[0].items() if k != "file"}}
     write_outputs(args.folder, "combined", rows, meta, True)
     print(report.short_table(rows))

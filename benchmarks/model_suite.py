@@ -198,8 +198,8 @@ def summary_table(rows: list[dict]) -> str:
         speedup = ours.get("speedup_vs_pytorch")
         lines.append("| " + " | ".join([
             *map(str, key), _number(ours.get("images_per_s"), 1), _number(theirs.get("images_per_s"), 1),
-            "—" if speedup is None else f"{speedup:.2f}×", _number(ours.get("peak_memory_mb")),
-            _number(theirs.get("peak_memory_mb")),
+            "—" if speedup is None else f"{speedup:.2f}×", _number(ours.get("peak_memory_mib")),
+            _number(theirs.get("peak_memory_mib")),
         ]) + " |")
     lines += ["", f"lkconv against the same model on plain PyTorch convs (lkconv.revert). bf16 = autocast. "
                   f"Training: {TRAINING_STEP}. Peak memory is per call, on a GPU only."]

@@ -84,7 +84,9 @@ def pytorch_passes(case: ConvCase, t: Inputs) -> dict[str, Callable]:
 
 
 def compiled_passes(case: ConvCase, t: Inputs) -> dict[str, Callable]:
-    """torch.compile of PyTorch's conv (inductor's default mode); compiled once per case before timing."""
+    """torch.compile of PyTorch's conv (inductor's default mode, which calls aten's conv for a depthwise conv);
+    compiled once per case before timing, from a fresh dynamo state so no case hits the recompile limit."""
+    torch._dynamo.reset()
     c, padding = case.shape[1], list(case.padding)
     conv = torch.compile(lambda x, w: F.conv2d(x, w, None, 1, padding, 1, c), dynamic=False)
     return {"forward": lambda: conv(t.input, t.weight), "fwd_bwd": _fwd_bwd(conv, t)}
@@ -112,7 +114,7 @@ def baseline_label(baseline: str) -> str:
     """What answers PyTorch's call (REFERENCE.md §1): native kernels for NCHW, cuDNN for channels_last."""
     if not torch.cuda.is_available():
         return "PyTorch CPU conv"
-    return {"nchw": "aten native depthwise", "channels_last": "cuDNN", "compile": "inductor"}[baseline]
+    return {"nchw": "aten native depthwise", "channels_last": "cuDNN", "compile": "inductor (aten conv)"}[baseline]
 
 
 def _row(case: ConvCase, pass_name: str, impl: str, layout: str, runs_on: str) -> dict:
@@ -126,8 +128,12 @@ def _timed(row: dict, case: ConvCase, fn: Callable, settings: OpSettings) -> dic
     try:
         timing = measure(fn, settings.budget)
     except Exception as error:  # noqa: BLE001 - reported in the row and at the end
-        release_memory()
-        return {**row, **failure(error)}
+        fields = failure(error)
+    else:
+        fields = None
+    if fields is not None:
+        release_memory()  # here, once the traceback no longer holds the failed call's tensors
+        return {**row, **fields}
     row.update(timing._asdict())
     row["tflops"] = useful_flops(case, row["pass"]) / (timing.median_ms * 1e-3) / 1e12
     if torch.cuda.is_available():
@@ -159,15 +165,15 @@ def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[d
                 with lkconv.use_backend(backend):
                     runs_on = lkconv.explain(t.input, t.weight, None, 1, case.padding).backend
             except lkconv.BackendUnavailableError as error:
-                runs_on, unavailable = "unavailable", str(error)
+                runs_on, unavailable = "unavailable", error
             else:
-                unavailable = ""
+                unavailable = None
             passes = lkconv_passes(case, t)
             for pass_name in settings.passes:
                 progress.update(f"{case.label} {pass_name} lkconv[{backend}] {layout}")
                 row = _row(case, pass_name, f"lkconv[{backend}]", layout, runs_on)
-                if unavailable:
-                    rows.append({**row, **failure(lkconv.BackendUnavailableError(unavailable))})
+                if unavailable is not None:
+                    rows.append({**row, **failure(unavailable)})
                 else:
                     with lkconv.use_backend(backend):
                         rows.append(_timed(row, case, passes[pass_name], settings))

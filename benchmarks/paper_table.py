@@ -234,10 +234,10 @@ def _ratio(reference: Optional[float], own: Optional[float]) -> str:
 
 
 def paper_layout(rows: list[dict], reference: bool = True) -> str:
-    """Markdown in the paper's layout: a row per kernel size and, per resolution, PyTorch (NCHW, the paper's
-    baseline; channels_last too when measured) and lkconv latency with the speed-up; one table per (dtype, pass).
+    """Markdown in the paper's layout: a row per (R, implementation), a column per kernel size, and a speed-up row
+    per R (PyTorch NCHW, the paper's baseline, over lkconv); one table per (dtype, pass).
 
-    With `reference`, the fp32 forward table at the paper's sizes also shows the paper's own numbers.
+    With `reference`, the fp32 forward table at the paper's sizes also shows the paper's own rows.
     """
     rows = [row for row in rows if row.get("suite") == "table1"]
     groups = dict.fromkeys((row["dtype"], row["pass"]) for row in rows)
@@ -245,55 +245,52 @@ def paper_layout(rows: list[dict], reference: bool = True) -> str:
                        for group in groups)
 
 
+def _implementation_label(impl: str, layout: str, one_lkconv: bool) -> str:
+    if impl.startswith("pytorch"):
+        return "PyTorch" + (" channels_last" if layout == "channels_last" else "")
+    return ("lkconv" if one_lkconv else impl) + (" channels_last" if layout == "channels_last" else "")
+
+
 def _table(rows: list[dict], reference: bool) -> str:
     first = rows[0]
     median = {(row["resolution"], row["kernel"], row["impl"], row["layout"]): row["median_ms"] for row in rows}
     resolutions = sorted({row["resolution"] for row in rows})
     kernels = sorted({row["kernel"] for row in rows})
-    variants = list(dict.fromkeys((row["impl"], row["layout"]) for row in rows if row["impl"].startswith("lkconv")))
-    one_lkconv = len({impl for impl, _ in variants}) == 1
-    with_channels_last = any(row["impl"] == "pytorch[channels_last]" for row in rows)
+    implementations = list(dict.fromkeys((row["impl"], row["layout"]) for row in rows))
+    one_lkconv = len({impl for impl, _ in implementations if impl.startswith("lkconv")}) <= 1
     with_paper = reference and (first["dtype"], first["pass"]) == ("float32", "forward") and all(
         first[name] == size for name, size in PAPER_SIZES.items())
 
-    def cells(resolution: int, kernel: int) -> list[tuple[str, str]]:
-        """(header, value) pairs of one resolution's columns in the row of one kernel size."""
-        pytorch = median.get((resolution, kernel, "pytorch[nchw]", "nchw"))
-        channels_last = median.get((resolution, kernel, "pytorch[channels_last]", "channels_last"))
-        prefix = f"R={resolution}"
-        pairs = [(f"{prefix} PyTorch (ms)", _ms(pytorch))]
-        if with_channels_last:
-            pairs.append((f"{prefix} PyTorch channels_last (ms)", _ms(channels_last)))
-        for impl, layout in variants:
-            own = median.get((resolution, kernel, impl, layout))
-            label = ("lkconv" if one_lkconv else impl) + (" channels_last" if layout == "channels_last" else "")
-            pairs += [(f"{prefix} {label} (ms)", _ms(own)), (f"{prefix} {label} faster by", _ratio(pytorch, own))]
-            if with_channels_last:
-                pairs.append((f"{prefix} {label} vs channels_last", _ratio(channels_last, own)))
-        if with_paper:
-            pairs += [(f"{prefix} {PAPER_SOURCE}: {impl} (ms)",
-                       _ms(PAPER_TABLE1.get((resolution, impl), {}).get(kernel))) for impl in ("PyTorch", "MegEngine")]
-        return pairs
-
-    headers = ["K"] + [header for resolution in resolutions for header, _ in cells(resolution, kernels[0])]
     lines = [
         f"**Table 1, {first['dtype']}, {'forward' if first['pass'] == 'forward' else 'forward + backward'}**: "
         f"{first['layers']} stacked depthwise layers on ({first['batch']}, {first['channels']}, R, R), median ms; "
-        "faster by = PyTorch NCHW / lkconv, vs channels_last = PyTorch channels_last / lkconv.",
+        "'faster by' = PyTorch NCHW / lkconv.",
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "---:|" * len(headers),
+        "| R | implementation | " + " | ".join(f"K={k}" for k in kernels) + " |",
+        "|---|---|" + "---:|" * len(kernels),
     ]
-    for kernel in kernels:
-        values = [value for resolution in resolutions for _, value in cells(resolution, kernel)]
-        lines.append(f"| {kernel} | " + " | ".join(values) + " |")
+    for resolution in resolutions:
+        for impl, layout in implementations:
+            values = [_ms(median.get((resolution, k, impl, layout))) for k in kernels]
+            lines.append(f"| {resolution} | {_implementation_label(impl, layout, one_lkconv)} | "
+                         + " | ".join(values) + " |")
+        for impl, layout in implementations:
+            if impl.startswith("lkconv"):
+                values = [_ratio(median.get((resolution, k, "pytorch[nchw]", "nchw")), median.get(
+                    (resolution, k, impl, layout))) for k in kernels]
+                lines.append(f"| {resolution} | {_implementation_label(impl, layout, one_lkconv)} faster by | "
+                             + " | ".join(values) + " |")
+        if with_paper:
+            for impl in ("PyTorch", "MegEngine"):
+                values = [_ms(PAPER_TABLE1.get((resolution, impl), {}).get(k)) for k in kernels]
+                lines.append(f"| {resolution} | {PAPER_SOURCE}: {impl} | " + " | ".join(values) + " |")
     lines.append("")
     ran_on = {}
     for row in rows:
         ran_on.setdefault(f"{row['impl']} {row['layout']}", {})[row.get("runs_on") or "—"] = None
     lines.append("Ran on: " + "; ".join(f"{name}: {', '.join(places)}" for name, places in ran_on.items()) + ".")
     if with_paper:
-        lines.append(f"'{PAPER_SOURCE}' columns: the paper's Table 1 (fp32, PyTorch 1.9 + cuDNN 7.6.5; MegEngine = "
+        lines.append(f"'{PAPER_SOURCE}' rows: the paper's Table 1 (fp32, PyTorch 1.9 + cuDNN 7.6.5; MegEngine = "
                      "the paper's kernel), not measured here.")
     if failed := sum(1 for row in rows if row.get("error")):
         lines.append(f"{failed} of {len(rows)} measurements failed (—); the error column of the CSV says why.")

@@ -1,6 +1,7 @@
 """Where numbers came from: machine, driver, library versions, git commit, date and the exact command."""
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -31,24 +32,32 @@ def device_name() -> str:
 def provenance(settings: dict) -> dict:
     """Everything needed to tell later which machine and code produced the numbers, plus the run's `settings`."""
     import numpy
-    import triton
 
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     on_gpu = torch.cuda.is_available()
-    status = _command_output("git", "status", "--porcelain", "--untracked-files=no")
+    in_repository = _command_output("git", "rev-parse", "--show-toplevel") == str(REPO)
+    status = _command_output("git", "status", "--porcelain", "--untracked-files=no") if in_repository else None
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _command_output("git", "rev-parse", "HEAD"),
+        # A copy of the tree without .git (as on a lent GPU machine) passes the commit in LKCONV_GIT_COMMIT.
+        "git_commit": (_command_output("git", "rev-parse", "HEAD") if in_repository else None)
+        or os.environ.get("LKCONV_GIT_COMMIT"),
         "git_dirty": None if status is None else bool(status),
         "device": device_name(),
         "driver": _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if on_gpu else None,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if on_gpu else None,
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": triton_version,
         "numpy": numpy.__version__,
         "python": platform.python_version(),
         "lkconv": lkconv.__version__,
         "lkconv_backends_available": lkconv.available_backends(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, *getattr(sys, "orig_argv", sys.argv)[1:]]),
         **settings,
     }

@@ -33,18 +33,18 @@ def markdown(header: list[str], lines: list[list[str]]) -> str:
 
 def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
     """Op rows: time, spread, speed-up over each PyTorch baseline, TFLOP/s, % of the H100 floor, peak memory."""
-    header = ["shape", "K", "dtype", "pass", "impl", "layout", "runs on", "median ms", "p20–p80 ms",
+    header = ["shape", "K", "dtype", "pass", "impl", "layout", "runs on", "median ms", "p20–p80 ms (n)",
               "vs NCHW", "vs CL", "vs compile", "TFLOP/s", "% floor", "% fp32 FMA", "peak MiB"]
     lines = []
     for r in rows:
         if r.get("suite") != "op" or (lkconv_only and not r["impl"].startswith("lkconv")):
             continue
-        failed = bool(r.get("error"))
-        memory = r.get("peak_memory_mb")
+        failed = bool(r.get("error") or r.get("skipped"))
+        memory = r.get("peak_memory_mib")
         lines.append([
             r["shape"], r["kernel"], r["dtype"], r["pass"], r["impl"], r["layout"], r["runs_on"],
-            "error" if failed else _ms(r["median_ms"]),
-            "—" if failed else f"{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])}",
+            ("skipped" if r.get("skipped") else "error") if failed else _ms(r["median_ms"]),
+            "—" if failed else f"{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])} ({r.get('samples', '?')})",
             _ratio(r.get("speedup_vs_nchw")), _ratio(r.get("speedup_vs_channels_last")),
             _ratio(r.get("speedup_vs_compile")),
             "—" if failed else f"{r['tflops']:.3g}", _percent(r.get("floor_fraction")),
@@ -53,10 +53,17 @@ def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
     return markdown(header, lines) if lines else ""
 
 
-def errors(rows: list[dict]) -> list[str]:
+def _describe(r: dict) -> str:
     keys = ("suite", "shape", "kernel", "resolution", "dtype", "pass", "mode", "precision", "impl", "layout", "form")
-    return [" ".join(str(r[k]) for k in keys if r.get(k) not in (None, "")) + f": {r['error']}"
-            for r in rows if r.get("error")]
+    return " ".join(str(r[k]) for k in keys if r.get(k) not in (None, ""))
+
+
+def skipped(rows: list[dict]) -> list[str]:
+    return [f"{_describe(r)}: {r['skipped']}" for r in rows if r.get("skipped")]
+
+
+def errors(rows: list[dict]) -> list[str]:
+    return [f"{_describe(r)}: {r['error']}" for r in rows if r.get("error")]
 
 
 def full_report(rows: list[dict], meta: dict) -> str:
@@ -73,6 +80,9 @@ def full_report(rows: list[dict], meta: dict) -> str:
     failed = errors(rows)
     if failed:
         parts += ["## Errors", "\n".join(f"- {line}" for line in failed)]
+    not_run = skipped(rows)
+    if not_run:
+        parts += ["## Skipped (backend not available here)", "\n".join(f"- {line}" for line in not_run)]
     return "\n\n".join(parts) + "\n"
 
 

@@ -1,5 +1,5 @@
-"""Synchronised timing: CUDA events through triton's do_bench on a GPU (L2 flushed, median and 20/80 percentiles),
-wall-clock per call on a CPU; plus the peak memory one call allocates."""
+"""Synchronised timing: CUDA events on a GPU (triton's do_bench for fast calls, which flushes L2 between them; an
+event loop with at least a few samples for slow ones), wall-clock per call on a CPU; plus peak memory."""
 
 import gc
 import statistics
@@ -8,12 +8,15 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+import lkconv
+
 
 class Timing(NamedTuple):
     median_ms: float
     p20_ms: float
     p80_ms: float
-    peak_memory_mb: Optional[float]
+    samples: int
+    peak_memory_mib: Optional[float]  # max allocated during one call, everything live included (GPU only)
 
 
 class Budget(NamedTuple):
@@ -22,40 +25,61 @@ class Budget(NamedTuple):
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
     cpu_seconds: float = 0.2
+    min_samples: int = 5  # slow calls are still timed this often, so the spread means something
+
+
+class CudaContextLost(RuntimeError):
+    """A CUDA error poisoned the context (illegal address, launch failure): no later measurement can be trusted."""
 
 
 def measure(fn: Callable, budget: Budget) -> Timing:
     return time_gpu(fn, budget) if torch.cuda.is_available() else time_cpu(fn, budget)
 
 
+def _quantiles(times: list[float], samples: int) -> Timing:
+    if len(times) == 1:
+        return Timing(times[0], times[0], times[0], samples, None)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(statistics.median(times), deciles[1], deciles[7], samples, None)
+
+
 def time_gpu(fn: Callable, budget: Budget) -> Timing:
-    from triton.testing import do_bench
-
-    median, p20, p80 = do_bench(fn, warmup=budget.warmup_ms, rep=budget.rep_ms, quantiles=[0.5, 0.2, 0.8])
-    return Timing(median, p20, p80, peak_memory_mb(fn))
-
-
-def peak_memory_mb(fn: Callable) -> float:
-    """GPU memory one call allocates beyond what is already live (outputs, activations and workspace)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+    """The first call warms up (JIT, autotuning, cuDNN benchmark) and measures peak memory and a first estimate."""
     fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate, peak = start.elapsed_time(end), torch.cuda.max_memory_allocated() / 2**20
+    if estimate * budget.min_samples <= budget.rep_ms:
+        from triton.testing import do_bench
+
+        median, p20, p80 = do_bench(fn, warmup=budget.warmup_ms, rep=budget.rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(median, p20, p80, max(1, int(budget.rep_ms / max(estimate, 1e-3))), peak)
+    # Slow calls: do_bench would time one or two; L2 flushing is moot when a call streams far more than L2 holds.
+    times = []
+    for _ in range(budget.min_samples):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return _quantiles(times, len(times))._replace(peak_memory_mib=peak)
 
 
 def time_cpu(fn: Callable, budget: Budget) -> Timing:
-    """Single calls timed with perf_counter for a fixed budget (at least 5 calls), after two warm-up calls."""
+    """Single calls timed with perf_counter for a fixed budget (at least min_samples), after two warm-up calls."""
     fn(), fn()
     times = []
     start = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < budget.cpu_seconds and len(times) < 1000):
+    while len(times) < budget.min_samples or (time.perf_counter() - start < budget.cpu_seconds and len(times) < 1000):
         begin = time.perf_counter()
         fn()
         times.append((time.perf_counter() - begin) * 1e3)
-    deciles = statistics.quantiles(times, n=10, method="inclusive")
-    return Timing(statistics.median(times), deciles[1], deciles[7], None)
+    return _quantiles(times, len(times))
 
 
 def set_fp32_math(tf32: bool) -> None:
@@ -64,14 +88,33 @@ def set_fp32_math(tf32: bool) -> None:
 
 
 def failure(error: Exception) -> dict:
-    """The timing fields of a row whose measurement raised `error`: a benchmark run never stops at one failure."""
+    """The timing fields of a row whose measurement raised `error`: a benchmark run never stops at one failure.
+
+    A backend this machine lacks (BackendUnavailableError) makes the row skipped, not failed.
+
+    Raises CudaContextLost instead when the error left the CUDA context unusable, so the run stops and writes
+    what it has rather than recording every later measurement as failed.
+    """
     message = str(error).splitlines()[0] if str(error) else ""
-    return {"median_ms": None, "p20_ms": None, "p80_ms": None, "peak_memory_mb": None,
-            "error": f"{type(error).__name__}: {message}"}
+    empty = {"median_ms": None, "p20_ms": None, "p80_ms": None, "samples": 0, "peak_memory_mib": None}
+    if isinstance(error, lkconv.BackendUnavailableError):  # not a failure: this machine lacks that backend
+        return {**empty, "error": "", "skipped": message}
+    if torch.cuda.is_available() and not _context_usable():
+        raise CudaContextLost(f"{type(error).__name__}: {message}") from error
+    return {**empty, "error": f"{type(error).__name__}: {message}"}
+
+
+def _context_usable() -> bool:
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except RuntimeError:
+        return False
+    return True
 
 
 def release_memory() -> None:
     """Hands cached GPU blocks back, so the next, differently sized tensors (or the step after an OOM) can fit."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if torch.cuda.is_available() and not _context_usable():
+        raise CudaContextLost("the CUDA context became unusable")

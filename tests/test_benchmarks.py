@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lkconv
+
 from lkconv.benchmarks import __main__ as cli
 from lkconv.benchmarks import report
 from lkconv.benchmarks.progress import Progress
@@ -65,7 +67,8 @@ def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, ca
     model_rows = [r for r in rows if r["suite"] == "model"]
     assert {r["impl"] for r in model_rows} == {"lkconv", "pytorch"}
     assert all(r["images_per_s"] > 0 for r in model_rows)
-    for name in ("results.csv", "results.md", "op_latency.png", "table1.png", "model_throughput.png"):
+    plots = ("op_latency.png", "table1.png", "model_throughput.png") if cli.plots.available() else ()
+    for name in ("results.csv", "results.md", *plots):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "RepLKNet paper, Table 1" in (tmp_path / "results.md").read_text()
     assert printed.rstrip().endswith(report.short_table(rows).rstrip()), "the short table is printed last"
@@ -87,19 +90,57 @@ def test_chunks_partition_the_work_and_report_merges_them(tmp_path):
     meta, rows = read_results(tmp_path, "combined")
     assert meta["merged_from"] == ["results-chunk1of2.json", "results-chunk2of2.json"]
     assert {r["kernel"] for r in rows} == {"3x3", "5x3"}
-    assert (tmp_path / "op_latency.png").stat().st_size > 0
+    assert (tmp_path / "op_latency.png").exists() == cli.plots.available()
 
 
-def test_a_failing_measurement_is_reported_not_raised(tmp_path, capsys):
-    """The cuda backend is not built here: its rows carry the error, the run finishes, --strict makes it fail."""
+def test_without_matplotlib_the_results_are_written_and_the_fix_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.plots, "available", lambda: False)
+    assert cli.main(["--suites", "op", "--passes", "forward", "--out", str(tmp_path)] + TINY) == 0
+    assert f"python -m benchmarks report {tmp_path}" in capsys.readouterr().out
+    assert (tmp_path / "results.json").exists() and not list(tmp_path.glob("*.png"))
+
+
+def test_an_unavailable_backend_is_skipped_not_failed(tmp_path, capsys):
+    """The cuda backend cannot run here (no GPU): its rows say why, and even --strict does not count them."""
     arguments = ["--suites", "op", "--backends", "auto", "cuda", "--passes", "forward"] + TINY
+    assert cli.main(arguments + ["--out", str(tmp_path), "--strict"]) == 0
+    _, rows = read_results(tmp_path)
+    skipped = [r for r in rows if r.get("skipped")]
+    assert skipped and all(r["impl"] == "lkconv[cuda]" and not r["error"] for r in skipped)
+    assert all(r["median_ms"] > 0 for r in rows if not r.get("skipped"))
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_a_failing_measurement_is_reported_not_raised(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(lkconv, "depthwise_conv2d", broken)
+    arguments = ["--suites", "op", "--passes", "forward", "fwd_bwd"] + TINY
     assert cli.main(arguments + ["--out", str(tmp_path)]) == 0
     _, rows = read_results(tmp_path)
     failed = [r for r in rows if r["error"]]
-    assert failed and all(r["impl"] == "lkconv[cuda]" and "BackendUnavailableError" in r["error"] for r in failed)
-    assert all(r["median_ms"] > 0 for r in rows if not r["error"])
+    assert failed and all(r["impl"] == "lkconv[auto]" and "kernel exploded" in r["error"] for r in failed)
+    assert all(r["median_ms"] > 0 for r in rows if r["impl"].startswith("pytorch"))
     assert "FAILED" in capsys.readouterr().out
     assert cli.main(arguments + ["--strict"]) == 1
+
+
+def test_an_interrupted_run_keeps_the_units_it_finished(tmp_path, monkeypatch):
+    """A time limit sends SIGINT: the finished units are on disk, and the results say the run stopped early."""
+    real_run_case, calls = cli.op_suite.run_case, []
+
+    def interrupt_second(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_case(*args)
+
+    monkeypatch.setattr(cli.op_suite, "run_case", interrupt_second)
+    assert cli.main(["--suites", "op", "--out", str(tmp_path), "--no-plots"] + TINY) == 0
+    meta, rows = read_results(tmp_path)
+    assert "interrupted" in meta["stopped_early"]
+    assert {r["kernel"] for r in rows} == {"3x3"}
 
 
 @pytest.mark.parametrize("arguments,message", [
@@ -114,9 +155,10 @@ def test_bad_options_name_the_problem(arguments, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_report_without_results_names_the_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no results"):
+def test_report_without_results_names_the_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
         cli.main(["report", str(tmp_path)])
+    assert f"cannot read results from {tmp_path}: no results" in capsys.readouterr().err
 
 
 def test_progress_counts_and_estimates(capsys):

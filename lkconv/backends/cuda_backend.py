@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..arguments import output_memory_format, output_size
+from .gpu import unsupported_gpu_reason
 
 name = "cuda"
 
@@ -45,22 +46,12 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu_unsupported_reason(index: int) -> Optional[str]:
-    if torch.version.hip:
-        return "lkconv._C is built for NVIDIA GPUs; this is a ROCm build of PyTorch"
-    major, minor = torch.cuda.get_device_capability(index)
-    if major < 8:
-        return f"lkconv._C is built for sm_80 and newer; cuda:{index} is sm_{major}{minor}"
-    return None
-
-
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if dtype not in DTYPES:
         return f"the CUDA kernels take float16, bfloat16 and float32 tensors, not {dtype}"
     if device.type != "cuda":
         return f"the CUDA kernels run on CUDA tensors; got a {device.type} tensor"
-    return _gpu_unsupported_reason(device.index if device.index is not None else torch.cuda.current_device())
+    return unsupported_gpu_reason(device.index if device.index is not None else torch.cuda.current_device(), "cuda")
 
 
 def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation) -> str:

@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from ..arguments import output_memory_format, output_size
+from .gpu import unsupported_gpu_reason
 
 name = "triton"
 
@@ -104,16 +105,6 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _gpu_unsupported_reason(index: int) -> Optional[str]:
-    if torch.version.hip:
-        return "the triton kernels are built and tested for NVIDIA GPUs only; this is a ROCm build of PyTorch"
-    major, minor = torch.cuda.get_device_capability(index)
-    if major < 8:
-        return f"the triton kernels need an sm_80 or newer GPU (bfloat16 and TF32 tensor cores); cuda:{index} is sm_{major}{minor}"
-    return None
-
-
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if dtype not in DTYPES:
         return f"the triton kernels take float16, bfloat16 and float32 tensors, not {dtype}"
@@ -121,7 +112,7 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
         return None
     if device.type != "cuda":
         return f"triton runs on CUDA tensors (or any tensor under TRITON_INTERPRET=1); got a {device.type} tensor"
-    return _gpu_unsupported_reason(device.index if device.index is not None else torch.cuda.current_device())
+    return unsupported_gpu_reason(device.index if device.index is not None else torch.cuda.current_device(), "triton")
 
 
 def conv_allows_tf32() -> bool:

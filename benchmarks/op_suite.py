@@ -147,7 +147,18 @@ def _timed(row: dict, case: ConvCase, fn: Callable, settings: OpSettings) -> dic
 def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[dict]:
     """Every baseline and lkconv backend for every pass of `case`; one row each, speed-ups filled in."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    inputs = make_inputs(case, device)
+    try:
+        inputs = make_inputs(case, device)
+    except Exception as error:  # noqa: BLE001 - e.g. out of memory: every row of this case says so
+        fields = failure(error)
+        release_memory()
+        planned = [(f"pytorch[{b}]", "nchw" if b == "compile" else b, p) for b in settings.baselines
+                   for p in settings._passes_of(b)]
+        planned += [(f"lkconv[{b}]", layout, p) for b in settings.backends for layout in settings.layouts
+                    for p in settings.passes]
+        for _ in planned:
+            progress.advance()
+        return [{**_row(case, p, impl, layout, ""), **fields} for impl, layout, p in planned]
     rows = []
     for baseline in settings.baselines:
         layout = "nchw" if baseline == "compile" else baseline

@@ -11,7 +11,10 @@ PEAK_FP32_FMA = 67e12
 PEAK_TF32 = 495e12
 PEAK_16BIT_TENSOR_CORE = 989e12
 HBM_BYTES_PER_S = 3.35e12
-FLOORS_NOTE = "H100 SXM (REFERENCE.md §4): fp32 FMA 67, TF32 495, bf16/fp16 tensor core 989 TFLOP/s, HBM 3.35 TB/s"
+FLOORS_NOTE = ("H100 SXM peaks (REFERENCE.md §4): fp32 FMA 67, TF32 495, bf16/fp16 tensor core 989 TFLOP/s, HBM "
+               "3.35 TB/s. floor = max(useful FLOPs / peak, minimum bytes / HBM); the 16-bit floor counts no Toeplitz "
+               "waste, so it is stricter than REFERENCE §4's bf16 column. On another GPU the fractions still use "
+               "these H100 peaks.")
 
 PASSES = ("forward", "input_grad", "weight_grad", "fwd_bwd")
 

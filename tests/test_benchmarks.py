@@ -173,3 +173,20 @@ def test_progress_counts_and_estimates(capsys):
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("[") and "0/3" in lines[0] and lines[-1].startswith("3/3 measurements")
     assert not math.isnan(float(lines[2].split("~")[1].split("s")[0]))
+
+
+def test_a_case_whose_inputs_cannot_be_made_reports_every_planned_row(tmp_path, monkeypatch):
+    real, calls = cli.op_suite.make_inputs, []
+
+    def out_of_memory_once(case, device):
+        calls.append(case)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(case, device)
+
+    monkeypatch.setattr(cli.op_suite, "make_inputs", out_of_memory_once)
+    assert cli.main(["--suites", "op", "--passes", "forward", "--out", str(tmp_path), "--no-plots"] + TINY) == 0
+    _, rows = read_results(tmp_path)
+    first = [r for r in rows if r["kernel"] == "3x3"]
+    assert len(first) == 4 and all("out of memory" in r["error"] for r in first)  # 2 baselines + 2 lkconv layouts
+    assert all(r["median_ms"] > 0 for r in rows if r["kernel"] == "5x3")

@@ -48,28 +48,48 @@ def cuda_home():
     return None
 
 
-def gencode_flags() -> list[str]:
-    """-gencode flags for TORCH_CUDA_ARCH_LIST (e.g. '8.0;8.6;9.0+PTX'), default sm_80 and sm_90 plus PTX."""
+def gencode_flags(home: Path) -> list[str]:
+    """-gencode flags for TORCH_CUDA_ARCH_LIST (e.g. '8.0;8.6;9.0+PTX'), default sm_80 and sm_90 plus PTX.
+
+    Entries this nvcc cannot compile for (nvcc 13 dropped sm_70 and older), or below sm_80 (the kernels' floor),
+    are left out with a message; an entry that is not an architecture raises ValueError.
+    """
+    listed = subprocess.run([str(home / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True)
+    known = set(re.findall(r"compute_(\w+)", listed.stdout))
     flags = []
     for entry in re.split(r"[;\s,]+", os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS).strip()):
         if not entry:
             continue
-        match = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", entry)
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
         if match is None:
             raise ValueError(f"TORCH_CUDA_ARCH_LIST entries look like 8.0, 9.0a or 9.0+PTX; got {entry!r}")
         arch = f"{match[1]}{match[2]}{match[3]}"
+        if int(match[1]) < 8 or (known and arch not in known):
+            _say(f"TORCH_CUDA_ARCH_LIST: leaving out {entry} (the kernels need sm_80+, and this nvcc must know it)")
+            continue
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         if match[4]:
             flags += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
+    if not flags:
+        raise ValueError("TORCH_CUDA_ARCH_LIST leaves no architecture to build for: "
+                         f"{os.environ['TORCH_CUDA_ARCH_LIST']!r}")
     return flags
 
 
-def compile_cuda(home: Path, build_dir: Path) -> list[str]:
+def _max_jobs() -> int:
+    value = os.environ.get("MAX_JOBS", "")
+    if not value:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MAX_JOBS must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def compile_cuda(home: Path, build_dir: Path, gencode: list[str]) -> list[str]:
     """Compiles every csrc/*.cu with nvcc (MAX_JOBS at a time) into object files; returns their paths."""
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = sorted(CSRC.glob("*.cu"))
-    common = [str(home / "bin" / "nvcc"), "-std=c++20", "-O3", "-Xcompiler", "-fPIC", "-I", str(CSRC),
-              *gencode_flags()]
+    common = [str(home / "bin" / "nvcc"), "-std=c++20", "-O3", "-Xcompiler", "-fPIC", "-I", str(CSRC), *gencode]
 
     def compile_one(source: Path) -> str:
         target = build_dir / (source.stem + ".o")
@@ -79,8 +99,7 @@ def compile_cuda(home: Path, build_dir: Path) -> list[str]:
             raise RuntimeError(f"nvcc failed on {source.name}:\n{result.stderr}")
         return str(target)
 
-    jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
+    with ThreadPoolExecutor(_max_jobs()) as pool:
         return list(pool.map(compile_one, sources))
 
 
@@ -96,23 +115,32 @@ def cuda_extension():
         _say("nvcc not found, installing the pure-Python package (no `cuda` backend)")
         return [], {}
 
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+        gencode = gencode_flags(home)
+    except (ImportError, ValueError) as error:  # e.g. an isolated build without torch: say how to get the backend
+        if _flag("LKCONV_FORCE_CUDA"):
+            raise
+        _say(f"cannot build lkconv._C ({error}); installing the pure-Python package. Build it with "
+             "pip install --no-build-isolation")
+        return [], {}
 
     class BuildWithNvcc(BuildExtension):
-        """Compiles the .cu files with nvcc first, then links them into the C++ binding."""
+        """Compiles the .cu files with nvcc first, then links them into the C++ binding; any failure of either
+        leaves a pure-Python install (with one line saying why) unless LKCONV_FORCE_CUDA=1."""
 
         def build_extensions(self):
             try:
-                objects = compile_cuda(home, Path(self.build_temp) / "cuda")
-            except (RuntimeError, OSError) as error:
+                objects = compile_cuda(home, Path(self.build_temp) / "cuda", gencode)
+                for extension in self.extensions:
+                    extension.extra_objects = objects
+                super().build_extensions()
+            except Exception as error:  # noqa: BLE001 - any build failure falls back the same way
                 if _flag("LKCONV_FORCE_CUDA"):
                     raise
                 _say(f"the CUDA build failed, installing the pure-Python package: {str(error).splitlines()[0]}")
                 self.extensions = []
-                return
-            for extension in self.extensions:
-                extension.extra_objects = objects
-            super().build_extensions()
 
     extension = CppExtension(
         "lkconv._C",
@@ -122,7 +150,7 @@ def cuda_extension():
         libraries=["cudart_static", "dl", "rt", "pthread"],
         extra_compile_args=["-O2", "-std=c++17"],
     )
-    _say(f"building lkconv._C with {home / 'bin' / 'nvcc'} for {' '.join(gencode_flags()[1::2])}")
+    _say(f"building lkconv._C with {home / 'bin' / 'nvcc'} for {' '.join(gencode[1::2])}")
     return [extension], {"build_ext": BuildWithNvcc.with_options(use_ninja=False)}
 
 

@@ -42,22 +42,33 @@ void check_like(const Tensor& t, const Tensor& reference, const char* name) {
               "; got ", t.scalar_type());
 }
 
+// The kernels keep kernel sizes, strides, paddings and dilations in 32-bit ints.
+constexpr int64_t kMaxGeometry = (int64_t{1} << 30);
+
 void check_pair(c10::IntArrayRef values, size_t length, int64_t minimum, const char* name) {
   TORCH_CHECK(values.size() == length, name, " must have ", length, " entries; got ", values.size());
-  for (int64_t v : values) TORCH_CHECK(v >= minimum, name, " entries must be >= ", minimum, "; got ", values);
+  for (int64_t v : values) {
+    TORCH_CHECK(v >= minimum && v <= kMaxGeometry, name, " entries must be in [", minimum, ", 2^30]; got ", values);
+  }
 }
 
 // The conv geometry from the weight (C*m, 1, kh, kw) and the int lists the Python ops pass.
-lkconv::Geometry geometry(const Tensor& weight, int64_t channels, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                          c10::IntArrayRef dilation) {
-  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1, "weight must have shape (C*m, 1, kh, kw); got ",
+lkconv::Geometry geometry(const Tensor& weight, const char* name, int64_t channels, c10::IntArrayRef stride,
+                          c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1, name, " must have shape (C*m, 1, kh, kw); got ",
               weight.sizes());
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
-  TORCH_CHECK(channels > 0 && weight.size(0) % channels == 0, "weight.size(0) must be a multiple of the ", channels,
+  TORCH_CHECK(weight.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(weight.size(2) <= kMaxGeometry && weight.size(3) <= kMaxGeometry, name, " kernel sizes must be <= 2^30; "
+              "got ", weight.sizes());
+  TORCH_CHECK(channels > 0 && weight.size(0) % channels == 0, name, ".size(0) must be a multiple of the ", channels,
               " input channels; got ", weight.size(0));
   check_pair(stride, 2, 1, "stride");
   check_pair(padding, 4, 0, "padding");
   check_pair(dilation, 2, 1, "dilation");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(dilation[i] * (weight.size(2 + i) - 1) <= kMaxGeometry, "dilation * (kernel size - 1) must be <= 2^30 "
+                "(the kernels index taps in 32 bits); got dilation ", dilation, " with kernel ", weight.sizes());
+  }
   return {weight.size(0) / channels, static_cast<int>(weight.size(2)), static_cast<int>(weight.size(3)),
           static_cast<int>(stride[0]), static_cast<int>(stride[1]), static_cast<int>(padding[0]),
           static_cast<int>(padding[1]), static_cast<int>(dilation[0]), static_cast<int>(dilation[1])};
@@ -92,7 +103,8 @@ void forward(const Tensor& input, const Tensor& weight, const std::optional<Tens
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor; got ", input.device());
   check_like(weight, input, "weight");
   check_like(output, input, "output");
-  lkconv::ForwardArgs args{dtype_of(input, "input"), geometry(weight, input.size(1), stride, padding, dilation),
+  lkconv::ForwardArgs args{dtype_of(input, "input"),
+                           geometry(weight, "weight", input.size(1), stride, padding, dilation),
                            map_of(input, "input"), map_of(output, "output"), weight.data_ptr(), nullptr};
   check_shapes(input, output, weight, stride, padding, dilation, "input", "output");
   if (bias.has_value()) {
@@ -111,7 +123,7 @@ void input_grad(const Tensor& grad_output, const Tensor& weight, c10::IntArrayRe
   check_like(weight, grad_output, "weight");
   check_like(grad_input, grad_output, "grad_input");
   lkconv::InputGradArgs args{dtype_of(grad_output, "grad_output"),
-                             geometry(weight, grad_input.size(1), stride, padding, dilation),
+                             geometry(weight, "weight", grad_input.size(1), stride, padding, dilation),
                              map_of(grad_output, "grad_output"), map_of(grad_input, "grad_input"), weight.data_ptr()};
   check_shapes(grad_input, grad_output, weight, stride, padding, dilation, "grad_input", "grad_output");
   c10::DeviceGuard guard(grad_output.device());
@@ -128,7 +140,7 @@ void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRe
                   workspace.is_contiguous(),
               "workspace must be a contiguous float32 tensor on ", grad_output.device());
   lkconv::WeightGradArgs args{dtype_of(grad_output, "grad_output"),
-                              geometry(grad_weight, input.size(1), stride, padding, dilation),
+                              geometry(grad_weight, "grad_weight", input.size(1), stride, padding, dilation),
                               map_of(grad_output, "grad_output"), map_of(input, "input"),
                               workspace.data_ptr<float>(), 0, grad_weight.data_ptr(), nullptr};
   check_shapes(input, grad_output, grad_weight, stride, padding, dilation, "input", "grad_output");

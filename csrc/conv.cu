@@ -88,7 +88,8 @@ __global__ void forward_general(ForwardArgs a, int64_t total) {
   if (index >= total) return;
   const Geometry& g = a.conv;
   const int64_t ow = index % a.output.w, oh = (index / a.output.w) % a.output.h;
-  const int64_t o = (index / (a.output.w * a.output.h)) % a.output.c, n = index / (a.output.w * a.output.h * a.output.c);
+  const int64_t o = (index / (a.output.w * a.output.h)) % a.output.c;
+  const int64_t n = index / (a.output.w * a.output.h * a.output.c);
   const int64_t c = o / g.multiplier;
   const T* weight = static_cast<const T*>(a.weight) + o * g.kernel_h * g.kernel_w;
   float acc = a.bias ? to_float(static_cast<const T*>(a.bias)[o]) : 0.f;
@@ -187,24 +188,30 @@ __global__ void input_grad_general(InputGradArgs a, int64_t total) {
   static_cast<T*>(a.grad_input.data)[offset(a.grad_input, n, c, ih, iw)] = from_float<T>(acc);
 }
 
-int shared_bytes(const Geometry& g, int tile_h, int tile_w) {
-  return static_cast<int>(sizeof(float)) * (g.kernel_h * g.kernel_w + tile_h * tile_w);
+// Sizes in int64: huge dilations or kernels must pick the general kernel, not overflow into a small tile.
+int64_t shared_bytes(const Geometry& g, int64_t tile_h, int64_t tile_w) {
+  return static_cast<int64_t>(sizeof(float)) * (static_cast<int64_t>(g.kernel_h) * g.kernel_w + tile_h * tile_w);
 }
 
 int64_t numel(const Map& m) { return m.n * m.c * m.h * m.w; }
 
 // Shared-memory tile extents (rows, columns) of each tiled kernel.
-int forward_tile_h(const Geometry& g) { return (kTileH - 1) * g.stride_h + (g.kernel_h - 1) * g.dilation_h + 1; }
-int forward_tile_w(const Geometry& g) { return (kTileW - 1) * g.stride_w + (g.kernel_w - 1) * g.dilation_w + 1; }
-int input_grad_tile_h(const Geometry& g) { return kTileH + (g.kernel_h - 1) * g.dilation_h; }
-int input_grad_tile_w(const Geometry& g) { return kTileW + (g.kernel_w - 1) * g.dilation_w; }
+int64_t forward_tile_h(const Geometry& g) {
+  return int64_t{kTileH - 1} * g.stride_h + int64_t{g.kernel_h - 1} * g.dilation_h + 1;
+}
+int64_t forward_tile_w(const Geometry& g) {
+  return int64_t{kTileW - 1} * g.stride_w + int64_t{g.kernel_w - 1} * g.dilation_w + 1;
+}
+int64_t input_grad_tile_h(const Geometry& g) { return kTileH + int64_t{g.kernel_h - 1} * g.dilation_h; }
+int64_t input_grad_tile_w(const Geometry& g) { return kTileW + int64_t{g.kernel_w - 1} * g.dilation_w; }
 
 bool forward_is_tiled(const Geometry& g) {
   return shared_bytes(g, forward_tile_h(g), forward_tile_w(g)) <= kSharedLimit;
 }
 
 bool input_grad_is_tiled(const Geometry& g) {
-  return g.stride_h == 1 && g.stride_w == 1 && shared_bytes(g, input_grad_tile_h(g), input_grad_tile_w(g)) <= kSharedLimit;
+  return g.stride_h == 1 && g.stride_w == 1 &&
+         shared_bytes(g, input_grad_tile_h(g), input_grad_tile_w(g)) <= kSharedLimit;
 }
 
 }  // namespace
@@ -225,11 +232,11 @@ int forward(const ForwardArgs& args, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
     if (forward_is_tiled(g)) {
-      const int tile_h = forward_tile_h(g), tile_w = forward_tile_w(g);
+      const int tile_h = static_cast<int>(forward_tile_h(g)), tile_w = static_cast<int>(forward_tile_w(g));
       const int64_t tiles_h = cdiv(args.output.h, kTileH), tiles_w = cdiv(args.output.w, kTileW);
       const int64_t blocks = args.output.n * args.output.c * tiles_h * tiles_w;
-      forward_tiled<T><<<blocks, dim3(kTileW, kTileH / kRows), shared_bytes(g, tile_h, tile_w), s>>>(
-          args, tiles_h, tiles_w, tile_h, tile_w);
+      const int shared = static_cast<int>(shared_bytes(g, tile_h, tile_w));
+      forward_tiled<T><<<blocks, dim3(kTileW, kTileH / kRows), shared, s>>>(args, tiles_h, tiles_w, tile_h, tile_w);
     } else {
       forward_general<T><<<cdiv(total, 256), 256, 0, s>>>(args, total);
     }
@@ -244,11 +251,12 @@ int input_grad(const InputGradArgs& args, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
     if (input_grad_is_tiled(g)) {
-      const int tile_h = input_grad_tile_h(g), tile_w = input_grad_tile_w(g);
+      const int tile_h = static_cast<int>(input_grad_tile_h(g)), tile_w = static_cast<int>(input_grad_tile_w(g));
       const int64_t tiles_h = cdiv(args.grad_input.h, kTileH), tiles_w = cdiv(args.grad_input.w, kTileW);
       const int64_t blocks = args.grad_input.n * args.grad_input.c * tiles_h * tiles_w;
-      input_grad_tiled<T><<<blocks, dim3(kTileW, kTileH / kRows), shared_bytes(g, tile_h, tile_w), s>>>(
-          args, tiles_h, tiles_w, tile_h, tile_w);
+      const int shared = static_cast<int>(shared_bytes(g, tile_h, tile_w));
+      input_grad_tiled<T><<<blocks, dim3(kTileW, kTileH / kRows), shared, s>>>(args, tiles_h, tiles_w, tile_h,
+                                                                                 tile_w);
     } else {
       input_grad_general<T><<<cdiv(total, 256), 256, 0, s>>>(args, total);
     }

@@ -17,6 +17,7 @@ from .gpu import unsupported_gpu_reason
 name = "cuda"
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUMMANDS_PER_SPLIT = 16384
 REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps lkconv (with nvcc on PATH)"
 
 
@@ -90,13 +91,17 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
 def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with_bias, splits: Optional[int] = None):
     """Weight grad (and bias grad) from fixed-order fp32 partial sums: bit-identical run to run.
 
-    `splits` cuts the N*OH reduction into that many row ranges; by default enough to give each SM 4 blocks.
+    `splits` cuts the N*OH reduction into that many row ranges. By default: enough to give each SM 4 blocks, and
+    enough that no fp32 accumulator sums more than SUMMANDS_PER_SPLIT products (long sequential fp32 sums drift
+    past the fp32 tolerance: 131072 terms lose about 7e-6 relative).
     """
     out_channels = grad_output.shape[1]
     taps = kernel_size[0] * kernel_size[1]
     rows = grad_output.shape[0] * grad_output.shape[2]
     if splits is None:
-        splits = -(-4 * _multiprocessors(grad_output.device.index or 0) // max(out_channels, 1))
+        device = grad_output.device.index if grad_output.device.index is not None else torch.cuda.current_device()
+        splits = max(-(-4 * _multiprocessors(device) // max(out_channels, 1)),
+                     -(-rows * grad_output.shape[3] // SUMMANDS_PER_SPLIT))
     splits = max(1, min(splits, rows, 65535))
     workspace = new_buffer((splits * out_channels * (taps + 1),), torch.float32, grad_output.device)
     grad_weight = new_buffer((out_channels, 1, *kernel_size), grad_output.dtype, grad_output.device)

@@ -46,6 +46,7 @@ class TestLoadedExtension:
         ("forward", [31, 31], [1, 1], [1, 1], "forward_tiled"),
         ("forward", [5, 51], [2, 2], [1, 1], "forward_tiled"),
         ("forward", [63, 63], [2, 2], [2, 2], "forward_general"),  # the tile would not fit in shared memory
+        ("forward", [31, 31], [1, 1], [1000, 1], "forward_general"),  # a tile size that overflowed 32 bits once
         ("input_grad", [31, 31], [1, 1], [1, 1], "input_grad_tiled"),
         ("input_grad", [7, 7], [2, 2], [1, 1], "input_grad_general"),
         ("weight_grad", [31, 31], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
@@ -56,8 +57,10 @@ class TestLoadedExtension:
     def test_kernel_name_rejects_bad_arguments_by_name(self):
         with pytest.raises(RuntimeError, match="pass_name must be forward, input_grad or weight_grad; got 'backward'"):
             torch.ops.lkconv.cuda_kernel_name("backward", [3, 3], [1, 1], [1, 1])
-        with pytest.raises(RuntimeError, match="stride entries must be >= 1"):
+        with pytest.raises(RuntimeError, match=r"stride entries must be in \[1, 2\^30\]; got \[0, 1\]"):
             torch.ops.lkconv.cuda_kernel_name("forward", [3, 3], [0, 1], [1, 1])
+        with pytest.raises(RuntimeError, match=r"dilation entries must be in \[1, 2\^30\]"):
+            torch.ops.lkconv.cuda_kernel_name("forward", [3, 3], [1, 1], [1, 2**31])
         with pytest.raises(RuntimeError, match="kernel must have 2 entries; got 3"):
             torch.ops.lkconv.cuda_kernel_name("forward", [3, 3, 3], [1, 1], [1, 1])
 

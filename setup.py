@@ -160,6 +160,7 @@ setup(
     packages=find_packages(include=["lkconv", "lkconv.*"]) + ["lkconv.kernels", "lkconv.benchmarks"],
     # The top-level kernels/ and benchmarks/ folders install inside the package (`lkconv-bench` runs the latter).
     package_dir={"lkconv.kernels": "kernels", "lkconv.benchmarks": "benchmarks"},
+    package_data={"lkconv.backends": ["measured_choices.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

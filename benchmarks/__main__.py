@@ -4,15 +4,19 @@
     python -m benchmarks --preset full --chunk 1/4 --out results/h100
     python -m benchmarks --suites op --shapes 64x384x32x32 --kernels 31 51x5 --dtypes bfloat16 --passes forward
     python -m benchmarks report results/h100           # merge chunks, redo tables and plots from the JSON
+    python -m benchmarks choices results/h100          # auto's triton-vs-cuda table from a run timing both
 """
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from lkconv.backends import measured
 
 from . import model_suite, op_suite, paper_table, plots, presets, report
 from .progress import Progress
@@ -235,10 +239,36 @@ def main_report(argv) -> int:
     return 0
 
 
+def main_choices(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks choices",
+                                description="Write which GPU backend auto should pick per shape class, from a run that "
+                                            "timed both (--backends triton cuda): the faster forward+backward wins.")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--to", type=Path, default=measured.TABLE, help=f"the table to write (default: {measured.TABLE})")
+    args = p.parse_args(argv)
+    try:
+        rows, metas = report.load(args.folder)
+    except (OSError, ValueError, KeyError) as error:
+        p.error(f"cannot read results from {args.folder}: {error}")
+    choices = measured.choices_from_rows(rows)
+    if not choices:
+        p.error(f"{args.folder} has no shape class timed with both lkconv[triton] and lkconv[cuda] (fwd_bwd, nchw)")
+    devices = {m.get("device") for m in metas}
+    if len(devices) != 1:
+        p.error(f"the results come from several devices {sorted(map(str, devices))}; use one device's results")
+    table = {"device": devices.pop(), "measured_from": [f"{m['file']} ({m.get('git_commit')})" for m in metas],
+             "choices": choices}
+    args.to.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"wrote {len(choices)} choices for {table['device']} to {args.to}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
         return main_report(argv[1:])
+    if argv[:1] == ["choices"]:
+        return main_choices(argv[1:])
     return main_run(argv)
 
 

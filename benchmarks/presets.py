@@ -39,7 +39,9 @@ def defaults(preset: str) -> dict:
         "dtypes": ("float32", "bfloat16") if on_gpu else ("float32",),
         "layouts": ("nchw", "channels_last"),
         "baselines": ("nchw", "channels_last", "compile") if preset == "full" else ("nchw", "channels_last"),
-        "backends": ("auto", "triton", "cuda") if preset == "full" else ("auto",),
+        # On a GPU auto runs triton until measured_choices.json says otherwise; adding cuda times both, which is
+        # what `python -m benchmarks choices` needs.
+        "backends": ("auto", "triton", "cuda") if preset == "full" else (("auto", "cuda") if on_gpu else ("auto",)),
         # quick leaves out R=64: its 24-layer PyTorch stacks alone take minutes on an H100.
         "table_resolutions": (16, 32, 64) if preset == "full" else ((16, 32) if on_gpu else (8, 16)),
         "table_kernels": PAPER_KERNELS if on_gpu else (3, 7, 13),

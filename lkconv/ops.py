@@ -17,8 +17,10 @@ from torch.utils.flop_counter import register_flop_formula
 from . import arguments, backends
 
 
-def _backend(tensor: Tensor):
-    return backends.choose(tensor.device, tensor.dtype).module
+def _backend(tensor: Tensor, kernel, stride, dilation, input_hw):
+    """The backend for one pass; every pass of a conv sees the same shape class, so all three pick alike."""
+    shape = backends.measured.ShapeClass.of(kernel, stride, dilation, input_hw)
+    return backends.choose(tensor.device, tensor.dtype, shape).module
 
 
 def _in_layout_of(output: Tensor, like: Tensor) -> Tensor:
@@ -41,7 +43,8 @@ def depthwise_conv2d_op(
 ) -> Tensor:
     """y = conv2d(input, weight, bias, groups=C) on a validated (N, C, H, W) input."""
     _check_forward(input, weight, bias, stride, padding, dilation)
-    output = _backend(input).forward(input, weight, bias, stride, padding, dilation)
+    output = _backend(input, weight.shape[2:], stride, dilation, input.shape[2:]).forward(
+        input, weight, bias, stride, padding, dilation)
     return _in_layout_of(output, input)
 
 
@@ -68,7 +71,8 @@ def depthwise_conv2d_input_grad_op(
 ) -> Tensor:
     """dL/dinput of the forward op, for an input of `input_shape` (N, C, H, W)."""
     _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation)
-    grad_input = _backend(grad_output).input_grad(grad_output, weight, input_shape, stride, padding, dilation)
+    grad_input = _backend(grad_output, weight.shape[2:], stride, dilation, input_shape[2:]).input_grad(
+        grad_output, weight, input_shape, stride, padding, dilation)
     return _in_layout_of(grad_input, grad_output)
 
 
@@ -91,7 +95,7 @@ def depthwise_conv2d_weight_grad_op(
 ) -> tuple[Tensor, Tensor]:
     """(dL/dweight, dL/dbias) of the forward op; dL/dbias is empty when `with_bias` is False."""
     _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilation)
-    grad_weight, grad_bias = _backend(grad_output).weight_grad(
+    grad_weight, grad_bias = _backend(grad_output, kernel_size, stride, dilation, input.shape[2:]).weight_grad(
         grad_output, input, kernel_size, stride, padding, dilation, with_bias
     )
     return grad_weight.contiguous(), grad_bias.contiguous()
@@ -308,7 +312,8 @@ def explain(
     backend that cannot run the call raises here as it would in the call.
     """
     _, (input, weight, bias, stride, padding, dilation) = _prepare(input, weight, bias, stride, padding, dilation)
-    choice = backends.choose(input.device, input.dtype)
+    choice = backends.choose(input.device, input.dtype,
+                             backends.measured.ShapeClass.of(weight.shape[2:], stride, dilation, input.shape[2:]))
     output_hw = tuple(
         arguments.output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
         for i in range(2)

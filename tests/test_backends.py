@@ -443,3 +443,55 @@ def test_forced_triton_drives_the_module_forward():
         y = layer(x)
     expected = reference(F.pad(x, (2, 2, 2, 2), mode="reflect"), layer.weight, layer.bias, 1, 0, 1)[0]
     assert_close(y, expected, TOLERANCE[torch.float32], "module on triton")
+
+
+# --- auto between the two GPU backends: the committed measurements -------------------------------------------------
+
+
+def test_measured_lookup_matches_geometry_exactly_and_size_within_a_factor_of_two():
+    from lkconv.backends.measured import ShapeClass, lookup
+
+    table = {"device": "GPU X", "choices": [
+        {"dtype": "bfloat16", "kernel": [31, 31], "stride": [1, 1], "dilation": [1, 1], "size": [32, 32],
+         "backend": "cuda"},
+        {"dtype": "bfloat16", "kernel": [31, 31], "stride": [1, 1], "dilation": [1, 1], "size": [64, 64],
+         "backend": "triton"},
+    ]}
+    shape = ShapeClass.of((31, 31), (1, 1), (1, 1), (30, 34))
+    assert lookup(table, "GPU X", torch.bfloat16, shape) == "cuda"
+    assert lookup(table, "GPU X", torch.bfloat16, shape._replace(size=(70, 60))) == "triton"
+    assert lookup(table, "GPU X", torch.bfloat16, shape._replace(size=(7, 7))) is None  # nothing measured near
+    assert lookup(table, "GPU X", torch.float32, shape) is None  # another dtype
+    assert lookup(table, "GPU X", torch.bfloat16, shape._replace(kernel=(29, 29))) is None
+    assert lookup(table, "GPU Y", torch.bfloat16, shape) is None  # measured on another GPU model
+
+
+def test_auto_follows_the_measured_table_when_both_gpu_backends_can_run(monkeypatch):
+    from lkconv.backends import cuda_backend, measured
+
+    for module in (triton_backend, cuda_backend):
+        monkeypatch.setattr(module, "unavailable_reason", lambda: None)
+        monkeypatch.setattr(module, "unsupported_reason", lambda device, dtype: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    table = {"device": "GPU X", "choices": [{"dtype": "float32", "kernel": [13, 13], "stride": [1, 1],
+                                             "dilation": [1, 1], "size": [14, 14], "backend": "cuda"}]}
+    monkeypatch.setattr(measured, "load", lambda: table)
+    backends._choose.cache_clear()
+    try:
+        device = torch.device("cuda", 0)
+        measured_shape = measured.ShapeClass.of((13, 13), (1, 1), (1, 1), (14, 14))
+        choice = backends.choose(device, torch.float32, measured_shape)
+        assert choice.module is cuda_backend and "measured faster" in choice.reason
+        other = backends.choose(device, torch.float32, measured_shape._replace(kernel=(31, 31)))
+        assert other.module is triton_backend and "no measurement" in other.reason
+    finally:
+        backends._choose.cache_clear()
+
+
+def test_the_committed_table_is_valid():
+    from lkconv.backends import measured
+
+    table = measured.load()
+    assert set(table) >= {"device", "choices"}
+    for entry in table["choices"]:
+        assert entry["backend"] in ("triton", "cuda") and len(entry["kernel"]) == len(entry["size"]) == 2

@@ -190,3 +190,25 @@ def test_a_case_whose_inputs_cannot_be_made_reports_every_planned_row(tmp_path, 
     first = [r for r in rows if r["kernel"] == "3x3"]
     assert len(first) == 4 and all("out of memory" in r["error"] for r in first)  # 2 baselines + 2 lkconv layouts
     assert all(r["median_ms"] > 0 for r in rows if r["kernel"] == "5x3")
+
+
+def test_choices_turns_a_run_timing_both_gpu_backends_into_autos_table(tmp_path, capsys):
+    from lkconv.backends import measured
+
+    rows = [{"suite": "op", "pass": "fwd_bwd", "layout": "nchw", "impl": impl, "shape": "64x384x32x32",
+             "kernel": "31x31", "dtype": "bfloat16", "median_ms": ms} for impl, ms in
+            (("lkconv[triton]", 2.0), ("lkconv[cuda]", 1.5), ("pytorch[nchw]", 9.0))]
+    rows.append({**rows[0], "kernel": "13x13"})  # timed by one backend only: no choice
+    (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X", "git_commit": "abc"},
+                                                       "rows": rows}))
+    target = tmp_path / "choices.json"
+    assert cli.main(["choices", str(tmp_path), "--to", str(target)]) == 0
+    table = json.loads(target.read_text())
+    assert table["device"] == "GPU X" and len(table["choices"]) == 1
+    assert table["choices"][0]["backend"] == "cuda" and table["choices"][0]["size"] == [32, 32]
+    shape = measured.ShapeClass.of((31, 31), (1, 1), (1, 1), (32, 32))
+    assert measured.lookup(table, "GPU X", torch.bfloat16, shape) == "cuda"
+    (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X"}, "rows": rows[2:]}))
+    with pytest.raises(SystemExit):
+        cli.main(["choices", str(tmp_path), "--to", str(target)])
+    assert "no shape class timed with both" in capsys.readouterr().err

@@ -14,12 +14,12 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from . import cuda_backend, torch_backend, triton_backend
+from . import cuda_backend, measured, torch_backend, triton_backend
 
 NAMES = ("auto", "torch", "triton", "cuda")
 _MODULES = {"torch": torch_backend, "triton": triton_backend, "cuda": cuda_backend}
-# What `auto` tries, in order, before falling back to torch. Triton comes first until a GPU has measured which of
-# the two is faster per shape class (the measured choice is owed; see benchmarks/NOTES.md).
+# What `auto` tries, in order, before falling back to torch, where measured_choices.json has no entry for the shape
+# class (see measured.py); triton first, as the kernels with tensor-core paths.
 AUTO_ORDER = ("triton", "cuda")
 
 _override: Optional[str] = None  # set_backend: the whole process
@@ -108,13 +108,15 @@ def scope(name: Optional[str]) -> Iterator[None]:
         _scoped.reset(token)
 
 
-def choose(device: torch.device, dtype: torch.dtype) -> Choice:
-    """The backend that answers a call on tensors of this device and dtype (cached per request/device/dtype)."""
-    return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting())
+def choose(device: torch.device, dtype: torch.dtype, shape: Optional[measured.ShapeClass] = None) -> Choice:
+    """The backend that answers a call on tensors of this device and dtype, for a conv of this shape class
+    (cached per request, device, dtype and shape class)."""
+    return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting(), shape)
 
 
-@functools.lru_cache(maxsize=256)
-def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch.dtype, interpreting: bool) -> Choice:
+@functools.lru_cache(maxsize=1024)
+def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch.dtype, interpreting: bool,
+            shape: Optional[measured.ShapeClass]) -> Choice:
     device = torch.device(device_type, index)
     if requested != "auto":
         reason = unavailable_reason(requested) or _MODULES[requested].unsupported_reason(device, dtype)
@@ -123,12 +125,21 @@ def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch
         return Choice(_MODULES[requested], f"forced ({requested!r})")
     if device_type != "cuda":
         return Choice(torch_backend, f"auto: lkconv's kernels run on CUDA tensors; PyTorch answers for {device_type}")
-    skipped = []
+    usable, skipped = [], []
     for name in AUTO_ORDER:
         module = _MODULES[name]
         reason = module.unavailable_reason() or module.unsupported_reason(device, dtype)
         if reason is None:
-            tried = f" ({'; '.join(skipped)})" if skipped else ""
-            return Choice(module, f"auto: {name} kernels{tried}")
-        skipped.append(f"{name}: {reason}")
-    return Choice(torch_backend, "auto: falling back to PyTorch (" + "; ".join(skipped) + ")")
+            usable.append(name)
+        else:
+            skipped.append(f"{name}: {reason}")
+    if not usable:
+        return Choice(torch_backend, "auto: falling back to PyTorch (" + "; ".join(skipped) + ")")
+    if len(usable) > 1 and shape is not None:
+        gpu = torch.cuda.get_device_name(device)
+        if (faster := measured.lookup(measured.load(), gpu, dtype, shape)) in usable:
+            return Choice(_MODULES[faster], f"auto: {faster} measured faster than the other GPU backend for this "
+                                            f"shape class on {gpu}")
+    tried = f" ({'; '.join(skipped)})" if skipped else ""
+    unmeasured = " (no measurement for this shape class: the default order)" if len(usable) > 1 else ""
+    return Choice(_MODULES[usable[0]], f"auto: {usable[0]} kernels{tried}{unmeasured}")

@@ -1,0 +1,79 @@
+"""Which GPU backend `auto` picks per shape class, from measurements committed in measured_choices.json.
+
+`python -m benchmarks choices RESULTS_DIR` writes the file from a benchmark run that timed both `triton` and
+`cuda`: for each (dtype, kernel, stride, dilation, map size) the backend with the faster forward+backward. A
+table applies only on the GPU model it was measured on; without a matching entry `auto` keeps its default order.
+"""
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+TABLE = Path(__file__).with_name("measured_choices.json")
+# A measured map size stands for maps up to this factor larger or smaller (per side).
+NEAREST_FACTOR = 2.0
+
+
+class ShapeClass(NamedTuple):
+    """What decides which kernel is fastest: the kernel geometry and the map size (batch and channels matter less)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    size: tuple[int, int]
+
+    @classmethod
+    def of(cls, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], size: Sequence[int]):
+        return cls(*(tuple(int(v) for v in pair) for pair in (kernel, stride, dilation, size)))
+
+
+@functools.lru_cache(maxsize=None)
+def load(path: Path = TABLE) -> dict:
+    """The committed table: {"device": GPU name or None, "choices": [{dtype, kernel, stride, dilation, size,
+    backend, ...}]}."""
+    if not path.exists():
+        return {"device": None, "choices": []}
+    return json.loads(path.read_text())
+
+
+def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass) -> Optional[str]:
+    """The measured-faster backend for `shape` on `device_name`, or None when nothing close was measured there."""
+    if table.get("device") != device_name:
+        return None
+    dtype_name = str(dtype).removeprefix("torch.")
+    best, best_distance = None, math.log2(NEAREST_FACTOR) * 2
+    for entry in table.get("choices", []):
+        if (entry["dtype"], tuple(entry["kernel"]), tuple(entry["stride"]), tuple(entry["dilation"])) != (
+                dtype_name, shape.kernel, shape.stride, shape.dilation):
+            continue
+        distance = sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(entry["size"], shape.size))
+        if distance <= best_distance:
+            best, best_distance = entry["backend"], distance
+    return best
+
+
+def choices_from_rows(rows: list[dict]) -> list[dict]:
+    """One entry per shape class that both GPU backends measured (forward+backward, NCHW): the faster one."""
+    timed = {}
+    for row in rows:
+        if row.get("suite") != "op" or row.get("pass") != "fwd_bwd" or row.get("layout") != "nchw":
+            continue
+        # A forced backend's rows, or `auto`'s, which say where they ran.
+        backend = {"lkconv[triton]": "triton", "lkconv[cuda]": "cuda"}.get(row.get("impl"))
+        if row.get("impl") == "lkconv[auto]" and row.get("runs_on") in ("triton", "cuda"):
+            backend = row["runs_on"]
+        if backend is None or not row.get("median_ms"):
+            continue
+        _, _, height, width = (int(v) for v in row["shape"].split("x"))
+        kernel = tuple(int(v) for v in row["kernel"].split("x"))
+        key = (row["dtype"], kernel, (1, 1), (1, 1), (height, width))
+        timed.setdefault(key, {})[backend] = row["median_ms"]
+    return [
+        {"dtype": dtype, "kernel": list(kernel), "stride": list(stride), "dilation": list(dilation),
+         "size": list(size), "backend": min(times, key=times.get), "fwd_bwd_ms": times}
+        for (dtype, kernel, stride, dilation, size), times in sorted(timed.items()) if len(times) == 2
+    ]

@@ -6,6 +6,7 @@
 // shared memory (very large kernels with stride or dilation) a general kernel computes one output per thread
 // straight from global memory. Any stride, dilation, padding, depth multiplier and element strides.
 
+#include "blocked.h"
 #include "common.cuh"
 
 namespace lkconv {
@@ -205,6 +206,12 @@ int64_t forward_tile_w(const Geometry& g) {
 int64_t input_grad_tile_h(const Geometry& g) { return kTileH + int64_t{g.kernel_h - 1} * g.dilation_h; }
 int64_t input_grad_tile_w(const Geometry& g) { return kTileW + int64_t{g.kernel_w - 1} * g.dilation_w; }
 
+bool unit_stride_and_dilation(const Geometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
+}
+
+bool is_blocked(const Geometry& g) { return unit_stride_and_dilation(g) && blocked_fits(g.kernel_h, g.kernel_w); }
+
 bool forward_is_tiled(const Geometry& g) {
   return shared_bytes(g, forward_tile_h(g), forward_tile_w(g)) <= kSharedLimit;
 }
@@ -218,8 +225,11 @@ bool input_grad_is_tiled(const Geometry& g) {
 
 const char* kernel_name(Pass pass, const Geometry& conv) {
   switch (pass) {
-    case Pass::Forward: return forward_is_tiled(conv) ? "forward_tiled" : "forward_general";
-    case Pass::InputGrad: return input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general";
+    case Pass::Forward:
+      return is_blocked(conv) ? "forward_blocked" : (forward_is_tiled(conv) ? "forward_tiled" : "forward_general");
+    case Pass::InputGrad:
+      return is_blocked(conv) ? "input_grad_blocked"
+                              : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
     case Pass::WeightGrad: return "weight_grad_partials + weight_grad_reduce";
   }
   return "unknown";
@@ -229,6 +239,10 @@ int forward(const ForwardArgs& args, void* stream) {
   const int64_t total = numel(args.output);
   if (total == 0) return 0;
   const Geometry& g = args.conv;
+  if (is_blocked(g)) {
+    return blocked_conv({args.dtype, args.input, args.output, args.weight, args.bias, g.kernel_h, g.kernel_w,
+                         g.multiplier, -int64_t{g.pad_top}, -int64_t{g.pad_left}, false}, stream);
+  }
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
     if (forward_is_tiled(g)) {
@@ -248,6 +262,11 @@ int input_grad(const InputGradArgs& args, void* stream) {
   const int64_t total = numel(args.grad_input);
   if (total == 0) return 0;
   const Geometry& g = args.conv;
+  if (is_blocked(g)) {  // dx = dy correlated with the rotated filter, padded by (k - 1 - p)
+    return blocked_conv({args.dtype, args.grad_output, args.grad_input, args.weight, nullptr, g.kernel_h, g.kernel_w,
+                         g.multiplier, int64_t{g.pad_top} - (g.kernel_h - 1), int64_t{g.pad_left} - (g.kernel_w - 1),
+                         true}, stream);
+  }
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
     if (input_grad_is_tiled(g)) {

@@ -43,11 +43,15 @@ class TestLoadedExtension:
             torch.ops.lkconv.cuda_forward(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], out)
 
     @pytest.mark.parametrize("pass_name,kernel,stride,dilation,expected", [
-        ("forward", [31, 31], [1, 1], [1, 1], "forward_tiled"),
+        ("forward", [31, 31], [1, 1], [1, 1], "forward_blocked"),
+        ("forward", [51, 5], [1, 1], [1, 1], "forward_blocked"),  # SLaK
+        ("forward", [63, 63], [1, 1], [1, 1], "forward_tiled"),  # the register-blocked tile would not fit
         ("forward", [5, 51], [2, 2], [1, 1], "forward_tiled"),
+        ("forward", [13, 13], [1, 1], [2, 2], "forward_tiled"),
         ("forward", [63, 63], [2, 2], [2, 2], "forward_general"),  # the tile would not fit in shared memory
         ("forward", [31, 31], [1, 1], [1000, 1], "forward_general"),  # a tile size that overflowed 32 bits once
-        ("input_grad", [31, 31], [1, 1], [1, 1], "input_grad_tiled"),
+        ("input_grad", [31, 31], [1, 1], [1, 1], "input_grad_blocked"),
+        ("input_grad", [13, 13], [1, 1], [3, 3], "input_grad_tiled"),
         ("input_grad", [7, 7], [2, 2], [1, 1], "input_grad_general"),
         ("weight_grad", [31, 31], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
     ])

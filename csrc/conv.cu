@@ -230,7 +230,9 @@ const char* kernel_name(Pass pass, const Geometry& conv) {
     case Pass::InputGrad:
       return is_blocked(conv) ? "input_grad_blocked"
                               : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
-    case Pass::WeightGrad: return "weight_grad_partials + weight_grad_reduce";
+    case Pass::WeightGrad:
+      return weight_grad_is_blocked(conv) ? "weight_grad_blocked_partials + weight_grad_reduce"
+                                          : "weight_grad_partials + weight_grad_reduce";
   }
   return "unknown";
 }

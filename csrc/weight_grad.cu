@@ -67,6 +67,113 @@ __global__ void __launch_bounds__(kThreads) weight_grad_partials(WeightGradArgs 
   }
 }
 
+// Stride 1, dilation 1: a register-tiled correlation. A block stages a strip of up to 8 dy rows x 64 columns and
+// the x rows and columns they reach in shared memory. Each thread owns one kernel row and 8 adjacent taps and walks
+// the strip's columns 8 at a time: 2 + 4 vector loads (dy, and the x window) feed 64 FMAs. With few taps (small
+// kernels) thread groups take interleaved column chunks and their sums are added in group order, so the result
+// stays deterministic.
+constexpr int kStripRows = 8;
+constexpr int kPieceW = 64;
+constexpr int kTapWindow = 8;
+constexpr int kBlockedThreads = 128;
+
+__host__ __device__ inline int padded_kernel_w(int kernel_w) {
+  return (kernel_w + kTapWindow - 1) / kTapWindow * kTapWindow;
+}
+
+__host__ __device__ inline int64_t blocked_shared_floats(int kernel_h, int kernel_w) {
+  return int64_t{kStripRows} * kPieceW + int64_t{kStripRows + kernel_h - 1} * (kPieceW + padded_kernel_w(kernel_w));
+}
+
+__device__ __forceinline__ void load8(const float* source, float* target) {
+  const float4 low = reinterpret_cast<const float4*>(source)[0], high = reinterpret_cast<const float4*>(source)[1];
+  target[0] = low.x, target[1] = low.y, target[2] = low.z, target[3] = low.w;
+  target[4] = high.x, target[5] = high.y, target[6] = high.z, target[7] = high.w;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(WeightGradArgs a,
+                                                                                 int64_t rows_per_split) {
+  extern __shared__ __align__(16) float shared[];
+  const Geometry& g = a.conv;
+  const int kh = g.kernel_h, kw = g.kernel_w, kw_pad = padded_kernel_w(kw), taps = kh * kw;
+  const int x_w = kPieceW + kw_pad;
+  float* dy_strip = shared;                         // kStripRows x kPieceW
+  float* x_strip = shared + kStripRows * kPieceW;   // (kStripRows + kh - 1) x x_w
+  const int64_t o = blockIdx.x, split = blockIdx.y, c = o / g.multiplier;
+  const Map& dy = a.grad_output;
+  const int64_t total_rows = dy.n * dy.h, first_row = split * rows_per_split;
+  const int64_t end_row = first_row + rows_per_split < total_rows ? first_row + rows_per_split : total_rows;
+  float* partial = a.workspace + (split * dy.c + o) * (taps + 1);
+
+  const int units = kh * (kw_pad / kTapWindow);  // (kernel row, 8 taps) per thread
+  const int groups = units >= kBlockedThreads ? 1 : kBlockedThreads / units;
+  float bias = 0.f;
+  for (int unit_base = 0; unit_base < units; unit_base += kBlockedThreads) {
+    const int group = threadIdx.x / units < groups ? threadIdx.x / units : groups;  // `groups`: idle thread
+    const int unit = unit_base + (groups == 1 ? threadIdx.x : threadIdx.x % units);
+    const bool active = group < groups && unit < units;
+    const int r = active ? unit / (kw_pad / kTapWindow) : 0;
+    const int q0 = active ? unit % (kw_pad / kTapWindow) * kTapWindow : 0;
+    float acc[kTapWindow] = {};
+
+    for (int64_t flat = first_row; flat < end_row;) {
+      const int64_t n = flat / dy.h, oh0 = flat % dy.h;
+      int64_t rows = end_row - flat < dy.h - oh0 ? end_row - flat : dy.h - oh0;  // stay within one image
+      rows = rows < kStripRows ? rows : kStripRows;
+      for (int64_t col0 = 0; col0 < dy.w; col0 += kPieceW) {
+        const int width = static_cast<int>(dy.w - col0 < kPieceW ? dy.w - col0 : kPieceW);
+        __syncthreads();  // the previous strip is no longer read
+        for (int i = threadIdx.x; i < kStripRows * kPieceW; i += kBlockedThreads) {
+          const int row = i / kPieceW, col = i % kPieceW;
+          dy_strip[i] = row < rows && col < width
+                            ? to_float(static_cast<const T*>(dy.data)[offset(dy, n, o, oh0 + row, col0 + col)])
+                            : 0.f;
+        }
+        for (int i = threadIdx.x; i < (kStripRows + kh - 1) * x_w; i += kBlockedThreads) {
+          x_strip[i] = load_or_zero<T>(a.input, n, c, oh0 - g.pad_top + i / x_w, col0 - g.pad_left + i % x_w);
+        }
+        __syncthreads();
+        if (active) {
+          for (int i = 0; i < rows; ++i) {
+            const float* dy_row = dy_strip + i * kPieceW;
+            const float* x_row = x_strip + (i + r) * x_w + q0;
+            for (int w0 = group * kTapWindow; w0 < width; w0 += groups * kTapWindow) {
+              float dy_values[kTapWindow], x_values[2 * kTapWindow];
+              load8(dy_row + w0, dy_values);
+              load8(x_row + w0, x_values);
+              load8(x_row + w0 + kTapWindow, x_values + kTapWindow);
+#pragma unroll
+              for (int t = 0; t < kTapWindow; ++t)
+#pragma unroll
+                for (int j = 0; j < kTapWindow; ++j) acc[t] = fmaf(dy_values[j], x_values[j + t], acc[t]);
+            }
+          }
+        }
+        if (threadIdx.x == 0 && unit_base == 0) {
+          for (int i = 0; i < rows * kPieceW; ++i) bias += dy_strip[i];  // zeros pad the strip
+        }
+      }
+      flat += rows;
+    }
+
+    // Add the groups' sums in group order (deterministic), then write this pass's taps.
+    __syncthreads();
+    float* sums = shared;  // groups x units x kTapWindow floats: fits in the strips, which are done
+    if (active) {
+      for (int t = 0; t < kTapWindow; ++t) sums[(group * units + unit - unit_base) * kTapWindow + t] = acc[t];
+    }
+    __syncthreads();
+    if (active && group == 0) {
+      for (int other = 1; other < groups; ++other) {
+        for (int t = 0; t < kTapWindow; ++t) acc[t] += sums[(other * units + unit - unit_base) * kTapWindow + t];
+      }
+      for (int t = 0; t < kTapWindow && q0 + t < kw; ++t) partial[r * kw + q0 + t] = acc[t];
+    }
+  }
+  if (threadIdx.x == 0) partial[taps] = bias;
+}
+
 // Adds the splits in a fixed order and writes dW (and db) in the storage type.
 template <typename T>
 __global__ void weight_grad_reduce(WeightGradArgs a) {
@@ -86,6 +193,12 @@ __global__ void weight_grad_reduce(WeightGradArgs a) {
 
 }  // namespace
 
+bool weight_grad_is_blocked(const Geometry& g) {
+  const bool unit = g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
+  return unit && g.kernel_h <= 1024 && g.kernel_w <= 1024 &&
+         blocked_shared_floats(g.kernel_h, g.kernel_w) * int64_t{sizeof(float)} <= 48 * 1024;
+}
+
 int weight_grad(const WeightGradArgs& args, void* stream) {
   const int64_t channels = args.grad_output.c;
   if (channels == 0) return 0;
@@ -93,8 +206,15 @@ int weight_grad(const WeightGradArgs& args, void* stream) {
   const int taps = args.conv.kernel_h * args.conv.kernel_w;
   const int64_t rows_per_split = cdiv(args.grad_output.n * args.grad_output.h, args.splits);
   auto s = static_cast<cudaStream_t>(stream);
+  const bool blocked = weight_grad_is_blocked(args.conv);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
-    weight_grad_partials<T><<<dim3(channels, args.splits), kThreads, 0, s>>>(args, rows_per_split);
+    if (blocked) {
+      const int bytes = static_cast<int>(sizeof(float) * blocked_shared_floats(args.conv.kernel_h, args.conv.kernel_w));
+      weight_grad_blocked_partials<T><<<dim3(channels, args.splits), kBlockedThreads, bytes, s>>>(args,
+                                                                                               rows_per_split);
+    } else {
+      weight_grad_partials<T><<<dim3(channels, args.splits), kThreads, 0, s>>>(args, rows_per_split);
+    }
     if (cudaError_t error = cudaGetLastError(); error != cudaSuccess) return static_cast<int>(error);
     weight_grad_reduce<T><<<cdiv(channels * (taps + 1), 256), 256, 0, s>>>(args);
     return static_cast<int>(cudaGetLastError());

@@ -53,7 +53,10 @@ class TestLoadedExtension:
         ("input_grad", [31, 31], [1, 1], [1, 1], "input_grad_blocked"),
         ("input_grad", [13, 13], [1, 1], [3, 3], "input_grad_tiled"),
         ("input_grad", [7, 7], [2, 2], [1, 1], "input_grad_general"),
-        ("weight_grad", [31, 31], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
+        ("weight_grad", [31, 31], [1, 1], [1, 1], "weight_grad_blocked_partials + weight_grad_reduce"),
+        ("weight_grad", [63, 63], [1, 1], [1, 1], "weight_grad_blocked_partials + weight_grad_reduce"),
+        ("weight_grad", [7, 7], [2, 2], [1, 1], "weight_grad_partials + weight_grad_reduce"),
+        ("weight_grad", [101, 101], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
     ])
     def test_kernel_names_follow_the_geometry(self, pass_name, kernel, stride, dilation, expected):
         assert torch.ops.lkconv.cuda_kernel_name(pass_name, kernel, stride, dilation) == expected

@@ -1,7 +1,8 @@
 """The `cuda` backend: lkconv._C's hand-written CUDA kernels (csrc/), compiled by pip install when nvcc is found.
 
-This module allocates every output and workspace with PyTorch's allocator and calls the extension's ops
-(`torch.ops.lkconv.cuda_*`), which check their arguments and launch on the device's current stream. If the
+This module allocates every output and workspace with PyTorch's allocator (NCHW; the op restores the caller's
+layout) and calls the extension's ops (`torch.ops.lkconv.cuda_*`), which check their arguments and launch on the
+device's current stream. If the
 extension is missing or fails to import, the backend reports why, and `auto` carries on with the others.
 """
 
@@ -11,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..arguments import output_memory_format, output_size
+from ..arguments import output_size
 from .gpu import unsupported_gpu_reason
 
 name = "cuda"
@@ -70,21 +71,29 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _rows_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` with unit stride along W (NCHW): the kernels read and write along rows.
+
+    A channels_last map keeps a row's neighbours C elements apart, so reading it in place would fetch a 32-byte
+    sector per element for every tap; copying streams it once (the op restores the caller's layout at the end).
+    """
+    return tensor if tensor.shape[3] <= 1 or tensor.stride(3) == 1 else tensor.contiguous()
+
+
 def forward(input, weight, bias, stride, padding, dilation):
     out_hw = [output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
               for i in range(2)]
-    output = new_buffer((input.shape[0], weight.shape[0], *out_hw), input.dtype, input.device,
-                        output_memory_format(input))
+    output = new_buffer((input.shape[0], weight.shape[0], *out_hw), input.dtype, input.device)
     bias = bias.contiguous() if bias is not None else None  # autograd may hand in an expanded (stride-0) bias
-    torch.ops.lkconv.cuda_forward(input, weight.contiguous(), bias, list(stride), list(padding), list(dilation),
-                                  output)
+    torch.ops.lkconv.cuda_forward(_rows_contiguous(input), weight.contiguous(), bias, list(stride), list(padding),
+                                  list(dilation), output)
     return output
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
-    grad_input = new_buffer(input_shape, grad_output.dtype, grad_output.device, output_memory_format(grad_output))
-    torch.ops.lkconv.cuda_input_grad(grad_output, weight.contiguous(), list(stride), list(padding), list(dilation),
-                                     grad_input)
+    grad_input = new_buffer(input_shape, grad_output.dtype, grad_output.device)
+    torch.ops.lkconv.cuda_input_grad(_rows_contiguous(grad_output), weight.contiguous(), list(stride), list(padding),
+                                     list(dilation), grad_input)
     return grad_input
 
 
@@ -106,6 +115,7 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     workspace = new_buffer((splits * out_channels * (taps + 1),), torch.float32, grad_output.device)
     grad_weight = new_buffer((out_channels, 1, *kernel_size), grad_output.dtype, grad_output.device)
     grad_bias = new_buffer((out_channels if with_bias else 0,), grad_output.dtype, grad_output.device)
-    torch.ops.lkconv.cuda_weight_grad(grad_output, input, list(stride), list(padding), list(dilation), workspace,
-                                      grad_weight, grad_bias if with_bias else None)
+    torch.ops.lkconv.cuda_weight_grad(_rows_contiguous(grad_output), _rows_contiguous(input), list(stride),
+                                      list(padding), list(dilation), workspace, grad_weight,
+                                      grad_bias if with_bias else None)
     return grad_weight, grad_bias

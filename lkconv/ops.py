@@ -19,8 +19,7 @@ from . import arguments, backends
 
 def _backend(tensor: Tensor, kernel, stride, dilation, input_hw):
     """The backend for one pass; every pass of a conv sees the same shape class, so all three pick alike."""
-    shape = backends.measured.ShapeClass.of(kernel, stride, dilation, input_hw)
-    return backends.choose(tensor.device, tensor.dtype, shape).module
+    return backends.choose_for_conv(tensor.device, tensor.dtype, kernel, stride, dilation, input_hw).module
 
 
 def _in_layout_of(output: Tensor, like: Tensor) -> Tensor:
@@ -312,8 +311,7 @@ def explain(
     backend that cannot run the call raises here as it would in the call.
     """
     _, (input, weight, bias, stride, padding, dilation) = _prepare(input, weight, bias, stride, padding, dilation)
-    choice = backends.choose(input.device, input.dtype,
-                             backends.measured.ShapeClass.of(weight.shape[2:], stride, dilation, input.shape[2:]))
+    choice = backends.choose_for_conv(input.device, input.dtype, weight.shape[2:], stride, dilation, input.shape[2:])
     output_hw = tuple(
         arguments.output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
         for i in range(2)

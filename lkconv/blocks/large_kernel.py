@@ -12,7 +12,46 @@ from ..reparam import dilated_to_dense, fuse_conv_bn, merge_branches
 from .conv_bn import ConvBN, ReparamBlock, _size_2_t, make_conv, merged_conv_like, same_padding
 
 
-class ReparamLargeKernelConv(ReparamBlock):
+class SummedConvBNBranches(ReparamBlock):
+    """A block that sums parallel conv-BN branches (the attributes named in BRANCHES that exist) and merges them
+    into one conv with bias, `lkb_reparam`, of the first branch's configuration and `merged_size()` kernel."""
+
+    BRANCHES: tuple[str, ...] = ()
+
+    def _branches(self) -> list[ConvBN]:
+        return [getattr(self, name) for name in self.BRANCHES if hasattr(self, name)]
+
+    def merged_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def merged(self) -> bool:
+        return hasattr(self, "lkb_reparam")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.lkb_reparam(x)
+        branches = self._branches()
+        out = branches[0](x)
+        for branch in branches[1:]:
+            out = out + branch(x)
+        return out
+
+    def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged (weight, bias); differentiable, so it can feed a penalty during training."""
+        if self.merged:
+            return self.lkb_reparam.weight, self.lkb_reparam.bias
+        return merge_branches([branch.fused_kernel_bias() for branch in self._branches()], self.merged_size())
+
+    def _merge(self) -> None:
+        weight, bias = self.equivalent_kernel_bias()
+        self.lkb_reparam = merged_conv_like(self._branches()[0].conv, weight, bias)
+        for name in self.BRANCHES:
+            if hasattr(self, name):
+                delattr(self, name)
+
+
+class ReparamLargeKernelConv(SummedConvBNBranches):
     """RepLKNet's large-kernel conv: a K×K conv-BN plus an optional small k×k conv-BN, summed.
 
     Depthwise by default (`groups=None` means groups = in_channels). Official names: `lkb_origin.conv/bn`,
@@ -54,36 +93,13 @@ class ReparamLargeKernelConv(ReparamBlock):
             self.small_conv = ConvBN(in_channels, out_channels, small_kernel, stride, groups=groups,
                                      norm_layer=norm_layer, **factory)
 
-    @property
-    def merged(self) -> bool:
-        return hasattr(self, "lkb_reparam")
+    BRANCHES = ("lkb_origin", "small_conv")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.lkb_reparam(x)
-        out = self.lkb_origin(x)
-        if hasattr(self, "small_conv"):
-            out = out + self.small_conv(x)
-        return out
-
-    def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The merged (weight, bias); differentiable, so it can feed a penalty during training."""
-        if self.merged:
-            return self.lkb_reparam.weight, self.lkb_reparam.bias
-        branches = [self.lkb_origin.fused_kernel_bias()]
-        if hasattr(self, "small_conv"):
-            branches.append(self.small_conv.fused_kernel_bias())
-        return merge_branches(branches, tuple(self.lkb_origin.conv.kernel_size))
-
-    def _merge(self) -> None:
-        weight, bias = self.equivalent_kernel_bias()
-        self.lkb_reparam = merged_conv_like(self.lkb_origin.conv, weight, bias)
-        del self.lkb_origin
-        if hasattr(self, "small_conv"):
-            del self.small_conv
+    def merged_size(self) -> tuple[int, int]:
+        return tuple(self.lkb_origin.conv.kernel_size)
 
 
-class DecomposedLargeKernelConv(ReparamBlock):
+class DecomposedLargeKernelConv(SummedConvBNBranches):
     """SLaK's decomposed large kernel: depthwise (K, s) and (s, K) conv-BNs plus an s×s conv-BN (s = 5, and only
     when s < K), summed.
 
@@ -121,29 +137,10 @@ class DecomposedLargeKernelConv(ReparamBlock):
         if small_kernel < kernel_size:  # as in SLaK: at equal sizes the two thin kernels already cover it
             self.small_conv = ConvBN(channels, channels, small_kernel, stride, groups=channels, **factory)
 
-    @property
-    def merged(self) -> bool:
-        return hasattr(self, "lkb_reparam")
+    BRANCHES = ("LoRA1", "LoRA2", "small_conv")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.lkb_reparam(x)
-        out = self.LoRA1(x) + self.LoRA2(x)
-        return out + self.small_conv(x) if hasattr(self, "small_conv") else out
-
-    def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The merged K×K (weight, bias); differentiable."""
-        if self.merged:
-            return self.lkb_reparam.weight, self.lkb_reparam.bias
-        branches = [m.fused_kernel_bias() for m in (self.LoRA1, self.LoRA2, getattr(self, "small_conv", None)) if m is not None]
-        return merge_branches(branches, self.kernel_size)
-
-    def _merge(self) -> None:
-        weight, bias = self.equivalent_kernel_bias()
-        self.lkb_reparam = merged_conv_like(self.LoRA1.conv, weight, bias)
-        del self.LoRA1, self.LoRA2
-        if hasattr(self, "small_conv"):
-            del self.small_conv
+    def merged_size(self) -> tuple[int, int]:
+        return (self.kernel_size, self.kernel_size)
 
 
 # UniRepLKNet's dilated branches per large kernel size: (kernel sizes, dilations), REFERENCE.md §5.

@@ -101,6 +101,11 @@ class ReparamBlock(nn.Module):
         if not self.merged:
             self._merge()
 
+    def deployed(self) -> nn.Module:
+        """The module an inference model holds in this block's place: by default the block itself, merged."""
+        self.reparameterize()
+        return self
+
 
 def merged_conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
                      padding: Optional[_size_2_t] = None) -> nn.Conv2d:

@@ -7,7 +7,6 @@ from typing import Optional
 from torch import nn
 
 from .conv_bn import ReparamBlock
-from .refconv import RefConv
 
 # Merge methods of other re-param code, tried in this order: timm's (`reparameterize` in MobileOne, FastViT and
 # byobnet's RepVGG; `fuse` returning a replacement in LeViT and EfficientViT), official RepVGG's
@@ -18,7 +17,7 @@ FOREIGN_METHODS = ("reparameterize", "switch_to_deploy", "merge_kernel", "merge_
 def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Returns `model` with every re-param block merged into a single conv; use the returned module.
 
-    - lkconv blocks call `reparameterize()`; a `RefConv` is replaced by its plain conv.
+    - lkconv blocks are replaced by their `deployed()` form: merged in place, or for `RefConv` its plain conv.
     - Other modules merge through the first of `FOREIGN_METHODS` they define that takes no arguments; a module
       returned by `fuse()` replaces the original.
     - A parent is merged before its children, so a block that consumes its own branches sees them intact.
@@ -52,11 +51,8 @@ def _merge(module: nn.Module, done: dict[int, tuple[nn.Module, nn.Module]]) -> n
 
 
 def _merge_one(module: nn.Module) -> nn.Module:
-    if isinstance(module, RefConv):
-        return module.to_conv()
     if isinstance(module, ReparamBlock):
-        module.reparameterize()
-        return module
+        return module.deployed()
     if _is_lkconv(module):
         # lkconv's models and helpers merge only through their blocks, never a second time here.
         return module

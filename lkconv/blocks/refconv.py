@@ -111,6 +111,10 @@ class RefConv(ReparamBlock):
         del self.weight
         self.weight = nn.Parameter(weight.detach().clone())
 
+    def deployed(self) -> nn.Module:
+        """The plain conv: after training RefConv leaves no trace in the inference model."""
+        return self.to_conv()
+
     def to_conv(self) -> nn.Conv2d:
         """The plain conv with W_t and the bias: an nn.Conv2d, or lkconv.DepthwiseConv2d for large depthwise."""
         weight = self.refocused_weight().detach()

@@ -12,6 +12,7 @@ import lkconv
 from lkconv.models import create_model
 
 from .op_suite import LAYOUTS
+from .formatting import number, ratio
 from .progress import Progress
 from .timing import Budget, failure, measure, release_memory, set_fp32_math
 
@@ -178,8 +179,6 @@ def notes(settings: ModelSettings) -> dict:
     }
 
 
-def _number(value, digits: int = 0) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -197,9 +196,9 @@ def summary_table(rows: list[dict]) -> str:
         ours, theirs = impls.get("lkconv", {}), impls.get("pytorch", {})
         speedup = ours.get("speedup_vs_pytorch")
         lines.append("| " + " | ".join([
-            *map(str, key), _number(ours.get("images_per_s"), 1), _number(theirs.get("images_per_s"), 1),
-            "—" if speedup is None else f"{speedup:.2f}×", _number(ours.get("peak_memory_mib")),
-            _number(theirs.get("peak_memory_mib")),
+            *map(str, key), number(ours.get("images_per_s"), 1), number(theirs.get("images_per_s"), 1),
+            ratio(speedup), number(ours.get("peak_memory_mib")),
+            number(theirs.get("peak_memory_mib")),
         ]) + " |")
     lines += ["", f"lkconv against the same model on plain PyTorch convs (lkconv.revert). bf16 = autocast. "
                   f"Training: {TRAINING_STEP}. Peak memory is per call, on a GPU only."]

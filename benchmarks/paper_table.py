@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import lkconv
 
 from .op_suite import BACKENDS, LAYOUTS, baseline_label
+from .formatting import ms, speedup
 from .progress import Progress
 from .timing import Budget, failure, measure, release_memory, set_fp32_math
 
@@ -220,17 +221,8 @@ def notes(settings: TableSettings) -> dict:
 # --- markdown in the paper's layout ---------------------------------------------------------------------------------
 
 
-def _ms(value: Optional[float]) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
-def _ratio(reference: Optional[float], own: Optional[float]) -> str:
-    if not reference or not own:
-        return "—"
-    speedup = reference / own
-    return f"{speedup:.2f}×" if speedup < 10 else f"{speedup:.1f}×"
 
 
 def paper_layout(rows: list[dict], reference: bool = True) -> str:
@@ -271,18 +263,18 @@ def _table(rows: list[dict], reference: bool) -> str:
     ]
     for resolution in resolutions:
         for impl, layout in implementations:
-            values = [_ms(median.get((resolution, k, impl, layout))) for k in kernels]
+            values = [ms(median.get((resolution, k, impl, layout))) for k in kernels]
             lines.append(f"| {resolution} | {_implementation_label(impl, layout, one_lkconv)} | "
                          + " | ".join(values) + " |")
         for impl, layout in implementations:
             if impl.startswith("lkconv"):
-                values = [_ratio(median.get((resolution, k, "pytorch[nchw]", "nchw")), median.get(
+                values = [speedup(median.get((resolution, k, "pytorch[nchw]", "nchw")), median.get(
                     (resolution, k, impl, layout))) for k in kernels]
                 lines.append(f"| {resolution} | {_implementation_label(impl, layout, one_lkconv)} faster by | "
                              + " | ".join(values) + " |")
         if with_paper:
             for impl in ("PyTorch", "MegEngine"):
-                values = [_ms(PAPER_TABLE1.get((resolution, impl), {}).get(k)) for k in kernels]
+                values = [ms(PAPER_TABLE1.get((resolution, impl), {}).get(k)) for k in kernels]
                 lines.append(f"| {resolution} | {PAPER_SOURCE}: {impl} | " + " | ".join(values) + " |")
     lines.append("")
     ran_on = {}

@@ -26,6 +26,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _colour(impl: str, layout: str) -> str:
     if impl in IMPL_STYLE:
         return IMPL_STYLE[impl]
@@ -64,10 +71,7 @@ def op_headline(rows: list[dict], path: Path, device: str) -> bool:
         ax.set_visible(False)
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"lkconv vs PyTorch, depthwise conv per pass, lower is better ({device})", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def table1_lines(rows: list[dict], path: Path, device: str) -> bool:
@@ -97,10 +101,7 @@ def table1_lines(rows: list[dict], path: Path, device: str) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.suptitle(f"RepLKNet Table 1 on {device}: latency against kernel size", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def model_throughput(rows: list[dict], path: Path, device: str) -> bool:
@@ -121,10 +122,7 @@ def model_throughput(rows: list[dict], path: Path, device: str) -> bool:
     ax.set_title(f"{rows[0]['model']} throughput on {device}", fontsize=10)
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def write_all(rows: list[dict], out: Path, device: str) -> list[Path]:

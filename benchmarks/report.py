@@ -10,20 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 from . import model_suite, paper_table
+from .formatting import ms, percent, ratio
 
 
-def _ms(value: Optional[float]) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
 
 
-def _ratio(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.2f}x"
 
 
-def _percent(value: Optional[float]) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def markdown(header: list[str], lines: list[list[str]]) -> str:
@@ -43,12 +36,12 @@ def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
         memory = r.get("peak_memory_mib")
         lines.append([
             r["shape"], r["kernel"], r["dtype"], r["pass"], r["impl"], r["layout"], r["runs_on"],
-            ("skipped" if r.get("skipped") else "error") if failed else _ms(r["median_ms"]),
-            "—" if failed else f"{_ms(r['p20_ms'])}–{_ms(r['p80_ms'])} ({r.get('samples', '?')})",
-            _ratio(r.get("speedup_vs_nchw")), _ratio(r.get("speedup_vs_channels_last")),
-            _ratio(r.get("speedup_vs_compile")),
-            "—" if failed else f"{r['tflops']:.3g}", _percent(r.get("floor_fraction")),
-            _percent(r.get("fp32_fma_floor_fraction")), "—" if memory is None else f"{memory:.0f}",
+            ("skipped" if r.get("skipped") else "error") if failed else ms(r["median_ms"]),
+            "—" if failed else f"{ms(r['p20_ms'])}–{ms(r['p80_ms'])} ({r.get('samples', '?')})",
+            ratio(r.get("speedup_vs_nchw")), ratio(r.get("speedup_vs_channels_last")),
+            ratio(r.get("speedup_vs_compile")),
+            "—" if failed else f"{r['tflops']:.3g}", percent(r.get("floor_fraction")),
+            percent(r.get("fp32_fma_floor_fraction")), "—" if memory is None else f"{memory:.0f}",
         ])
     return markdown(header, lines) if lines else ""
 

@@ -30,6 +30,27 @@ __device__ __forceinline__ Tile tile_of_block(int64_t tiles_h, int64_t tiles_w) 
   return {block / per_plane, (within / tiles_w) * kTileH, (within % tiles_w) * kTileW};
 }
 
+// Writes one thread's column of kRows results (rows row0.., column col) of plane (n, c), inside the map only.
+template <typename T>
+__device__ __forceinline__ void store_column(const Map& m, int64_t n, int64_t c, int64_t row0, int64_t col,
+                                             const float (&acc)[kRows]) {
+  if (col >= m.w) return;
+  T* out = static_cast<T*>(m.data);
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    if (row0 + i < m.h) out[offset(m, n, c, row0 + i, col)] = from_float<T>(acc[i]);
+  }
+}
+
+// The (n, c, h, w) of flat element `index` of a map, for one-element-per-thread kernels.
+struct Position {
+  int64_t n, c, h, w;
+};
+
+__device__ __forceinline__ Position position_of(int64_t index, const Map& m) {
+  return {index / (m.w * m.h * m.c), (index / (m.w * m.h)) % m.c, (index / m.w) % m.h, index % m.w};
+}
+
 // Forward: y[n, o, oh, ow] = b[o] + sum_{r,q} x[n, o/m, oh*sh - pt + r*dh, ow*sw - pl + q*dw] * w[o, r, q].
 template <typename T>
 __global__ void __launch_bounds__(kThreads) forward_tiled(ForwardArgs a, int64_t tiles_h, int64_t tiles_w,
@@ -73,14 +94,7 @@ __global__ void __launch_bounds__(kThreads) forward_tiled(ForwardArgs a, int64_t
     }
   }
 
-  const int64_t out_col = t.col0 + col;
-  if (out_col >= a.output.w) return;
-  T* out = static_cast<T*>(a.output.data);
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int64_t out_row = t.row0 + row + i;
-    if (out_row < a.output.h) out[offset(a.output, n, o, out_row, out_col)] = from_float<T>(acc[i]);
-  }
+  store_column<T>(a.output, n, o, t.row0 + row, t.col0 + col, acc);
 }
 
 template <typename T>
@@ -88,9 +102,7 @@ __global__ void forward_general(ForwardArgs a, int64_t total) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= total) return;
   const Geometry& g = a.conv;
-  const int64_t ow = index % a.output.w, oh = (index / a.output.w) % a.output.h;
-  const int64_t o = (index / (a.output.w * a.output.h)) % a.output.c;
-  const int64_t n = index / (a.output.w * a.output.h * a.output.c);
+  const auto [n, o, oh, ow] = position_of(index, a.output);
   const int64_t c = o / g.multiplier;
   const T* weight = static_cast<const T*>(a.weight) + o * g.kernel_h * g.kernel_w;
   float acc = a.bias ? to_float(static_cast<const T*>(a.bias)[o]) : 0.f;
@@ -151,14 +163,7 @@ __global__ void __launch_bounds__(kThreads) input_grad_tiled(InputGradArgs a, in
     }
   }
 
-  const int64_t out_col = t.col0 + col;
-  if (out_col >= a.grad_input.w) return;
-  T* out = static_cast<T*>(a.grad_input.data);
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int64_t out_row = t.row0 + row + i;
-    if (out_row < a.grad_input.h) out[offset(a.grad_input, n, c, out_row, out_col)] = from_float<T>(acc[i]);
-  }
+  store_column<T>(a.grad_input, n, c, t.row0 + row, t.col0 + col, acc);
 }
 
 // Input grad for any stride: each input element gathers the outputs whose window covered it.
@@ -168,9 +173,7 @@ __global__ void input_grad_general(InputGradArgs a, int64_t total) {
   if (index >= total) return;
   const Geometry& g = a.conv;
   const Map& dy = a.grad_output;
-  const int64_t iw = index % a.grad_input.w, ih = (index / a.grad_input.w) % a.grad_input.h;
-  const int64_t c = (index / (a.grad_input.w * a.grad_input.h)) % a.grad_input.c;
-  const int64_t n = index / (a.grad_input.w * a.grad_input.h * a.grad_input.c);
+  const auto [n, c, ih, iw] = position_of(index, a.grad_input);
   float acc = 0.f;
   for (int64_t j = 0; j < g.multiplier; ++j) {
     const int64_t o = c * g.multiplier + j;

@@ -212,3 +212,39 @@ def test_choices_turns_a_run_timing_both_gpu_backends_into_autos_table(tmp_path,
     with pytest.raises(SystemExit):
         cli.main(["choices", str(tmp_path), "--to", str(target)])
     assert "no shape class timed with both" in capsys.readouterr().err
+
+
+def test_the_full_preset_covers_the_issues_shape_sets():
+    shapes = cli.presets.op_shapes("full")
+    kernels = {kernel for _, kernel in shapes}
+    assert {(k, k) for k in (3, 5, 7, 9, 13, 17, 21, 27, 29, 31)} <= kernels
+    assert {(51, 5), (5, 51), (13, 13)} <= kernels
+    assert {shape[0] for shape, _ in shapes} >= {1, 8, 64}
+    stages = {(shape[1:], kernel) for shape, kernel in shapes}
+    assert ((128, 56, 56), (31, 31)) in stages and ((1024, 7, 7), (13, 13)) in stages  # RepLKNet-31B at 224
+    assert ((128, 96, 96), (31, 31)) in stages  # and at 384
+    full = cli.presets.defaults("full")
+    assert set(full["baselines"]) == {"nchw", "channels_last", "compile"}
+    assert set(full["backends"]) == {"auto", "triton", "cuda"}
+    assert full["table_resolutions"] == (16, 32, 64) and full["model_resolutions"] == (224, 384)
+
+
+def test_the_compile_baseline_runs(tmp_path):
+    arguments = ["--suites", "op", "--baselines", "compile", "--backends", "auto", "--passes", "forward",
+                 "--shapes", "1x4x8x8", "--kernels", "3", "--cpu-seconds", "0.005", "--out", str(tmp_path), "--no-plots"]
+    assert cli.main(arguments) == 0
+    _, rows = read_results(tmp_path)
+    compiled = [r for r in rows if r["impl"] == "pytorch[compile]"]
+    assert compiled and not compiled[0]["error"] and compiled[0]["median_ms"] > 0
+
+
+def test_the_pytest_benchmark_subset_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-only", "-q", "-p",
+                             "no:cacheprovider"], cwd=repository, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout

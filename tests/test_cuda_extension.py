@@ -85,3 +85,32 @@ def test_auto_falls_back_and_a_forced_cuda_backend_refuses_cpu_tensors():
 def test_unsupported_reasons_name_the_tensor():
     assert "CUDA tensors" in cuda_backend.unsupported_reason(torch.device("cpu"), torch.float32)
     assert "float64" in cuda_backend.unsupported_reason(torch.device("cuda", 0), torch.float64)
+
+
+def test_a_broken_extension_warns_once_and_auto_carries_on(monkeypatch):
+    """lkconv._C that exists but cannot load (e.g. built against another torch): one warning naming the reinstall
+    command, the cuda backend reports why, and auto still answers."""
+    import builtins
+    import warnings
+
+    real_import = builtins.__import__
+
+    def failing_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if "_C" in (fromlist or ()) and name == "lkconv":
+            raise ImportError("undefined symbol: _ZN3c10simulated")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+    cuda_backend._import_failure.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first, second = cuda_backend.unavailable_reason(), cuda_backend.unavailable_reason()
+        assert first == second and "failed to import" in first and "simulated" in first
+        assert len([w for w in caught if "Reinstall with" in str(w.message)]) == 1
+        x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+        assert torch.allclose(lkconv.depthwise_conv2d(x, w, padding=1),
+                              torch.nn.functional.conv2d(x, w, padding=1, groups=2))
+    finally:
+        monkeypatch.undo()
+        cuda_backend._import_failure.cache_clear()

@@ -21,12 +21,12 @@ namespace {
 
 using at::Tensor;
 
-lkconv::DType dtype_of(const Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
+lkconv::DType dtype_of(c10::ScalarType type, const char* name) {
+  switch (type) {
     case at::kFloat: return lkconv::DType::Float32;
     case at::kHalf: return lkconv::DType::Float16;
     case at::kBFloat16: return lkconv::DType::BFloat16;
-    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16; got ", t.scalar_type());
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16; got ", type);
   }
 }
 
@@ -103,7 +103,7 @@ void forward(const Tensor& input, const Tensor& weight, const std::optional<Tens
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor; got ", input.device());
   check_like(weight, input, "weight");
   check_like(output, input, "output");
-  lkconv::ForwardArgs args{dtype_of(input, "input"),
+  lkconv::ForwardArgs args{dtype_of(input.scalar_type(), "input"),
                            geometry(weight, "weight", input.size(1), stride, padding, dilation),
                            map_of(input, "input"), map_of(output, "output"), weight.data_ptr(), nullptr};
   check_shapes(input, output, weight, stride, padding, dilation, "input", "output");
@@ -122,7 +122,7 @@ void input_grad(const Tensor& grad_output, const Tensor& weight, c10::IntArrayRe
   TORCH_CHECK(grad_output.is_cuda(), "grad_output must be a CUDA tensor; got ", grad_output.device());
   check_like(weight, grad_output, "weight");
   check_like(grad_input, grad_output, "grad_input");
-  lkconv::InputGradArgs args{dtype_of(grad_output, "grad_output"),
+  lkconv::InputGradArgs args{dtype_of(grad_output.scalar_type(), "grad_output"),
                              geometry(weight, "weight", grad_input.size(1), stride, padding, dilation),
                              map_of(grad_output, "grad_output"), map_of(grad_input, "grad_input"), weight.data_ptr()};
   check_shapes(grad_input, grad_output, weight, stride, padding, dilation, "grad_input", "grad_output");
@@ -139,7 +139,7 @@ void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRe
   TORCH_CHECK(workspace.device() == grad_output.device() && workspace.scalar_type() == at::kFloat &&
                   workspace.is_contiguous(),
               "workspace must be a contiguous float32 tensor on ", grad_output.device());
-  lkconv::WeightGradArgs args{dtype_of(grad_output, "grad_output"),
+  lkconv::WeightGradArgs args{dtype_of(grad_output.scalar_type(), "grad_output"),
                               geometry(grad_weight, "grad_weight", input.size(1), stride, padding, dilation),
                               map_of(grad_output, "grad_output"), map_of(input, "input"),
                               workspace.data_ptr<float>(), 0, grad_weight.data_ptr(), nullptr};
@@ -159,17 +159,18 @@ void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRe
   check_launch(lkconv::weight_grad(args, current_stream(grad_output)), "cuda_weight_grad");
 }
 
-std::string kernel_name(const std::string& pass_name, c10::IntArrayRef kernel, c10::IntArrayRef stride,
-                        c10::IntArrayRef dilation) {
+std::string kernel_name(const std::string& pass_name, c10::ScalarType dtype, c10::IntArrayRef kernel,
+                        c10::IntArrayRef stride, c10::IntArrayRef dilation) {
+  const lkconv::DType type = dtype_of(dtype, "dtype");
   check_pair(kernel, 2, 1, "kernel");
   check_pair(stride, 2, 1, "stride");
   check_pair(dilation, 2, 1, "dilation");
   const lkconv::Geometry conv{1, static_cast<int>(kernel[0]), static_cast<int>(kernel[1]), static_cast<int>(stride[0]),
                               static_cast<int>(stride[1]), 0, 0, static_cast<int>(dilation[0]),
                               static_cast<int>(dilation[1])};
-  if (pass_name == "forward") return lkconv::kernel_name(lkconv::Pass::Forward, conv);
-  if (pass_name == "input_grad") return lkconv::kernel_name(lkconv::Pass::InputGrad, conv);
-  if (pass_name == "weight_grad") return lkconv::kernel_name(lkconv::Pass::WeightGrad, conv);
+  if (pass_name == "forward") return lkconv::kernel_name(lkconv::Pass::Forward, type, conv);
+  if (pass_name == "input_grad") return lkconv::kernel_name(lkconv::Pass::InputGrad, type, conv);
+  if (pass_name == "weight_grad") return lkconv::kernel_name(lkconv::Pass::WeightGrad, type, conv);
   TORCH_CHECK(false, "pass_name must be forward, input_grad or weight_grad; got '", pass_name, "'");
 }
 
@@ -182,7 +183,8 @@ TORCH_LIBRARY_FRAGMENT(lkconv, m) {
         "Tensor(a!) grad_input) -> ()");
   m.def("cuda_weight_grad(Tensor grad_output, Tensor input, int[] stride, int[] padding, int[] dilation, "
         "Tensor(a!) workspace, Tensor(b!) grad_weight, Tensor(c!)? grad_bias) -> ()");
-  m.def("cuda_kernel_name(str pass_name, int[] kernel, int[] stride, int[] dilation) -> str", &kernel_name);
+  m.def("cuda_kernel_name(str pass_name, ScalarType dtype, int[] kernel, int[] stride, int[] dilation) -> str",
+        &kernel_name);
 }
 
 TORCH_LIBRARY_IMPL(lkconv, CUDA, m) {

@@ -7,7 +7,7 @@
 // filter is zero-padded to a multiple of 8 columns, so a chunk never needs a tail. Each thread clamps its kernel
 // rows and chunks to those that reach inside the source map, so taps wholly in the padding are not computed.
 
-#include "blocked.h"
+#include "unit_stride.h"
 #include "common.cuh"
 
 namespace lkconv {
@@ -37,7 +37,7 @@ int64_t shared_floats(int kernel_h, int kernel_w) {
 // where for the forward s is the single source channel d / m with filter d, and for the input grad (flip) s runs
 // over the m output channels d*m + j with their filters rotated by 180 degrees.
 template <typename T, int TX, int TY>
-__global__ void __launch_bounds__(TX * TY) blocked_kernel(BlockedArgs a, int64_t tiles_h, int64_t tiles_w) {
+__global__ void __launch_bounds__(TX * TY) blocked_kernel(UnitStrideArgs a, int64_t tiles_h, int64_t tiles_w) {
   constexpr int kTileH = TY * kRows, kTileW = TX * kCols;
   extern __shared__ __align__(16) float shared[];
   const int kw_pad = padded_kernel_w(a.kernel_w);
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(TX * TY) blocked_kernel(BlockedArgs a, int64_t
 }
 
 template <int TX, int TY>
-int launch(const BlockedArgs& args, cudaStream_t stream) {
+int launch(const UnitStrideArgs& args, cudaStream_t stream) {
   const int64_t tiles_h = cdiv(args.dst.h, TY * kRows), tiles_w = cdiv(args.dst.w, TX * kCols);
   const int64_t blocks = args.dst.n * args.dst.c * tiles_h * tiles_w;
   const int bytes = static_cast<int>(sizeof(float) * shared_floats<TX, TY>(args.kernel_h, args.kernel_w));
@@ -144,7 +144,7 @@ bool blocked_fits(int kernel_h, int kernel_w) {
   return shared_floats<8, 8>(kernel_h, kernel_w) * static_cast<int64_t>(sizeof(float)) <= kSharedLimit;
 }
 
-int blocked_conv(const BlockedArgs& args, void* stream) {
+int blocked_conv(const UnitStrideArgs& args, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return narrow(args.dst.w) ? launch<4, 8>(args, s) : launch<8, 8>(args, s);
 }

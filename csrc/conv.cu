@@ -6,7 +6,7 @@
 // shared memory (very large kernels with stride or dilation) a general kernel computes one output per thread
 // straight from global memory. Any stride, dilation, padding, depth multiplier and element strides.
 
-#include "blocked.h"
+#include "unit_stride.h"
 #include "common.cuh"
 
 namespace lkconv {
@@ -215,6 +215,10 @@ bool unit_stride_and_dilation(const Geometry& g) {
 
 bool is_blocked(const Geometry& g) { return unit_stride_and_dilation(g) && blocked_fits(g.kernel_h, g.kernel_w); }
 
+bool is_tensor_core(DType dtype, const Geometry& g) {
+  return unit_stride_and_dilation(g) && tensor_core_fits(dtype, g.kernel_h, g.kernel_w);
+}
+
 bool forward_is_tiled(const Geometry& g) {
   return shared_bytes(g, forward_tile_h(g), forward_tile_w(g)) <= kSharedLimit;
 }
@@ -226,11 +230,13 @@ bool input_grad_is_tiled(const Geometry& g) {
 
 }  // namespace
 
-const char* kernel_name(Pass pass, const Geometry& conv) {
+const char* kernel_name(Pass pass, DType dtype, const Geometry& conv) {
   switch (pass) {
     case Pass::Forward:
+      if (is_tensor_core(dtype, conv)) return "forward_tensor_core";
       return is_blocked(conv) ? "forward_blocked" : (forward_is_tiled(conv) ? "forward_tiled" : "forward_general");
     case Pass::InputGrad:
+      if (is_tensor_core(dtype, conv)) return "input_grad_tensor_core";
       return is_blocked(conv) ? "input_grad_blocked"
                               : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
     case Pass::WeightGrad:
@@ -244,9 +250,11 @@ int forward(const ForwardArgs& args, void* stream) {
   const int64_t total = numel(args.output);
   if (total == 0) return 0;
   const Geometry& g = args.conv;
-  if (is_blocked(g)) {
-    return blocked_conv({args.dtype, args.input, args.output, args.weight, args.bias, g.kernel_h, g.kernel_w,
-                         g.multiplier, -int64_t{g.pad_top}, -int64_t{g.pad_left}, false}, stream);
+  if (unit_stride_and_dilation(g)) {
+    const UnitStrideArgs unit{args.dtype, args.input, args.output, args.weight, args.bias, g.kernel_h, g.kernel_w,
+                              g.multiplier, -int64_t{g.pad_top}, -int64_t{g.pad_left}, false};
+    if (is_tensor_core(args.dtype, g)) return tensor_core_conv(unit, stream);
+    if (is_blocked(g)) return blocked_conv(unit, stream);
   }
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
@@ -267,10 +275,12 @@ int input_grad(const InputGradArgs& args, void* stream) {
   const int64_t total = numel(args.grad_input);
   if (total == 0) return 0;
   const Geometry& g = args.conv;
-  if (is_blocked(g)) {  // dx = dy correlated with the rotated filter, padded by (k - 1 - p)
-    return blocked_conv({args.dtype, args.grad_output, args.grad_input, args.weight, nullptr, g.kernel_h, g.kernel_w,
-                         g.multiplier, int64_t{g.pad_top} - (g.kernel_h - 1), int64_t{g.pad_left} - (g.kernel_w - 1),
-                         true}, stream);
+  if (unit_stride_and_dilation(g)) {  // dx = dy correlated with the rotated filter, padded by (k - 1 - p)
+    const UnitStrideArgs unit{args.dtype, args.grad_output, args.grad_input, args.weight, nullptr, g.kernel_h,
+                              g.kernel_w, g.multiplier, int64_t{g.pad_top} - (g.kernel_h - 1),
+                              int64_t{g.pad_left} - (g.kernel_w - 1), true};
+    if (is_tensor_core(args.dtype, g)) return tensor_core_conv(unit, stream);
+    if (is_blocked(g)) return blocked_conv(unit, stream);
   }
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(args.dtype, [&]<typename T>() {

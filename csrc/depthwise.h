@@ -63,8 +63,8 @@ enum class Pass : int { Forward = 0, InputGrad = 1, WeightGrad = 2 };
 // Whether the weight grad runs its register-tiled kernel (stride 1, dilation 1, strips fit in shared memory).
 bool weight_grad_is_blocked(const Geometry& conv);
 
-// The kernel a launcher picks for a pass with this geometry (what lkconv.explain reports).
-const char* kernel_name(Pass pass, const Geometry& conv);
+// The kernel a launcher picks for a pass with this dtype and geometry (what lkconv.explain reports).
+const char* kernel_name(Pass pass, DType dtype, const Geometry& conv);
 
 // cudaGetErrorString for a code the launchers returned.
 const char* error_string(int code);

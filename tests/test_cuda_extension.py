@@ -42,34 +42,46 @@ class TestLoadedExtension:
         with pytest.raises(NotImplementedError, match=r"cuda_forward.*CPU"):
             torch.ops.lkconv.cuda_forward(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], out)
 
-    @pytest.mark.parametrize("pass_name,kernel,stride,dilation,expected", [
-        ("forward", [31, 31], [1, 1], [1, 1], "forward_blocked"),
-        ("forward", [51, 5], [1, 1], [1, 1], "forward_blocked"),  # SLaK
-        ("forward", [63, 63], [1, 1], [1, 1], "forward_tiled"),  # the register-blocked tile would not fit
-        ("forward", [5, 51], [2, 2], [1, 1], "forward_tiled"),
-        ("forward", [13, 13], [1, 1], [2, 2], "forward_tiled"),
-        ("forward", [63, 63], [2, 2], [2, 2], "forward_general"),  # the tile would not fit in shared memory
-        ("forward", [31, 31], [1, 1], [1000, 1], "forward_general"),  # a tile size that overflowed 32 bits once
-        ("input_grad", [31, 31], [1, 1], [1, 1], "input_grad_blocked"),
-        ("input_grad", [13, 13], [1, 1], [3, 3], "input_grad_tiled"),
-        ("input_grad", [7, 7], [2, 2], [1, 1], "input_grad_general"),
-        ("weight_grad", [31, 31], [1, 1], [1, 1], "weight_grad_blocked_partials + weight_grad_reduce"),
-        ("weight_grad", [63, 63], [1, 1], [1, 1], "weight_grad_blocked_partials + weight_grad_reduce"),
-        ("weight_grad", [7, 7], [2, 2], [1, 1], "weight_grad_partials + weight_grad_reduce"),
-        ("weight_grad", [101, 101], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
+    @pytest.mark.parametrize("pass_name,dtype,kernel,stride,dilation,expected", [
+        ("forward", torch.float32, [31, 31], [1, 1], [1, 1], "forward_blocked"),
+        ("forward", torch.float32, [51, 5], [1, 1], [1, 1], "forward_blocked"),  # SLaK
+        ("forward", torch.float32, [63, 63], [1, 1], [1, 1], "forward_tiled"),  # the blocked tile would not fit
+        ("forward", torch.float32, [5, 51], [2, 2], [1, 1], "forward_tiled"),
+        ("forward", torch.float32, [13, 13], [1, 1], [2, 2], "forward_tiled"),
+        ("forward", torch.float32, [63, 63], [2, 2], [2, 2], "forward_general"),  # the tile would not fit
+        ("forward", torch.float32, [31, 31], [1, 1], [1000, 1], "forward_general"),  # once overflowed 32 bits
+        ("forward", torch.bfloat16, [31, 31], [1, 1], [1, 1], "forward_tensor_core"),
+        ("forward", torch.float16, [5, 51], [1, 1], [1, 1], "forward_tensor_core"),
+        ("forward", torch.bfloat16, [63, 63], [1, 1], [1, 1], "forward_tensor_core"),
+        ("forward", torch.bfloat16, [101, 101], [1, 1], [1, 1], "forward_general"),  # no tile would fit
+        ("forward", torch.bfloat16, [13, 13], [2, 2], [1, 1], "forward_tiled"),  # stride 2: CUDA cores
+        ("input_grad", torch.float32, [31, 31], [1, 1], [1, 1], "input_grad_blocked"),
+        ("input_grad", torch.float16, [31, 31], [1, 1], [1, 1], "input_grad_tensor_core"),
+        ("input_grad", torch.bfloat16, [51, 5], [1, 1], [1, 1], "input_grad_tensor_core"),
+        ("input_grad", torch.float32, [13, 13], [1, 1], [3, 3], "input_grad_tiled"),
+        ("input_grad", torch.bfloat16, [13, 13], [1, 1], [3, 3], "input_grad_tiled"),  # dilation: CUDA cores
+        ("input_grad", torch.float32, [7, 7], [2, 2], [1, 1], "input_grad_general"),
+        ("weight_grad", torch.float32, [31, 31], [1, 1], [1, 1], "weight_grad_blocked_partials + weight_grad_reduce"),
+        ("weight_grad", torch.bfloat16, [31, 31], [1, 1], [1, 1],
+         "weight_grad_blocked_partials + weight_grad_reduce"),
+        ("weight_grad", torch.float32, [63, 63], [1, 1], [1, 1], "weight_grad_blocked_partials + weight_grad_reduce"),
+        ("weight_grad", torch.float32, [7, 7], [2, 2], [1, 1], "weight_grad_partials + weight_grad_reduce"),
+        ("weight_grad", torch.float32, [101, 101], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
     ])
-    def test_kernel_names_follow_the_geometry(self, pass_name, kernel, stride, dilation, expected):
-        assert torch.ops.lkconv.cuda_kernel_name(pass_name, kernel, stride, dilation) == expected
+    def test_kernel_names_follow_the_dtype_and_geometry(self, pass_name, dtype, kernel, stride, dilation, expected):
+        assert torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, kernel, stride, dilation) == expected
 
     def test_kernel_name_rejects_bad_arguments_by_name(self):
         with pytest.raises(RuntimeError, match="pass_name must be forward, input_grad or weight_grad; got 'backward'"):
-            torch.ops.lkconv.cuda_kernel_name("backward", [3, 3], [1, 1], [1, 1])
+            torch.ops.lkconv.cuda_kernel_name("backward", torch.float32, [3, 3], [1, 1], [1, 1])
         with pytest.raises(RuntimeError, match=r"stride entries must be in \[1, 2\^30\]; got \[0, 1\]"):
-            torch.ops.lkconv.cuda_kernel_name("forward", [3, 3], [0, 1], [1, 1])
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, [3, 3], [0, 1], [1, 1])
         with pytest.raises(RuntimeError, match=r"dilation entries must be in \[1, 2\^30\]"):
-            torch.ops.lkconv.cuda_kernel_name("forward", [3, 3], [1, 1], [1, 2**31])
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, [3, 3], [1, 1], [1, 2**31])
         with pytest.raises(RuntimeError, match="kernel must have 2 entries; got 3"):
-            torch.ops.lkconv.cuda_kernel_name("forward", [3, 3, 3], [1, 1], [1, 1])
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, [3, 3, 3], [1, 1], [1, 1])
+        with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16; got Double"):
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float64, [3, 3], [1, 1], [1, 1])
 
 
 @needs_cpu_only

@@ -56,9 +56,9 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return unsupported_gpu_reason(device.index if device.index is not None else torch.cuda.current_device(), "cuda")
 
 
-def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation) -> str:
-    """The kernel the extension launches for `pass_name` (it decides, from the kernel size, stride and dilation)."""
-    return torch.ops.lkconv.cuda_kernel_name(pass_name, list(weight_shape[2:]), list(stride), list(dilation))
+def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation, dtype) -> str:
+    """The kernel the extension launches for `pass_name`, decided from the dtype, kernel size, stride and dilation."""
+    return torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, list(weight_shape[2:]), list(stride), list(dilation))
 
 
 def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:

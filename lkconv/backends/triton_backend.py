@@ -134,6 +134,13 @@ def _dot_options(dtype: torch.dtype) -> tuple[str, bool]:
     return "tf32", interpreting() and dtype == torch.bfloat16
 
 
+def _dot_label(dtype: torch.dtype) -> str:
+    """How the kernels' tl.dot multiplies for `dtype`, as explain reports it."""
+    if dtype == torch.float32:
+        return f"{_dot_options(dtype)[0]} fp32 dot"
+    return f"{str(dtype).removeprefix('torch.')} tensor-core dot, fp32 accumulation"
+
+
 # --- plans: which kernel and blocks, per shape class ------------------------------------------------------------
 
 
@@ -237,19 +244,19 @@ def _input_grad_pass(grad_shape, input_hw, kernel, stride, dilation) -> ConvPass
                     tuple(kernel), tuple(stride), tuple(dilation))
 
 
-def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation) -> str:
-    """The kernel and block sizes that `pass_name` would launch, in words."""
+def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation, dtype) -> str:
+    """The kernel, block sizes and dot precision that `pass_name` would launch, in words."""
     kernel = tuple(weight_shape[2:])
     interpret = interpreting()
     if pass_name == "weight_grad":
         config = weight_grad_config(kernel, input_shape[3], input_shape[0] * output_hw[0], interpret)
-        return f"weight_grad (deterministic split reduction) {config}"
+        return f"weight_grad (deterministic split reduction) {config}, {_dot_label(dtype)}"
     if pass_name == "forward":
         p = _forward_pass(input_shape, output_hw, kernel, stride, dilation)
     else:
         p = _input_grad_pass((input_shape[0], weight_shape[0], *output_hw), input_shape[2:], kernel, stride, dilation)
     plan = plan_conv(p, interpret)
-    return f"{plan.form} {plan.config}"
+    return f"{plan.form} {plan.config}, {_dot_label(dtype)}"
 
 
 # --- launches ------------------------------------------------------------------------------------------------------

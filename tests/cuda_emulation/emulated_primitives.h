@@ -1,0 +1,130 @@
+// Host emulations of csrc/mma_primitives.cuh, so the tensor-core kernel's own source runs on a CPU.
+//
+// Every CUDA thread of a block is a std::thread. block_sync is a barrier over the block; ldmatrix and mma.sync are
+// warp-collective: each lane publishes its operands, the warp meets at a barrier, each lane computes its own result
+// fragment from all 32 lanes' operands with the documented PTX fragment layouts, and the warp meets again before the
+// exchange slots are reused. ldmatrix also checks that every row address is 16-byte aligned and inside the block's
+// shared memory, which a GPU would only report under compute-sanitizer.
+#pragma once
+
+#define LKCONV_MMA_PRIMITIVES_CUH  // the kernel's include of the real primitives becomes a no-op
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)  // a code-generation hint only nvcc knows
+#endif
+
+namespace lkconv {
+namespace emulation {
+
+struct WarpExchange {
+  const void* rows[32];
+  uint32_t a[32][4];
+  uint32_t b[32][2];
+};
+
+// One block being emulated: its index, shared memory and barriers.
+struct Block {
+  int64_t index = 0;
+  std::vector<unsigned char> shared;
+  std::unique_ptr<std::barrier<>> all_threads;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<WarpExchange> exchange;
+};
+
+inline thread_local Block* current_block = nullptr;
+inline thread_local int current_thread = 0;
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "emulation: %s (block %lld, thread %d)\n", what,
+               static_cast<long long>(current_block->index), current_thread);
+  std::exit(3);
+}
+
+inline int lane() { return current_thread % 32; }
+inline WarpExchange& exchange() { return current_block->exchange[current_thread / 32]; }
+inline void warp_sync() { current_block->warps[current_thread / 32]->arrive_and_wait(); }
+
+template <typename T>
+float decode(uint32_t bits);
+template <>
+inline float decode<__nv_bfloat16>(uint32_t bits) {
+  const uint32_t widened = bits << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof value);
+  return value;
+}
+template <>
+inline float decode<__half>(uint32_t bits) {
+  __half_raw raw;
+  raw.x = static_cast<unsigned short>(bits);
+  return __half2float(__half(raw));
+}
+
+// Element `half` (0 = low 16 bits) of a packed register.
+inline uint32_t half_of(uint32_t word, int half) { return (word >> (16 * half)) & 0xffffu; }
+
+}  // namespace emulation
+
+inline int thread_index() { return emulation::current_thread; }
+inline int64_t block_index() { return emulation::current_block->index; }
+inline void block_sync() { emulation::current_block->all_threads->arrive_and_wait(); }
+
+template <typename T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(emulation::current_block->shared.data());
+}
+
+inline void load_matrix_x4(uint32_t (&fragment)[4], const void* row) {
+  using namespace emulation;
+  const auto* begin = current_block->shared.data();
+  const auto* address = static_cast<const unsigned char*>(row);
+  if (reinterpret_cast<uintptr_t>(address) % 16 != 0) fail("ldmatrix row address is not 16-byte aligned");
+  if (address < begin || address + 16 > begin + current_block->shared.size()) {
+    fail("ldmatrix row lies outside the block's shared memory");
+  }
+  exchange().rows[lane()] = row;
+  warp_sync();
+  for (int m = 0; m < 4; ++m) {
+    const auto* source = static_cast<const uint16_t*>(exchange().rows[8 * m + lane() / 4]);
+    fragment[m] = source[2 * (lane() % 4)] | (uint32_t{source[2 * (lane() % 4) + 1]} << 16);
+  }
+  warp_sync();
+}
+
+// Fragments of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 group + quad:
+//   A a0..a3: rows group, group + 8 (a1, a3) and k 2 quad + {0, 1}, + 8 (a2, a3);
+//   B b0, b1: column group, k 2 quad + {0, 1}, + 8 (b1);   C/D c0..c3: rows group, group + 8, columns 2 quad + {0, 1}.
+template <typename T>
+void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  using namespace emulation;
+  WarpExchange& x = exchange();
+  std::memcpy(x.a[lane()], a, sizeof x.a[0]);
+  x.b[lane()][0] = b0;
+  x.b[lane()][1] = b1;
+  warp_sync();
+  const int group = lane() / 4, quad = lane() % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = group + 8 * (e / 2), col = 2 * quad + e % 2;
+    float sum = d[e];
+    for (int k = 0; k < 16; ++k) {
+      const float a_value = decode<T>(half_of(x.a[(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2));
+      const float b_value = decode<T>(half_of(x.b[col * 4 + (k % 8) / 2][k / 8], k % 2));
+      sum += a_value * b_value;
+    }
+    d[e] = sum;
+  }
+  warp_sync();
+}
+
+}  // namespace lkconv

@@ -1,0 +1,152 @@
+"""The CUDA tensor-core kernel (csrc/tensor_core.cuh) run on a CPU: its own source, built with g++ and
+AddressSanitizer against host emulations of ldmatrix, mma.sync and the block barrier (tests/cuda_emulation), and
+checked against F.conv2d in float64. This tests its tiling, fragment indexing and masks without a GPU; test_gpu.py
+runs it for real where there is one."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOLERANCE, assert_close
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION = ROOT / "tests" / "cuda_emulation"
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}  # lkconv::DType
+
+
+def cuda_include_flags() -> list[str]:
+    """The include flags nvcc itself uses (its toolkit headers hold the fp16/bf16 types the kernel reads)."""
+    nvcc = shutil.which("nvcc")
+    assert nvcc is not None, "nvcc is on every machine lkconv builds on (README); it is not on PATH here"
+    dry_run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", "/dev/null", "-o", "/dev/null"],
+                             capture_output=True, text=True)
+    found = re.search(r'INCLUDES="([^"]*)"', dry_run.stderr + dry_run.stdout)
+    assert found, f"nvcc --dryrun did not list its include directories:\n{dry_run.stderr}"
+    return found.group(1).split()
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory) -> Path:
+    binary = tmp_path_factory.mktemp("emulation") / "tensor_core_host"
+    command = ["g++", "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+               "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Werror", "-pthread", "-I", str(ROOT / "csrc"),
+               *cuda_include_flags(), str(EMULATION / "tensor_core_host.cpp"), "-o", str(binary)]
+    built = subprocess.run(command, capture_output=True, text=True)
+    assert built.returncode == 0, f"building the emulation failed:\n{built.stderr}"
+    return binary
+
+
+def _span(t: torch.Tensor) -> int:
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """The elements a strided tensor spans in its storage, from its first one, as 16-bit words."""
+    flat = torch.as_strided(t, (_span(t),), (1,), t.storage_offset())
+    return flat.contiguous().view(torch.int16).numpy().tobytes()
+
+
+def _map_fields(t: torch.Tensor) -> list[int]:
+    return [*t.shape, *t.stride(), _span(t)]
+
+
+def run_emulated(emulator: Path, tmp_path: Path, src, dst, weight, bias, origin, flip, multiplier) -> torch.Tensor:
+    """Runs the kernel on (src -> dst) as tensor_core_conv would launch it; returns dst as the kernel left it."""
+    header = [DTYPE_CODES[src.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
+              int(bias is not None), *_map_fields(src), *_map_fields(dst)]
+    payload = np.asarray(header, dtype=np.int64).tobytes() + _raw(src) + _raw(dst) + _raw(weight)
+    if bias is not None:
+        payload += _raw(bias)
+    (tmp_path / "in").write_bytes(payload)
+    result = subprocess.run([str(emulator), str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"the emulated kernel failed:\n{result.stderr[-4000:]}"
+    words = torch.from_numpy(np.frombuffer((tmp_path / "out").read_bytes(), dtype=np.int16).copy())
+    return torch.as_strided(words.view(src.dtype), dst.shape, dst.stride())
+
+
+def _random(shape, dtype, channels_last=False):
+    t = torch.randn(shape, dtype=torch.float64).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def _nan_buffer(shape, dtype, layout):
+    """Uninitialised-looking output: NaN everywhere, so an unwritten element fails the comparison."""
+    if layout == "sliced":  # every other column of a wider buffer: a non-unit stride along W
+        wide = torch.full((*shape[:3], 2 * shape[3]), float("nan"), dtype=dtype)
+        return wide[..., ::2]
+    buffer = torch.full(shape, float("nan"), dtype=dtype)
+    return buffer.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else buffer
+
+
+# (N, C, H, W), (kh, kw), multiplier, padding (top, bottom, left, right), dtype, with bias, src layout, dst layout.
+# Each covers something the tiling must get right; they are small because every CUDA thread is a host thread.
+FORWARD_CASES = {
+    "31x31 same, map smaller than one block": ((1, 2, 20, 23), (31, 31), 1, (15, 15, 15, 15), torch.bfloat16,
+                                               True, "nchw", "nchw"),
+    "31x31 two column tiles, taller warps": ((1, 1, 40, 70), (31, 31), 1, (15, 15, 15, 15), torch.float16, True,
+                                             "nchw", "nchw"),
+    "two row tiles, valid padding": ((1, 1, 80, 9), (3, 5), 1, (0, 0, 0, 0), torch.bfloat16, False, "nchw",
+                                     "nchw"),
+    "asymmetric padding, multiplier 2": ((2, 2, 11, 13), (7, 13), 2, (1, 5, 6, 0), torch.float16, True, "nchw",
+                                         "sliced"),
+    "channels_last source": ((1, 3, 9, 17), (5, 5), 1, (2, 2, 2, 2), torch.bfloat16, True, "channels_last",
+                             "channels_last"),
+    "1x1 and even 1x2": ((1, 2, 5, 6), (1, 2), 1, (0, 0, 1, 0), torch.float16, False, "nchw", "nchw"),
+    "band corners: kw = 3 mod 8 on a wide map": ((1, 1, 6, 40), (3, 11), 1, (1, 1, 5, 5), torch.bfloat16, False,
+                                                 "nchw", "nchw"),
+    "deep top padding: leading kernel rows skipped": ((1, 1, 20, 9), (41, 3), 1, (36, 4, 1, 1), torch.float16,
+                                                      True, "nchw", "nchw"),
+    "SLaK 51x5": ((1, 1, 12, 10), (51, 5), 1, (25, 25, 2, 2), torch.bfloat16, True, "nchw", "nchw"),
+    "63x63 on a map smaller than the kernel": ((1, 1, 8, 8), (63, 63), 1, (31, 31, 31, 31), torch.float16, False,
+                                                "nchw", "nchw"),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_forward_matches_float64(emulator, tmp_path, case):
+    shape, kernel, multiplier, (top, bottom, left, right), dtype, with_bias, src_layout, dst_layout = \
+        FORWARD_CASES[case]
+    n, c, h, w = shape
+    x = _random(shape, dtype, src_layout == "channels_last")
+    weight = _random((c * multiplier, 1, *kernel), dtype)
+    bias = _random((c * multiplier,), dtype) if with_bias else None
+    out_hw = (h + top + bottom - kernel[0] + 1, w + left + right - kernel[1] + 1)
+    dst = _nan_buffer((n, c * multiplier, *out_hw), dtype, dst_layout)
+
+    actual = run_emulated(emulator, tmp_path, x, dst, weight, bias, (-top, -left), False, multiplier)
+    expected = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(),
+                        None if bias is None else bias.double(), groups=c)
+    assert_close(actual, expected, TOLERANCE[dtype], f"emulated tensor-core forward, {case}")
+
+
+# (N, C, H, W) of the input, (kh, kw), multiplier, padding, dtype, grad_output layout.
+INPUT_GRAD_CASES = {
+    "31x31 same, kernel larger than the map": ((1, 2, 12, 12), (31, 31), 1, (15, 15, 15, 15), torch.bfloat16,
+                                               "nchw"),
+    "multiplier 3, non-square": ((1, 2, 10, 21), (5, 9), 3, (2, 1, 4, 0), torch.float16, "nchw"),
+    "channels_last grad_output, taller warps": ((1, 1, 37, 11), (7, 7), 1, (3, 3, 3, 3), torch.bfloat16,
+                                                "channels_last"),
+}
+
+
+@pytest.mark.parametrize("case", INPUT_GRAD_CASES)
+def test_input_grad_matches_float64(emulator, tmp_path, case):
+    shape, kernel, multiplier, (top, bottom, left, right), dtype, layout = INPUT_GRAD_CASES[case]
+    n, c, h, w = shape
+    weight = _random((c * multiplier, 1, *kernel), dtype)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight.double(), groups=c)
+    grad_output = _random(tuple(y.shape), dtype, layout == "channels_last")
+    y.backward(grad_output.double())
+    dst = _nan_buffer(shape, dtype, "nchw")
+
+    origin = (top - (kernel[0] - 1), left - (kernel[1] - 1))
+    actual = run_emulated(emulator, tmp_path, grad_output, dst, weight, None, origin, True, multiplier)
+    assert_close(actual, x.grad, TOLERANCE[dtype], f"emulated tensor-core input grad, {case}")

@@ -240,6 +240,7 @@ const char* kernel_name(Pass pass, DType dtype, const Geometry& conv) {
       return is_blocked(conv) ? "input_grad_blocked"
                               : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
     case Pass::WeightGrad:
+      if (weight_grad_is_tensor_core(dtype, conv)) return "weight_grad_tensor_core_partials + weight_grad_reduce";
       return weight_grad_is_blocked(conv) ? "weight_grad_blocked_partials + weight_grad_reduce"
                                           : "weight_grad_partials + weight_grad_reduce";
   }

@@ -60,6 +60,9 @@ int weight_grad(const WeightGradArgs& args, void* stream);
 
 enum class Pass : int { Forward = 0, InputGrad = 1, WeightGrad = 2 };
 
+// Whether the weight grad runs its tensor-core kernel (fp16/bf16, stride 1, dilation 1).
+bool weight_grad_is_tensor_core(DType dtype, const Geometry& conv);
+
 // Whether the weight grad runs its register-tiled kernel (stride 1, dilation 1, strips fit in shared memory).
 bool weight_grad_is_blocked(const Geometry& conv);
 

@@ -4,8 +4,14 @@
 //
 // dW[o, r, q] = sum_{n, oh, ow} dy[n, o, oh, ow] * x[n, o/m, oh*sh - pt + r*dh, ow*sw - pl + q*dw]
 // db[o]       = sum_{n, oh, ow} dy[n, o, oh, ow]   (handled as one extra "tap" whose input is 1)
+//
+// fp16/bf16 at stride 1 and dilation 1 take the tensor-core partials (tensor_core_weight_grad.cuh); fp32 there takes
+// the register-tiled kernel below; everything else the simple per-tap kernel. All share the ordered reduce.
 
 #include "common.cuh"
+#include "tensor_core_weight_grad.cuh"
+
+#include <type_traits>
 
 namespace lkconv {
 namespace {
@@ -191,30 +197,57 @@ __global__ void weight_grad_reduce(WeightGradArgs a) {
   }
 }
 
+bool unit_stride_and_dilation(const Geometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
+}
+
 }  // namespace
 
+bool weight_grad_is_tensor_core(DType dtype, const Geometry& g) {
+  return dtype != DType::Float32 && unit_stride_and_dilation(g) && g.kernel_h <= 1024 && g.kernel_w <= 1024;
+}
+
 bool weight_grad_is_blocked(const Geometry& g) {
-  const bool unit = g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
-  return unit && g.kernel_h <= 1024 && g.kernel_w <= 1024 &&
+  return unit_stride_and_dilation(g) && g.kernel_h <= 1024 && g.kernel_w <= 1024 &&
          blocked_shared_floats(g.kernel_h, g.kernel_w) * int64_t{sizeof(float)} <= 48 * 1024;
 }
+
+namespace {
+
+// Launches the partial-sums kernel the dtype and geometry call for.
+template <typename T>
+void launch_partials(const WeightGradArgs& args, cudaStream_t stream) {
+  const Geometry& g = args.conv;
+  const int64_t channels = args.grad_output.c, rows = args.grad_output.n * args.grad_output.h;
+  if constexpr (!std::is_same_v<T, float>) {
+    if (weight_grad_is_tensor_core(args.dtype, g)) {
+      namespace wg = tensor_core_weight_grad;
+      const wg::Tiling t = wg::plan(g.kernel_h, g.kernel_w, rows, args.splits);
+      wg::partials_kernel<T><<<channels * args.splits * t.tap_tiles, wg::kThreads, wg::kSharedBytes, stream>>>(args,
+                                                                                                           t);
+      return;
+    }
+  }
+  const int64_t rows_per_split = cdiv(rows, args.splits);
+  if (weight_grad_is_blocked(g)) {
+    const int bytes = static_cast<int>(sizeof(float) * blocked_shared_floats(g.kernel_h, g.kernel_w));
+    weight_grad_blocked_partials<T><<<dim3(channels, args.splits), kBlockedThreads, bytes, stream>>>(args,
+                                                                                                    rows_per_split);
+  } else {
+    weight_grad_partials<T><<<dim3(channels, args.splits), kThreads, 0, stream>>>(args, rows_per_split);
+  }
+}
+
+}  // namespace
 
 int weight_grad(const WeightGradArgs& args, void* stream) {
   const int64_t channels = args.grad_output.c;
   if (channels == 0) return 0;
   if (args.splits < 1) return static_cast<int>(cudaErrorInvalidValue);
   const int taps = args.conv.kernel_h * args.conv.kernel_w;
-  const int64_t rows_per_split = cdiv(args.grad_output.n * args.grad_output.h, args.splits);
   auto s = static_cast<cudaStream_t>(stream);
-  const bool blocked = weight_grad_is_blocked(args.conv);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
-    if (blocked) {
-      const int bytes = static_cast<int>(sizeof(float) * blocked_shared_floats(args.conv.kernel_h, args.conv.kernel_w));
-      weight_grad_blocked_partials<T><<<dim3(channels, args.splits), kBlockedThreads, bytes, s>>>(args,
-                                                                                               rows_per_split);
-    } else {
-      weight_grad_partials<T><<<dim3(channels, args.splits), kThreads, 0, s>>>(args, rows_per_split);
-    }
+    launch_partials<T>(args, s);
     if (cudaError_t error = cudaGetLastError(); error != cudaSuccess) return static_cast<int>(error);
     weight_grad_reduce<T><<<cdiv(channels * (taps + 1), 256), 256, 0, s>>>(args);
     return static_cast<int>(cudaGetLastError());

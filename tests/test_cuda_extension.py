@@ -63,7 +63,10 @@ class TestLoadedExtension:
         ("input_grad", torch.float32, [7, 7], [2, 2], [1, 1], "input_grad_general"),
         ("weight_grad", torch.float32, [31, 31], [1, 1], [1, 1], "weight_grad_blocked_partials + weight_grad_reduce"),
         ("weight_grad", torch.bfloat16, [31, 31], [1, 1], [1, 1],
-         "weight_grad_blocked_partials + weight_grad_reduce"),
+         "weight_grad_tensor_core_partials + weight_grad_reduce"),
+        ("weight_grad", torch.float16, [101, 101], [1, 1], [1, 1],  # tap tiles: any kernel size
+         "weight_grad_tensor_core_partials + weight_grad_reduce"),
+        ("weight_grad", torch.bfloat16, [7, 7], [2, 2], [1, 1], "weight_grad_partials + weight_grad_reduce"),
         ("weight_grad", torch.float32, [63, 63], [1, 1], [1, 1], "weight_grad_blocked_partials + weight_grad_reduce"),
         ("weight_grad", torch.float32, [7, 7], [2, 2], [1, 1], "weight_grad_partials + weight_grad_reduce"),
         ("weight_grad", torch.float32, [101, 101], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),

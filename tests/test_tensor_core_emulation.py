@@ -1,7 +1,7 @@
-"""The CUDA tensor-core kernel (csrc/tensor_core.cuh) run on a CPU: its own source, built with g++ and
-AddressSanitizer against host emulations of ldmatrix, mma.sync and the block barrier (tests/cuda_emulation), and
-checked against F.conv2d in float64. This tests its tiling, fragment indexing and masks without a GPU; test_gpu.py
-runs it for real where there is one."""
+"""The CUDA tensor-core kernels (csrc/tensor_core.cuh, csrc/tensor_core_weight_grad.cuh) run on a CPU: their own
+source, built with g++ and AddressSanitizer against host emulations of ldmatrix, mma.sync and the block barrier
+(tests/cuda_emulation), and checked against F.conv2d in float64. This tests their tiling, fragment indexing and masks
+without a GPU; test_gpu.py runs them for real where there is one."""
 
 import re
 import shutil
@@ -56,19 +56,31 @@ def _map_fields(t: torch.Tensor) -> list[int]:
     return [*t.shape, *t.stride(), _span(t)]
 
 
-def run_emulated(emulator: Path, tmp_path: Path, src, dst, weight, bias, origin, flip, multiplier) -> torch.Tensor:
-    """Runs the kernel on (src -> dst) as tensor_core_conv would launch it; returns dst as the kernel left it."""
-    header = [DTYPE_CODES[src.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
-              int(bias is not None), *_map_fields(src), *_map_fields(dst)]
-    payload = np.asarray(header, dtype=np.int64).tobytes() + _raw(src) + _raw(dst) + _raw(weight)
-    if bias is not None:
-        payload += _raw(bias)
+def _emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensors) -> bytes:
+    """Runs the emulator in `mode` on the header fields and tensors; returns what it wrote."""
+    payload = np.asarray(header, dtype=np.int64).tobytes() + b"".join(_raw(t) for t in tensors)
     (tmp_path / "in").write_bytes(payload)
-    result = subprocess.run([str(emulator), str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
+    result = subprocess.run([str(emulator), mode, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, f"the emulated kernel failed:\n{result.stderr[-4000:]}"
-    words = torch.from_numpy(np.frombuffer((tmp_path / "out").read_bytes(), dtype=np.int16).copy())
+    return (tmp_path / "out").read_bytes()
+
+
+def run_conv(emulator: Path, tmp_path: Path, src, dst, weight, bias, origin, flip, multiplier) -> torch.Tensor:
+    """Runs the conv kernel on (src -> dst) as tensor_core_conv would launch it; returns dst as the kernel left it."""
+    header = [DTYPE_CODES[src.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
+              int(bias is not None), *_map_fields(src), *_map_fields(dst)]
+    tensors = [src, dst, weight] + ([bias] if bias is not None else [])
+    words = torch.from_numpy(np.frombuffer(_emulate(emulator, tmp_path, "conv", header, tensors), np.int16).copy())
     return torch.as_strided(words.view(src.dtype), dst.shape, dst.stride())
+
+
+def run_weight_grad(emulator: Path, tmp_path: Path, grad_output, input, kernel, padding, multiplier, splits):
+    """Runs the weight-grad partials kernel; returns its fp32 partial sums, (splits, C*m, kh*kw + 1)."""
+    header = [DTYPE_CODES[input.dtype], *kernel, multiplier, *padding, splits, *_map_fields(grad_output),
+              *_map_fields(input)]
+    partials = np.frombuffer(_emulate(emulator, tmp_path, "weight_grad", header, [grad_output, input]), np.float32)
+    return torch.from_numpy(partials.copy()).view(splits, grad_output.shape[1], kernel[0] * kernel[1] + 1)
 
 
 def _random(shape, dtype, channels_last=False):
@@ -120,7 +132,7 @@ def test_forward_matches_float64(emulator, tmp_path, case):
     out_hw = (h + top + bottom - kernel[0] + 1, w + left + right - kernel[1] + 1)
     dst = _nan_buffer((n, c * multiplier, *out_hw), dtype, dst_layout)
 
-    actual = run_emulated(emulator, tmp_path, x, dst, weight, bias, (-top, -left), False, multiplier)
+    actual = run_conv(emulator, tmp_path, x, dst, weight, bias, (-top, -left), False, multiplier)
     expected = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(),
                         None if bias is None else bias.double(), groups=c)
     assert_close(actual, expected, TOLERANCE[dtype], f"emulated tensor-core forward, {case}")
@@ -148,5 +160,42 @@ def test_input_grad_matches_float64(emulator, tmp_path, case):
     dst = _nan_buffer(shape, dtype, "nchw")
 
     origin = (top - (kernel[0] - 1), left - (kernel[1] - 1))
-    actual = run_emulated(emulator, tmp_path, grad_output, dst, weight, None, origin, True, multiplier)
+    actual = run_conv(emulator, tmp_path, grad_output, dst, weight, None, origin, True, multiplier)
     assert_close(actual, x.grad, TOLERANCE[dtype], f"emulated tensor-core input grad, {case}")
+
+
+# (N, C, H, W) of the input, (kh, kw), multiplier, padding, dtype, splits, layout of grad_output and input.
+WEIGHT_GRAD_CASES = {
+    "31x31 same, one split": ((2, 1, 9, 12), (31, 31), 1, (15, 15, 15, 15), torch.bfloat16, 1, "nchw"),
+    "splits across images and strips": ((3, 1, 37, 7), (5, 3), 1, (2, 2, 1, 1), torch.float16, 4, "nchw"),
+    "two column chunks, multiplier 2": ((1, 2, 5, 70), (3, 7), 2, (1, 1, 3, 3), torch.bfloat16, 2, "nchw"),
+    "four tap tiles, asymmetric padding": ((1, 1, 6, 5), (35, 40), 1, (20, 14, 9, 30), torch.float16, 1, "nchw"),
+    "17x17: partial m- and n-tiles, width 2 mod 8": ((1, 1, 20, 10), (17, 17), 1, (8, 8, 8, 8), torch.bfloat16, 2,
+                                                      "nchw"),
+    "channels_last, kernel larger than the map": ((2, 3, 6, 6), (13, 13), 1, (6, 6, 6, 6), torch.bfloat16, 3,
+                                                  "channels_last"),
+}
+
+
+@pytest.mark.parametrize("case", WEIGHT_GRAD_CASES)
+def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, case):
+    """The splits' fp32 partial sums, added in order as weight_grad_reduce does, against autograd in float64: the
+    products of 16-bit values are exact in fp32, so only fp32 summation error is allowed."""
+    shape, kernel, multiplier, (top, bottom, left, right), dtype, splits, layout = WEIGHT_GRAD_CASES[case]
+    n, c, h, w = shape
+    x = _random(shape, dtype, layout == "channels_last")
+    weight = torch.randn(c * multiplier, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(c * multiplier, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight, bias, groups=c)
+    grad_output = _random(tuple(y.shape), dtype, layout == "channels_last")
+    y.backward(grad_output.double())
+
+    partials = run_weight_grad(emulator, tmp_path, grad_output, x, kernel, (top, left), multiplier, splits)
+    assert not partials.isnan().any(), "a partial sum was left unwritten"
+    total = partials[0].clone()
+    for split in range(1, splits):
+        total += partials[split]
+    taps = kernel[0] * kernel[1]
+    assert_close(total[:, :taps].reshape(weight.shape), weight.grad, TOLERANCE[torch.float32],
+                 f"emulated tensor-core weight grad, {case}")
+    assert_close(total[:, taps], bias.grad, TOLERANCE[torch.float32], f"emulated tensor-core bias grad, {case}")

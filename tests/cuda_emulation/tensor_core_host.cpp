@@ -1,24 +1,41 @@
-// Runs csrc/tensor_core.cuh's kernel on the host, block after block, each with one std::thread per CUDA thread.
+// Runs the tensor-core kernels of csrc/ (tensor_core.cuh, tensor_core_weight_grad.cuh) on the host, block after
+// block, each block with one std::thread per CUDA thread.
 //
-// Usage: tensor_core_host IN OUT. IN holds 26 int64 (dtype, kernel_h, kernel_w, multiplier, origin_h, origin_w,
-// flip, has_bias, then for src and dst each: n, c, h, w, four element strides, span), then the src span, the dst
-// span, the (C*m, 1, kh, kw) weight and the optional bias as raw 16-bit elements. OUT receives the dst span. Every
-// buffer is allocated with its exact span, so AddressSanitizer (the test builds with it) reports any access outside
-// a tensor, as compute-sanitizer would on a GPU.
+// Usage: tensor_core_host conv|weight_grad IN OUT. IN starts with int64 fields, then raw 16-bit tensors; every
+// tensor is given as n, c, h, w, four element strides and its span (elements from the first to the last one):
+//   conv:        dtype, kernel_h, kernel_w, multiplier, origin_h, origin_w, flip, has_bias, src map, dst map;
+//                then the src span, the dst span, the (C*m, 1, kh, kw) weight and the optional bias.
+//                OUT receives the dst span as the kernel left it.
+//   weight_grad: dtype, kernel_h, kernel_w, multiplier, pad_top, pad_left, splits, grad_output map, input map;
+//                then both spans. OUT receives the fp32 workspace of partial sums (splits x C*m x (kh*kw + 1)).
+// Every buffer is allocated with its exact span, so AddressSanitizer (the test builds with it) reports any access
+// outside a tensor, as compute-sanitizer would on a GPU.
 
 #include "emulated_primitives.h"  // first: it stands in for csrc/mma_primitives.cuh
 
+#include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
+#include <string>
 #include <thread>
 
 #include "tensor_core.cuh"
+#include "tensor_core_weight_grad.cuh"
 
 namespace {
 
 using lkconv::DType;
 using lkconv::Map;
-using lkconv::UnitStrideArgs;
+
+constexpr int kMapFields = 9;
+
+std::vector<int64_t> read_fields(std::ifstream& in, int count) {
+  std::vector<int64_t> fields(static_cast<size_t>(count));
+  in.read(reinterpret_cast<char*>(fields.data()), static_cast<std::streamsize>(count * sizeof(int64_t)));
+  if (!in) lkconv::emulation::fail("input file too short");
+  return fields;
+}
 
 std::vector<uint16_t> read_elements(std::ifstream& in, int64_t count) {
   std::vector<uint16_t> values(static_cast<size_t>(count));
@@ -31,61 +48,107 @@ Map map_from(const int64_t* fields, void* data) {
   return {data, fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], fields[6], fields[7]};
 }
 
-template <typename T, int MT>
-void run(const UnitStrideArgs& args) {
+// Runs `kernel` (one CUDA thread's body) over `blocks` blocks of `threads` threads with `shared_bytes` of shared
+// memory, filled with garbage as on a GPU.
+void emulate_grid(int64_t blocks, int threads, int64_t shared_bytes, const std::function<void()>& kernel) {
   using namespace lkconv;
-  const tensor_core::Tiling t =
-      tensor_core::plan(MT, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
-  if (t.shared_bytes > tensor_core::kSharedLimit) emulation::fail("the tiles do not fit in shared memory");
-  for (int64_t b = 0; b < t.blocks; ++b) {
+  for (int64_t b = 0; b < blocks; ++b) {
     emulation::Block block;
     block.index = b;
-    block.shared.assign(static_cast<size_t>(t.shared_bytes), 0xa5);  // garbage, as on a GPU
-    block.all_threads = std::make_unique<std::barrier<>>(tensor_core::kThreads);
-    for (int w = 0; w < tensor_core::kThreads / 32; ++w) block.warps.push_back(std::make_unique<std::barrier<>>(32));
-    block.exchange.resize(tensor_core::kThreads / 32);
-    std::vector<std::thread> threads;
-    for (int i = 0; i < tensor_core::kThreads; ++i) {
-      threads.emplace_back([&block, &args, &t, i] {
+    block.shared.assign(static_cast<size_t>(shared_bytes), 0xa5);
+    block.all_threads = std::make_unique<std::barrier<>>(threads);
+    for (int w = 0; w < threads / 32; ++w) block.warps.push_back(std::make_unique<std::barrier<>>(32));
+    block.exchange.resize(static_cast<size_t>(threads / 32));
+    std::vector<std::thread> running;
+    for (int i = 0; i < threads; ++i) {
+      running.emplace_back([&block, &kernel, i] {
         emulation::current_block = &block;
         emulation::current_thread = i;
-        tensor_core::conv_kernel<T, MT>(args, t);
+        kernel();
       });
     }
-    for (auto& thread : threads) thread.join();
+    for (auto& thread : running) thread.join();
   }
 }
 
+// The launch tensor_core.cu makes: rows per warp from the map height.
 template <typename T>
-void run_for_height(const UnitStrideArgs& args) {
-  lkconv::tensor_core::m_tiles_for(args.dst.h) == 2 ? run<T, 2>(args) : run<T, 1>(args);
+void run_conv(const lkconv::UnitStrideArgs& args) {
+  namespace tc = lkconv::tensor_core;
+  const int m_tiles = tc::m_tiles_for(args.dst.h);
+  const tc::Tiling t = tc::plan(m_tiles, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
+  if (t.shared_bytes > tc::kSharedLimit) lkconv::emulation::fail("the tiles do not fit in shared memory");
+  emulate_grid(t.blocks, tc::kThreads, t.shared_bytes, [&] {
+    m_tiles == 2 ? tc::conv_kernel<T, 2>(args, t) : tc::conv_kernel<T, 1>(args, t);
+  });
+}
+
+// The launch weight_grad.cu makes for the partial sums.
+template <typename T>
+void run_weight_grad(const lkconv::WeightGradArgs& args) {
+  namespace wg = lkconv::tensor_core_weight_grad;
+  const wg::Tiling t = wg::plan(args.conv.kernel_h, args.conv.kernel_w, args.grad_output.n * args.grad_output.h,
+                                args.splits);
+  emulate_grid(args.grad_output.c * args.splits * t.tap_tiles, wg::kThreads, wg::kSharedBytes,
+               [&] { wg::partials_kernel<T>(args, t); });
+}
+
+template <typename Body>
+void with_type(DType dtype, Body&& body) {
+  switch (dtype) {
+    case DType::Float16: body.template operator()<__half>(); break;
+    case DType::BFloat16: body.template operator()<__nv_bfloat16>(); break;
+    case DType::Float32: lkconv::emulation::fail("the tensor-core kernels take fp16 or bf16");
+  }
+}
+
+bool write_all(const char* path, const void* data, size_t bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+  return static_cast<bool>(out);
+}
+
+int conv(std::ifstream& in, const char* out_path) {
+  const std::vector<int64_t> h = read_fields(in, 8 + 2 * kMapFields);
+  const int64_t* src_fields = h.data() + 8;
+  const int64_t* dst_fields = src_fields + kMapFields;
+  std::vector<uint16_t> src = read_elements(in, src_fields[8]);
+  std::vector<uint16_t> dst = read_elements(in, dst_fields[8]);
+  const int64_t filters = h[6] ? src_fields[1] : dst_fields[1];  // C*m: the input grad's src, the forward's dst
+  std::vector<uint16_t> weight = read_elements(in, filters * h[1] * h[2]);
+  std::vector<uint16_t> bias = h[7] ? read_elements(in, filters) : std::vector<uint16_t>();
+  const lkconv::UnitStrideArgs args{static_cast<DType>(h[0]), map_from(src_fields, src.data()),
+                                    map_from(dst_fields, dst.data()), weight.data(), h[7] ? bias.data() : nullptr,
+                                    static_cast<int>(h[1]), static_cast<int>(h[2]), h[3], h[4], h[5], h[6] != 0};
+  with_type(args.dtype, [&]<typename T>() { run_conv<T>(args); });
+  return write_all(out_path, dst.data(), dst.size() * 2) ? 0 : 4;
+}
+
+int weight_grad(std::ifstream& in, const char* out_path) {
+  const std::vector<int64_t> h = read_fields(in, 7 + 2 * kMapFields);
+  const int64_t* dy_fields = h.data() + 7;
+  const int64_t* x_fields = dy_fields + kMapFields;
+  std::vector<uint16_t> dy = read_elements(in, dy_fields[8]);
+  std::vector<uint16_t> x = read_elements(in, x_fields[8]);
+  const int kernel_h = static_cast<int>(h[1]), kernel_w = static_cast<int>(h[2]);
+  const int64_t splits = h[6];
+  std::vector<float> workspace(static_cast<size_t>(splits * dy_fields[1] * (int64_t{kernel_h} * kernel_w + 1)),
+                               std::nanf(""));
+  const lkconv::Geometry conv{h[3], kernel_h, kernel_w, 1, 1, static_cast<int>(h[4]), static_cast<int>(h[5]), 1, 1};
+  const lkconv::WeightGradArgs args{static_cast<DType>(h[0]), conv, map_from(dy_fields, dy.data()),
+                                    map_from(x_fields, x.data()), workspace.data(), splits, nullptr, nullptr};
+  with_type(args.dtype, [&]<typename T>() { run_weight_grad<T>(args); });
+  return write_all(out_path, workspace.data(), workspace.size() * sizeof(float)) ? 0 : 4;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
+  const std::string mode = argc == 4 ? argv[1] : "";
+  if (mode != "conv" && mode != "weight_grad") {
+    std::fprintf(stderr, "usage: %s conv|weight_grad IN OUT\n", argv[0]);
     return 2;
   }
-  std::ifstream in(argv[1], std::ios::binary);
-  int64_t h[26];
-  in.read(reinterpret_cast<char*>(h), sizeof h);
-  std::vector<uint16_t> src = read_elements(in, h[16]);
-  std::vector<uint16_t> dst = read_elements(in, h[25]);
-  const int64_t filters = h[6] ? h[9] : h[18];  // C*m: the src channels of the input grad, the dst ones of the forward
-  std::vector<uint16_t> weight = read_elements(in, filters * h[1] * h[2]);
-  std::vector<uint16_t> bias = h[7] ? read_elements(in, filters) : std::vector<uint16_t>();
-
-  UnitStrideArgs args{static_cast<DType>(h[0]), map_from(h + 8, src.data()), map_from(h + 17, dst.data()),
-                      weight.data(), h[7] ? bias.data() : nullptr, static_cast<int>(h[1]), static_cast<int>(h[2]),
-                      h[3], h[4], h[5], h[6] != 0};
-  switch (args.dtype) {
-    case DType::Float16: run_for_height<__half>(args); break;
-    case DType::BFloat16: run_for_height<__nv_bfloat16>(args); break;
-    case DType::Float32: lkconv::emulation::fail("the tensor-core kernel takes fp16 or bf16");
-  }
-  std::ofstream out(argv[2], std::ios::binary);
-  out.write(reinterpret_cast<const char*>(dst.data()), static_cast<std::streamsize>(dst.size() * 2));
-  return out ? 0 : 4;
+  std::ifstream in(argv[2], std::ios::binary);
+  return mode == "conv" ? conv(in, argv[3]) : weight_grad(in, argv[3]);
 }

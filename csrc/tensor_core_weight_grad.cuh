@@ -1,0 +1,181 @@
+// Weight and bias grad at stride 1 and dilation 1 on tensor cores, fp16/bf16 storage with fp32 accumulation: a small
+// GEMM (kernel rows x kernel columns) with a long reduction (ARCHITECTURE.md §4.2). Deterministic: fixed partial sums.
+//
+// For one dy row y, a chunk of 64 output columns from x0 and a 32 x 32 tile of taps from (r0, s0), with x = x0 + j - s:
+//   dW[r0 + r, s0 + s] += sum_j A[r, j] * B[j, s],
+//   A[r, j] = x[y - pt + r0 + r, x0 - pl + s0 + j]  (rows and columns of the staged x tile, read with ldmatrix),
+//   B[j, s] = dy[y, x0 + j - s]                     (Toeplitz in the dy row: zero unless 0 <= j - s < chunk width).
+// B's fragments are 32-bit words of a per-row pair table Q_y[e] = (dy[y, x0 + e], dy[y, x0 + e + 1]), as the forward
+// reads the filter. A block owns one output channel, one row range (`split`) of the N*OH reduction and one 32 x 32
+// tile of taps; it stages strips of 32 dy rows x 64 columns (as pairs) and the x rows and columns they reach. Each of
+// its 4 warps takes every 4th row of a strip and accumulates the whole 32 x 32 tap tile (2 m-tiles x 4 n-tiles of
+// mma.sync.m16n8k16); at the end the warps' sums are added in warp order and written as the block's fp32 partial.
+// weight_grad.cu's reduce kernel then adds the splits in order. The tap tile (0, 0) block also sums dy for the bias.
+//
+// This header holds the kernel and its tiling plan; weight_grad.cu launches it. The hardware operations come from
+// mma_primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "mma_primitives.cuh"
+
+namespace lkconv {
+namespace tensor_core_weight_grad {
+
+constexpr int kTapTile = 32;       // kernel rows and columns per block: 2 m-tiles x 4 n-tiles
+constexpr int kChunk = 64;         // dy columns per chunk
+constexpr int kStripRows = 32;     // dy rows per strip
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kKSteps = (kChunk + kTapTile - 1 + 15) / 16;  // 16-column k-steps: j spans 64 + 31 columns
+constexpr int kTileCols = 16 * kKSteps;
+constexpr int kTilePitch = kTileCols + 8;                   // an odd number of 16-byte units: no bank conflicts
+constexpr int kTileRows = kStripRows + kTapTile - 1;
+constexpr int kPairOrigin = 32;                             // Q_y[e] is stored at e + 32: fragments reach e = -31
+constexpr int kPairPitch = kTileCols + kPairOrigin;
+constexpr int64_t kSharedBytes = int64_t{2} * kTileRows * kTilePitch + int64_t{4} * kStripRows * kPairPitch;
+static_assert(kSharedBytes >= int64_t{4} * (kWarps * kTapTile * kTapTile + kThreads),
+              "the warps' sums and the bias sums reuse the tiles' memory");
+
+struct Tiling {
+  int64_t tap_tiles_w;  // 32-column tap tiles per kernel row band
+  int64_t tap_tiles;    // tap tiles in all: blockIdx.z
+  int64_t rows_per_split;
+};
+
+inline Tiling plan(int kernel_h, int kernel_w, int64_t total_rows, int64_t splits) {
+  const int64_t tiles_w = cdiv(kernel_w, kTapTile);
+  return {tiles_w, cdiv(kernel_h, kTapTile) * tiles_w, cdiv(total_rows, splits)};
+}
+
+__device__ __forceinline__ uint16_t raw_bits(const void* data, int64_t index) {
+  return static_cast<const uint16_t*>(data)[index];
+}
+
+// Block (o, split, tap tile) in a flat index: o fastest, so neighbouring blocks share the split's rows.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Tiling t) {
+  uint16_t* tile = dynamic_shared<uint16_t>();
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(tile + kTileRows * kTilePitch);
+
+  const Geometry& g = a.conv;
+  const Map& dy = a.grad_output;
+  const int64_t block = block_index();
+  const int64_t o = block % dy.c, split = (block / dy.c) % a.splits, tap_tile = block / (dy.c * a.splits);
+  const int64_t c = o / g.multiplier;
+  const int r0 = static_cast<int>(tap_tile / t.tap_tiles_w) * kTapTile;
+  const int s0 = static_cast<int>(tap_tile % t.tap_tiles_w) * kTapTile;
+  const int64_t total_rows = dy.n * dy.h, first_row = split * t.rows_per_split;
+  const int64_t end_row = first_row + t.rows_per_split < total_rows ? first_row + t.rows_per_split : total_rows;
+  const bool with_bias = tap_tile == 0;
+
+  const int tid = thread_index(), lane = tid % 32, warp = tid / 32;
+  const int group = lane / 4, quad = lane % 4;  // mma fragment coordinates
+  // m-tiles and n-tiles of the tap tile that hold taps of the kernel (the last tile of a band may be partial).
+  const int m_tiles = g.kernel_h - r0 > 16 ? 2 : 1;
+  const int n_tiles = (g.kernel_w - s0 + 7) / 8 < 4 ? (g.kernel_w - s0 + 7) / 8 : 4;
+
+  float acc[2][4][4] = {};
+  float bias = 0.f;
+
+  for (int64_t flat = first_row; flat < end_row;) {
+    const int64_t n = flat / dy.h, y0 = flat % dy.h;
+    int64_t rows = end_row - flat < dy.h - y0 ? end_row - flat : dy.h - y0;  // a strip stays within one image
+    rows = rows < kStripRows ? rows : kStripRows;
+    const int64_t src_row0 = y0 - g.pad_top + r0;
+    for (int64_t x0 = 0; x0 < dy.w; x0 += kChunk) {
+      const int width = static_cast<int>(dy.w - x0 < kChunk ? dy.w - x0 : kChunk);
+      const int64_t src_col0 = x0 - g.pad_left + s0;
+      block_sync();  // the previous strip is no longer read
+      // Warps take rows and lanes take columns: no division, and global reads run along rows.
+      for (int i = warp; i < kStripRows; i += kWarps) {
+        const bool row_inside = i < rows;
+        const int64_t row_offset = offset(dy, n, o, y0 + i, 0);
+        for (int e = lane; e < kPairPitch; e += 32) {
+          const int col = e - kPairOrigin;
+          uint32_t pair = 0;
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            if (row_inside && col + half >= 0 && col + half < width) {
+              const int64_t index = row_offset + (x0 + col + half) * dy.stride_w;
+              pair |= uint32_t{raw_bits(dy.data, index)} << (16 * half);
+              if (half == 0 && with_bias) bias += to_float(static_cast<const T*>(dy.data)[index]);
+            }
+          }
+          pairs[i * kPairPitch + e] = pair;
+        }
+      }
+      for (int row = warp; row < kTileRows; row += kWarps) {
+        const int64_t y = src_row0 + row;
+        const bool row_inside = y >= 0 && y < a.input.h;
+        const int64_t row_offset = offset(a.input, n, c, y, 0);
+        for (int col = lane; col < kTileCols; col += 32) {
+          const int64_t x = src_col0 + col;
+          const bool inside = row_inside && x >= 0 && x < a.input.w;
+          tile[row * kTilePitch + col] = inside ? raw_bits(a.input.data, row_offset + x * a.input.stride_w) : 0;
+        }
+      }
+      block_sync();
+
+      for (int i = warp; i < rows; i += kWarps) {
+        const uint32_t* dy_row = pairs + i * kPairPitch + kPairOrigin;
+        for (int ks = 0; ks < kKSteps; ++ks) {
+          // b0 of n-tile j is Q[16 ks - 8 j + 2 quad - group], b1 the same 8 further: b1(j) = b0(j - 1).
+          uint32_t words[5];
+#pragma unroll
+          for (int v = 0; v < 5; ++v) words[v] = dy_row[16 * ks + 8 - 8 * v + 2 * quad - group];
+#pragma unroll
+          for (int m = 0; m < 2; ++m) {
+            if (m >= m_tiles) break;
+            uint32_t a_frag[4];
+            const int row = i + 16 * m + lane % 16, col = 16 * ks + (lane / 16) * 8;
+            load_matrix_x4(a_frag, tile + row * kTilePitch + col);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              const int band = 16 * ks - 8 * j;  // j - s over this mma spans band - 7 .. band + 15
+              if (j < n_tiles && band + 15 >= 0 && band - 7 < width) {
+                mma_16816<T>(acc[m][j], a_frag, words[j + 1], words[j]);
+              }
+            }
+          }
+        }
+      }
+    }
+    flat += rows;
+  }
+
+  // Add the warps' tiles in warp order (deterministic) and write this block's partial sums.
+  block_sync();  // the strips are no longer read
+  float* sums = dynamic_shared<float>();  // kWarps x 32 x 32
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = 16 * m + group + 8 * (e / 2), s = 8 * j + 2 * quad + e % 2;
+        sums[(warp * kTapTile + r) * kTapTile + s] = acc[m][j][e];
+      }
+  float* bias_sums = sums + kWarps * kTapTile * kTapTile;  // one per thread, past the tiles
+  bias_sums[tid] = bias;
+  block_sync();
+  const int taps = g.kernel_h * g.kernel_w;
+  float* partial = a.workspace + (split * dy.c + o) * (taps + 1);
+  for (int index = tid; index < kTapTile * kTapTile; index += kThreads) {
+    const int r = index / kTapTile, s = index % kTapTile;
+    if (r0 + r >= g.kernel_h || s0 + s >= g.kernel_w) continue;
+    float sum = 0.f;
+    for (int w = 0; w < kWarps; ++w) sum += sums[w * kTapTile * kTapTile + index];
+    partial[(r0 + r) * g.kernel_w + s0 + s] = sum;
+  }
+  if (with_bias && tid == 0) {
+    float sum = 0.f;
+    for (int i = 0; i < kThreads; ++i) sum += bias_sums[i];
+    partial[taps] = sum;
+  }
+}
+
+}  // namespace tensor_core_weight_grad
+}  // namespace lkconv

@@ -99,11 +99,11 @@ void check_launch(int code, const char* op) {
 }
 
 void forward(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, c10::IntArrayRef stride,
-             c10::IntArrayRef padding, c10::IntArrayRef dilation, const Tensor& output) {
+             c10::IntArrayRef padding, c10::IntArrayRef dilation, bool allow_tf32, const Tensor& output) {
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor; got ", input.device());
   check_like(weight, input, "weight");
   check_like(output, input, "output");
-  lkconv::ForwardArgs args{dtype_of(input.scalar_type(), "input"),
+  lkconv::ForwardArgs args{dtype_of(input.scalar_type(), "input"), allow_tf32,
                            geometry(weight, "weight", input.size(1), stride, padding, dilation),
                            map_of(input, "input"), map_of(output, "output"), weight.data_ptr(), nullptr};
   check_shapes(input, output, weight, stride, padding, dilation, "input", "output");
@@ -118,11 +118,11 @@ void forward(const Tensor& input, const Tensor& weight, const std::optional<Tens
 }
 
 void input_grad(const Tensor& grad_output, const Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                c10::IntArrayRef dilation, const Tensor& grad_input) {
+                c10::IntArrayRef dilation, bool allow_tf32, const Tensor& grad_input) {
   TORCH_CHECK(grad_output.is_cuda(), "grad_output must be a CUDA tensor; got ", grad_output.device());
   check_like(weight, grad_output, "weight");
   check_like(grad_input, grad_output, "grad_input");
-  lkconv::InputGradArgs args{dtype_of(grad_output.scalar_type(), "grad_output"),
+  lkconv::InputGradArgs args{dtype_of(grad_output.scalar_type(), "grad_output"), allow_tf32,
                              geometry(weight, "weight", grad_input.size(1), stride, padding, dilation),
                              map_of(grad_output, "grad_output"), map_of(grad_input, "grad_input"), weight.data_ptr()};
   check_shapes(grad_input, grad_output, weight, stride, padding, dilation, "grad_input", "grad_output");
@@ -131,7 +131,7 @@ void input_grad(const Tensor& grad_output, const Tensor& weight, c10::IntArrayRe
 }
 
 void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRef stride, c10::IntArrayRef padding,
-                 c10::IntArrayRef dilation, const Tensor& workspace, const Tensor& grad_weight,
+                 c10::IntArrayRef dilation, bool allow_tf32, const Tensor& workspace, const Tensor& grad_weight,
                  const std::optional<Tensor>& grad_bias) {
   TORCH_CHECK(grad_output.is_cuda(), "grad_output must be a CUDA tensor; got ", grad_output.device());
   check_like(input, grad_output, "input");
@@ -139,7 +139,7 @@ void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRe
   TORCH_CHECK(workspace.device() == grad_output.device() && workspace.scalar_type() == at::kFloat &&
                   workspace.is_contiguous(),
               "workspace must be a contiguous float32 tensor on ", grad_output.device());
-  lkconv::WeightGradArgs args{dtype_of(grad_output.scalar_type(), "grad_output"),
+  lkconv::WeightGradArgs args{dtype_of(grad_output.scalar_type(), "grad_output"), allow_tf32,
                               geometry(grad_weight, "grad_weight", input.size(1), stride, padding, dilation),
                               map_of(grad_output, "grad_output"), map_of(input, "input"),
                               workspace.data_ptr<float>(), 0, grad_weight.data_ptr(), nullptr};
@@ -159,7 +159,7 @@ void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRe
   check_launch(lkconv::weight_grad(args, current_stream(grad_output)), "cuda_weight_grad");
 }
 
-std::string kernel_name(const std::string& pass_name, c10::ScalarType dtype, c10::IntArrayRef kernel,
+std::string kernel_name(const std::string& pass_name, c10::ScalarType dtype, bool allow_tf32, c10::IntArrayRef kernel,
                         c10::IntArrayRef stride, c10::IntArrayRef dilation) {
   const lkconv::DType type = dtype_of(dtype, "dtype");
   check_pair(kernel, 2, 1, "kernel");
@@ -168,22 +168,24 @@ std::string kernel_name(const std::string& pass_name, c10::ScalarType dtype, c10
   const lkconv::Geometry conv{1, static_cast<int>(kernel[0]), static_cast<int>(kernel[1]), static_cast<int>(stride[0]),
                               static_cast<int>(stride[1]), 0, 0, static_cast<int>(dilation[0]),
                               static_cast<int>(dilation[1])};
-  if (pass_name == "forward") return lkconv::kernel_name(lkconv::Pass::Forward, type, conv);
-  if (pass_name == "input_grad") return lkconv::kernel_name(lkconv::Pass::InputGrad, type, conv);
-  if (pass_name == "weight_grad") return lkconv::kernel_name(lkconv::Pass::WeightGrad, type, conv);
+  if (pass_name == "forward") return lkconv::kernel_name(lkconv::Pass::Forward, type, allow_tf32, conv);
+  if (pass_name == "input_grad") return lkconv::kernel_name(lkconv::Pass::InputGrad, type, allow_tf32, conv);
+  if (pass_name == "weight_grad") return lkconv::kernel_name(lkconv::Pass::WeightGrad, type, allow_tf32, conv);
   TORCH_CHECK(false, "pass_name must be forward, input_grad or weight_grad; got '", pass_name, "'");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lkconv, m) {
+  // allow_tf32: fp32 may run on tensor cores as TF32 (the Python backend passes PyTorch's conv TF32 setting).
   m.def("cuda_forward(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
-        "Tensor(a!) output) -> ()");
+        "bool allow_tf32, Tensor(a!) output) -> ()");
   m.def("cuda_input_grad(Tensor grad_output, Tensor weight, int[] stride, int[] padding, int[] dilation, "
-        "Tensor(a!) grad_input) -> ()");
+        "bool allow_tf32, Tensor(a!) grad_input) -> ()");
   m.def("cuda_weight_grad(Tensor grad_output, Tensor input, int[] stride, int[] padding, int[] dilation, "
-        "Tensor(a!) workspace, Tensor(b!) grad_weight, Tensor(c!)? grad_bias) -> ()");
-  m.def("cuda_kernel_name(str pass_name, ScalarType dtype, int[] kernel, int[] stride, int[] dilation) -> str",
+        "bool allow_tf32, Tensor(a!) workspace, Tensor(b!) grad_weight, Tensor(c!)? grad_bias) -> ()");
+  m.def("cuda_kernel_name(str pass_name, ScalarType dtype, bool allow_tf32, int[] kernel, int[] stride, "
+        "int[] dilation) -> str",
         &kernel_name);
 }
 

@@ -215,8 +215,9 @@ bool unit_stride_and_dilation(const Geometry& g) {
 
 bool is_blocked(const Geometry& g) { return unit_stride_and_dilation(g) && blocked_fits(g.kernel_h, g.kernel_w); }
 
-bool is_tensor_core(DType dtype, const Geometry& g) {
-  return unit_stride_and_dilation(g) && tensor_core_fits(dtype, g.kernel_h, g.kernel_w);
+bool is_tensor_core(DType dtype, bool allow_tf32, const Geometry& g) {
+  return (dtype != DType::Float32 || allow_tf32) && unit_stride_and_dilation(g) &&
+         tensor_core_fits(dtype, g.kernel_h, g.kernel_w);
 }
 
 bool forward_is_tiled(const Geometry& g) {
@@ -230,17 +231,24 @@ bool input_grad_is_tiled(const Geometry& g) {
 
 }  // namespace
 
-const char* kernel_name(Pass pass, DType dtype, const Geometry& conv) {
+const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry& conv) {
   switch (pass) {
     case Pass::Forward:
-      if (is_tensor_core(dtype, conv)) return "forward_tensor_core";
+      if (is_tensor_core(dtype, allow_tf32, conv)) {
+        return dtype == DType::Float32 ? "forward_tensor_core (tf32)" : "forward_tensor_core";
+      }
       return is_blocked(conv) ? "forward_blocked" : (forward_is_tiled(conv) ? "forward_tiled" : "forward_general");
     case Pass::InputGrad:
-      if (is_tensor_core(dtype, conv)) return "input_grad_tensor_core";
+      if (is_tensor_core(dtype, allow_tf32, conv)) {
+        return dtype == DType::Float32 ? "input_grad_tensor_core (tf32)" : "input_grad_tensor_core";
+      }
       return is_blocked(conv) ? "input_grad_blocked"
                               : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
     case Pass::WeightGrad:
-      if (weight_grad_is_tensor_core(dtype, conv)) return "weight_grad_tensor_core_partials + weight_grad_reduce";
+      if (weight_grad_is_tensor_core(dtype, allow_tf32, conv)) {
+        return dtype == DType::Float32 ? "weight_grad_tensor_core_partials (tf32) + weight_grad_reduce"
+                                       : "weight_grad_tensor_core_partials + weight_grad_reduce";
+      }
       return weight_grad_is_blocked(conv) ? "weight_grad_blocked_partials + weight_grad_reduce"
                                           : "weight_grad_partials + weight_grad_reduce";
   }
@@ -254,7 +262,7 @@ int forward(const ForwardArgs& args, void* stream) {
   if (unit_stride_and_dilation(g)) {
     const UnitStrideArgs unit{args.dtype, args.input, args.output, args.weight, args.bias, g.kernel_h, g.kernel_w,
                               g.multiplier, -int64_t{g.pad_top}, -int64_t{g.pad_left}, false};
-    if (is_tensor_core(args.dtype, g)) return tensor_core_conv(unit, stream);
+    if (is_tensor_core(args.dtype, args.allow_tf32, g)) return tensor_core_conv(unit, stream);
     if (is_blocked(g)) return blocked_conv(unit, stream);
   }
   auto s = static_cast<cudaStream_t>(stream);
@@ -280,7 +288,7 @@ int input_grad(const InputGradArgs& args, void* stream) {
     const UnitStrideArgs unit{args.dtype, args.grad_output, args.grad_input, args.weight, nullptr, g.kernel_h,
                               g.kernel_w, g.multiplier, int64_t{g.pad_top} - (g.kernel_h - 1),
                               int64_t{g.pad_left} - (g.kernel_w - 1), true};
-    if (is_tensor_core(args.dtype, g)) return tensor_core_conv(unit, stream);
+    if (is_tensor_core(args.dtype, args.allow_tf32, g)) return tensor_core_conv(unit, stream);
     if (is_blocked(g)) return blocked_conv(unit, stream);
   }
   auto s = static_cast<cudaStream_t>(stream);

@@ -26,6 +26,7 @@ struct Geometry {
 
 struct ForwardArgs {
   DType dtype;
+  bool allow_tf32;     // fp32 may run on tensor cores as TF32 (PyTorch's conv TF32 setting)
   Geometry conv;
   Map input;           // (N, C, H, W)
   Map output;          // (N, C*m, OH, OW), written
@@ -35,6 +36,7 @@ struct ForwardArgs {
 
 struct InputGradArgs {
   DType dtype;
+  bool allow_tf32;     // fp32 may run on tensor cores as TF32 (PyTorch's conv TF32 setting)
   Geometry conv;
   Map grad_output;     // (N, C*m, OH, OW)
   Map grad_input;      // (N, C, H, W), written
@@ -43,6 +45,7 @@ struct InputGradArgs {
 
 struct WeightGradArgs {
   DType dtype;
+  bool allow_tf32;     // fp32 may run on tensor cores as TF32 (PyTorch's conv TF32 setting)
   Geometry conv;
   Map grad_output;     // (N, C*m, OH, OW)
   Map input;           // (N, C, H, W)
@@ -60,14 +63,14 @@ int weight_grad(const WeightGradArgs& args, void* stream);
 
 enum class Pass : int { Forward = 0, InputGrad = 1, WeightGrad = 2 };
 
-// Whether the weight grad runs its tensor-core kernel (fp16/bf16, stride 1, dilation 1).
-bool weight_grad_is_tensor_core(DType dtype, const Geometry& conv);
+// Whether the weight grad runs its tensor-core kernel (fp16/bf16, or fp32 allowed TF32; stride 1, dilation 1).
+bool weight_grad_is_tensor_core(DType dtype, bool allow_tf32, const Geometry& conv);
 
 // Whether the weight grad runs its register-tiled kernel (stride 1, dilation 1, strips fit in shared memory).
 bool weight_grad_is_blocked(const Geometry& conv);
 
-// The kernel a launcher picks for a pass with this dtype and geometry (what lkconv.explain reports).
-const char* kernel_name(Pass pass, DType dtype, const Geometry& conv);
+// The kernel a launcher picks for a pass with this dtype, TF32 permission and geometry (what lkconv.explain reports).
+const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry& conv);
 
 // cudaGetErrorString for a code the launchers returned.
 const char* error_string(int code);

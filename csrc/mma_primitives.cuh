@@ -1,5 +1,5 @@
 // The hardware operations the tensor-core kernel (tensor_core.cuh) uses, one small function each: thread and block
-// indices, the block barrier, dynamic shared memory, ldmatrix and mma.sync.
+// indices, the block barrier, dynamic shared memory, ldmatrix, the TF32 rounding and mma.sync.
 //
 // They sit apart behind a classic include guard so that tests/cuda_emulation can define LKCONV_MMA_PRIMITIVES_CUH
 // first and supply host emulations, which runs the kernel's own source on a CPU (no GPU needed to test its indexing).
@@ -36,36 +36,49 @@ __device__ __forceinline__ void load_matrix_x4(uint32_t (&fragment)[4], const vo
 #endif
 }
 
-// d += A (16x16, row-major fragments) * B (16x8, column-major fragments) in fp32, A and B of storage type T.
+// The fp32 value rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as mma's TF32 operands take it.
+__device__ __forceinline__ uint32_t to_tf32(float value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(bits) : "f"(value));
+  return bits;
+#else
+  __trap();
+#endif
+}
+
+// d += A * B in fp32 on one warp: mma.sync.m16n8k16 for fp16/bf16 (A 16x16, B 16x8), m16n8k8 TF32 for float (A
+// 16x8, B 8x8). A's four registers and B's two hold the PTX fragments of the storage type.
 template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+__device__ __forceinline__ void mma_sync(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define LKCONV_MMA(shape_and_types)                                                                              \
+  asm volatile("mma.sync.aligned." shape_and_types " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "             \
+               "{%0, %1, %2, %3};\n"                                                                             \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                   \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+#else
+#define LKCONV_MMA(shape_and_types) __trap()  // the backend refuses GPUs older than sm_80
+#endif
 
 template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
+__device__ __forceinline__ void mma_sync<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  LKCONV_MMA("m16n8k16.row.col.f32.bf16.bf16.f32");
 }
 
 template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
+__device__ __forceinline__ void mma_sync<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  LKCONV_MMA("m16n8k16.row.col.f32.f16.f16.f32");
 }
+
+template <>
+__device__ __forceinline__ void mma_sync<float>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  LKCONV_MMA("m16n8k8.row.col.f32.tf32.tf32.f32");
+}
+
+#undef LKCONV_MMA
 
 }  // namespace lkconv
 

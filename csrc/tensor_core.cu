@@ -1,5 +1,5 @@
 // Launches the tensor-core kernel of tensor_core.cuh: picks the rows per warp from the map height, opts in to the
-// shared memory the tiles need, and instantiates the kernel for fp16 and bf16.
+// shared memory the tiles need, and instantiates the kernel for fp16, bf16 and fp32 (TF32).
 
 #include "tensor_core.cuh"
 
@@ -9,7 +9,7 @@ namespace {
 template <typename T, int MT>
 int launch(const UnitStrideArgs& args, cudaStream_t stream) {
   const tensor_core::Tiling t =
-      tensor_core::plan(MT, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
+      tensor_core::plan<T>(MT, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
   const auto kernel = tensor_core::conv_kernel<T, MT>;
   // Set on every launch: the attribute belongs to the current device, and a process may use several.
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -19,27 +19,22 @@ int launch(const UnitStrideArgs& args, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T>
-int launch_for_height(const UnitStrideArgs& args, cudaStream_t stream) {
-  return tensor_core::m_tiles_for(args.dst.h) == 2 ? launch<T, 2>(args, stream) : launch<T, 1>(args, stream);
-}
-
 }  // namespace
 
 bool tensor_core_fits(DType dtype, int kernel_h, int kernel_w) {
-  if (dtype == DType::Float32 || kernel_h > 4096 || kernel_w > 4096) return false;
+  if (kernel_h > 4096 || kernel_w > 4096) return false;
   // Decided on the taller (two m-tile) plan, so the choice does not depend on the map size.
-  return tensor_core::plan(2, kernel_h, kernel_w, 1, 1, 1).shared_bytes <= tensor_core::kSharedLimit;
+  return dispatch_dtype(dtype, [&]<typename T>() {
+    return static_cast<int>(tensor_core::plan<T>(2, kernel_h, kernel_w, 1, 1, 1).shared_bytes <=
+                            tensor_core::kSharedLimit);
+  }) != 0;
 }
 
 int tensor_core_conv(const UnitStrideArgs& args, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case DType::Float16: return launch_for_height<__half>(args, s);
-    case DType::BFloat16: return launch_for_height<__nv_bfloat16>(args, s);
-    case DType::Float32: break;
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_dtype(args.dtype, [&]<typename T>() {
+    return tensor_core::m_tiles_for(args.dst.h) == 2 ? launch<T, 2>(args, s) : launch<T, 1>(args, s);
+  });
 }
 
 }  // namespace lkconv

@@ -1,13 +1,15 @@
-// Stride-1, dilation-1 depthwise correlation on tensor cores, fp16/bf16 storage with fp32 accumulation: the row form
-// of the block-wise implicit GEMM (ARCHITECTURE.md §4.2). Forward, and input grad as the forward with rotated filters.
+// Stride-1, dilation-1 depthwise correlation on tensor cores with fp32 accumulation: the row form of the block-wise
+// implicit GEMM (ARCHITECTURE.md §4.2), for fp16/bf16 and, where PyTorch allows TF32 for convs, fp32. Forward, and
+// input grad as the forward with rotated filters.
 //
 // Per channel and kernel row r, an output tile is a GEMM against a Toeplitz operand built from the filter on the fly:
 //   Y[i, t] += sum_j X[i + r, j] * B_r[j, t],   B_r[j, t] = f[r, j - t]  (zero unless 0 <= j - t < kw).
-// A block stages the source tile with its halo, and every filter row as 32-bit pairs P_r[d] = (f[r, d], f[r, d + 1]):
-// the B fragment of mma.sync.m16n8k16 holds, per lane, two such pairs, so B is one shared load per register and is
-// never materialised. Each of the 4 warps (2 x 2) owns MT x 16 output rows and 32 columns. Per kernel row and
-// 16-column k-step it loads MT A fragments with ldmatrix and 5 filter words, and issues up to 4 MT mma; n-tiles whose
-// band misses the k-step, k-steps wholly in the padding, and kernel rows whose sources are all padding are skipped.
+// A block stages the source tile with its halo, and every filter row as a table of 32-bit words indexed by d = j - t
+// (tensor_core_operands.cuh: pairs (f[r, d], f[r, d + 1]) for 16-bit types, single TF32 taps for fp32), so every B
+// register is one shared load and B is never materialised. Each of the 4 warps (2 x 2) owns MT x 16 output rows and
+// 32 columns. Per kernel row and k-step it loads MT A fragments with ldmatrix and the B words of 4 n-tiles, and issues
+// up to 4 MT mma; n-tiles whose band misses the k-step, k-steps wholly in the padding, and kernel rows whose sources
+// are all padding are skipped.
 //
 // This header holds the kernel and its tiling plan; tensor_core.cu launches it. The hardware operations come from
 // mma_primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
@@ -16,7 +18,7 @@
 #include <cstdint>
 
 #include "common.cuh"
-#include "mma_primitives.cuh"
+#include "tensor_core_operands.cuh"
 #include "unit_stride.h"
 
 namespace lkconv {
@@ -26,16 +28,16 @@ constexpr int kWarpCols = 32;                 // output columns per warp: 4 n-ti
 constexpr int kWarpsM = 2, kWarpsN = 2;       // warps per block along rows and columns
 constexpr int kThreads = 32 * kWarpsM * kWarpsN;
 constexpr int kBlockCols = kWarpCols * kWarpsN;
-constexpr int kPairOrigin = 32;               // P_r[d] is stored at index d + 32: fragments reach down to d = -31
+constexpr int kTableOrigin = 32;              // the entry for d is stored at d + 32: fragments reach down to d = -31
 constexpr int64_t kSharedLimit = 99 * 1024;   // opt-in dynamic shared memory; sm_80 allows 163 KB per block
 
 // Where a launch's tiles sit in shared memory, and how many blocks cover the output.
 struct Tiling {
-  int k_steps;          // 16-column k-steps per kernel row: ceil((32 + kw - 1) / 16)
+  int k_steps;          // kK-column k-steps per kernel row: ceil((32 + kw - 1) / kK)
   int tile_rows;        // source rows staged: block rows + kh - 1
-  int tile_cols;        // source columns staged: 32 + 16 k_steps (the second warp column starts 32 to the right)
-  int tile_pitch;       // elements per staged row: tile_cols + 8, an odd number of 16-byte units (no bank conflicts)
-  int pair_pitch;       // 32-bit filter pairs per kernel row: 16 k_steps + 32
+  int tile_cols;        // source columns staged: 32 + kK k_steps (the second warp column starts 32 to the right)
+  int tile_pitch;       // elements per staged row: tile_cols + 16 bytes, an odd number of 16-byte units
+  int table_pitch;      // 32-bit B words per kernel row: kK k_steps + 32
   int64_t tiles_h, tiles_w;
   int64_t blocks;
   int64_t shared_bytes;
@@ -43,31 +45,33 @@ struct Tiling {
 
 __host__ __device__ constexpr int block_rows(int m_tiles) { return 16 * m_tiles * kWarpsM; }
 
-inline Tiling plan(int m_tiles, int kernel_h, int kernel_w, int64_t planes, int64_t out_h, int64_t out_w) {
+template <typename T>
+Tiling plan(int m_tiles, int kernel_h, int kernel_w, int64_t planes, int64_t out_h, int64_t out_w) {
+  using Ops = Operands<T>;
   Tiling t{};
-  t.k_steps = (kWarpCols + kernel_w - 1 + 15) / 16;
+  t.k_steps = (kWarpCols + kernel_w - 1 + Ops::kK - 1) / Ops::kK;
   t.tile_rows = block_rows(m_tiles) + kernel_h - 1;
-  t.tile_cols = kWarpCols * (kWarpsN - 1) + 16 * t.k_steps;
-  t.tile_pitch = t.tile_cols + 8;
-  t.pair_pitch = 16 * t.k_steps + kPairOrigin;
+  t.tile_cols = kWarpCols * (kWarpsN - 1) + Ops::kK * t.k_steps;
+  t.tile_pitch = t.tile_cols + Ops::kPitchPad;
+  t.table_pitch = Ops::kK * t.k_steps + kTableOrigin;
   t.tiles_h = cdiv(out_h, block_rows(m_tiles));
   t.tiles_w = cdiv(out_w, kBlockCols);
   t.blocks = planes * t.tiles_h * t.tiles_w;
-  t.shared_bytes = int64_t{2} * t.tile_rows * t.tile_pitch + int64_t{4} * kernel_h * t.pair_pitch;
+  t.shared_bytes = int64_t{sizeof(typename Ops::Element)} * t.tile_rows * t.tile_pitch +
+                   int64_t{4} * kernel_h * t.table_pitch;
   return t;
 }
 
 // Output rows per warp: 32 once the map is taller than one block of 16-row warps, else 16.
 inline int m_tiles_for(int64_t out_h) { return out_h > block_rows(1) ? 2 : 1; }
 
-__device__ __forceinline__ uint16_t raw_bits(const void* data, int64_t index) {
-  return static_cast<const uint16_t*>(data)[index];
-}
-
 template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads) conv_kernel(UnitStrideArgs a, Tiling t) {
-  uint16_t* tile = dynamic_shared<uint16_t>();
-  uint32_t* pairs = reinterpret_cast<uint32_t*>(tile + int64_t{t.tile_rows} * t.tile_pitch);
+  using Ops = Operands<T>;
+  using Element = typename Ops::Element;
+  constexpr int kK = Ops::kK;
+  Element* tile = dynamic_shared<Element>();
+  uint32_t* table = reinterpret_cast<uint32_t*>(tile + int64_t{t.tile_rows} * t.tile_pitch);
 
   const int64_t per_plane = t.tiles_h * t.tiles_w, block = block_index();
   const int64_t plane = block / per_plane, within = block % per_plane;
@@ -104,18 +108,11 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(UnitStrideArgs a, Tiling
     // Warps take rows and lanes take columns, so the loops need no division and global reads run along rows.
     for (int r = warp; r < a.kernel_h; r += kThreads / 32) {
       const int rr = a.flip ? a.kernel_h - 1 - r : r;
-      for (int e = lane; e < t.pair_pitch; e += 32) {
-        uint32_t pair = 0;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int q = e - kPairOrigin + half;
-          if (q >= 0 && q < a.kernel_w) {
-            const int qq = a.flip ? a.kernel_w - 1 - q : q;
-            pair |= uint32_t{raw_bits(a.weight, filter_base + rr * a.kernel_w + qq)} << (16 * half);
-          }
-        }
-        pairs[r * t.pair_pitch + e] = pair;
-      }
+      const auto tap = [&](int q) -> Element {
+        if (q < 0 || q >= a.kernel_w) return 0;
+        return Ops::stage(a.weight, filter_base + rr * a.kernel_w + (a.flip ? a.kernel_w - 1 - q : q));
+      };
+      for (int e = lane; e < t.table_pitch; e += 32) table[r * t.table_pitch + e] = Ops::word(e - kTableOrigin, tap);
     }
     for (int row = warp; row < t.tile_rows; row += kThreads / 32) {
       const int64_t y = src_row0 + row;
@@ -124,30 +121,33 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(UnitStrideArgs a, Tiling
       for (int col = lane; col < t.tile_cols; col += 32) {
         const int64_t x = src_col0 + col;
         const bool inside = row_inside && x >= 0 && x < a.src.w;
-        tile[row * t.tile_pitch + col] = inside ? raw_bits(a.src.data, row_offset + x * a.src.stride_w) : 0;
+        tile[row * t.tile_pitch + col] = inside ? Ops::stage(a.src.data, row_offset + x * a.src.stride_w) : 0;
       }
     }
     block_sync();
     if (!warp_writes) continue;
 
     for (int r = r_begin; r < r_end; ++r) {
-      const uint32_t* filter_row = pairs + r * t.pair_pitch + kPairOrigin;
+      const uint32_t* filter_row = table + r * t.table_pitch + kTableOrigin;
       for (int ks = 0; ks < t.k_steps; ++ks) {
-        const int64_t first_col = src_col0 + warp_col + 16 * ks;
-        if (first_col + 15 < 0 || first_col >= a.src.w) continue;  // the k-step's sources are all padding
-        // B fragments: b0 of n-tile j is P[16 ks - 8 j + 2 quad - group], b1 is the same 8 further, so b1(j) = b0(j-1).
-        uint32_t words[5];
+        const int64_t first_col = src_col0 + warp_col + kK * ks;
+        if (first_col + kK - 1 < 0 || first_col >= a.src.w) continue;  // the k-step's sources are all padding
+        uint32_t b0[4], b1[4];
 #pragma unroll
-        for (int v = 0; v < 5; ++v) words[v] = filter_row[16 * ks + 8 - 8 * v + 2 * quad - group];
+        for (int j = 0; j < 4; ++j) {
+          const int index = b0_index<T>(ks, j, group, quad);
+          b0[j] = filter_row[index];
+          b1[j] = filter_row[index + kK / 2];
+        }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           uint32_t a_frag[4];
-          const int row = warp_row + 16 * m + r + lane % 16, col = warp_col + 16 * ks + (lane / 16) * 8;
+          const int row = warp_row + 16 * m + r + lane % 16, col = warp_col + kK * ks + (lane / 16) * (kK / 2);
           load_matrix_x4(a_frag, tile + int64_t{row} * t.tile_pitch + col);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
-            const int band = 16 * ks - 8 * j;  // j - t over this mma spans band - 7 .. band + 15
-            if (band + 15 >= 0 && band - 7 < a.kernel_w) mma_16816<T>(acc[m][j], a_frag, words[j + 1], words[j]);
+            const int band = kK * ks - 8 * j;  // j - t over this mma spans band - 7 .. band + kK - 1
+            if (band + kK - 1 >= 0 && band - 7 < a.kernel_w) mma_sync<T>(acc[m][j], a_frag, b0[j], b1[j]);
           }
         }
       }

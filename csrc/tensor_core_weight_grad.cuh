@@ -1,13 +1,14 @@
-// Weight and bias grad at stride 1 and dilation 1 on tensor cores, fp16/bf16 storage with fp32 accumulation: a small
-// GEMM (kernel rows x kernel columns) with a long reduction (ARCHITECTURE.md §4.2). Deterministic: fixed partial sums.
+// Weight and bias grad at stride 1 and dilation 1 on tensor cores with fp32 accumulation (fp16/bf16, and fp32 as TF32
+// where PyTorch allows it for convs): a small GEMM (kernel rows x kernel columns) with a long reduction
+// (ARCHITECTURE.md §4.2). Deterministic: fixed partial sums.
 //
 // For one dy row y, a chunk of 64 output columns from x0 and a 32 x 32 tile of taps from (r0, s0), with x = x0 + j - s:
 //   dW[r0 + r, s0 + s] += sum_j A[r, j] * B[j, s],
 //   A[r, j] = x[y - pt + r0 + r, x0 - pl + s0 + j]  (rows and columns of the staged x tile, read with ldmatrix),
 //   B[j, s] = dy[y, x0 + j - s]                     (Toeplitz in the dy row: zero unless 0 <= j - s < chunk width).
-// B's fragments are 32-bit words of a per-row pair table Q_y[e] = (dy[y, x0 + e], dy[y, x0 + e + 1]), as the forward
-// reads the filter. A block owns one output channel, one row range (`split`) of the N*OH reduction and one 32 x 32
-// tile of taps; it stages strips of 32 dy rows x 64 columns (as pairs) and the x rows and columns they reach. Each of
+// B's fragments are 32-bit words of a per-row table indexed by e = j - s (tensor_core_operands.cuh: pairs
+// (dy[y, x0 + e], dy[y, x0 + e + 1]) for 16-bit types, single TF32 values for fp32), as the forward reads the filter. A block owns one output channel, one row range (`split`) of the N*OH reduction and one 32 x 32
+// tile of taps; it stages strips of 32 dy rows x 64 columns (as B words) and the x rows and columns they reach. Each of
 // its 4 warps takes every 4th row of a strip and accumulates the whole 32 x 32 tap tile (2 m-tiles x 4 n-tiles of
 // mma.sync.m16n8k16); at the end the warps' sums are added in warp order and written as the block's fp32 partial.
 // weight_grad.cu's reduce kernel then adds the splits in order. The tap tile (0, 0) block also sums dy for the bias.
@@ -19,7 +20,7 @@
 #include <cstdint>
 
 #include "common.cuh"
-#include "mma_primitives.cuh"
+#include "tensor_core_operands.cuh"
 
 namespace lkconv {
 namespace tensor_core_weight_grad {
@@ -29,15 +30,23 @@ constexpr int kChunk = 64;         // dy columns per chunk
 constexpr int kStripRows = 32;     // dy rows per strip
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kKSteps = (kChunk + kTapTile - 1 + 15) / 16;  // 16-column k-steps: j spans 64 + 31 columns
-constexpr int kTileCols = 16 * kKSteps;
-constexpr int kTilePitch = kTileCols + 8;                   // an odd number of 16-byte units: no bank conflicts
 constexpr int kTileRows = kStripRows + kTapTile - 1;
-constexpr int kPairOrigin = 32;                             // Q_y[e] is stored at e + 32: fragments reach e = -31
-constexpr int kPairPitch = kTileCols + kPairOrigin;
-constexpr int64_t kSharedBytes = int64_t{2} * kTileRows * kTilePitch + int64_t{4} * kStripRows * kPairPitch;
-static_assert(kSharedBytes >= int64_t{4} * (kWarps * kTapTile * kTapTile + kThreads),
-              "the warps' sums and the bias sums reuse the tiles' memory");
+constexpr int kTableOrigin = 32;   // the entry for e is stored at e + 32: fragments reach e = -31
+
+// Shared-memory layout for storage type T.
+template <typename T>
+struct Layout {
+  using Ops = Operands<T>;
+  static constexpr int kKSteps = (kChunk + kTapTile - 1 + Ops::kK - 1) / Ops::kK;  // j spans 64 + 31 columns
+  static constexpr int kTileCols = Ops::kK * kKSteps;
+  static constexpr int kTilePitch = kTileCols + Ops::kPitchPad;  // an odd number of 16-byte units: no conflicts
+  static constexpr int kTablePitch = kTileCols + kTableOrigin;
+  static constexpr int64_t kSharedBytes =
+      int64_t{sizeof(typename Ops::Element)} * kTileRows * kTilePitch + int64_t{4} * kStripRows * kTablePitch;
+  static_assert(kSharedBytes >= int64_t{4} * (kWarps * kTapTile * kTapTile + kThreads),
+                "the warps' sums and the bias sums reuse the tiles' memory");
+  static_assert(kSharedBytes <= 48 * 1024, "no opt-in to more shared memory is made");
+};
 
 struct Tiling {
   int64_t tap_tiles_w;  // 32-column tap tiles per kernel row band
@@ -50,15 +59,15 @@ inline Tiling plan(int kernel_h, int kernel_w, int64_t total_rows, int64_t split
   return {tiles_w, cdiv(kernel_h, kTapTile) * tiles_w, cdiv(total_rows, splits)};
 }
 
-__device__ __forceinline__ uint16_t raw_bits(const void* data, int64_t index) {
-  return static_cast<const uint16_t*>(data)[index];
-}
-
 // Block (o, split, tap tile) in a flat index: o fastest, so neighbouring blocks share the split's rows.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Tiling t) {
-  uint16_t* tile = dynamic_shared<uint16_t>();
-  uint32_t* pairs = reinterpret_cast<uint32_t*>(tile + kTileRows * kTilePitch);
+  using L = Layout<T>;
+  using Ops = Operands<T>;
+  using Element = typename Ops::Element;
+  constexpr int kK = Ops::kK;
+  Element* tile = dynamic_shared<Element>();
+  uint32_t* table = reinterpret_cast<uint32_t*>(tile + kTileRows * L::kTilePitch);
 
   const Geometry& g = a.conv;
   const Map& dy = a.grad_output;
@@ -93,51 +102,50 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
       for (int i = warp; i < kStripRows; i += kWarps) {
         const bool row_inside = i < rows;
         const int64_t row_offset = offset(dy, n, o, y0 + i, 0);
-        for (int e = lane; e < kPairPitch; e += 32) {
-          const int col = e - kPairOrigin;
-          uint32_t pair = 0;
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            if (row_inside && col + half >= 0 && col + half < width) {
-              const int64_t index = row_offset + (x0 + col + half) * dy.stride_w;
-              pair |= uint32_t{raw_bits(dy.data, index)} << (16 * half);
-              if (half == 0 && with_bias) bias += to_float(static_cast<const T*>(dy.data)[index]);
-            }
+        const auto value = [&](int col) -> Element {
+          if (!row_inside || col < 0 || col >= width) return 0;
+          return Ops::stage(dy.data, row_offset + (x0 + col) * dy.stride_w);
+        };
+        for (int e = lane; e < L::kTablePitch; e += 32) {
+          const int col = e - kTableOrigin;
+          table[i * L::kTablePitch + e] = Ops::word(col, value);
+          if (with_bias && row_inside && col >= 0 && col < width) {
+            bias += to_float(static_cast<const T*>(dy.data)[row_offset + (x0 + col) * dy.stride_w]);
           }
-          pairs[i * kPairPitch + e] = pair;
         }
       }
       for (int row = warp; row < kTileRows; row += kWarps) {
         const int64_t y = src_row0 + row;
         const bool row_inside = y >= 0 && y < a.input.h;
         const int64_t row_offset = offset(a.input, n, c, y, 0);
-        for (int col = lane; col < kTileCols; col += 32) {
+        for (int col = lane; col < L::kTileCols; col += 32) {
           const int64_t x = src_col0 + col;
           const bool inside = row_inside && x >= 0 && x < a.input.w;
-          tile[row * kTilePitch + col] = inside ? raw_bits(a.input.data, row_offset + x * a.input.stride_w) : 0;
+          tile[row * L::kTilePitch + col] = inside ? Ops::stage(a.input.data, row_offset + x * a.input.stride_w) : 0;
         }
       }
       block_sync();
 
       for (int i = warp; i < rows; i += kWarps) {
-        const uint32_t* dy_row = pairs + i * kPairPitch + kPairOrigin;
-        for (int ks = 0; ks < kKSteps; ++ks) {
-          // b0 of n-tile j is Q[16 ks - 8 j + 2 quad - group], b1 the same 8 further: b1(j) = b0(j - 1).
-          uint32_t words[5];
+        const uint32_t* dy_row = table + i * L::kTablePitch + kTableOrigin;
+        for (int ks = 0; ks < L::kKSteps; ++ks) {
+          uint32_t b0[4], b1[4];
 #pragma unroll
-          for (int v = 0; v < 5; ++v) words[v] = dy_row[16 * ks + 8 - 8 * v + 2 * quad - group];
+          for (int j = 0; j < 4; ++j) {
+            const int index = b0_index<T>(ks, j, group, quad);
+            b0[j] = dy_row[index];
+            b1[j] = dy_row[index + kK / 2];
+          }
 #pragma unroll
           for (int m = 0; m < 2; ++m) {
             if (m >= m_tiles) break;
             uint32_t a_frag[4];
-            const int row = i + 16 * m + lane % 16, col = 16 * ks + (lane / 16) * 8;
-            load_matrix_x4(a_frag, tile + row * kTilePitch + col);
+            const int row = i + 16 * m + lane % 16, col = kK * ks + (lane / 16) * (kK / 2);
+            load_matrix_x4(a_frag, tile + row * L::kTilePitch + col);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-              const int band = 16 * ks - 8 * j;  // j - s over this mma spans band - 7 .. band + 15
-              if (j < n_tiles && band + 15 >= 0 && band - 7 < width) {
-                mma_16816<T>(acc[m][j], a_frag, words[j + 1], words[j]);
-              }
+              const int band = kK * ks - 8 * j;  // j - s over this mma spans band - 7 .. band + kK - 1
+              if (j < n_tiles && band + kK - 1 >= 0 && band - 7 < width) mma_sync<T>(acc[m][j], a_frag, b0[j], b1[j]);
             }
           }
         }

@@ -1,5 +1,6 @@
 // The stride-1, dilation-1 correlation kernels that conv.cu's launchers call (RepLKNet's case): the exact
-// register-blocked CUDA-core kernel (blocked.cu) and the fp16/bf16 tensor-core kernel (tensor_core.cu). Torch-free.
+// register-blocked CUDA-core kernel (blocked.cu) and the tensor-core kernel (tensor_core.cu: fp16/bf16, and fp32 as
+// TF32 where allowed). Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -27,10 +28,10 @@ bool blocked_fits(int kernel_h, int kernel_w);
 // Launches the blocked kernel on `stream`; returns the cudaError_t of the launch.
 int blocked_conv(const UnitStrideArgs& args, void* stream);
 
-// Whether the tensor-core kernel takes this dtype (fp16 or bf16) and kernel size (its tiles fit in shared memory).
+// Whether the tensor-core kernel's tiles for this dtype and kernel size fit in shared memory.
 bool tensor_core_fits(DType dtype, int kernel_h, int kernel_w);
 
-// Launches the tensor-core kernel on `stream`; returns the cudaError_t of the launch.
+// Launches the tensor-core kernel on `stream` (fp32 runs as TF32); returns the cudaError_t of the launch.
 int tensor_core_conv(const UnitStrideArgs& args, void* stream);
 
 }  // namespace lkconv

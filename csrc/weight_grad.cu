@@ -5,13 +5,12 @@
 // dW[o, r, q] = sum_{n, oh, ow} dy[n, o, oh, ow] * x[n, o/m, oh*sh - pt + r*dh, ow*sw - pl + q*dw]
 // db[o]       = sum_{n, oh, ow} dy[n, o, oh, ow]   (handled as one extra "tap" whose input is 1)
 //
-// fp16/bf16 at stride 1 and dilation 1 take the tensor-core partials (tensor_core_weight_grad.cuh); fp32 there takes
-// the register-tiled kernel below; everything else the simple per-tap kernel. All share the ordered reduce.
+// At stride 1 and dilation 1, fp16/bf16 (and fp32 where TF32 is allowed) take the tensor-core partials
+// (tensor_core_weight_grad.cuh) and exact fp32 the register-tiled kernel below; everything else the simple per-tap
+// kernel. All share the ordered reduce.
 
 #include "common.cuh"
 #include "tensor_core_weight_grad.cuh"
-
-#include <type_traits>
 
 namespace lkconv {
 namespace {
@@ -203,8 +202,9 @@ bool unit_stride_and_dilation(const Geometry& g) {
 
 }  // namespace
 
-bool weight_grad_is_tensor_core(DType dtype, const Geometry& g) {
-  return dtype != DType::Float32 && unit_stride_and_dilation(g) && g.kernel_h <= 1024 && g.kernel_w <= 1024;
+bool weight_grad_is_tensor_core(DType dtype, bool allow_tf32, const Geometry& g) {
+  return (dtype != DType::Float32 || allow_tf32) && unit_stride_and_dilation(g) && g.kernel_h <= 1024 &&
+         g.kernel_w <= 1024;
 }
 
 bool weight_grad_is_blocked(const Geometry& g) {
@@ -219,14 +219,12 @@ template <typename T>
 void launch_partials(const WeightGradArgs& args, cudaStream_t stream) {
   const Geometry& g = args.conv;
   const int64_t channels = args.grad_output.c, rows = args.grad_output.n * args.grad_output.h;
-  if constexpr (!std::is_same_v<T, float>) {
-    if (weight_grad_is_tensor_core(args.dtype, g)) {
-      namespace wg = tensor_core_weight_grad;
-      const wg::Tiling t = wg::plan(g.kernel_h, g.kernel_w, rows, args.splits);
-      wg::partials_kernel<T><<<channels * args.splits * t.tap_tiles, wg::kThreads, wg::kSharedBytes, stream>>>(args,
-                                                                                                           t);
-      return;
-    }
+  if (weight_grad_is_tensor_core(args.dtype, args.allow_tf32, g)) {
+    namespace wg = tensor_core_weight_grad;
+    const wg::Tiling t = wg::plan(g.kernel_h, g.kernel_w, rows, args.splits);
+    const int64_t blocks = channels * args.splits * t.tap_tiles;
+    wg::partials_kernel<T><<<blocks, wg::kThreads, wg::Layout<T>::kSharedBytes, stream>>>(args, t);
+    return;
   }
   const int64_t rows_per_split = cdiv(rows, args.splits);
   if (weight_grad_is_blocked(g)) {

@@ -40,9 +40,9 @@ class TestLoadedExtension:
         x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
         out = torch.empty(1, 2, 8, 8)
         with pytest.raises(NotImplementedError, match=r"cuda_forward.*CPU"):
-            torch.ops.lkconv.cuda_forward(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], out)
+            torch.ops.lkconv.cuda_forward(x, w, None, [1, 1], [1, 1, 1, 1], [1, 1], False, out)
 
-    @pytest.mark.parametrize("pass_name,dtype,kernel,stride,dilation,expected", [
+    @pytest.mark.parametrize("pass_name,dtype,kernel,stride,dilation,expected", [  # TF32 not allowed
         ("forward", torch.float32, [31, 31], [1, 1], [1, 1], "forward_blocked"),
         ("forward", torch.float32, [51, 5], [1, 1], [1, 1], "forward_blocked"),  # SLaK
         ("forward", torch.float32, [63, 63], [1, 1], [1, 1], "forward_tiled"),  # the blocked tile would not fit
@@ -72,19 +72,30 @@ class TestLoadedExtension:
         ("weight_grad", torch.float32, [101, 101], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
     ])
     def test_kernel_names_follow_the_dtype_and_geometry(self, pass_name, dtype, kernel, stride, dilation, expected):
-        assert torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, kernel, stride, dilation) == expected
+        assert torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, False, kernel, stride, dilation) == expected
+
+    @pytest.mark.parametrize("pass_name,dtype,kernel,stride,expected", [
+        ("forward", torch.float32, [31, 31], [1, 1], "forward_tensor_core (tf32)"),
+        ("forward", torch.float32, [101, 101], [1, 1], "forward_general"),  # no tile would fit
+        ("forward", torch.float32, [31, 31], [2, 2], "forward_tiled"),  # stride 2: exact CUDA cores
+        ("input_grad", torch.float32, [51, 5], [1, 1], "input_grad_tensor_core (tf32)"),
+        ("weight_grad", torch.float32, [31, 31], [1, 1], "weight_grad_tensor_core_partials (tf32) + weight_grad_reduce"),
+        ("forward", torch.bfloat16, [31, 31], [1, 1], "forward_tensor_core"),  # TF32 concerns fp32 only
+    ])
+    def test_allowed_tf32_moves_fp32_at_stride_1_to_tensor_cores(self, pass_name, dtype, kernel, stride, expected):
+        assert torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, True, kernel, stride, [1, 1]) == expected
 
     def test_kernel_name_rejects_bad_arguments_by_name(self):
         with pytest.raises(RuntimeError, match="pass_name must be forward, input_grad or weight_grad; got 'backward'"):
-            torch.ops.lkconv.cuda_kernel_name("backward", torch.float32, [3, 3], [1, 1], [1, 1])
+            torch.ops.lkconv.cuda_kernel_name("backward", torch.float32, False, [3, 3], [1, 1], [1, 1])
         with pytest.raises(RuntimeError, match=r"stride entries must be in \[1, 2\^30\]; got \[0, 1\]"):
-            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, [3, 3], [0, 1], [1, 1])
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [3, 3], [0, 1], [1, 1])
         with pytest.raises(RuntimeError, match=r"dilation entries must be in \[1, 2\^30\]"):
-            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, [3, 3], [1, 1], [1, 2**31])
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [3, 3], [1, 1], [1, 2**31])
         with pytest.raises(RuntimeError, match="kernel must have 2 entries; got 3"):
-            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, [3, 3, 3], [1, 1], [1, 1])
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [3, 3, 3], [1, 1], [1, 1])
         with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16; got Double"):
-            torch.ops.lkconv.cuda_kernel_name("forward", torch.float64, [3, 3], [1, 1], [1, 1])
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float64, False, [3, 3], [1, 1], [1, 1])
 
 
 @needs_cpu_only

@@ -60,12 +60,20 @@ def test_auto_picks_triton_on_cuda():
     assert lkconv.explain(x, w, b, padding=3).backend == "triton"
 
 
-def test_tf32_within_tf32_tolerance_when_allowed():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tf32_within_tf32_tolerance_when_allowed(backend):
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     x, w, b = _inputs((8, 64, 32, 32), 31, torch.float32, False)
-    with lkconv.use_backend("triton"):
+    with lkconv.use_backend(backend):
+        explanation = lkconv.explain(x, w, b, padding=15)
         y = lkconv.depthwise_conv2d(x, w, b, padding=15)
-    assert_close(y, reference(x, w, b, 1, 15, 1)[0], TF32_TOLERANCE, "tf32 output")
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    assert "tf32" in explanation.forward and "tf32" in explanation.weight_grad, explanation
+    expected = reference(x, w, b, 1, 15, 1, dy)
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, x.grad, w.grad, b.grad),
+                                    expected):
+        assert_close(actual, wanted, TF32_TOLERANCE, f"{backend} tf32 {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

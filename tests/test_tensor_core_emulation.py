@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCE, assert_close
+from conftest import TF32_TOLERANCE, TOLERANCE, assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}  # lkconv::DType
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # lkconv::DType; fp32 runs as TF32
 
 
 def cuda_include_flags() -> list[str]:
@@ -47,9 +47,9 @@ def _span(t: torch.Tensor) -> int:
 
 
 def _raw(t: torch.Tensor) -> bytes:
-    """The elements a strided tensor spans in its storage, from its first one, as 16-bit words."""
+    """The elements a strided tensor spans in its storage, from its first one, as raw bytes."""
     flat = torch.as_strided(t, (_span(t),), (1,), t.storage_offset())
-    return flat.contiguous().view(torch.int16).numpy().tobytes()
+    return flat.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _map_fields(t: torch.Tensor) -> list[int]:
@@ -71,8 +71,8 @@ def run_conv(emulator: Path, tmp_path: Path, src, dst, weight, bias, origin, fli
     header = [DTYPE_CODES[src.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
               int(bias is not None), *_map_fields(src), *_map_fields(dst)]
     tensors = [src, dst, weight] + ([bias] if bias is not None else [])
-    words = torch.from_numpy(np.frombuffer(_emulate(emulator, tmp_path, "conv", header, tensors), np.int16).copy())
-    return torch.as_strided(words.view(src.dtype), dst.shape, dst.stride())
+    raw = torch.from_numpy(np.frombuffer(_emulate(emulator, tmp_path, "conv", header, tensors), np.uint8).copy())
+    return torch.as_strided(raw.view(src.dtype), dst.shape, dst.stride())
 
 
 def run_weight_grad(emulator: Path, tmp_path: Path, grad_output, input, kernel, padding, multiplier, splits):
@@ -81,6 +81,11 @@ def run_weight_grad(emulator: Path, tmp_path: Path, grad_output, input, kernel, 
               *_map_fields(input)]
     partials = np.frombuffer(_emulate(emulator, tmp_path, "weight_grad", header, [grad_output, input]), np.float32)
     return torch.from_numpy(partials.copy()).view(splits, grad_output.shape[1], kernel[0] * kernel[1] + 1)
+
+
+def _tolerance(dtype):
+    """fp32 runs these kernels as TF32 (only where PyTorch allows TF32 for convs)."""
+    return TF32_TOLERANCE if dtype == torch.float32 else TOLERANCE[dtype]
 
 
 def _random(shape, dtype, channels_last=False):
@@ -116,6 +121,10 @@ FORWARD_CASES = {
     "deep top padding: leading kernel rows skipped": ((1, 1, 20, 9), (41, 3), 1, (36, 4, 1, 1), torch.float16,
                                                       True, "nchw", "nchw"),
     "SLaK 51x5": ((1, 1, 12, 10), (51, 5), 1, (25, 25, 2, 2), torch.bfloat16, True, "nchw", "nchw"),
+    "TF32: 31x31 same, two column tiles": ((1, 1, 21, 70), (31, 31), 1, (15, 15, 15, 15), torch.float32, True,
+                                           "nchw", "nchw"),
+    "TF32: non-square, multiplier 2, strided output": ((1, 2, 40, 13), (9, 4), 2, (4, 4, 1, 2), torch.float32,
+                                                       False, "channels_last", "sliced"),
     "63x63 on a map smaller than the kernel": ((1, 1, 8, 8), (63, 63), 1, (31, 31, 31, 31), torch.float16, False,
                                                 "nchw", "nchw"),
 }
@@ -135,7 +144,7 @@ def test_forward_matches_float64(emulator, tmp_path, case):
     actual = run_conv(emulator, tmp_path, x, dst, weight, bias, (-top, -left), False, multiplier)
     expected = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(),
                         None if bias is None else bias.double(), groups=c)
-    assert_close(actual, expected, TOLERANCE[dtype], f"emulated tensor-core forward, {case}")
+    assert_close(actual, expected, _tolerance(dtype), f"emulated tensor-core forward, {case}")
 
 
 # (N, C, H, W) of the input, (kh, kw), multiplier, padding, dtype, grad_output layout.
@@ -145,6 +154,7 @@ INPUT_GRAD_CASES = {
     "multiplier 3, non-square": ((1, 2, 10, 21), (5, 9), 3, (2, 1, 4, 0), torch.float16, "nchw"),
     "channels_last grad_output, taller warps": ((1, 1, 37, 11), (7, 7), 1, (3, 3, 3, 3), torch.bfloat16,
                                                 "channels_last"),
+    "TF32: 13x13, multiplier 2": ((1, 2, 15, 17), (13, 13), 2, (6, 6, 6, 6), torch.float32, "nchw"),
 }
 
 
@@ -161,7 +171,7 @@ def test_input_grad_matches_float64(emulator, tmp_path, case):
 
     origin = (top - (kernel[0] - 1), left - (kernel[1] - 1))
     actual = run_conv(emulator, tmp_path, grad_output, dst, weight, None, origin, True, multiplier)
-    assert_close(actual, x.grad, TOLERANCE[dtype], f"emulated tensor-core input grad, {case}")
+    assert_close(actual, x.grad, _tolerance(dtype), f"emulated tensor-core input grad, {case}")
 
 
 # (N, C, H, W) of the input, (kh, kw), multiplier, padding, dtype, splits, layout of grad_output and input.
@@ -174,13 +184,14 @@ WEIGHT_GRAD_CASES = {
                                                       "nchw"),
     "channels_last, kernel larger than the map": ((2, 3, 6, 6), (13, 13), 1, (6, 6, 6, 6), torch.bfloat16, 3,
                                                   "channels_last"),
+    "TF32: two tap tiles, two column chunks": ((2, 1, 7, 66), (9, 33), 1, (4, 4, 16, 16), torch.float32, 3, "nchw"),
 }
 
 
 @pytest.mark.parametrize("case", WEIGHT_GRAD_CASES)
 def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, case):
     """The splits' fp32 partial sums, added in order as weight_grad_reduce does, against autograd in float64: the
-    products of 16-bit values are exact in fp32, so only fp32 summation error is allowed."""
+    products of 16-bit values are exact in fp32, so only fp32 summation error is allowed (TF32 rounds its inputs)."""
     shape, kernel, multiplier, (top, bottom, left, right), dtype, splits, layout = WEIGHT_GRAD_CASES[case]
     n, c, h, w = shape
     x = _random(shape, dtype, layout == "channels_last")
@@ -196,6 +207,8 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, case):
     for split in range(1, splits):
         total += partials[split]
     taps = kernel[0] * kernel[1]
-    assert_close(total[:, :taps].reshape(weight.shape), weight.grad, TOLERANCE[torch.float32],
+    tolerance = TF32_TOLERANCE if dtype == torch.float32 else TOLERANCE[torch.float32]
+    assert_close(total[:, :taps].reshape(weight.shape), weight.grad, tolerance,
                  f"emulated tensor-core weight grad, {case}")
+    # The bias grad sums dy in fp32 without rounding it to TF32.
     assert_close(total[:, taps], bias.grad, TOLERANCE[torch.float32], f"emulated tensor-core bias grad, {case}")

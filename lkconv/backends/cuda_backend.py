@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from ..arguments import output_size
-from .gpu import unsupported_gpu_reason
+from .gpu import conv_allows_tf32, unsupported_gpu_reason
 
 name = "cuda"
 
@@ -57,8 +57,10 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
 
 
 def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation, dtype) -> str:
-    """The kernel the extension launches for `pass_name`, decided from the dtype, kernel size, stride and dilation."""
-    return torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, list(weight_shape[2:]), list(stride), list(dilation))
+    """The kernel the extension launches for `pass_name`, decided from the dtype, PyTorch's conv TF32 setting, the
+    kernel size, stride and dilation."""
+    return torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, conv_allows_tf32(), list(weight_shape[2:]),
+                                             list(stride), list(dilation))
 
 
 def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -86,14 +88,14 @@ def forward(input, weight, bias, stride, padding, dilation):
     output = new_buffer((input.shape[0], weight.shape[0], *out_hw), input.dtype, input.device)
     bias = bias.contiguous() if bias is not None else None  # autograd may hand in an expanded (stride-0) bias
     torch.ops.lkconv.cuda_forward(_rows_contiguous(input), weight.contiguous(), bias, list(stride), list(padding),
-                                  list(dilation), output)
+                                  list(dilation), conv_allows_tf32(), output)
     return output
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
     grad_input = new_buffer(input_shape, grad_output.dtype, grad_output.device)
     torch.ops.lkconv.cuda_input_grad(_rows_contiguous(grad_output), weight.contiguous(), list(stride), list(padding),
-                                     list(dilation), grad_input)
+                                     list(dilation), conv_allows_tf32(), grad_input)
     return grad_input
 
 
@@ -116,6 +118,6 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     grad_weight = new_buffer((out_channels, 1, *kernel_size), grad_output.dtype, grad_output.device)
     grad_bias = new_buffer((out_channels if with_bias else 0,), grad_output.dtype, grad_output.device)
     torch.ops.lkconv.cuda_weight_grad(_rows_contiguous(grad_output), _rows_contiguous(input), list(stride),
-                                      list(padding), list(dilation), workspace, grad_weight,
+                                      list(padding), list(dilation), conv_allows_tf32(), workspace, grad_weight,
                                       grad_bias if with_bias else None)
     return grad_weight, grad_bias

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from ..arguments import output_memory_format, output_size
-from .gpu import unsupported_gpu_reason
+from .gpu import conv_allows_tf32, unsupported_gpu_reason
 
 name = "triton"
 
@@ -113,18 +113,6 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     if device.type != "cuda":
         return f"triton runs on CUDA tensors (or any tensor under TRITON_INTERPRET=1); got a {device.type} tensor"
     return unsupported_gpu_reason(device.index if device.index is not None else torch.cuda.current_device(), "triton")
-
-
-def conv_allows_tf32() -> bool:
-    """PyTorch's TF32 setting for convolutions, resolved the way cuDNN convs resolve it."""
-    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
-    if getter is None:
-        return bool(torch.backends.cudnn.allow_tf32)
-    for backend, op in (("cuda", "conv"), ("cuda", "all"), ("generic", "all")):
-        precision = getter(backend, op)
-        if precision != "none":
-            return precision == "tf32"
-    return False
 
 
 def _dot_options(dtype: torch.dtype) -> tuple[str, bool]:

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #ifndef __launch_bounds__
@@ -57,6 +58,12 @@ inline void warp_sync() { current_block->warps[current_thread / 32]->arrive_and_
 
 template <typename T>
 float decode(uint32_t bits);
+template <>
+inline float decode<float>(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
 template <>
 inline float decode<__nv_bfloat16>(uint32_t bits) {
   const uint32_t widened = bits << 16;
@@ -102,26 +109,48 @@ inline void load_matrix_x4(uint32_t (&fragment)[4], const void* row) {
   warp_sync();
 }
 
-// Fragments of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 group + quad:
-//   A a0..a3: rows group, group + 8 (a1, a3) and k 2 quad + {0, 1}, + 8 (a2, a3);
-//   B b0, b1: column group, k 2 quad + {0, 1}, + 8 (b1);   C/D c0..c3: rows group, group + 8, columns 2 quad + {0, 1}.
+// cvt.rna.tf32.f32: keep 10 mantissa bits, rounding to nearest with ties away from zero (finite values).
+inline uint32_t to_tf32(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;  // inf and NaN pass through
+  return (bits + 0x1000u) & 0xffffe000u;
+}
+
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16" and "for mma.m16n8k8"), lane = 4 group + quad.
+// m16n8k16, 16-bit elements, two per register (low half first):
+//   A a0..a3: rows group, group + 8 (a1, a3) and k 2 quad + {0, 1}, + 8 (a2, a3);   B b0, b1: column group,
+//   k 2 quad + {0, 1}, + 8 (b1).
+// m16n8k8 TF32, one element per register:
+//   A a0..a3: rows group, group + 8 (a1, a3) and k quad, + 4 (a2, a3);   B b0, b1: column group, k quad, + 4 (b1).
+// C/D c0..c3 (both): rows group, group + 8 (c2, c3), columns 2 quad + {0, 1}.
 template <typename T>
-void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+void mma_sync(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   using namespace emulation;
+  constexpr bool kTf32 = std::is_same_v<T, float>;
+  constexpr int kK = kTf32 ? 8 : 16, kPerRegister = kTf32 ? 1 : 2;
   WarpExchange& x = exchange();
   std::memcpy(x.a[lane()], a, sizeof x.a[0]);
   x.b[lane()][0] = b0;
   x.b[lane()][1] = b1;
   warp_sync();
+  // Element (row, k) of A and (k, col) of B from the lanes that hold them.
+  const auto element = [](uint32_t word, int k) {
+    return decode<T>(kTf32 ? word : half_of(word, k % kPerRegister));
+  };
+  const auto a_at = [&](int row, int k) {
+    const int within = k % (kK / 2);  // k inside its half of the k range
+    return element(x.a[(row % 8) * 4 + within / kPerRegister][row / 8 + 2 * (k / (kK / 2))], within);
+  };
+  const auto b_at = [&](int k, int col) {
+    const int within = k % (kK / 2);
+    return element(x.b[col * 4 + within / kPerRegister][k / (kK / 2)], within);
+  };
   const int group = lane() / 4, quad = lane() % 4;
   for (int e = 0; e < 4; ++e) {
     const int row = group + 8 * (e / 2), col = 2 * quad + e % 2;
     float sum = d[e];
-    for (int k = 0; k < 16; ++k) {
-      const float a_value = decode<T>(half_of(x.a[(row % 8) * 4 + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2));
-      const float b_value = decode<T>(half_of(x.b[col * 4 + (k % 8) / 2][k / 8], k % 2));
-      sum += a_value * b_value;
-    }
+    for (int k = 0; k < kK; ++k) sum += a_at(row, k) * b_at(k, col);
     d[e] = sum;
   }
   warp_sync();

@@ -1,7 +1,8 @@
 // Runs the tensor-core kernels of csrc/ (tensor_core.cuh, tensor_core_weight_grad.cuh) on the host, block after
 // block, each block with one std::thread per CUDA thread.
 //
-// Usage: tensor_core_host conv|weight_grad IN OUT. IN starts with int64 fields, then raw 16-bit tensors; every
+// Usage: tensor_core_host conv|weight_grad IN OUT. IN starts with int64 fields, then the raw tensors (fp32 runs the
+// TF32 path; fp16 and bf16 their own); every
 // tensor is given as n, c, h, w, four element strides and its span (elements from the first to the last one):
 //   conv:        dtype, kernel_h, kernel_w, multiplier, origin_h, origin_w, flip, has_bias, src map, dst map;
 //                then the src span, the dst span, the (C*m, 1, kh, kw) weight and the optional bias.
@@ -37,11 +38,14 @@ std::vector<int64_t> read_fields(std::ifstream& in, int count) {
   return fields;
 }
 
-std::vector<uint16_t> read_elements(std::ifstream& in, int64_t count) {
-  std::vector<uint16_t> values(static_cast<size_t>(count));
-  in.read(reinterpret_cast<char*>(values.data()), static_cast<std::streamsize>(count * 2));
+int64_t element_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
+
+// `count` elements of `dtype`, in a buffer of exactly their size.
+std::vector<unsigned char> read_elements(std::ifstream& in, DType dtype, int64_t count) {
+  std::vector<unsigned char> bytes(static_cast<size_t>(count * element_bytes(dtype)));
+  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   if (!in) lkconv::emulation::fail("input file too short");
-  return values;
+  return bytes;
 }
 
 Map map_from(const int64_t* fields, void* data) {
@@ -76,7 +80,8 @@ template <typename T>
 void run_conv(const lkconv::UnitStrideArgs& args) {
   namespace tc = lkconv::tensor_core;
   const int m_tiles = tc::m_tiles_for(args.dst.h);
-  const tc::Tiling t = tc::plan(m_tiles, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
+  const tc::Tiling t =
+      tc::plan<T>(m_tiles, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
   if (t.shared_bytes > tc::kSharedLimit) lkconv::emulation::fail("the tiles do not fit in shared memory");
   emulate_grid(t.blocks, tc::kThreads, t.shared_bytes, [&] {
     m_tiles == 2 ? tc::conv_kernel<T, 2>(args, t) : tc::conv_kernel<T, 1>(args, t);
@@ -89,7 +94,7 @@ void run_weight_grad(const lkconv::WeightGradArgs& args) {
   namespace wg = lkconv::tensor_core_weight_grad;
   const wg::Tiling t = wg::plan(args.conv.kernel_h, args.conv.kernel_w, args.grad_output.n * args.grad_output.h,
                                 args.splits);
-  emulate_grid(args.grad_output.c * args.splits * t.tap_tiles, wg::kThreads, wg::kSharedBytes,
+  emulate_grid(args.grad_output.c * args.splits * t.tap_tiles, wg::kThreads, wg::Layout<T>::kSharedBytes,
                [&] { wg::partials_kernel<T>(args, t); });
 }
 
@@ -98,7 +103,7 @@ void with_type(DType dtype, Body&& body) {
   switch (dtype) {
     case DType::Float16: body.template operator()<__half>(); break;
     case DType::BFloat16: body.template operator()<__nv_bfloat16>(); break;
-    case DType::Float32: lkconv::emulation::fail("the tensor-core kernels take fp16 or bf16");
+    case DType::Float32: body.template operator()<float>(); break;
   }
 }
 
@@ -112,31 +117,33 @@ int conv(std::ifstream& in, const char* out_path) {
   const std::vector<int64_t> h = read_fields(in, 8 + 2 * kMapFields);
   const int64_t* src_fields = h.data() + 8;
   const int64_t* dst_fields = src_fields + kMapFields;
-  std::vector<uint16_t> src = read_elements(in, src_fields[8]);
-  std::vector<uint16_t> dst = read_elements(in, dst_fields[8]);
+  const auto dtype = static_cast<DType>(h[0]);
+  std::vector<unsigned char> src = read_elements(in, dtype, src_fields[8]);
+  std::vector<unsigned char> dst = read_elements(in, dtype, dst_fields[8]);
   const int64_t filters = h[6] ? src_fields[1] : dst_fields[1];  // C*m: the input grad's src, the forward's dst
-  std::vector<uint16_t> weight = read_elements(in, filters * h[1] * h[2]);
-  std::vector<uint16_t> bias = h[7] ? read_elements(in, filters) : std::vector<uint16_t>();
-  const lkconv::UnitStrideArgs args{static_cast<DType>(h[0]), map_from(src_fields, src.data()),
+  std::vector<unsigned char> weight = read_elements(in, dtype, filters * h[1] * h[2]);
+  std::vector<unsigned char> bias = h[7] ? read_elements(in, dtype, filters) : std::vector<unsigned char>();
+  const lkconv::UnitStrideArgs args{dtype, map_from(src_fields, src.data()),
                                     map_from(dst_fields, dst.data()), weight.data(), h[7] ? bias.data() : nullptr,
                                     static_cast<int>(h[1]), static_cast<int>(h[2]), h[3], h[4], h[5], h[6] != 0};
   with_type(args.dtype, [&]<typename T>() { run_conv<T>(args); });
-  return write_all(out_path, dst.data(), dst.size() * 2) ? 0 : 4;
+  return write_all(out_path, dst.data(), dst.size()) ? 0 : 4;
 }
 
 int weight_grad(std::ifstream& in, const char* out_path) {
   const std::vector<int64_t> h = read_fields(in, 7 + 2 * kMapFields);
   const int64_t* dy_fields = h.data() + 7;
   const int64_t* x_fields = dy_fields + kMapFields;
-  std::vector<uint16_t> dy = read_elements(in, dy_fields[8]);
-  std::vector<uint16_t> x = read_elements(in, x_fields[8]);
+  const auto dtype = static_cast<DType>(h[0]);
+  std::vector<unsigned char> dy = read_elements(in, dtype, dy_fields[8]);
+  std::vector<unsigned char> x = read_elements(in, dtype, x_fields[8]);
   const int kernel_h = static_cast<int>(h[1]), kernel_w = static_cast<int>(h[2]);
   const int64_t splits = h[6];
   std::vector<float> workspace(static_cast<size_t>(splits * dy_fields[1] * (int64_t{kernel_h} * kernel_w + 1)),
                                std::nanf(""));
   const lkconv::Geometry conv{h[3], kernel_h, kernel_w, 1, 1, static_cast<int>(h[4]), static_cast<int>(h[5]), 1, 1};
-  const lkconv::WeightGradArgs args{static_cast<DType>(h[0]), conv, map_from(dy_fields, dy.data()),
-                                    map_from(x_fields, x.data()), workspace.data(), splits, nullptr, nullptr};
+  const lkconv::WeightGradArgs args{dtype, true, conv, map_from(dy_fields, dy.data()), map_from(x_fields, x.data()),
+                                    workspace.data(), splits, nullptr, nullptr};
   with_type(args.dtype, [&]<typename T>() { run_weight_grad<T>(args); });
   return write_all(out_path, workspace.data(), workspace.size() * sizeof(float)) ? 0 : 4;
 }

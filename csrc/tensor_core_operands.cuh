@@ -1,0 +1,55 @@
+// How each storage type feeds mma.sync in the tensor-core kernels (tensor_core.cuh, tensor_core_weight_grad.cuh):
+//   fp16/bf16: m16n8k16; shared tiles of raw 16-bit elements; a B register holds two adjacent Toeplitz entries.
+//   fp32 (TF32, only where PyTorch's conv TF32 setting allows it): m16n8k8; tiles of TF32-rounded 32-bit elements;
+//   a B register holds one entry.
+// Either way ldmatrix .x4 loads A: an "8x8 b16" matrix is 8 rows of 16 bytes, i.e. 8 x 8 halves or 8 x 4 floats, and
+// the fragment each lane receives is the A fragment of the matching mma shape.
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "mma_primitives.cuh"
+
+namespace lkconv {
+
+template <typename T>
+struct Operands {  // fp16 and bf16
+  using Element = uint16_t;
+  static constexpr int kK = 16;                        // reduction columns per mma
+  static constexpr int kPitchPad = 16 / sizeof(Element);  // 16 bytes: tile rows an odd number of 16-byte units apart
+
+  __device__ __forceinline__ static Element stage(const void* data, int64_t index) {
+    return static_cast<const uint16_t*>(data)[index];
+  }
+  // The B table entry at d: elements d and d + 1 of a row, `element(i)` giving the staged bits or 0 outside it.
+  template <typename ElementAt>
+  __device__ __forceinline__ static uint32_t word(int d, ElementAt&& element) {
+    return uint32_t{element(d)} | (uint32_t{element(d + 1)} << 16);
+  }
+};
+
+template <>
+struct Operands<float> {  // TF32
+  using Element = uint32_t;
+  static constexpr int kK = 8;
+  static constexpr int kPitchPad = 16 / sizeof(Element);
+
+  __device__ __forceinline__ static Element stage(const void* data, int64_t index) {
+    return to_tf32(static_cast<const float*>(data)[index]);
+  }
+  template <typename ElementAt>
+  __device__ __forceinline__ static uint32_t word(int d, ElementAt&& element) {
+    return element(d);
+  }
+};
+
+// B fragments of one mma, n-tile j (8 columns), k-step ks, lane (group, quad) = (lane / 4, lane % 4): the Toeplitz
+// entry index k - n of register b0 is kK ks - 8 j + (kK / 8) quad - group; b1 is kK / 2 further.
+template <typename T>
+__device__ __forceinline__ int b0_index(int ks, int j, int group, int quad) {
+  constexpr int kK = Operands<T>::kK;
+  return kK * ks - 8 * j + (kK / 8) * quad - group;
+}
+
+}  // namespace lkconv

@@ -210,5 +210,8 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, case):
     tolerance = TF32_TOLERANCE if dtype == torch.float32 else TOLERANCE[torch.float32]
     assert_close(total[:, :taps].reshape(weight.shape), weight.grad, tolerance,
                  f"emulated tensor-core weight grad, {case}")
-    # The bias grad sums dy in fp32 without rounding it to TF32.
-    assert_close(total[:, taps], bias.grad, TOLERANCE[torch.float32], f"emulated tensor-core bias grad, {case}")
+    # The bias grad sums dy in fp32 (not rounded to TF32). A sum of random values can nearly cancel, so its error is
+    # measured against the sum of magnitudes, the scale fp32 summation error grows with.
+    magnitude = grad_output.double().abs().sum(dim=(0, 2, 3))
+    error = (total[:, taps].double() - bias.grad).abs() / magnitude
+    assert error.max() <= TOLERANCE[torch.float32], f"emulated tensor-core bias grad, {case}: error {error.max():.2e}"

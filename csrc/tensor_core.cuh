@@ -133,17 +133,11 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(UnitStrideArgs a, Tiling
         const int64_t first_col = src_col0 + warp_col + kK * ks;
         if (first_col + kK - 1 < 0 || first_col >= a.src.w) continue;  // the k-step's sources are all padding
         uint32_t b0[4], b1[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int index = b0_index<T>(ks, j, group, quad);
-          b0[j] = filter_row[index];
-          b1[j] = filter_row[index + kK / 2];
-        }
+        load_b_fragments<T>(filter_row, ks, lane, b0, b1);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           uint32_t a_frag[4];
-          const int row = warp_row + 16 * m + r + lane % 16, col = warp_col + kK * ks + (lane / 16) * (kK / 2);
-          load_matrix_x4(a_frag, tile + int64_t{row} * t.tile_pitch + col);
+          load_a_fragment<T>(a_frag, tile, t.tile_pitch, warp_row + 16 * m + r, warp_col + kK * ks, lane);
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
             const int band = kK * ks - 8 * j;  // j - t over this mma spans band - 7 .. band + kK - 1

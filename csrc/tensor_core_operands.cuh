@@ -44,12 +44,27 @@ struct Operands<float> {  // TF32
   }
 };
 
-// B fragments of one mma, n-tile j (8 columns), k-step ks, lane (group, quad) = (lane / 4, lane % 4): the Toeplitz
-// entry index k - n of register b0 is kK ks - 8 j + (kK / 8) quad - group; b1 is kK / 2 further.
+// The B registers of the 4 n-tiles (8 columns each) of k-step ks, read from a row of the Toeplitz table (`row`
+// points at entry 0). For lane (group, quad) = (lane / 4, lane % 4), b0 of n-tile j holds entry
+// kK ks - 8 j + (kK / 8) quad - group, and b1 the entry kK / 2 further.
 template <typename T>
-__device__ __forceinline__ int b0_index(int ks, int j, int group, int quad) {
+__device__ __forceinline__ void load_b_fragments(const uint32_t* row, int ks, int lane, uint32_t (&b0)[4],
+                                                 uint32_t (&b1)[4]) {
   constexpr int kK = Operands<T>::kK;
-  return kK * ks - 8 * j + (kK / 8) * quad - group;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int index = kK * ks - 8 * j + (kK / 8) * (lane % 4) - lane / 4;
+    b0[j] = row[index];
+    b1[j] = row[index + kK / 2];
+  }
+}
+
+// The A fragment (16 rows x kK columns) whose top-left element is tile[first_row * pitch + first_col].
+template <typename T>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const typename Operands<T>::Element* tile,
+                                                int64_t pitch, int first_row, int first_col, int lane) {
+  constexpr int kK = Operands<T>::kK;
+  load_matrix_x4(a, tile + (first_row + lane % 16) * pitch + first_col + (lane / 16) * (kK / 2));
 }
 
 }  // namespace lkconv

@@ -130,18 +130,12 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
         const uint32_t* dy_row = table + i * L::kTablePitch + kTableOrigin;
         for (int ks = 0; ks < L::kKSteps; ++ks) {
           uint32_t b0[4], b1[4];
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const int index = b0_index<T>(ks, j, group, quad);
-            b0[j] = dy_row[index];
-            b1[j] = dy_row[index + kK / 2];
-          }
+          load_b_fragments<T>(dy_row, ks, lane, b0, b1);
 #pragma unroll
           for (int m = 0; m < 2; ++m) {
             if (m >= m_tiles) break;
             uint32_t a_frag[4];
-            const int row = i + 16 * m + lane % 16, col = kK * ks + (lane / 16) * (kK / 2);
-            load_matrix_x4(a_frag, tile + row * L::kTilePitch + col);
+            load_a_fragment<T>(a_frag, tile, L::kTilePitch, i + 16 * m, kK * ks, lane);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
               const int band = kK * ks - 8 * j;  // j - s over this mma spans band - 7 .. band + kK - 1

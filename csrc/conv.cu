@@ -209,14 +209,10 @@ int64_t forward_tile_w(const Geometry& g) {
 int64_t input_grad_tile_h(const Geometry& g) { return kTileH + int64_t{g.kernel_h - 1} * g.dilation_h; }
 int64_t input_grad_tile_w(const Geometry& g) { return kTileW + int64_t{g.kernel_w - 1} * g.dilation_w; }
 
-bool unit_stride_and_dilation(const Geometry& g) {
-  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
-}
-
 bool is_blocked(const Geometry& g) { return unit_stride_and_dilation(g) && blocked_fits(g.kernel_h, g.kernel_w); }
 
 bool is_tensor_core(DType dtype, bool allow_tf32, const Geometry& g) {
-  return (dtype != DType::Float32 || allow_tf32) && unit_stride_and_dilation(g) &&
+  return tensor_cores_allowed(dtype, allow_tf32) && unit_stride_and_dilation(g) &&
          tensor_core_fits(dtype, g.kernel_h, g.kernel_w);
 }
 

@@ -24,6 +24,13 @@ struct Geometry {
   int dilation_h, dilation_w;
 };
 
+inline bool unit_stride_and_dilation(const Geometry& g) {
+  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
+}
+
+// Whether a dtype may run on tensor cores: fp16/bf16 always, fp32 only as TF32 where PyTorch allows it for convs.
+inline bool tensor_cores_allowed(DType dtype, bool allow_tf32) { return dtype != DType::Float32 || allow_tf32; }
+
 struct ForwardArgs {
   DType dtype;
   bool allow_tf32;     // fp32 may run on tensor cores as TF32 (PyTorch's conv TF32 setting)

@@ -196,14 +196,10 @@ __global__ void weight_grad_reduce(WeightGradArgs a) {
   }
 }
 
-bool unit_stride_and_dilation(const Geometry& g) {
-  return g.stride_h == 1 && g.stride_w == 1 && g.dilation_h == 1 && g.dilation_w == 1;
-}
-
 }  // namespace
 
 bool weight_grad_is_tensor_core(DType dtype, bool allow_tf32, const Geometry& g) {
-  return (dtype != DType::Float32 || allow_tf32) && unit_stride_and_dilation(g) && g.kernel_h <= 1024 &&
+  return tensor_cores_allowed(dtype, allow_tf32) && unit_stride_and_dilation(g) && g.kernel_h <= 1024 &&
          g.kernel_w <= 1024;
 }
 

@@ -159,18 +159,24 @@ void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRe
   check_launch(lkconv::weight_grad(args, current_stream(grad_output)), "cuda_weight_grad");
 }
 
-std::string kernel_name(const std::string& pass_name, c10::ScalarType dtype, bool allow_tf32, c10::IntArrayRef kernel,
+std::string kernel_name(const std::string& pass_name, c10::ScalarType dtype, bool allow_tf32,
+                        c10::IntArrayRef input_size, c10::IntArrayRef output_size, c10::IntArrayRef kernel,
                         c10::IntArrayRef stride, c10::IntArrayRef dilation) {
   const lkconv::DType type = dtype_of(dtype, "dtype");
+  TORCH_CHECK(input_size.size() == 4, "input_size must be (N, C, H, W); got ", input_size);
+  for (int64_t size : input_size) TORCH_CHECK(size >= 0, "input_size entries must be >= 0; got ", input_size);
+  TORCH_CHECK(output_size.size() == 2 && output_size[0] > 0 && output_size[1] > 0,
+              "output_size must be (OH, OW), both positive; got ", output_size);
   check_pair(kernel, 2, 1, "kernel");
   check_pair(stride, 2, 1, "stride");
   check_pair(dilation, 2, 1, "dilation");
   const lkconv::Geometry conv{1, static_cast<int>(kernel[0]), static_cast<int>(kernel[1]), static_cast<int>(stride[0]),
                               static_cast<int>(stride[1]), 0, 0, static_cast<int>(dilation[0]),
                               static_cast<int>(dilation[1])};
-  if (pass_name == "forward") return lkconv::kernel_name(lkconv::Pass::Forward, type, allow_tf32, conv);
-  if (pass_name == "input_grad") return lkconv::kernel_name(lkconv::Pass::InputGrad, type, allow_tf32, conv);
-  if (pass_name == "weight_grad") return lkconv::kernel_name(lkconv::Pass::WeightGrad, type, allow_tf32, conv);
+  const lkconv::MapSizes sizes{input_size[0], input_size[2], input_size[3], output_size[0], output_size[1]};
+  if (pass_name == "forward") return lkconv::kernel_name(lkconv::Pass::Forward, type, allow_tf32, conv, sizes);
+  if (pass_name == "input_grad") return lkconv::kernel_name(lkconv::Pass::InputGrad, type, allow_tf32, conv, sizes);
+  if (pass_name == "weight_grad") return lkconv::kernel_name(lkconv::Pass::WeightGrad, type, allow_tf32, conv, sizes);
   TORCH_CHECK(false, "pass_name must be forward, input_grad or weight_grad; got '", pass_name, "'");
 }
 
@@ -184,8 +190,8 @@ TORCH_LIBRARY_FRAGMENT(lkconv, m) {
         "bool allow_tf32, Tensor(a!) grad_input) -> ()");
   m.def("cuda_weight_grad(Tensor grad_output, Tensor input, int[] stride, int[] padding, int[] dilation, "
         "bool allow_tf32, Tensor(a!) workspace, Tensor(b!) grad_weight, Tensor(c!)? grad_bias) -> ()");
-  m.def("cuda_kernel_name(str pass_name, ScalarType dtype, bool allow_tf32, int[] kernel, int[] stride, "
-        "int[] dilation) -> str",
+  m.def("cuda_kernel_name(str pass_name, ScalarType dtype, bool allow_tf32, int[] input_size, int[] output_size, "
+        "int[] kernel, int[] stride, int[] dilation) -> str",
         &kernel_name);
 }
 

@@ -227,23 +227,32 @@ bool input_grad_is_tiled(const Geometry& g) {
 
 }  // namespace
 
-const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry& conv) {
+const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry& conv, const MapSizes& sizes) {
+  const bool tf32 = dtype == DType::Float32;
   switch (pass) {
     case Pass::Forward:
       if (is_tensor_core(dtype, allow_tf32, conv)) {
-        return dtype == DType::Float32 ? "forward_tensor_core (tf32)" : "forward_tensor_core";
+        const UnitStrideSizes unit{sizes.batch, sizes.in_h, sizes.in_w, sizes.out_h, sizes.out_w};
+        if (runs_whole_map(dtype, conv.kernel_h, conv.kernel_w, unit)) {
+          return tf32 ? "forward_tensor_core_whole_map (tf32)" : "forward_tensor_core_whole_map";
+        }
+        return tf32 ? "forward_tensor_core (tf32)" : "forward_tensor_core";
       }
       return is_blocked(conv) ? "forward_blocked" : (forward_is_tiled(conv) ? "forward_tiled" : "forward_general");
     case Pass::InputGrad:
-      if (is_tensor_core(dtype, allow_tf32, conv)) {
-        return dtype == DType::Float32 ? "input_grad_tensor_core (tf32)" : "input_grad_tensor_core";
+      if (is_tensor_core(dtype, allow_tf32, conv)) {  // dy is the source, dx the destination
+        const UnitStrideSizes unit{sizes.batch, sizes.out_h, sizes.out_w, sizes.in_h, sizes.in_w};
+        if (runs_whole_map(dtype, conv.kernel_h, conv.kernel_w, unit)) {
+          return tf32 ? "input_grad_tensor_core_whole_map (tf32)" : "input_grad_tensor_core_whole_map";
+        }
+        return tf32 ? "input_grad_tensor_core (tf32)" : "input_grad_tensor_core";
       }
       return is_blocked(conv) ? "input_grad_blocked"
                               : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
     case Pass::WeightGrad:
       if (weight_grad_is_tensor_core(dtype, allow_tf32, conv)) {
-        return dtype == DType::Float32 ? "weight_grad_tensor_core_partials (tf32) + weight_grad_reduce"
-                                       : "weight_grad_tensor_core_partials + weight_grad_reduce";
+        return tf32 ? "weight_grad_tensor_core_partials (tf32) + weight_grad_reduce"
+                    : "weight_grad_tensor_core_partials + weight_grad_reduce";
       }
       return weight_grad_is_blocked(conv) ? "weight_grad_blocked_partials + weight_grad_reduce"
                                           : "weight_grad_partials + weight_grad_reduce";

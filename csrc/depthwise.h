@@ -76,8 +76,16 @@ bool weight_grad_is_tensor_core(DType dtype, bool allow_tf32, const Geometry& co
 // Whether the weight grad runs its register-tiled kernel (stride 1, dilation 1, strips fit in shared memory).
 bool weight_grad_is_blocked(const Geometry& conv);
 
-// The kernel a launcher picks for a pass with this dtype, TF32 permission and geometry (what lkconv.explain reports).
-const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry& conv);
+// A conv's batch and map sizes: besides the geometry, they decide between kernel forms.
+struct MapSizes {
+  int64_t batch;
+  int64_t in_h, in_w;
+  int64_t out_h, out_w;
+};
+
+// The kernel a launcher picks for a pass with this dtype, TF32 permission, geometry and sizes (what lkconv.explain
+// reports).
+const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry& conv, const MapSizes& sizes);
 
 // cudaGetErrorString for a code the launchers returned.
 const char* error_string(int code);

@@ -30,6 +30,9 @@ constexpr int kThreads = 32 * kWarpsM * kWarpsN;
 constexpr int kBlockCols = kWarpCols * kWarpsN;
 constexpr int kTableOrigin = 32;              // the entry for d is stored at d + 32: fragments reach down to d = -31
 constexpr int64_t kSharedLimit = 99 * 1024;   // opt-in dynamic shared memory; sm_80 allows 163 KB per block
+// Blocks per SM the kernel is compiled for: 4 (16 warps) leaves it up to 128 registers a thread. Without it ptxas
+// aimed at more blocks and spilled (12-40 bytes) at 64-80 registers.
+constexpr int kMinBlocksPerSM = 4;
 
 // Where a launch's tiles sit in shared memory, and how many blocks cover the output.
 struct Tiling {
@@ -66,7 +69,7 @@ Tiling plan(int m_tiles, int kernel_h, int kernel_w, int64_t planes, int64_t out
 inline int m_tiles_for(int64_t out_h) { return out_h > block_rows(1) ? 2 : 1; }
 
 template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads) conv_kernel(UnitStrideArgs a, Tiling t) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStrideArgs a, Tiling t) {
   using Ops = Operands<T>;
   using Element = typename Ops::Element;
   constexpr int kK = Ops::kK;
@@ -91,33 +94,20 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(UnitStrideArgs a, Tiling
   const int r_end = static_cast<int>(rows_left < a.kernel_h ? (rows_left < 0 ? 0 : rows_left) : a.kernel_h);
 
   float acc[MT][4][4];
-  const float bias = a.bias ? to_float(static_cast<const T*>(a.bias)[d]) : 0.f;
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][j][e] = bias;
+  fill_accumulators<MT>(acc, a.bias ? to_float(static_cast<const T*>(a.bias)[d]) : 0.f);
 
   const int64_t sources = a.flip ? a.multiplier : 1;
   for (int64_t s = 0; s < sources; ++s) {
-    const int64_t filter_channel = a.flip ? d * a.multiplier + s : d;
-    const int64_t src_channel = a.flip ? filter_channel : d / a.multiplier;
-    const int64_t filter_base = filter_channel * a.kernel_h * a.kernel_w;
+    const ChannelSource source = channel_source(a, d, s);
     block_sync();  // the previous source's tile and filter are no longer read
     // Warps take rows and lanes take columns, so the loops need no division and global reads run along rows.
     for (int r = warp; r < a.kernel_h; r += kThreads / 32) {
-      const int rr = a.flip ? a.kernel_h - 1 - r : r;
-      const auto tap = [&](int q) -> Element {
-        if (q < 0 || q >= a.kernel_w) return 0;
-        return Ops::stage(a.weight, filter_base + rr * a.kernel_w + (a.flip ? a.kernel_w - 1 - q : q));
-      };
-      for (int e = lane; e < t.table_pitch; e += 32) table[r * t.table_pitch + e] = Ops::word(e - kTableOrigin, tap);
+      stage_filter_row<T>(table + r * t.table_pitch, a, source.filter_base, r, -kTableOrigin, t.table_pitch, lane);
     }
     for (int row = warp; row < t.tile_rows; row += kThreads / 32) {
       const int64_t y = src_row0 + row;
       const bool row_inside = y >= 0 && y < a.src.h;
-      const int64_t row_offset = offset(a.src, n, src_channel, y, 0);
+      const int64_t row_offset = offset(a.src, n, source.channel, y, 0);
       for (int col = lane; col < t.tile_cols; col += 32) {
         const int64_t x = src_col0 + col;
         const bool inside = row_inside && x >= 0 && x < a.src.w;

@@ -1,15 +1,18 @@
-// How each storage type feeds mma.sync in the tensor-core kernels (tensor_core.cuh, tensor_core_weight_grad.cuh):
+// How each storage type feeds mma.sync in the tensor-core kernels (tensor_core.cuh, tensor_core_whole_map.cuh,
+// tensor_core_weight_grad.cuh):
 //   fp16/bf16: m16n8k16; shared tiles of raw 16-bit elements; a B register holds two adjacent Toeplitz entries.
 //   fp32 (TF32, only where PyTorch's conv TF32 setting allows it): m16n8k8; tiles of TF32-rounded 32-bit elements;
 //   a B register holds one entry.
 // Either way ldmatrix .x4 loads A: an "8x8 b16" matrix is 8 rows of 16 bytes, i.e. 8 x 8 halves or 8 x 4 floats, and
 // the fragment each lane receives is the A fragment of the matching mma shape.
+// Also here: the fragment loaders, and the channel, filter-row and accumulator helpers both conv forms share.
 #pragma once
 
 #include <cstdint>
 
 #include "common.cuh"
 #include "mma_primitives.cuh"
+#include "unit_stride.h"
 
 namespace lkconv {
 
@@ -65,6 +68,46 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const typename
                                                 int64_t pitch, int first_row, int first_col, int lane) {
   constexpr int kK = Operands<T>::kK;
   load_matrix_x4(a, tile + (first_row + lane % 16) * pitch + first_col + (lane / 16) * (kK / 2));
+}
+
+// The two forms of the stride-1 conv (tensor_core.cuh, tensor_core_whole_map.cuh) share what follows.
+
+// What destination channel d reads for its s-th source: the forward reads filter d on input channel d / m; the input
+// grad (flip) reads each of its m output channels d m + s with that channel's filter.
+struct ChannelSource {
+  int64_t channel;      // in the source map
+  int64_t filter_base;  // first tap of the filter in the weight
+};
+
+__device__ __forceinline__ ChannelSource channel_source(const UnitStrideArgs& a, int64_t d, int64_t s) {
+  const int64_t filter_channel = a.flip ? d * a.multiplier + s : d;
+  return {a.flip ? filter_channel : d / a.multiplier, filter_channel * a.kernel_h * a.kernel_w};
+}
+
+// Words q_first .. q_first + count - 1 of filter row r as B table words (`Operands<T>::word`), the filter
+// rotated for the input grad; taps outside the filter, and rows outside it, are zero. The lanes of a warp share them.
+template <typename T>
+__device__ __forceinline__ void stage_filter_row(uint32_t* words, const UnitStrideArgs& a, int64_t filter_base,
+                                                 int64_t r, int64_t q_first, int count, int lane) {
+  using Ops = Operands<T>;
+  const bool row_inside = r >= 0 && r < a.kernel_h;
+  const int64_t row_base = filter_base + (a.flip ? a.kernel_h - 1 - r : r) * a.kernel_w;
+  const auto tap = [&](int64_t q) -> typename Ops::Element {
+    if (!row_inside || q < 0 || q >= a.kernel_w) return 0;
+    return Ops::stage(a.weight, row_base + (a.flip ? a.kernel_w - 1 - q : q));
+  };
+  for (int e = lane; e < count; e += 32) words[e] = Ops::word(static_cast<int>(q_first + e), tap);
+}
+
+// Every accumulator of a warp's MT x 4 mma tiles set to `value` (the bias, or 0).
+template <int MT>
+__device__ __forceinline__ void fill_accumulators(float (&acc)[MT][4][4], float value) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][j][e] = value;
 }
 
 }  // namespace lkconv

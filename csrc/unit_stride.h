@@ -1,6 +1,6 @@
 // The stride-1, dilation-1 correlation kernels that conv.cu's launchers call (RepLKNet's case): the exact
-// register-blocked CUDA-core kernel (blocked.cu) and the tensor-core kernel (tensor_core.cu: fp16/bf16, and fp32 as
-// TF32 where allowed). Torch-free.
+// register-blocked CUDA-core kernel (blocked.cu) and the tensor-core kernels (tensor_core.cu: fp16/bf16, and fp32 as
+// TF32 where allowed; a row form and a whole-map form). Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +22,13 @@ struct UnitStrideArgs {
   bool flip;           // input grad: filters rotated 180 degrees, summed over each input channel's m outputs
 };
 
+// The map sizes that decide between the tensor-core kernel's two forms.
+struct UnitStrideSizes {
+  int64_t batch;
+  int64_t src_h, src_w;
+  int64_t dst_h, dst_w;
+};
+
 // Whether the blocked kernel's shared-memory tile fits for this kernel size.
 bool blocked_fits(int kernel_h, int kernel_w);
 
@@ -31,7 +38,12 @@ int blocked_conv(const UnitStrideArgs& args, void* stream);
 // Whether the tensor-core kernel's tiles for this dtype and kernel size fit in shared memory.
 bool tensor_core_fits(DType dtype, int kernel_h, int kernel_w);
 
-// Launches the tensor-core kernel on `stream` (fp32 runs as TF32); returns the cudaError_t of the launch.
+// Whether the tensor-core kernel runs its whole-map form (one dense GEMM per channel) rather than the row form: true
+// when that issues fewer multiply-adds, i.e. when the kernel covers most of a small map and the batch fills the GEMM.
+bool runs_whole_map(DType dtype, int kernel_h, int kernel_w, const UnitStrideSizes& sizes);
+
+// Launches the tensor-core kernel on `stream` (fp32 runs as TF32), in the form runs_whole_map picks; returns
+// the cudaError_t of the launch.
 int tensor_core_conv(const UnitStrideArgs& args, void* stream);
 
 }  // namespace lkconv

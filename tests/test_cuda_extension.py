@@ -13,6 +13,13 @@ OPS = ("cuda_forward", "cuda_input_grad", "cuda_weight_grad")
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 
 
+def kernel_name(pass_name, dtype, allow_tf32, kernel, stride, dilation):
+    """The extension's kernel name for a (64, 8, 128, 128) input and a 128x128 output: a map too large for the
+    whole-map form, so the geometry alone decides."""
+    return torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, allow_tf32, [64, 8, 128, 128], [128, 128], kernel,
+                                             stride, dilation)
+
+
 @pytest.fixture(autouse=True)
 def default_backend():
     lkconv.set_backend(None)
@@ -72,7 +79,7 @@ class TestLoadedExtension:
         ("weight_grad", torch.float32, [101, 101], [1, 1], [1, 1], "weight_grad_partials + weight_grad_reduce"),
     ])
     def test_kernel_names_follow_the_dtype_and_geometry(self, pass_name, dtype, kernel, stride, dilation, expected):
-        assert torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, False, kernel, stride, dilation) == expected
+        assert kernel_name(pass_name, dtype, False, kernel, stride, dilation) == expected
 
     @pytest.mark.parametrize("pass_name,dtype,kernel,stride,expected", [
         ("forward", torch.float32, [31, 31], [1, 1], "forward_tensor_core (tf32)"),
@@ -83,19 +90,45 @@ class TestLoadedExtension:
         ("forward", torch.bfloat16, [31, 31], [1, 1], "forward_tensor_core"),  # TF32 concerns fp32 only
     ])
     def test_allowed_tf32_moves_fp32_at_stride_1_to_tensor_cores(self, pass_name, dtype, kernel, stride, expected):
-        assert torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, True, kernel, stride, [1, 1]) == expected
+        assert kernel_name(pass_name, dtype, True, kernel, stride, [1, 1]) == expected
+
+    @pytest.mark.parametrize("pass_name,dtype,tf32,input_size,kernel,expected", [
+        ("forward", torch.bfloat16, False, (64, 512, 14, 14), 27, "forward_tensor_core_whole_map"),  # RepLKNet stage 3
+        ("input_grad", torch.float16, False, (64, 512, 14, 14), 27, "input_grad_tensor_core_whole_map"),
+        ("forward", torch.bfloat16, False, (64, 1024, 7, 7), 13, "forward_tensor_core_whole_map"),  # stage 4
+        ("forward", torch.float32, True, (64, 1024, 7, 7), 13, "forward_tensor_core_whole_map (tf32)"),
+        ("input_grad", torch.float32, True, (64, 512, 14, 14), 27, "input_grad_tensor_core_whole_map (tf32)"),
+        ("forward", torch.float32, False, (64, 512, 14, 14), 27, "forward_blocked"),  # exact fp32: CUDA cores
+        ("forward", torch.bfloat16, False, (1, 512, 14, 14), 27, "forward_tensor_core"),  # one image: GEMM rows idle
+        ("forward", torch.bfloat16, False, (64, 128, 56, 56), 31, "forward_tensor_core"),  # kernel covers little
+        ("forward", torch.bfloat16, False, (64, 384, 64, 64), 31, "forward_tensor_core"),
+        ("weight_grad", torch.bfloat16, False, (64, 512, 14, 14), 27,
+         "weight_grad_tensor_core_partials + weight_grad_reduce"),
+    ])
+    def test_small_maps_the_kernel_covers_run_the_whole_map_form(self, pass_name, dtype, tf32, input_size, kernel,
+                                                                  expected):
+        """'same' padding: the output is the input's size."""
+        name = torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, tf32, list(input_size), list(input_size[2:]),
+                                                 [kernel, kernel], [1, 1], [1, 1])
+        assert name == expected
 
     def test_kernel_name_rejects_bad_arguments_by_name(self):
         with pytest.raises(RuntimeError, match="pass_name must be forward, input_grad or weight_grad; got 'backward'"):
-            torch.ops.lkconv.cuda_kernel_name("backward", torch.float32, False, [3, 3], [1, 1], [1, 1])
+            kernel_name("backward", torch.float32, False, [3, 3], [1, 1], [1, 1])
         with pytest.raises(RuntimeError, match=r"stride entries must be in \[1, 2\^30\]; got \[0, 1\]"):
-            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [3, 3], [0, 1], [1, 1])
+            kernel_name("forward", torch.float32, False, [3, 3], [0, 1], [1, 1])
         with pytest.raises(RuntimeError, match=r"dilation entries must be in \[1, 2\^30\]"):
-            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [3, 3], [1, 1], [1, 2**31])
+            kernel_name("forward", torch.float32, False, [3, 3], [1, 1], [1, 2**31])
         with pytest.raises(RuntimeError, match="kernel must have 2 entries; got 3"):
-            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [3, 3, 3], [1, 1], [1, 1])
+            kernel_name("forward", torch.float32, False, [3, 3, 3], [1, 1], [1, 1])
         with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16; got Double"):
-            torch.ops.lkconv.cuda_kernel_name("forward", torch.float64, False, [3, 3], [1, 1], [1, 1])
+            kernel_name("forward", torch.float64, False, [3, 3], [1, 1], [1, 1])
+        with pytest.raises(RuntimeError, match=r"input_size must be \(N, C, H, W\); got \[8, 8, 8\]"):
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [8, 8, 8], [8, 8], [3, 3], [1, 1],
+                                              [1, 1])
+        with pytest.raises(RuntimeError, match=r"output_size must be \(OH, OW\), both positive; got \[0, 8\]"):
+            torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [1, 8, 8, 8], [0, 8], [3, 3], [1, 1],
+                                              [1, 1])
 
 
 @needs_cpu_only

@@ -76,6 +76,24 @@ def test_tf32_within_tf32_tolerance_when_allowed(backend):
         assert_close(actual, wanted, TF32_TOLERANCE, f"{backend} tf32 {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch,form", [(40, "whole_map"), (1, "rows")])
+def test_cuda_tensor_core_forms_on_a_map_the_kernel_covers(batch, form, dtype):
+    """RepLKNet stage 3's 14x14 map with K=27: the whole-map GEMM where the batch fills it, the row form for one
+    image; both against float64, forward and input grad."""
+    x, w, b = _inputs((batch, 48, 14, 14), 27, dtype, False)
+    with lkconv.use_backend("cuda"):
+        explanation = lkconv.explain(x, w, b, padding=13)
+        y = lkconv.depthwise_conv2d(x, w, b, padding=13)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    for kernel in (explanation.forward, explanation.input_grad):
+        assert ("whole_map" in kernel) == (form == "whole_map"), explanation
+    expected = reference(x, w, b, 1, 13, 1, dy)
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
+        assert_close(actual, wanted, TOLERANCE[dtype], f"cuda {form} batch {batch} {dtype} {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_weight_grad_bit_identical_over_runs_at_full_size(backend, dtype):
@@ -188,7 +206,8 @@ MEMCHECK_SCRIPT = """
 import torch, lkconv
 for shape, kernel, stride, dilation, dtype in [((2, 5, 17, 23), 31, 1, 1, torch.float32),
                                               ((1, 3, 9, 40), 13, 2, 2, torch.bfloat16),
-                                              ((2, 4, 8, 8), 63, 1, 1, torch.float16)]:
+                                              ((2, 4, 8, 8), 63, 1, 1, torch.float16),
+                                              ((40, 3, 7, 9), 13, 1, 1, torch.bfloat16)]:  # cuda: whole map
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
     w = torch.randn(shape[1] * 2, 1, kernel, kernel, device="cuda", dtype=dtype, requires_grad=True)
     y = lkconv.depthwise_conv2d(x, w, None, stride, kernel // 2, dilation)

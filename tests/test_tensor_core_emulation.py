@@ -1,4 +1,5 @@
-"""The CUDA tensor-core kernels (csrc/tensor_core.cuh, csrc/tensor_core_weight_grad.cuh) run on a CPU: their own
+"""The CUDA tensor-core kernels (csrc/tensor_core.cuh, tensor_core_whole_map.cuh, tensor_core_weight_grad.cuh) run on a
+CPU: their own
 source, built with g++ and AddressSanitizer against host emulations of ldmatrix, mma.sync and the block barrier
 (tests/cuda_emulation), and checked against F.conv2d in float64. This tests their tiling, fragment indexing and masks
 without a GPU; test_gpu.py runs them for real where there is one."""
@@ -66,10 +67,11 @@ def _emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tenso
     return (tmp_path / "out").read_bytes()
 
 
-def run_conv(emulator: Path, tmp_path: Path, src, dst, weight, bias, origin, flip, multiplier) -> torch.Tensor:
-    """Runs the conv kernel on (src -> dst) as tensor_core_conv would launch it; returns dst as the kernel left it."""
+def run_conv(emulator: Path, tmp_path: Path, src, dst, weight, bias, origin, flip, multiplier, form) -> torch.Tensor:
+    """Runs the conv kernel of `form` ("rows" or "whole_map") on (src -> dst) as tensor_core_conv would launch it;
+    returns dst as the kernel left it."""
     header = [DTYPE_CODES[src.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
-              int(bias is not None), *_map_fields(src), *_map_fields(dst)]
+              int(bias is not None), int(form == "whole_map"), *_map_fields(src), *_map_fields(dst)]
     tensors = [src, dst, weight] + ([bias] if bias is not None else [])
     raw = torch.from_numpy(np.frombuffer(_emulate(emulator, tmp_path, "conv", header, tensors), np.uint8).copy())
     return torch.as_strided(raw.view(src.dtype), dst.shape, dst.stride())
@@ -130,10 +132,30 @@ FORWARD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", FORWARD_CASES)
-def test_forward_matches_float64(emulator, tmp_path, case):
+# The whole-map form (one dense GEMM per channel), on maps the kernel covers or nearly covers; same fields.
+WHOLE_MAP_FORWARD_CASES = {
+    "RepLKNet stage 4 shape: 7x7 with 13x13, odd width": ((3, 2, 7, 7), (13, 13), 1, (6, 6, 6, 6), torch.bfloat16,
+                                                          True, "nchw", "nchw"),
+    "kernel short of the map, multiplier 2": ((2, 2, 9, 5), (5, 3), 2, (2, 2, 1, 1), torch.float16, True, "nchw",
+                                              "sliced"),
+    "several chunks and pixel tiles": ((2, 1, 12, 12), (25, 25), 1, (12, 12, 12, 12), torch.bfloat16, False, "nchw",
+                                       "nchw"),
+    "batch 40: 32 images per warp, partial image tile": ((40, 1, 4, 6), (5, 5), 1, (2, 2, 2, 2), torch.float16,
+                                                         True, "channels_last", "nchw"),
+    "asymmetric padding, output smaller than the input": ((2, 1, 10, 11), (7, 9), 1, (0, 3, 4, 1), torch.bfloat16,
+                                                          True, "nchw", "channels_last"),
+    "TF32: odd width, multiplier 2": ((3, 2, 7, 9), (11, 11), 2, (5, 5, 5, 5), torch.float32, True, "channels_last",
+                                      "sliced"),
+    "TF32: two chunks": ((2, 1, 9, 9), (17, 17), 1, (8, 8, 8, 8), torch.float32, False, "nchw", "nchw"),
+}
+
+FORWARD_RUNS = [("rows", case) for case in FORWARD_CASES] + [("whole_map", case) for case in WHOLE_MAP_FORWARD_CASES]
+
+
+@pytest.mark.parametrize("form,case", FORWARD_RUNS)
+def test_forward_matches_float64(emulator, tmp_path, form, case):
     shape, kernel, multiplier, (top, bottom, left, right), dtype, with_bias, src_layout, dst_layout = \
-        FORWARD_CASES[case]
+        (FORWARD_CASES if form == "rows" else WHOLE_MAP_FORWARD_CASES)[case]
     n, c, h, w = shape
     x = _random(shape, dtype, src_layout == "channels_last")
     weight = _random((c * multiplier, 1, *kernel), dtype)
@@ -141,10 +163,10 @@ def test_forward_matches_float64(emulator, tmp_path, case):
     out_hw = (h + top + bottom - kernel[0] + 1, w + left + right - kernel[1] + 1)
     dst = _nan_buffer((n, c * multiplier, *out_hw), dtype, dst_layout)
 
-    actual = run_conv(emulator, tmp_path, x, dst, weight, bias, (-top, -left), False, multiplier)
+    actual = run_conv(emulator, tmp_path, x, dst, weight, bias, (-top, -left), False, multiplier, form)
     expected = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(),
                         None if bias is None else bias.double(), groups=c)
-    assert_close(actual, expected, _tolerance(dtype), f"emulated tensor-core forward, {case}")
+    assert_close(actual, expected, _tolerance(dtype), f"emulated tensor-core forward ({form}), {case}")
 
 
 # (N, C, H, W) of the input, (kh, kw), multiplier, padding, dtype, grad_output layout.
@@ -158,9 +180,21 @@ INPUT_GRAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", INPUT_GRAD_CASES)
-def test_input_grad_matches_float64(emulator, tmp_path, case):
-    shape, kernel, multiplier, (top, bottom, left, right), dtype, layout = INPUT_GRAD_CASES[case]
+WHOLE_MAP_INPUT_GRAD_CASES = {
+    "10x10 with 19x19, multiplier 3": ((2, 2, 10, 10), (19, 19), 3, (9, 9, 9, 9), torch.float16, "nchw"),
+    "channels_last grad_output, asymmetric padding": ((3, 1, 9, 7), (9, 5), 1, (2, 6, 4, 0), torch.bfloat16,
+                                                      "channels_last"),
+    "TF32: 7x7 with 13x13": ((2, 2, 7, 7), (13, 13), 1, (6, 6, 6, 6), torch.float32, "nchw"),
+}
+
+INPUT_GRAD_RUNS = [("rows", case) for case in INPUT_GRAD_CASES] + \
+    [("whole_map", case) for case in WHOLE_MAP_INPUT_GRAD_CASES]
+
+
+@pytest.mark.parametrize("form,case", INPUT_GRAD_RUNS)
+def test_input_grad_matches_float64(emulator, tmp_path, form, case):
+    shape, kernel, multiplier, (top, bottom, left, right), dtype, layout = \
+        (INPUT_GRAD_CASES if form == "rows" else WHOLE_MAP_INPUT_GRAD_CASES)[case]
     n, c, h, w = shape
     weight = _random((c * multiplier, 1, *kernel), dtype)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -170,8 +204,8 @@ def test_input_grad_matches_float64(emulator, tmp_path, case):
     dst = _nan_buffer(shape, dtype, "nchw")
 
     origin = (top - (kernel[0] - 1), left - (kernel[1] - 1))
-    actual = run_conv(emulator, tmp_path, grad_output, dst, weight, None, origin, True, multiplier)
-    assert_close(actual, x.grad, _tolerance(dtype), f"emulated tensor-core input grad, {case}")
+    actual = run_conv(emulator, tmp_path, grad_output, dst, weight, None, origin, True, multiplier, form)
+    assert_close(actual, x.grad, _tolerance(dtype), f"emulated tensor-core input grad ({form}), {case}")
 
 
 # (N, C, H, W) of the input, (kh, kw), multiplier, padding, dtype, splits, layout of grad_output and input.

@@ -1,11 +1,12 @@
-// Runs the tensor-core kernels of csrc/ (tensor_core.cuh, tensor_core_weight_grad.cuh) on the host, block after
-// block, each block with one std::thread per CUDA thread.
+// Runs the tensor-core kernels of csrc/ (tensor_core.cuh, tensor_core_whole_map.cuh, tensor_core_weight_grad.cuh) on
+// the host, block after block, each block with one std::thread per CUDA thread.
 //
 // Usage: tensor_core_host conv|weight_grad IN OUT. IN starts with int64 fields, then the raw tensors (fp32 runs the
 // TF32 path; fp16 and bf16 their own); every
 // tensor is given as n, c, h, w, four element strides and its span (elements from the first to the last one):
-//   conv:        dtype, kernel_h, kernel_w, multiplier, origin_h, origin_w, flip, has_bias, src map, dst map;
-//                then the src span, the dst span, the (C*m, 1, kh, kw) weight and the optional bias.
+//   conv:        dtype, kernel_h, kernel_w, multiplier, origin_h, origin_w, flip, has_bias, whole_map (the form:
+//                0 rows, 1 whole map), src map, dst map; then the src span, the dst span, the (C*m, 1, kh, kw)
+//                weight and the optional bias.
 //                OUT receives the dst span as the kernel left it.
 //   weight_grad: dtype, kernel_h, kernel_w, multiplier, pad_top, pad_left, splits, grad_output map, input map;
 //                then both spans. OUT receives the fp32 workspace of partial sums (splits x C*m x (kh*kw + 1)).
@@ -23,6 +24,7 @@
 
 #include "tensor_core.cuh"
 #include "tensor_core_weight_grad.cuh"
+#include "tensor_core_whole_map.cuh"
 
 namespace {
 
@@ -75,9 +77,9 @@ void emulate_grid(int64_t blocks, int threads, int64_t shared_bytes, const std::
   }
 }
 
-// The launch tensor_core.cu makes: rows per warp from the map height.
+// The row-form launch tensor_core.cu makes: rows per warp from the map height.
 template <typename T>
-void run_conv(const lkconv::UnitStrideArgs& args) {
+void run_rows(const lkconv::UnitStrideArgs& args) {
   namespace tc = lkconv::tensor_core;
   const int m_tiles = tc::m_tiles_for(args.dst.h);
   const tc::Tiling t =
@@ -85,6 +87,19 @@ void run_conv(const lkconv::UnitStrideArgs& args) {
   if (t.shared_bytes > tc::kSharedLimit) lkconv::emulation::fail("the tiles do not fit in shared memory");
   emulate_grid(t.blocks, tc::kThreads, t.shared_bytes, [&] {
     m_tiles == 2 ? tc::conv_kernel<T, 2>(args, t) : tc::conv_kernel<T, 1>(args, t);
+  });
+}
+
+// The whole-map launch tensor_core.cu makes: images per warp from the batch.
+template <typename T>
+void run_whole_map(const lkconv::UnitStrideArgs& args) {
+  namespace wm = lkconv::tensor_core_whole_map;
+  const int m_tiles = wm::m_tiles_for(args.dst.n);
+  const wm::Tiling t =
+      wm::plan<T>(m_tiles, args.dst.n, args.dst.c, args.src.h, args.src.w, args.dst.h, args.dst.w);
+  if (t.shared_bytes > wm::kSharedLimit) lkconv::emulation::fail("the operands do not fit in shared memory");
+  emulate_grid(t.blocks, wm::kThreads, t.shared_bytes, [&] {
+    m_tiles == 2 ? wm::conv_kernel<T, 2>(args, t) : wm::conv_kernel<T, 1>(args, t);
   });
 }
 
@@ -114,8 +129,8 @@ bool write_all(const char* path, const void* data, size_t bytes) {
 }
 
 int conv(std::ifstream& in, const char* out_path) {
-  const std::vector<int64_t> h = read_fields(in, 8 + 2 * kMapFields);
-  const int64_t* src_fields = h.data() + 8;
+  const std::vector<int64_t> h = read_fields(in, 9 + 2 * kMapFields);
+  const int64_t* src_fields = h.data() + 9;
   const int64_t* dst_fields = src_fields + kMapFields;
   const auto dtype = static_cast<DType>(h[0]);
   std::vector<unsigned char> src = read_elements(in, dtype, src_fields[8]);
@@ -126,7 +141,7 @@ int conv(std::ifstream& in, const char* out_path) {
   const lkconv::UnitStrideArgs args{dtype, map_from(src_fields, src.data()),
                                     map_from(dst_fields, dst.data()), weight.data(), h[7] ? bias.data() : nullptr,
                                     static_cast<int>(h[1]), static_cast<int>(h[2]), h[3], h[4], h[5], h[6] != 0};
-  with_type(args.dtype, [&]<typename T>() { run_conv<T>(args); });
+  with_type(args.dtype, [&]<typename T>() { h[8] ? run_whole_map<T>(args) : run_rows<T>(args); });
   return write_all(out_path, dst.data(), dst.size()) ? 0 : 4;
 }
 

@@ -250,6 +250,10 @@ const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry&
       return is_blocked(conv) ? "input_grad_blocked"
                               : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
     case Pass::WeightGrad:
+      if (weight_grad_is_whole_map(dtype, allow_tf32, conv, sizes)) {
+        return tf32 ? "weight_grad_tensor_core_whole_map_partials (tf32) + weight_grad_reduce"
+                    : "weight_grad_tensor_core_whole_map_partials + weight_grad_reduce";
+      }
       if (weight_grad_is_tensor_core(dtype, allow_tf32, conv)) {
         return tf32 ? "weight_grad_tensor_core_partials (tf32) + weight_grad_reduce"
                     : "weight_grad_tensor_core_partials + weight_grad_reduce";

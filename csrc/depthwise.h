@@ -73,15 +73,18 @@ enum class Pass : int { Forward = 0, InputGrad = 1, WeightGrad = 2 };
 // Whether the weight grad runs its tensor-core kernel (fp16/bf16, or fp32 allowed TF32; stride 1, dilation 1).
 bool weight_grad_is_tensor_core(DType dtype, bool allow_tf32, const Geometry& conv);
 
-// Whether the weight grad runs its register-tiled kernel (stride 1, dilation 1, strips fit in shared memory).
-bool weight_grad_is_blocked(const Geometry& conv);
-
 // A conv's batch and map sizes: besides the geometry, they decide between kernel forms.
 struct MapSizes {
   int64_t batch;
   int64_t in_h, in_w;
   int64_t out_h, out_w;
 };
+
+// Whether the weight grad runs its tensor-core Gram-matrix form: maps the kernel covers, rows at most 64 wide.
+bool weight_grad_is_whole_map(DType dtype, bool allow_tf32, const Geometry& conv, const MapSizes& sizes);
+
+// Whether the weight grad runs its register-tiled kernel (stride 1, dilation 1, strips fit in shared memory).
+bool weight_grad_is_blocked(const Geometry& conv);
 
 // The kernel a launcher picks for a pass with this dtype, TF32 permission, geometry and sizes (what lkconv.explain
 // reports).

@@ -110,4 +110,21 @@ __device__ __forceinline__ void fill_accumulators(float (&acc)[MT][4][4], float 
       for (int e = 0; e < 4; ++e) acc[m][j][e] = value;
 }
 
+// A warp's MT x 4 mma accumulator tiles (16 MT rows x 32 columns) written to a row-major fp32 matrix in shared
+// memory, `pitch` floats a row, from (first_row, first_col).
+template <int MT>
+__device__ __forceinline__ void store_accumulators(float* matrix, int pitch, int first_row, int first_col,
+                                                   const float (&acc)[MT][4][4], int lane) {
+  const int group = lane / 4, quad = lane % 4;
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = first_row + 16 * m + group + 8 * (e / 2), col = first_col + 8 * j + 2 * quad + e % 2;
+        matrix[row * pitch + col] = acc[m][j][e];
+      }
+}
+
 }  // namespace lkconv

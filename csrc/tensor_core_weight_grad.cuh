@@ -81,7 +81,6 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
   const bool with_bias = tap_tile == 0;
 
   const int tid = thread_index(), lane = tid % 32, warp = tid / 32;
-  const int group = lane / 4, quad = lane % 4;  // mma fragment coordinates
   // m-tiles and n-tiles of the tap tile that hold taps of the kernel (the last tile of a band may be partial).
   const int m_tiles = g.kernel_h - r0 > 16 ? 2 : 1;
   const int n_tiles = (g.kernel_w - s0 + 7) / 8 < 4 ? (g.kernel_w - s0 + 7) / 8 : 4;
@@ -151,15 +150,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
   // Add the warps' tiles in warp order (deterministic) and write this block's partial sums.
   block_sync();  // the strips are no longer read
   float* sums = dynamic_shared<float>();  // kWarps x 32 x 32
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = 16 * m + group + 8 * (e / 2), s = 8 * j + 2 * quad + e % 2;
-        sums[(warp * kTapTile + r) * kTapTile + s] = acc[m][j][e];
-      }
+  store_accumulators<2>(sums + warp * kTapTile * kTapTile, kTapTile, 0, 0, acc, lane);
   float* bias_sums = sums + kWarps * kTapTile * kTapTile;  // one per thread, past the tiles
   bias_sums[tid] = bias;
   block_sync();

@@ -5,12 +5,15 @@
 // dW[o, r, q] = sum_{n, oh, ow} dy[n, o, oh, ow] * x[n, o/m, oh*sh - pt + r*dh, ow*sw - pl + q*dw]
 // db[o]       = sum_{n, oh, ow} dy[n, o, oh, ow]   (handled as one extra "tap" whose input is 1)
 //
-// At stride 1 and dilation 1, fp16/bf16 (and fp32 where TF32 is allowed) take the tensor-core partials
-// (tensor_core_weight_grad.cuh) and exact fp32 the register-tiled kernel below; everything else the simple per-tap
-// kernel. All share the ordered reduce.
+// At stride 1 and dilation 1, fp16/bf16 (and fp32 where TF32 is allowed) take the tensor-core partials: the Gram-matrix
+// form (tensor_core_whole_map_weight_grad.cuh) on maps the kernel covers, the row form (tensor_core_weight_grad.cuh)
+// elsewhere; exact fp32 takes the register-tiled kernel below; everything else the simple per-tap kernel. All share
+// the ordered reduce.
 
 #include "common.cuh"
 #include "tensor_core_weight_grad.cuh"
+#include "tensor_core_whole_map_weight_grad.cuh"
+#include "unit_stride.h"
 
 namespace lkconv {
 namespace {
@@ -203,6 +206,21 @@ bool weight_grad_is_tensor_core(DType dtype, bool allow_tf32, const Geometry& g)
          g.kernel_w <= 1024;
 }
 
+bool weight_grad_is_whole_map(DType dtype, bool allow_tf32, const Geometry& g, const MapSizes& sizes) {
+  namespace wm = tensor_core_whole_map_weight_grad;
+  if (!weight_grad_is_tensor_core(dtype, allow_tf32, g) || !wm::rows_fit(sizes.in_w, sizes.out_w)) return false;
+  // Where the forward takes its whole-map form, the kernel covers the map: most of the row form's work is padding.
+  if (!runs_whole_map(dtype, g.kernel_h, g.kernel_w,
+                      {sizes.batch, sizes.in_h, sizes.in_w, sizes.out_h, sizes.out_w})) {
+    return false;
+  }
+  return dispatch_dtype(dtype, [&]<typename T>() {
+    const wm::Tiling t = wm::plan<T>(g.kernel_h, g.kernel_w, sizes.batch, 1, sizes.in_h, sizes.in_w, sizes.out_h,
+                                     sizes.out_w);
+    return static_cast<int>(t.shared_bytes <= wm::kSharedLimit);
+  }) != 0;
+}
+
 bool weight_grad_is_blocked(const Geometry& g) {
   return unit_stride_and_dilation(g) && g.kernel_h <= 1024 && g.kernel_w <= 1024 &&
          blocked_shared_floats(g.kernel_h, g.kernel_w) * int64_t{sizeof(float)} <= 48 * 1024;
@@ -210,17 +228,30 @@ bool weight_grad_is_blocked(const Geometry& g) {
 
 namespace {
 
-// Launches the partial-sums kernel the dtype and geometry call for.
+// Launches the partial-sums kernel the dtype, geometry and sizes call for; returns the cudaError_t of the launch.
 template <typename T>
-void launch_partials(const WeightGradArgs& args, cudaStream_t stream) {
+int launch_partials(const WeightGradArgs& args, cudaStream_t stream) {
   const Geometry& g = args.conv;
   const int64_t channels = args.grad_output.c, rows = args.grad_output.n * args.grad_output.h;
+  const MapSizes sizes{args.input.n, args.input.h, args.input.w, args.grad_output.h, args.grad_output.w};
+  if (weight_grad_is_whole_map(args.dtype, args.allow_tf32, g, sizes)) {
+    namespace wm = tensor_core_whole_map_weight_grad;
+    const wm::Tiling t = wm::plan<T>(g.kernel_h, g.kernel_w, args.input.n, args.splits, args.input.h, args.input.w,
+                                     args.grad_output.h, args.grad_output.w);
+    const auto kernel = wm::partials_kernel<T>;
+    // Set on every launch: the attribute belongs to the current device, and a process may use several.
+    const cudaError_t status =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(t.shared_bytes));
+    if (status != cudaSuccess) return static_cast<int>(status);
+    kernel<<<channels * args.splits, wm::kThreads, t.shared_bytes, stream>>>(args, t);
+    return static_cast<int>(cudaGetLastError());
+  }
   if (weight_grad_is_tensor_core(args.dtype, args.allow_tf32, g)) {
     namespace wg = tensor_core_weight_grad;
     const wg::Tiling t = wg::plan(g.kernel_h, g.kernel_w, rows, args.splits);
     const int64_t blocks = channels * args.splits * t.tap_tiles;
     wg::partials_kernel<T><<<blocks, wg::kThreads, wg::Layout<T>::kSharedBytes, stream>>>(args, t);
-    return;
+    return static_cast<int>(cudaGetLastError());
   }
   const int64_t rows_per_split = cdiv(rows, args.splits);
   if (weight_grad_is_blocked(g)) {
@@ -230,6 +261,7 @@ void launch_partials(const WeightGradArgs& args, cudaStream_t stream) {
   } else {
     weight_grad_partials<T><<<dim3(channels, args.splits), kThreads, 0, stream>>>(args, rows_per_split);
   }
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
@@ -241,8 +273,7 @@ int weight_grad(const WeightGradArgs& args, void* stream) {
   const int taps = args.conv.kernel_h * args.conv.kernel_w;
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
-    launch_partials<T>(args, s);
-    if (cudaError_t error = cudaGetLastError(); error != cudaSuccess) return static_cast<int>(error);
+    if (const int error = launch_partials<T>(args, s); error != 0) return error;
     weight_grad_reduce<T><<<cdiv(channels * (taps + 1), 256), 256, 0, s>>>(args);
     return static_cast<int>(cudaGetLastError());
   });

@@ -103,6 +103,14 @@ class TestLoadedExtension:
         ("forward", torch.bfloat16, False, (64, 128, 56, 56), 31, "forward_tensor_core"),  # kernel covers little
         ("forward", torch.bfloat16, False, (64, 384, 64, 64), 31, "forward_tensor_core"),
         ("weight_grad", torch.bfloat16, False, (64, 512, 14, 14), 27,
+         "weight_grad_tensor_core_whole_map_partials + weight_grad_reduce"),
+        ("weight_grad", torch.float32, True, (64, 1024, 7, 7), 13,
+         "weight_grad_tensor_core_whole_map_partials (tf32) + weight_grad_reduce"),
+        ("weight_grad", torch.float32, False, (64, 1024, 7, 7), 13,  # exact fp32: CUDA cores
+         "weight_grad_blocked_partials + weight_grad_reduce"),
+        ("weight_grad", torch.bfloat16, False, (1, 512, 14, 14), 27,
+         "weight_grad_tensor_core_partials + weight_grad_reduce"),
+        ("weight_grad", torch.bfloat16, False, (64, 384, 32, 32), 31,  # 16 dy tiles would not fit in shared memory
          "weight_grad_tensor_core_partials + weight_grad_reduce"),
     ])
     def test_small_maps_the_kernel_covers_run_the_whole_map_form(self, pass_name, dtype, tf32, input_size, kernel,

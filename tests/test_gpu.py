@@ -79,15 +79,15 @@ def test_tf32_within_tf32_tolerance_when_allowed(backend):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch,form", [(40, "whole_map"), (1, "rows")])
 def test_cuda_tensor_core_forms_on_a_map_the_kernel_covers(batch, form, dtype):
-    """RepLKNet stage 3's 14x14 map with K=27: the whole-map GEMM where the batch fills it, the row form for one
-    image; both against float64, forward and input grad."""
+    """RepLKNet stage 3's 14x14 map with K=27: the whole-map GEMMs where the batch fills them, the row forms for one
+    image; both against float64, every pass."""
     x, w, b = _inputs((batch, 48, 14, 14), 27, dtype, False)
     with lkconv.use_backend("cuda"):
         explanation = lkconv.explain(x, w, b, padding=13)
         y = lkconv.depthwise_conv2d(x, w, b, padding=13)
         dy = torch.randn_like(y)
         grads = torch.autograd.grad(y, (x, w, b), dy)
-    for kernel in (explanation.forward, explanation.input_grad):
+    for kernel in (explanation.forward, explanation.input_grad, explanation.weight_grad):
         assert ("whole_map" in kernel) == (form == "whole_map"), explanation
     expected = reference(x, w, b, 1, 13, 1, dy)
     for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):

@@ -1,5 +1,4 @@
-"""The CUDA tensor-core kernels (csrc/tensor_core.cuh, tensor_core_whole_map.cuh, tensor_core_weight_grad.cuh) run on a
-CPU: their own
+"""The CUDA tensor-core kernels (csrc/tensor_core*.cuh: both conv forms, both weight-grad forms) run on a CPU: their own
 source, built with g++ and AddressSanitizer against host emulations of ldmatrix, mma.sync and the block barrier
 (tests/cuda_emulation), and checked against F.conv2d in float64. This tests their tiling, fragment indexing and masks
 without a GPU; test_gpu.py runs them for real where there is one."""
@@ -77,10 +76,11 @@ def run_conv(emulator: Path, tmp_path: Path, src, dst, weight, bias, origin, fli
     return torch.as_strided(raw.view(src.dtype), dst.shape, dst.stride())
 
 
-def run_weight_grad(emulator: Path, tmp_path: Path, grad_output, input, kernel, padding, multiplier, splits):
-    """Runs the weight-grad partials kernel; returns its fp32 partial sums, (splits, C*m, kh*kw + 1)."""
-    header = [DTYPE_CODES[input.dtype], *kernel, multiplier, *padding, splits, *_map_fields(grad_output),
-              *_map_fields(input)]
+def run_weight_grad(emulator: Path, tmp_path: Path, grad_output, input, kernel, padding, multiplier, splits, form):
+    """Runs the weight-grad partials kernel of `form` ("rows" or "whole_map"); returns its fp32 partial sums,
+    (splits, C*m, kh*kw + 1)."""
+    header = [DTYPE_CODES[input.dtype], *kernel, multiplier, *padding, splits, int(form == "whole_map"),
+              *_map_fields(grad_output), *_map_fields(input)]
     partials = np.frombuffer(_emulate(emulator, tmp_path, "weight_grad", header, [grad_output, input]), np.float32)
     return torch.from_numpy(partials.copy()).view(splits, grad_output.shape[1], kernel[0] * kernel[1] + 1)
 
@@ -222,11 +222,32 @@ WEIGHT_GRAD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", WEIGHT_GRAD_CASES)
-def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, case):
+# The Gram-matrix form, on maps the kernel covers or nearly covers (rows at most 64 wide); same fields.
+WHOLE_MAP_WEIGHT_GRAD_CASES = {
+    "RepLKNet stage 4 shape: 7x7 with 13x13, two splits": ((5, 2, 7, 7), (13, 13), 1, (6, 6, 6, 6), torch.bfloat16,
+                                                             2, "nchw"),
+    "14x14 with 27x27: four x tiles, one row short": ((3, 1, 14, 14), (27, 27), 1, (13, 13, 13, 13), torch.float16, 1,
+                                                      "nchw"),
+    "kernel short of the map: skipped tile pairs": ((2, 1, 20, 9), (5, 3), 1, (2, 2, 1, 1), torch.bfloat16, 1,
+                                                    "nchw"),
+    "a tile pair that meets kernel row 0 only": ((2, 1, 12, 16), (3, 5), 1, (1, 1, 2, 2), torch.float16, 1, "nchw"),
+    "asymmetric padding, multiplier 2, channels_last": ((2, 2, 9, 11), (7, 9), 2, (0, 3, 4, 1), torch.float16, 1,
+                                                        "channels_last"),
+    "70 images: two image chunks in one split": ((70, 1, 5, 6), (5, 5), 1, (2, 2, 2, 2), torch.bfloat16, 1, "nchw"),
+    "more splits than images": ((2, 1, 6, 6), (7, 7), 1, (3, 3, 3, 3), torch.bfloat16, 3, "nchw"),
+    "TF32: 40 images, two chunks, odd width": ((40, 1, 7, 9), (11, 11), 1, (5, 5, 5, 5), torch.float32, 1, "nchw"),
+}
+
+WEIGHT_GRAD_RUNS = [("rows", case) for case in WEIGHT_GRAD_CASES] + \
+    [("whole_map", case) for case in WHOLE_MAP_WEIGHT_GRAD_CASES]
+
+
+@pytest.mark.parametrize("form,case", WEIGHT_GRAD_RUNS)
+def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, form, case):
     """The splits' fp32 partial sums, added in order as weight_grad_reduce does, against autograd in float64: the
     products of 16-bit values are exact in fp32, so only fp32 summation error is allowed (TF32 rounds its inputs)."""
-    shape, kernel, multiplier, (top, bottom, left, right), dtype, splits, layout = WEIGHT_GRAD_CASES[case]
+    shape, kernel, multiplier, (top, bottom, left, right), dtype, splits, layout = \
+        (WEIGHT_GRAD_CASES if form == "rows" else WHOLE_MAP_WEIGHT_GRAD_CASES)[case]
     n, c, h, w = shape
     x = _random(shape, dtype, layout == "channels_last")
     weight = torch.randn(c * multiplier, 1, *kernel, dtype=torch.float64, requires_grad=True)
@@ -235,7 +256,7 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, case):
     grad_output = _random(tuple(y.shape), dtype, layout == "channels_last")
     y.backward(grad_output.double())
 
-    partials = run_weight_grad(emulator, tmp_path, grad_output, x, kernel, (top, left), multiplier, splits)
+    partials = run_weight_grad(emulator, tmp_path, grad_output, x, kernel, (top, left), multiplier, splits, form)
     assert not partials.isnan().any(), "a partial sum was left unwritten"
     total = partials[0].clone()
     for split in range(1, splits):
@@ -243,9 +264,10 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, case):
     taps = kernel[0] * kernel[1]
     tolerance = TF32_TOLERANCE if dtype == torch.float32 else TOLERANCE[torch.float32]
     assert_close(total[:, :taps].reshape(weight.shape), weight.grad, tolerance,
-                 f"emulated tensor-core weight grad, {case}")
+                 f"emulated tensor-core weight grad ({form}), {case}")
     # The bias grad sums dy in fp32 (not rounded to TF32). A sum of random values can nearly cancel, so its error is
     # measured against the sum of magnitudes, the scale fp32 summation error grows with.
     magnitude = grad_output.double().abs().sum(dim=(0, 2, 3))
     error = (total[:, taps].double() - bias.grad).abs() / magnitude
-    assert error.max() <= TOLERANCE[torch.float32], f"emulated tensor-core bias grad, {case}: error {error.max():.2e}"
+    assert error.max() <= TOLERANCE[torch.float32], f"emulated tensor-core bias grad ({form}), {case}: " \
+        f"error {error.max():.2e}"

@@ -1,5 +1,6 @@
-// Runs the tensor-core kernels of csrc/ (tensor_core.cuh, tensor_core_whole_map.cuh, tensor_core_weight_grad.cuh) on
-// the host, block after block, each block with one std::thread per CUDA thread.
+// Runs the tensor-core kernels of csrc/ (tensor_core.cuh, tensor_core_whole_map.cuh, tensor_core_weight_grad.cuh,
+// tensor_core_whole_map_weight_grad.cuh) on the host, block after block, each block with one std::thread per CUDA
+// thread.
 //
 // Usage: tensor_core_host conv|weight_grad IN OUT. IN starts with int64 fields, then the raw tensors (fp32 runs the
 // TF32 path; fp16 and bf16 their own); every
@@ -8,8 +9,8 @@
 //                0 rows, 1 whole map), src map, dst map; then the src span, the dst span, the (C*m, 1, kh, kw)
 //                weight and the optional bias.
 //                OUT receives the dst span as the kernel left it.
-//   weight_grad: dtype, kernel_h, kernel_w, multiplier, pad_top, pad_left, splits, grad_output map, input map;
-//                then both spans. OUT receives the fp32 workspace of partial sums (splits x C*m x (kh*kw + 1)).
+//   weight_grad: dtype, kernel_h, kernel_w, multiplier, pad_top, pad_left, splits, whole_map (the form: 0 rows,
+//                1 the Gram-matrix form), grad_output map, input map; then both spans. OUT receives the fp32 workspace of partial sums (splits x C*m x (kh*kw + 1)).
 // Every buffer is allocated with its exact span, so AddressSanitizer (the test builds with it) reports any access
 // outside a tensor, as compute-sanitizer would on a GPU.
 
@@ -25,6 +26,7 @@
 #include "tensor_core.cuh"
 #include "tensor_core_weight_grad.cuh"
 #include "tensor_core_whole_map.cuh"
+#include "tensor_core_whole_map_weight_grad.cuh"
 
 namespace {
 
@@ -103,14 +105,25 @@ void run_whole_map(const lkconv::UnitStrideArgs& args) {
   });
 }
 
-// The launch weight_grad.cu makes for the partial sums.
+// The launch weight_grad.cu makes for the row form's partial sums.
 template <typename T>
-void run_weight_grad(const lkconv::WeightGradArgs& args) {
+void run_weight_grad_rows(const lkconv::WeightGradArgs& args) {
   namespace wg = lkconv::tensor_core_weight_grad;
   const wg::Tiling t = wg::plan(args.conv.kernel_h, args.conv.kernel_w, args.grad_output.n * args.grad_output.h,
                                 args.splits);
   emulate_grid(args.grad_output.c * args.splits * t.tap_tiles, wg::kThreads, wg::Layout<T>::kSharedBytes,
                [&] { wg::partials_kernel<T>(args, t); });
+}
+
+// The launch weight_grad.cu makes for the Gram-matrix form's partial sums.
+template <typename T>
+void run_weight_grad_whole_map(const lkconv::WeightGradArgs& args) {
+  namespace wm = lkconv::tensor_core_whole_map_weight_grad;
+  const lkconv::Map &dy = args.grad_output, &x = args.input;
+  if (!wm::rows_fit(x.w, dy.w)) lkconv::emulation::fail("map rows wider than a tile");
+  const wm::Tiling t = wm::plan<T>(args.conv.kernel_h, args.conv.kernel_w, x.n, args.splits, x.h, x.w, dy.h, dy.w);
+  if (t.shared_bytes > wm::kSharedLimit) lkconv::emulation::fail("the operands do not fit in shared memory");
+  emulate_grid(dy.c * args.splits, wm::kThreads, t.shared_bytes, [&] { wm::partials_kernel<T>(args, t); });
 }
 
 template <typename Body>
@@ -146,8 +159,8 @@ int conv(std::ifstream& in, const char* out_path) {
 }
 
 int weight_grad(std::ifstream& in, const char* out_path) {
-  const std::vector<int64_t> h = read_fields(in, 7 + 2 * kMapFields);
-  const int64_t* dy_fields = h.data() + 7;
+  const std::vector<int64_t> h = read_fields(in, 8 + 2 * kMapFields);
+  const int64_t* dy_fields = h.data() + 8;
   const int64_t* x_fields = dy_fields + kMapFields;
   const auto dtype = static_cast<DType>(h[0]);
   std::vector<unsigned char> dy = read_elements(in, dtype, dy_fields[8]);
@@ -159,7 +172,9 @@ int weight_grad(std::ifstream& in, const char* out_path) {
   const lkconv::Geometry conv{h[3], kernel_h, kernel_w, 1, 1, static_cast<int>(h[4]), static_cast<int>(h[5]), 1, 1};
   const lkconv::WeightGradArgs args{dtype, true, conv, map_from(dy_fields, dy.data()), map_from(x_fields, x.data()),
                                     workspace.data(), splits, nullptr, nullptr};
-  with_type(args.dtype, [&]<typename T>() { run_weight_grad<T>(args); });
+  with_type(args.dtype, [&]<typename T>() {
+    h[7] ? run_weight_grad_whole_map<T>(args) : run_weight_grad_rows<T>(args);
+  });
   return write_all(out_path, workspace.data(), workspace.size() * sizeof(float)) ? 0 : 4;
 }
 

@@ -90,6 +90,16 @@ void check_shapes(const Tensor& input, const Tensor& output, const Tensor& weigh
               input_name, " of shape ", input.sizes(), "; got ", output.sizes());
 }
 
+// The data of an optional per-channel vector (bias, grad_bias), checked against `like` and the channel count; null
+// when absent.
+void* channel_vector(const std::optional<Tensor>& t, const Tensor& like, int64_t channels, const char* name) {
+  if (!t.has_value()) return nullptr;
+  check_like(*t, like, name);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == channels && t->is_contiguous(), name, " must be a contiguous (",
+              channels, ",) tensor; got ", t->sizes());
+  return t->data_ptr();
+}
+
 void* current_stream(const Tensor& t) {
   return c10::impl::getDeviceGuardImpl(t.device().type())->getStream(t.device()).native_handle();
 }
@@ -105,14 +115,9 @@ void forward(const Tensor& input, const Tensor& weight, const std::optional<Tens
   check_like(output, input, "output");
   lkconv::ForwardArgs args{dtype_of(input.scalar_type(), "input"), allow_tf32,
                            geometry(weight, "weight", input.size(1), stride, padding, dilation),
-                           map_of(input, "input"), map_of(output, "output"), weight.data_ptr(), nullptr};
+                           map_of(input, "input"), map_of(output, "output"), weight.data_ptr(),
+                           channel_vector(bias, input, weight.size(0), "bias")};
   check_shapes(input, output, weight, stride, padding, dilation, "input", "output");
-  if (bias.has_value()) {
-    check_like(*bias, input, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->is_contiguous(),
-                "bias must be a contiguous (", weight.size(0), ",) tensor; got ", bias->sizes());
-    args.bias = bias->data_ptr();
-  }
   c10::DeviceGuard guard(input.device());
   check_launch(lkconv::forward(args, current_stream(input)), "cuda_forward");
 }
@@ -149,12 +154,7 @@ void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRe
               "of ", per_split, " floats (C*m * (kh*kw + 1) per split); got ", workspace.numel());
   args.splits = workspace.numel() / per_split;
   TORCH_CHECK(args.splits <= 65535, "workspace holds ", args.splits, " splits; at most 65535 are supported");
-  if (grad_bias.has_value()) {
-    check_like(*grad_bias, grad_output, "grad_bias");
-    TORCH_CHECK(grad_bias->dim() == 1 && grad_bias->size(0) == grad_weight.size(0) && grad_bias->is_contiguous(),
-                "grad_bias must be a contiguous (", grad_weight.size(0), ",) tensor; got ", grad_bias->sizes());
-    args.grad_bias = grad_bias->data_ptr();
-  }
+  args.grad_bias = channel_vector(grad_bias, grad_output, grad_weight.size(0), "grad_bias");
   c10::DeviceGuard guard(grad_output.device());
   check_launch(lkconv::weight_grad(args, current_stream(grad_output)), "cuda_weight_grad");
 }

@@ -12,7 +12,7 @@
 // are all padding are skipped.
 //
 // This header holds the kernel and its tiling plan; tensor_core.cu launches it. The hardware operations come from
-// mma_primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
+// primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
 #pragma once
 
 #include <cstdint>

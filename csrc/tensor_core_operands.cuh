@@ -11,7 +11,7 @@
 #include <cstdint>
 
 #include "common.cuh"
-#include "mma_primitives.cuh"
+#include "primitives.cuh"
 #include "unit_stride.h"
 
 namespace lkconv {

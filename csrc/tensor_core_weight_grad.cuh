@@ -14,7 +14,7 @@
 // weight_grad.cu's reduce kernel then adds the splits in order. The tap tile (0, 0) block also sums dy for the bias.
 //
 // This header holds the kernel and its tiling plan; weight_grad.cu launches it. The hardware operations come from
-// mma_primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
+// primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
 #pragma once
 
 #include <cstdint>

@@ -17,7 +17,7 @@
 // pixel's key), and per k-step each warp loads MT A fragments with ldmatrix and the B words of its 4 n-tiles.
 //
 // This header holds the kernel and its tiling plan; tensor_core.cu launches it. The hardware operations come from
-// mma_primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
+// primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
 #pragma once
 
 #include <cstdint>

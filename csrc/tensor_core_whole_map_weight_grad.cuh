@@ -17,7 +17,7 @@
 // in a fixed order. The block's taps, and dy summed for the bias, are its partial sums.
 //
 // This header holds the kernel and its plan; weight_grad.cu launches it. The hardware operations come from
-// mma_primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
+// primitives.cuh, which the host emulation in tests/cuda_emulation replaces.
 #pragma once
 
 #include <cstdint>

@@ -22,6 +22,20 @@ struct UnitStrideArgs {
   bool flip;           // input grad: filters rotated 180 degrees, summed over each input channel's m outputs
 };
 
+// The forward as a stride-1 correlation of x with the filter, from the top-left padding corner.
+inline UnitStrideArgs forward_unit_stride(const ForwardArgs& a) {
+  const Geometry& g = a.conv;
+  return {a.dtype, a.input, a.output, a.weight, a.bias, g.kernel_h, g.kernel_w, g.multiplier, -int64_t{g.pad_top},
+          -int64_t{g.pad_left}, false};
+}
+
+// The input grad: dy correlated with the rotated filter, padded by (k - 1 - pad).
+inline UnitStrideArgs input_grad_unit_stride(const InputGradArgs& a) {
+  const Geometry& g = a.conv;
+  return {a.dtype, a.grad_output, a.grad_input, a.weight, nullptr, g.kernel_h, g.kernel_w, g.multiplier,
+          int64_t{g.pad_top} - (g.kernel_h - 1), int64_t{g.pad_left} - (g.kernel_w - 1), true};
+}
+
 // The map sizes that decide between the tensor-core kernel's two forms.
 struct UnitStrideSizes {
   int64_t batch;

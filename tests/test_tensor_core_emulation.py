@@ -3,105 +3,41 @@ source, built with g++ and AddressSanitizer against host emulations of ldmatrix,
 (tests/cuda_emulation), and checked against F.conv2d in float64. This tests their tiling, fragment indexing and masks
 without a GPU; test_gpu.py runs them for real where there is one."""
 
-import re
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TF32_TOLERANCE, TOLERANCE, assert_close
-
-ROOT = Path(__file__).resolve().parent.parent
-EMULATION = ROOT / "tests" / "cuda_emulation"
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # lkconv::DType; fp32 runs as TF32
-
-
-def cuda_include_flags() -> list[str]:
-    """The include flags nvcc itself uses (its toolkit headers hold the fp16/bf16 types the kernel reads)."""
-    nvcc = shutil.which("nvcc")
-    assert nvcc is not None, "nvcc is on every machine lkconv builds on (README); it is not on PATH here"
-    dry_run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", "/dev/null", "-o", "/dev/null"],
-                             capture_output=True, text=True)
-    found = re.search(r'INCLUDES="([^"]*)"', dry_run.stderr + dry_run.stdout)
-    assert found, f"nvcc --dryrun did not list its include directories:\n{dry_run.stderr}"
-    return found.group(1).split()
+from emulation import DTYPE_CODES, as_strided_like, build_emulator, emulate, map_fields, nan_buffer, random_tensor
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> Path:
-    binary = tmp_path_factory.mktemp("emulation") / "tensor_core_host"
-    command = ["g++", "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-               "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Werror", "-pthread", "-I", str(ROOT / "csrc"),
-               *cuda_include_flags(), str(EMULATION / "tensor_core_host.cpp"), "-o", str(binary)]
-    built = subprocess.run(command, capture_output=True, text=True)
-    assert built.returncode == 0, f"building the emulation failed:\n{built.stderr}"
-    return binary
+def emulator(tmp_path_factory):
+    return build_emulator("tensor_core_host.cpp", tmp_path_factory.mktemp("emulation"))
 
 
-def _span(t: torch.Tensor) -> int:
-    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    """The elements a strided tensor spans in its storage, from its first one, as raw bytes."""
-    flat = torch.as_strided(t, (_span(t),), (1,), t.storage_offset())
-    return flat.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _map_fields(t: torch.Tensor) -> list[int]:
-    return [*t.shape, *t.stride(), _span(t)]
-
-
-def _emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensors) -> bytes:
-    """Runs the emulator in `mode` on the header fields and tensors; returns what it wrote."""
-    payload = np.asarray(header, dtype=np.int64).tobytes() + b"".join(_raw(t) for t in tensors)
-    (tmp_path / "in").write_bytes(payload)
-    result = subprocess.run([str(emulator), mode, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, f"the emulated kernel failed:\n{result.stderr[-4000:]}"
-    return (tmp_path / "out").read_bytes()
-
-
-def run_conv(emulator: Path, tmp_path: Path, src, dst, weight, bias, origin, flip, multiplier, form) -> torch.Tensor:
+def run_conv(emulator, tmp_path, src, dst, weight, bias, origin, flip, multiplier, form) -> torch.Tensor:
     """Runs the conv kernel of `form` ("rows" or "whole_map") on (src -> dst) as tensor_core_conv would launch it;
     returns dst as the kernel left it."""
     header = [DTYPE_CODES[src.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
-              int(bias is not None), int(form == "whole_map"), *_map_fields(src), *_map_fields(dst)]
+              int(bias is not None), int(form == "whole_map"), *map_fields(src), *map_fields(dst)]
     tensors = [src, dst, weight] + ([bias] if bias is not None else [])
-    raw = torch.from_numpy(np.frombuffer(_emulate(emulator, tmp_path, "conv", header, tensors), np.uint8).copy())
-    return torch.as_strided(raw.view(src.dtype), dst.shape, dst.stride())
+    return as_strided_like(emulate(emulator, tmp_path, "conv", header, tensors), dst)
 
 
-def run_weight_grad(emulator: Path, tmp_path: Path, grad_output, input, kernel, padding, multiplier, splits, form):
+def run_weight_grad(emulator, tmp_path, grad_output, input, kernel, padding, multiplier, splits, form):
     """Runs the weight-grad partials kernel of `form` ("rows" or "whole_map"); returns its fp32 partial sums,
     (splits, C*m, kh*kw + 1)."""
     header = [DTYPE_CODES[input.dtype], *kernel, multiplier, *padding, splits, int(form == "whole_map"),
-              *_map_fields(grad_output), *_map_fields(input)]
-    partials = np.frombuffer(_emulate(emulator, tmp_path, "weight_grad", header, [grad_output, input]), np.float32)
+              *map_fields(grad_output), *map_fields(input)]
+    partials = np.frombuffer(emulate(emulator, tmp_path, "weight_grad", header, [grad_output, input]), np.float32)
     return torch.from_numpy(partials.copy()).view(splits, grad_output.shape[1], kernel[0] * kernel[1] + 1)
 
 
 def _tolerance(dtype):
     """fp32 runs these kernels as TF32 (only where PyTorch allows TF32 for convs)."""
     return TF32_TOLERANCE if dtype == torch.float32 else TOLERANCE[dtype]
-
-
-def _random(shape, dtype, channels_last=False):
-    t = torch.randn(shape, dtype=torch.float64).to(dtype)
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
-
-
-def _nan_buffer(shape, dtype, layout):
-    """Uninitialised-looking output: NaN everywhere, so an unwritten element fails the comparison."""
-    if layout == "sliced":  # every other column of a wider buffer: a non-unit stride along W
-        wide = torch.full((*shape[:3], 2 * shape[3]), float("nan"), dtype=dtype)
-        return wide[..., ::2]
-    buffer = torch.full(shape, float("nan"), dtype=dtype)
-    return buffer.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else buffer
 
 
 # (N, C, H, W), (kh, kw), multiplier, padding (top, bottom, left, right), dtype, with bias, src layout, dst layout.
@@ -157,11 +93,11 @@ def test_forward_matches_float64(emulator, tmp_path, form, case):
     shape, kernel, multiplier, (top, bottom, left, right), dtype, with_bias, src_layout, dst_layout = \
         (FORWARD_CASES if form == "rows" else WHOLE_MAP_FORWARD_CASES)[case]
     n, c, h, w = shape
-    x = _random(shape, dtype, src_layout == "channels_last")
-    weight = _random((c * multiplier, 1, *kernel), dtype)
-    bias = _random((c * multiplier,), dtype) if with_bias else None
+    x = random_tensor(shape, dtype, src_layout == "channels_last")
+    weight = random_tensor((c * multiplier, 1, *kernel), dtype)
+    bias = random_tensor((c * multiplier,), dtype) if with_bias else None
     out_hw = (h + top + bottom - kernel[0] + 1, w + left + right - kernel[1] + 1)
-    dst = _nan_buffer((n, c * multiplier, *out_hw), dtype, dst_layout)
+    dst = nan_buffer((n, c * multiplier, *out_hw), dtype, dst_layout)
 
     actual = run_conv(emulator, tmp_path, x, dst, weight, bias, (-top, -left), False, multiplier, form)
     expected = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(),
@@ -196,12 +132,12 @@ def test_input_grad_matches_float64(emulator, tmp_path, form, case):
     shape, kernel, multiplier, (top, bottom, left, right), dtype, layout = \
         (INPUT_GRAD_CASES if form == "rows" else WHOLE_MAP_INPUT_GRAD_CASES)[case]
     n, c, h, w = shape
-    weight = _random((c * multiplier, 1, *kernel), dtype)
+    weight = random_tensor((c * multiplier, 1, *kernel), dtype)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight.double(), groups=c)
-    grad_output = _random(tuple(y.shape), dtype, layout == "channels_last")
+    grad_output = random_tensor(tuple(y.shape), dtype, layout == "channels_last")
     y.backward(grad_output.double())
-    dst = _nan_buffer(shape, dtype, "nchw")
+    dst = nan_buffer(shape, dtype, "nchw")
 
     origin = (top - (kernel[0] - 1), left - (kernel[1] - 1))
     actual = run_conv(emulator, tmp_path, grad_output, dst, weight, None, origin, True, multiplier, form)
@@ -249,11 +185,11 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, form, case):
     shape, kernel, multiplier, (top, bottom, left, right), dtype, splits, layout = \
         (WEIGHT_GRAD_CASES if form == "rows" else WHOLE_MAP_WEIGHT_GRAD_CASES)[case]
     n, c, h, w = shape
-    x = _random(shape, dtype, layout == "channels_last")
+    x = random_tensor(shape, dtype, layout == "channels_last")
     weight = torch.randn(c * multiplier, 1, *kernel, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(c * multiplier, dtype=torch.float64, requires_grad=True)
     y = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight, bias, groups=c)
-    grad_output = _random(tuple(y.shape), dtype, layout == "channels_last")
+    grad_output = random_tensor(tuple(y.shape), dtype, layout == "channels_last")
     y.backward(grad_output.double())
 
     partials = run_weight_grad(emulator, tmp_path, grad_output, x, kernel, (top, left), multiplier, splits, form)

@@ -1,4 +1,4 @@
-// Host emulations of csrc/mma_primitives.cuh, so the tensor-core kernel's own source runs on a CPU.
+// Host emulations of csrc/primitives.cuh, so the kernels' own source runs on a CPU.
 //
 // Every CUDA thread of a block is a std::thread. block_sync is a barrier over the block; ldmatrix and mma.sync are
 // warp-collective: each lane publishes its operands, the warp meets at a barrier, each lane computes its own result
@@ -7,7 +7,7 @@
 // shared memory, which a GPU would only report under compute-sanitizer.
 #pragma once
 
-#define LKCONV_MMA_PRIMITIVES_CUH  // the kernel's include of the real primitives becomes a no-op
+#define LKCONV_PRIMITIVES_CUH  // the kernel's include of the real primitives becomes a no-op
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,27 +1,20 @@
 // Runs the tensor-core kernels of csrc/ (tensor_core.cuh, tensor_core_whole_map.cuh, tensor_core_weight_grad.cuh,
 // tensor_core_whole_map_weight_grad.cuh) on the host, block after block, each block with one std::thread per CUDA
-// thread.
+// thread (host_harness.h).
 //
 // Usage: tensor_core_host conv|weight_grad IN OUT. IN starts with int64 fields, then the raw tensors (fp32 runs the
-// TF32 path; fp16 and bf16 their own); every
-// tensor is given as n, c, h, w, four element strides and its span (elements from the first to the last one):
+// TF32 path; fp16 and bf16 their own):
 //   conv:        dtype, kernel_h, kernel_w, multiplier, origin_h, origin_w, flip, has_bias, whole_map (the form:
 //                0 rows, 1 whole map), src map, dst map; then the src span, the dst span, the (C*m, 1, kh, kw)
 //                weight and the optional bias.
 //                OUT receives the dst span as the kernel left it.
 //   weight_grad: dtype, kernel_h, kernel_w, multiplier, pad_top, pad_left, splits, whole_map (the form: 0 rows,
-//                1 the Gram-matrix form), grad_output map, input map; then both spans. OUT receives the fp32 workspace of partial sums (splits x C*m x (kh*kw + 1)).
-// Every buffer is allocated with its exact span, so AddressSanitizer (the test builds with it) reports any access
-// outside a tensor, as compute-sanitizer would on a GPU.
+//                1 the Gram-matrix form), grad_output map, input map; then both spans. OUT receives the fp32
+//                workspace of partial sums (splits x C*m x (kh*kw + 1)).
 
-#include "emulated_primitives.h"  // first: it stands in for csrc/mma_primitives.cuh
+#include "host_harness.h"  // first: its primitives stand in for csrc/primitives.cuh
 
 #include <cmath>
-#include <cstdio>
-#include <fstream>
-#include <functional>
-#include <string>
-#include <thread>
 
 #include "tensor_core.cuh"
 #include "tensor_core_weight_grad.cuh"
@@ -31,53 +24,7 @@
 namespace {
 
 using lkconv::DType;
-using lkconv::Map;
-
-constexpr int kMapFields = 9;
-
-std::vector<int64_t> read_fields(std::ifstream& in, int count) {
-  std::vector<int64_t> fields(static_cast<size_t>(count));
-  in.read(reinterpret_cast<char*>(fields.data()), static_cast<std::streamsize>(count * sizeof(int64_t)));
-  if (!in) lkconv::emulation::fail("input file too short");
-  return fields;
-}
-
-int64_t element_bytes(DType dtype) { return dtype == DType::Float32 ? 4 : 2; }
-
-// `count` elements of `dtype`, in a buffer of exactly their size.
-std::vector<unsigned char> read_elements(std::ifstream& in, DType dtype, int64_t count) {
-  std::vector<unsigned char> bytes(static_cast<size_t>(count * element_bytes(dtype)));
-  in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  if (!in) lkconv::emulation::fail("input file too short");
-  return bytes;
-}
-
-Map map_from(const int64_t* fields, void* data) {
-  return {data, fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], fields[6], fields[7]};
-}
-
-// Runs `kernel` (one CUDA thread's body) over `blocks` blocks of `threads` threads with `shared_bytes` of shared
-// memory, filled with garbage as on a GPU.
-void emulate_grid(int64_t blocks, int threads, int64_t shared_bytes, const std::function<void()>& kernel) {
-  using namespace lkconv;
-  for (int64_t b = 0; b < blocks; ++b) {
-    emulation::Block block;
-    block.index = b;
-    block.shared.assign(static_cast<size_t>(shared_bytes), 0xa5);
-    block.all_threads = std::make_unique<std::barrier<>>(threads);
-    for (int w = 0; w < threads / 32; ++w) block.warps.push_back(std::make_unique<std::barrier<>>(32));
-    block.exchange.resize(static_cast<size_t>(threads / 32));
-    std::vector<std::thread> running;
-    for (int i = 0; i < threads; ++i) {
-      running.emplace_back([&block, &kernel, i] {
-        emulation::current_block = &block;
-        emulation::current_thread = i;
-        kernel();
-      });
-    }
-    for (auto& thread : running) thread.join();
-  }
-}
+using namespace lkconv::emulation;
 
 // The row-form launch tensor_core.cu makes: rows per warp from the map height.
 template <typename T>
@@ -86,7 +33,7 @@ void run_rows(const lkconv::UnitStrideArgs& args) {
   const int m_tiles = tc::m_tiles_for(args.dst.h);
   const tc::Tiling t =
       tc::plan<T>(m_tiles, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
-  if (t.shared_bytes > tc::kSharedLimit) lkconv::emulation::fail("the tiles do not fit in shared memory");
+  if (t.shared_bytes > tc::kSharedLimit) fail("the tiles do not fit in shared memory");
   emulate_grid(t.blocks, tc::kThreads, t.shared_bytes, [&] {
     m_tiles == 2 ? tc::conv_kernel<T, 2>(args, t) : tc::conv_kernel<T, 1>(args, t);
   });
@@ -99,7 +46,7 @@ void run_whole_map(const lkconv::UnitStrideArgs& args) {
   const int m_tiles = wm::m_tiles_for(args.dst.n);
   const wm::Tiling t =
       wm::plan<T>(m_tiles, args.dst.n, args.dst.c, args.src.h, args.src.w, args.dst.h, args.dst.w);
-  if (t.shared_bytes > wm::kSharedLimit) lkconv::emulation::fail("the operands do not fit in shared memory");
+  if (t.shared_bytes > wm::kSharedLimit) fail("the operands do not fit in shared memory");
   emulate_grid(t.blocks, wm::kThreads, t.shared_bytes, [&] {
     m_tiles == 2 ? wm::conv_kernel<T, 2>(args, t) : wm::conv_kernel<T, 1>(args, t);
   });
@@ -120,25 +67,10 @@ template <typename T>
 void run_weight_grad_whole_map(const lkconv::WeightGradArgs& args) {
   namespace wm = lkconv::tensor_core_whole_map_weight_grad;
   const lkconv::Map &dy = args.grad_output, &x = args.input;
-  if (!wm::rows_fit(x.w, dy.w)) lkconv::emulation::fail("map rows wider than a tile");
+  if (!wm::rows_fit(x.w, dy.w)) fail("map rows wider than a tile");
   const wm::Tiling t = wm::plan<T>(args.conv.kernel_h, args.conv.kernel_w, x.n, args.splits, x.h, x.w, dy.h, dy.w);
-  if (t.shared_bytes > wm::kSharedLimit) lkconv::emulation::fail("the operands do not fit in shared memory");
+  if (t.shared_bytes > wm::kSharedLimit) fail("the operands do not fit in shared memory");
   emulate_grid(dy.c * args.splits, wm::kThreads, t.shared_bytes, [&] { wm::partials_kernel<T>(args, t); });
-}
-
-template <typename Body>
-void with_type(DType dtype, Body&& body) {
-  switch (dtype) {
-    case DType::Float16: body.template operator()<__half>(); break;
-    case DType::BFloat16: body.template operator()<__nv_bfloat16>(); break;
-    case DType::Float32: body.template operator()<float>(); break;
-  }
-}
-
-bool write_all(const char* path, const void* data, size_t bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
-  return static_cast<bool>(out);
 }
 
 int conv(std::ifstream& in, const char* out_path) {

@@ -1,10 +1,11 @@
-// The hardware operations the tensor-core kernel (tensor_core.cuh) uses, one small function each: thread and block
-// indices, the block barrier, dynamic shared memory, ldmatrix, the TF32 rounding and mma.sync.
+// The hardware operations every kernel uses, one small function each: thread and block indices, the block barrier,
+// dynamic shared memory, and for the tensor-core kernels ldmatrix, the TF32 rounding and mma.sync.
 //
-// They sit apart behind a classic include guard so that tests/cuda_emulation can define LKCONV_MMA_PRIMITIVES_CUH
-// first and supply host emulations, which runs the kernel's own source on a CPU (no GPU needed to test its indexing).
-#ifndef LKCONV_MMA_PRIMITIVES_CUH
-#define LKCONV_MMA_PRIMITIVES_CUH
+// They sit apart behind a classic include guard so that tests/cuda_emulation can define LKCONV_PRIMITIVES_CUH
+// first and supply host emulations, which runs the kernels' own source on a CPU (no GPU needed to test their
+// indexing).
+#ifndef LKCONV_PRIMITIVES_CUH
+#define LKCONV_PRIMITIVES_CUH
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -82,4 +83,4 @@ __device__ __forceinline__ void mma_sync<float>(float (&d)[4], const uint32_t (&
 
 }  // namespace lkconv
 
-#endif  // LKCONV_MMA_PRIMITIVES_CUH
+#endif  // LKCONV_PRIMITIVES_CUH

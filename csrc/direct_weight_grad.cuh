@@ -1,0 +1,213 @@
+// Weight and bias grad on CUDA cores, fp32 accumulation, exact in fp32, and the ordered reduce every weight-grad form
+// shares. Each partials block writes the fp32 sums of one output channel over one fixed range of the N*OH dy rows
+// (a split); weight_grad_reduce adds the splits in order. No atomics, so repeated runs give bit-identical results.
+//
+// dW[o, r, q] = sum_{n, oh, ow} dy[n, o, oh, ow] * x[n, o/m, oh*sh - pt + r*dh, ow*sw - pl + q*dw]
+// db[o]       = sum_{n, oh, ow} dy[n, o, oh, ow]   (handled as one extra "tap" whose input is 1)
+//
+// Blocks are numbered split * C*m + o. The kernels reach the hardware only through primitives.cuh, so
+// tests/cuda_emulation runs this source on a CPU.
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "primitives.cuh"
+
+namespace lkconv {
+namespace direct_weight_grad {
+
+constexpr int kThreads = 256;
+constexpr int kTapsPerThread = 16;  // taps a thread accumulates in registers per pass: 4096 taps, a 63x63 kernel
+constexpr int kRowChunk = 1024;     // dy row elements staged in shared memory at a time
+constexpr int64_t kRowChunkBytes = kRowChunk * sizeof(float);
+
+// Any stride and dilation: each thread owns up to kTapsPerThread taps (and the bias) and adds dy row chunks staged in
+// shared memory times x read straight from global memory.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) weight_grad_partials(WeightGradArgs a, int64_t rows_per_split) {
+  float* const row = dynamic_shared<float>();  // kRowChunk floats
+  const Geometry& g = a.conv;
+  const int taps = g.kernel_h * g.kernel_w;
+  const int64_t o = block_index() % a.grad_output.c, split = block_index() / a.grad_output.c, c = o / g.multiplier;
+  const int64_t total_rows = a.grad_output.n * a.grad_output.h;
+  const int64_t first_row = split * rows_per_split;
+  const int64_t end_row = first_row + rows_per_split < total_rows ? first_row + rows_per_split : total_rows;
+  float* partial = a.workspace + (split * a.grad_output.c + o) * (taps + 1);
+  const int tid = thread_index();
+
+  // Taps are dealt out in groups of kThreads * kTapsPerThread; tap index `taps` is the bias.
+  for (int group = 0; group <= taps; group += kThreads * kTapsPerThread) {
+    float acc[kTapsPerThread];
+#pragma unroll
+    for (int s = 0; s < kTapsPerThread; ++s) acc[s] = 0.f;
+
+    for (int64_t flat = first_row; flat < end_row; ++flat) {
+      const int64_t n = flat / a.grad_output.h, oh = flat % a.grad_output.h;
+      for (int64_t col0 = 0; col0 < a.grad_output.w; col0 += kRowChunk) {
+        const int width = static_cast<int>(a.grad_output.w - col0 < kRowChunk ? a.grad_output.w - col0 : kRowChunk);
+        block_sync();  // the previous chunk is no longer read
+        for (int i = tid; i < width; i += kThreads) {
+          row[i] = to_float(static_cast<const T*>(a.grad_output.data)[offset(a.grad_output, n, o, oh, col0 + i)]);
+        }
+        block_sync();
+#pragma unroll
+        for (int s = 0; s < kTapsPerThread; ++s) {
+          const int tap = group + s * kThreads + tid;
+          if (tap > taps) continue;
+          if (tap == taps) {  // the bias: dy summed
+            for (int i = 0; i < width; ++i) acc[s] += row[i];
+            continue;
+          }
+          const int64_t ih = oh * g.stride_h - g.pad_top + (tap / g.kernel_w) * g.dilation_h;
+          if (ih < 0 || ih >= a.input.h) continue;
+          const int64_t iw0 = (col0 * g.stride_w) - g.pad_left + (tap % g.kernel_w) * g.dilation_w;
+          const T* source = static_cast<const T*>(a.input.data) + offset(a.input, n, c, ih, 0);
+          for (int i = 0; i < width; ++i) {
+            const int64_t iw = iw0 + static_cast<int64_t>(i) * g.stride_w;
+            if (iw >= 0 && iw < a.input.w) acc[s] = fmaf(row[i], to_float(source[iw * a.input.stride_w]), acc[s]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kTapsPerThread; ++s) {
+      const int tap = group + s * kThreads + tid;
+      if (tap <= taps) partial[tap] = acc[s];
+    }
+  }
+}
+
+// Stride 1, dilation 1: a register-tiled correlation. A block stages a strip of up to 8 dy rows x 64 columns and
+// the x rows and columns they reach in shared memory. Each thread owns one kernel row and 8 adjacent taps and walks
+// the strip's columns 8 at a time: 2 + 4 vector loads (dy, and the x window) feed 64 FMAs. With few taps (small
+// kernels) thread groups take interleaved column chunks and their sums are added in group order, so the result
+// stays deterministic.
+constexpr int kStripRows = 8;
+constexpr int kPieceW = 64;
+constexpr int kTapWindow = 8;
+constexpr int kBlockedThreads = 128;
+
+__host__ __device__ inline int padded_kernel_w(int kernel_w) {
+  return (kernel_w + kTapWindow - 1) / kTapWindow * kTapWindow;
+}
+
+__host__ __device__ inline int64_t blocked_shared_bytes(int kernel_h, int kernel_w) {
+  return static_cast<int64_t>(sizeof(float)) *
+         (int64_t{kStripRows} * kPieceW + int64_t{kStripRows + kernel_h - 1} * (kPieceW + padded_kernel_w(kernel_w)));
+}
+
+constexpr int64_t kBlockedSharedLimit = 48 * 1024;
+
+__device__ __forceinline__ void load8(const float* source, float* target) {
+  const float4 low = reinterpret_cast<const float4*>(source)[0], high = reinterpret_cast<const float4*>(source)[1];
+  target[0] = low.x, target[1] = low.y, target[2] = low.z, target[3] = low.w;
+  target[4] = high.x, target[5] = high.y, target[6] = high.z, target[7] = high.w;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(WeightGradArgs a,
+                                                                                 int64_t rows_per_split) {
+  float* const shared = dynamic_shared<float>();
+  const Geometry& g = a.conv;
+  const int kh = g.kernel_h, kw = g.kernel_w, kw_pad = padded_kernel_w(kw), taps = kh * kw;
+  const int x_w = kPieceW + kw_pad;
+  float* dy_strip = shared;                         // kStripRows x kPieceW
+  float* x_strip = shared + kStripRows * kPieceW;   // (kStripRows + kh - 1) x x_w
+  const Map& dy = a.grad_output;
+  const int64_t o = block_index() % dy.c, split = block_index() / dy.c, c = o / g.multiplier;
+  const int64_t total_rows = dy.n * dy.h, first_row = split * rows_per_split;
+  const int64_t end_row = first_row + rows_per_split < total_rows ? first_row + rows_per_split : total_rows;
+  float* partial = a.workspace + (split * dy.c + o) * (taps + 1);
+  const int tid = thread_index();
+
+  const int units = kh * (kw_pad / kTapWindow);  // (kernel row, 8 taps) per thread
+  const int groups = units >= kBlockedThreads ? 1 : kBlockedThreads / units;
+  float bias = 0.f;
+  for (int unit_base = 0; unit_base < units; unit_base += kBlockedThreads) {
+    const int group = tid / units < groups ? tid / units : groups;  // `groups`: idle thread
+    const int unit = unit_base + (groups == 1 ? tid : tid % units);
+    const bool active = group < groups && unit < units;
+    const int r = active ? unit / (kw_pad / kTapWindow) : 0;
+    const int q0 = active ? unit % (kw_pad / kTapWindow) * kTapWindow : 0;
+    float acc[kTapWindow] = {};
+
+    for (int64_t flat = first_row; flat < end_row;) {
+      const int64_t n = flat / dy.h, oh0 = flat % dy.h;
+      int64_t rows = end_row - flat < dy.h - oh0 ? end_row - flat : dy.h - oh0;  // stay within one image
+      rows = rows < kStripRows ? rows : kStripRows;
+      for (int64_t col0 = 0; col0 < dy.w; col0 += kPieceW) {
+        const int width = static_cast<int>(dy.w - col0 < kPieceW ? dy.w - col0 : kPieceW);
+        block_sync();  // the previous strip is no longer read
+        for (int i = tid; i < kStripRows * kPieceW; i += kBlockedThreads) {
+          const int row = i / kPieceW, col = i % kPieceW;
+          dy_strip[i] = row < rows && col < width
+                            ? to_float(static_cast<const T*>(dy.data)[offset(dy, n, o, oh0 + row, col0 + col)])
+                            : 0.f;
+        }
+        for (int i = tid; i < (kStripRows + kh - 1) * x_w; i += kBlockedThreads) {
+          x_strip[i] = load_or_zero<T>(a.input, n, c, oh0 - g.pad_top + i / x_w, col0 - g.pad_left + i % x_w);
+        }
+        block_sync();
+        if (active) {
+          for (int i = 0; i < rows; ++i) {
+            const float* dy_row = dy_strip + i * kPieceW;
+            const float* x_row = x_strip + (i + r) * x_w + q0;
+            for (int w0 = group * kTapWindow; w0 < width; w0 += groups * kTapWindow) {
+              float dy_values[kTapWindow], x_values[2 * kTapWindow];
+              load8(dy_row + w0, dy_values);
+              load8(x_row + w0, x_values);
+              load8(x_row + w0 + kTapWindow, x_values + kTapWindow);
+#pragma unroll
+              for (int t = 0; t < kTapWindow; ++t)
+#pragma unroll
+                for (int j = 0; j < kTapWindow; ++j) acc[t] = fmaf(dy_values[j], x_values[j + t], acc[t]);
+            }
+          }
+        }
+        if (tid == 0 && unit_base == 0) {
+          for (int i = 0; i < rows * kPieceW; ++i) bias += dy_strip[i];  // zeros pad the strip
+        }
+      }
+      flat += rows;
+    }
+
+    // Add the groups' sums in group order (deterministic), then write this pass's taps.
+    block_sync();
+    float* sums = shared;  // groups x units x kTapWindow floats: fits in the strips, which are done
+    if (active) {
+      for (int t = 0; t < kTapWindow; ++t) sums[(group * units + unit - unit_base) * kTapWindow + t] = acc[t];
+    }
+    block_sync();
+    if (active && group == 0) {
+      for (int other = 1; other < groups; ++other) {
+        for (int t = 0; t < kTapWindow; ++t) acc[t] += sums[(other * units + unit - unit_base) * kTapWindow + t];
+      }
+      for (int t = 0; t < kTapWindow && q0 + t < kw; ++t) partial[r * kw + q0 + t] = acc[t];
+    }
+  }
+  if (tid == 0) partial[taps] = bias;
+}
+
+// dy rows per split: the N*OH rows cut into `splits` ranges.
+inline int64_t rows_per_split(const WeightGradArgs& a) { return cdiv(a.grad_output.n * a.grad_output.h, a.splits); }
+
+// Adds the splits in a fixed order and writes dW (and db) in the storage type; kThreads per block, one (o, tap) each.
+template <typename T>
+__global__ void weight_grad_reduce(WeightGradArgs a) {
+  const int taps = a.conv.kernel_h * a.conv.kernel_w;
+  const int64_t index = block_index() * kThreads + thread_index();
+  const int64_t channels = a.grad_output.c;
+  if (index >= channels * (taps + 1)) return;
+  float sum = 0.f;
+  for (int64_t split = 0; split < a.splits; ++split) sum += a.workspace[split * channels * (taps + 1) + index];
+  const int64_t o = index / (taps + 1), tap = index % (taps + 1);
+  if (tap < taps) {
+    static_cast<T*>(a.grad_weight)[o * taps + tap] = from_float<T>(sum);
+  } else if (a.grad_bias) {
+    static_cast<T*>(a.grad_bias)[o] = from_float<T>(sum);
+  }
+}
+
+}  // namespace direct_weight_grad
+}  // namespace lkconv

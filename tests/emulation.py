@@ -1,0 +1,84 @@
+"""Shared by the emulation tests: builds a host emulator of csrc/ kernels (tests/cuda_emulation) with g++ and the
+sanitizers, feeds it tensors and reads back what the kernel wrote. The kernels' own source runs on a CPU, one host
+thread per CUDA thread, so their indexing, tiling and masks are tested without a GPU."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION = ROOT / "tests" / "cuda_emulation"
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # lkconv::DType
+
+
+def cuda_include_flags() -> list[str]:
+    """The include flags nvcc itself uses (its toolkit headers hold the fp16/bf16 types the kernels read)."""
+    nvcc = shutil.which("nvcc")
+    assert nvcc is not None, "nvcc is on every machine lkconv builds on (README); it is not on PATH here"
+    dry_run = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", "/dev/null", "-o", "/dev/null"],
+                             capture_output=True, text=True)
+    found = re.search(r'INCLUDES="([^"]*)"', dry_run.stderr + dry_run.stdout)
+    assert found, f"nvcc --dryrun did not list its include directories:\n{dry_run.stderr}"
+    return found.group(1).split()
+
+
+def build_emulator(source: str, directory: Path, sanitizers: str = "address,undefined") -> Path:
+    """Compiles tests/cuda_emulation/`source` with `sanitizers`, warnings as errors; returns the binary. By default
+    AddressSanitizer and UBSan: any access outside a tensor, or a misaligned vector load, stops it. "thread"
+    (ThreadSanitizer) instead reports shared memory one thread writes and another reads with no barrier between."""
+    binary = directory / f"{Path(source).stem}_{sanitizers.replace(',', '_')}"
+    command = ["g++", "-std=c++20", "-O1", "-g", f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all",
+               "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Werror", "-pthread", "-I", str(ROOT / "csrc"),
+               *cuda_include_flags(), str(EMULATION / source), "-o", str(binary)]
+    built = subprocess.run(command, capture_output=True, text=True)
+    assert built.returncode == 0, f"building the emulation failed:\n{built.stderr}"
+    return binary
+
+
+def span(t: torch.Tensor) -> int:
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """The elements a strided tensor spans in its storage, from its first one, as raw bytes."""
+    flat = torch.as_strided(t, (span(t),), (1,), t.storage_offset())
+    return flat.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def map_fields(t: torch.Tensor) -> list[int]:
+    """A tensor as the emulators read a map: sizes, element strides and span."""
+    return [*t.shape, *t.stride(), span(t)]
+
+
+def emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensors) -> bytes:
+    """Runs the emulator in `mode` on the header fields and tensors; returns what it wrote."""
+    payload = np.asarray(header, dtype=np.int64).tobytes() + b"".join(_raw(t) for t in tensors)
+    (tmp_path / "in").write_bytes(payload)
+    result = subprocess.run([str(emulator), mode, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"the emulated kernel failed:\n{result.stderr[-4000:]}"
+    return (tmp_path / "out").read_bytes()
+
+
+def as_strided_like(raw: bytes, like: torch.Tensor) -> torch.Tensor:
+    """The span `raw` the emulator wrote back for `like`, viewed with like's sizes and strides."""
+    flat = torch.from_numpy(np.frombuffer(raw, np.uint8).copy()).view(like.dtype)
+    return torch.as_strided(flat, like.shape, like.stride())
+
+
+def random_tensor(shape, dtype, channels_last=False):
+    t = torch.randn(shape, dtype=torch.float64).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def nan_buffer(shape, dtype, layout):
+    """Uninitialised-looking output: NaN everywhere, so an unwritten element fails the comparison."""
+    if layout == "sliced":  # every other column of a wider buffer: a non-unit stride along W
+        wide = torch.full((*shape[:3], 2 * shape[3]), float("nan"), dtype=dtype)
+        return wide[..., ::2]
+    buffer = torch.full(shape, float("nan"), dtype=dtype)
+    return buffer.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else buffer

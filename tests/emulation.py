@@ -13,6 +13,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = ROOT / "tests" / "cuda_emulation"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # lkconv::DType
+# Every emulated case runs twice: under AddressSanitizer and UBSan (out-of-bounds and misaligned accesses), and under
+# ThreadSanitizer, which names any shared memory one thread writes and another reads with no barrier between: the
+# missing-__syncthreads race a GPU would only show as occasional wrong results.
+SANITIZERS = ("address,undefined", "thread")
 
 
 def cuda_include_flags() -> list[str]:

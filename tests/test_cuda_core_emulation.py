@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOLERANCE, assert_close
-from emulation import DTYPE_CODES, as_strided_like, build_emulator, emulate, map_fields, nan_buffer, random_tensor
+from emulation import (DTYPE_CODES, SANITIZERS, as_strided_like, build_emulator, emulate, map_fields, nan_buffer,
+                       random_tensor)
 
 CONV_FORMS = {"blocked": 0, "tiled": 1, "general": 2}
 WEIGHT_GRAD_FORMS = {"blocked": 0, "per_tap": 1}
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    return build_emulator("cuda_core_host.cpp", tmp_path_factory.mktemp("emulation"))
+@pytest.fixture(scope="module", params=SANITIZERS)
+def emulator(request, tmp_path_factory):
+    return build_emulator("cuda_core_host.cpp", tmp_path_factory.mktemp("emulation"), request.param)
 
 
 def _header(dtype, kernel, multiplier, stride, padding, dilation, extra, form, first, second):

@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TF32_TOLERANCE, TOLERANCE, assert_close
-from emulation import DTYPE_CODES, as_strided_like, build_emulator, emulate, map_fields, nan_buffer, random_tensor
+from emulation import (DTYPE_CODES, SANITIZERS, as_strided_like, build_emulator, emulate, map_fields, nan_buffer,
+                       random_tensor)
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    return build_emulator("tensor_core_host.cpp", tmp_path_factory.mktemp("emulation"))
+@pytest.fixture(scope="module", params=SANITIZERS)
+def emulator(request, tmp_path_factory):
+    return build_emulator("tensor_core_host.cpp", tmp_path_factory.mktemp("emulation"), request.param)
 
 
 def run_conv(emulator, tmp_path, src, dst, weight, bias, origin, flip, multiplier, form) -> torch.Tensor:

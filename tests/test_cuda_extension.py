@@ -110,7 +110,11 @@ class TestLoadedExtension:
          "weight_grad_blocked_partials + weight_grad_reduce"),
         ("weight_grad", torch.bfloat16, False, (1, 512, 14, 14), 27,
          "weight_grad_tensor_core_partials + weight_grad_reduce"),
-        ("weight_grad", torch.bfloat16, False, (64, 384, 32, 32), 31,  # 16 dy tiles would not fit in shared memory
+        ("weight_grad", torch.bfloat16, False, (64, 384, 32, 32), 31,  # dy staged in passes of tiles
+         "weight_grad_tensor_core_whole_map_partials + weight_grad_reduce"),
+        ("weight_grad", torch.float16, False, (64, 256, 28, 28), 29,  # RepLKNet stage 2
+         "weight_grad_tensor_core_whole_map_partials + weight_grad_reduce"),
+        ("weight_grad", torch.bfloat16, False, (64, 128, 56, 56), 31,  # the forward keeps its row form here
          "weight_grad_tensor_core_partials + weight_grad_reduce"),
     ])
     def test_small_maps_the_kernel_covers_run_the_whole_map_form(self, pass_name, dtype, tf32, input_size, kernel,

@@ -173,6 +173,12 @@ WHOLE_MAP_WEIGHT_GRAD_CASES = {
     "70 images: two image chunks in one split": ((70, 1, 5, 6), (5, 5), 1, (2, 2, 2, 2), torch.bfloat16, 1, "nchw"),
     "more splits than images": ((2, 1, 6, 6), (7, 7), 1, (3, 3, 3, 3), torch.bfloat16, 3, "nchw"),
     "TF32: 40 images, two chunks, odd width": ((40, 1, 7, 9), (11, 11), 1, (5, 5, 5, 5), torch.float32, 1, "nchw"),
+    "RepLKNet stage 2 shape: 28x28 with 29x29, dy in four passes": ((2, 1, 28, 28), (29, 29), 1, (14, 14, 14, 14),
+                                                                     torch.float16, 1, "nchw"),
+    "rows 40 wide: two dy passes, x tiles skipped per pass": ((3, 1, 8, 40), (5, 7), 1, (2, 2, 3, 3), torch.bfloat16,
+                                                              2, "nchw"),
+    "TF32: two dy passes, multiplier 2, channels_last": ((2, 2, 9, 33), (3, 5), 2, (1, 1, 2, 2), torch.float32, 1,
+                                                         "channels_last"),
 }
 
 WEIGHT_GRAD_RUNS = [("rows", case) for case in WEIGHT_GRAD_CASES] + \

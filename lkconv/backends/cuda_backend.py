@@ -104,7 +104,9 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
 
     `splits` cuts the N*OH reduction into that many row ranges. By default: enough to give each SM 4 blocks, and
     enough that no fp32 accumulator sums more than SUMMANDS_PER_SPLIT products (long sequential fp32 sums drift
-    past the fp32 tolerance: 131072 terms lose about 7e-6 relative).
+    past the fp32 tolerance: 131072 terms lose about 7e-6 relative). The Gram-matrix form (small maps on tensor
+    cores) splits by images instead and takes at most one split per chunk of 64 images (32 in TF32): each split
+    repeats its whole gather, and its sums are short whatever the batch.
     """
     out_channels = grad_output.shape[1]
     taps = kernel_size[0] * kernel_size[1]

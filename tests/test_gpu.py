@@ -202,12 +202,13 @@ def test_torch_compile_reduce_overhead(backend):
     assert_close(y, expected, TOLERANCE[torch.float32], f"{backend} compiled with reduce-overhead")
 
 
-MEMCHECK_SCRIPT = """
+SANITIZER_SCRIPT = """
 import torch, lkconv
 for shape, kernel, stride, dilation, dtype in [((2, 5, 17, 23), 31, 1, 1, torch.float32),
                                               ((1, 3, 9, 40), 13, 2, 2, torch.bfloat16),
                                               ((2, 4, 8, 8), 63, 1, 1, torch.float16),
-                                              ((40, 3, 7, 9), 13, 1, 1, torch.bfloat16)]:  # cuda: whole map
+                                              ((40, 3, 7, 9), 13, 1, 1, torch.bfloat16),  # cuda: whole map
+                                              ((64, 2, 28, 28), 29, 1, 1, torch.bfloat16)]:  # dy in passes
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
     w = torch.randn(shape[1] * 2, 1, kernel, kernel, device="cuda", dtype=dtype, requires_grad=True)
     y = lkconv.depthwise_conv2d(x, w, None, stride, kernel // 2, dilation)
@@ -217,15 +218,18 @@ print("done")
 """
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_compute_sanitizer_memcheck(backend, tmp_path):
+@pytest.mark.parametrize("backend,tool",
+                         [(backend, "memcheck") for backend in GPU_BACKENDS] + [("cuda", "racecheck")])
+def test_compute_sanitizer(backend, tool, tmp_path):
+    """memcheck: no access outside a buffer; racecheck (the hand-written kernels): no shared-memory hazard between
+    threads, the GPU counterpart of the emulation tests' ThreadSanitizer run."""
     home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))
     sanitizer = shutil.which("compute-sanitizer") or str(home / "bin" / "compute-sanitizer")
     if not Path(sanitizer).exists():
         pytest.skip("compute-sanitizer is not installed here")
-    script = tmp_path / "memcheck.py"
-    script.write_text(MEMCHECK_SCRIPT)
-    result = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, str(script)],
+    script = tmp_path / "sanitized.py"
+    script.write_text(SANITIZER_SCRIPT)
+    result = subprocess.run([sanitizer, "--tool", tool, "--error-exitcode", "3", sys.executable, str(script)],
                             capture_output=True, text=True, timeout=500,
                             env={**os.environ, "LKCONV_BACKEND": backend})
     assert result.returncode == 0 and "done" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -75,7 +75,7 @@ Tiling plan(int kernel_h, int kernel_w, int64_t batch, int64_t splits, int64_t x
   t.rows_dy = static_cast<int>(kTile / dy_w);
   t.tiles_x = static_cast<int>(cdiv(x_h, t.rows_x));
   t.tiles_dy = static_cast<int>(cdiv(dy_h, t.rows_dy));
-  t.images_per_split = cdiv(batch, splits);
+  t.images_per_split = cdiv(cdiv(batch, Images<T>::kCount), splits) * Images<T>::kCount;  // whole chunks
   const int64_t tile_bytes = int64_t{kRowBytes} * kTile;
   const int64_t fixed = tile_bytes + int64_t{4} * kTile * kGramPitch + int64_t{4} * kernel_h * kernel_w +
                         int64_t{4} * kThreads;
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
   for (int64_t image0 = first_image; image0 < end_image; image0 += kImages) {
     for (int pass0 = 0; pass0 < t.tiles_dy; pass0 += t.dy_tiles_per_pass) {
       const int pass_end = pass0 + t.dy_tiles_per_pass < t.tiles_dy ? pass0 + t.dy_tiles_per_pass : t.tiles_dy;
-      block_sync();  // the previous pass's rows are no longer read
+      block_sync();  // the previous pass's rows are no longer read (each pair's barrier after its mma orders this too)
       for (int tile = pass0; tile < pass_end; ++tile) {
         const int64_t y = int64_t{tile} * t.rows_dy + dy_row_in_tile;
         const bool pixel_inside = dy_row_in_tile < t.rows_dy && y < dy.h;
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
         if ((x_row_end - 1) - pass_row0 + g.pad_top < 0 || x_row0 - (pass_row_end - 1) + g.pad_top >= g.kernel_h) {
           continue;
         }
-        block_sync();  // the previous x tile and G tile are no longer read
+        block_sync();  // the previous x tile is no longer read (each pair's barrier after its mma orders this too)
         {
           const int64_t y = x_row0 + x_row_in_tile;
           const bool pixel_inside = x_row_in_tile < t.rows_x && y < x.h;

@@ -68,10 +68,29 @@ def emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensor
     return (tmp_path / "out").read_bytes()
 
 
-def as_strided_like(raw: bytes, like: torch.Tensor) -> torch.Tensor:
-    """The span `raw` the emulator wrote back for `like`, viewed with like's sizes and strides."""
+def written_view(raw: bytes, like: torch.Tensor) -> torch.Tensor:
+    """The span `raw` the emulator wrote back for the NaN-filled buffer `like`, viewed with like's sizes and strides.
+    Elements of the span outside the view (the gaps of a sliced buffer) must still be NaN: a kernel writes its view
+    only."""
     flat = torch.from_numpy(np.frombuffer(raw, np.uint8).copy()).view(like.dtype)
+    covered = torch.zeros(flat.numel(), dtype=torch.bool)
+    torch.as_strided(covered, like.shape, like.stride()).fill_(True)
+    assert flat[~covered].isnan().all(), "the kernel wrote into the buffer outside its view"
     return torch.as_strided(flat, like.shape, like.stride())
+
+
+def read_weight_grad(raw: bytes, splits: int, channels: int, taps: int, dtype: torch.dtype):
+    """What a weight-grad mode wrote: the splits the launch used, their fp32 partials (used, C*m, taps + 1), and
+    grad_weight (C*m * taps) and grad_bias (C*m) from the reduce. Every used partial must be written and no other."""
+    used = int(np.frombuffer(raw[:8], np.int64)[0])
+    partial_end = 8 + 4 * splits * channels * (taps + 1)
+    partials = torch.from_numpy(np.frombuffer(raw[8:partial_end], np.float32).copy())
+    partials = partials.view(splits, channels, taps + 1)
+    assert 1 <= used <= splits, f"the launch used {used} splits of the {splits} the workspace holds"
+    assert not partials[:used].isnan().any(), "a partial sum was left unwritten"
+    assert partials[used:].isnan().all(), "a partial past the splits used was written"
+    results = torch.from_numpy(np.frombuffer(raw[partial_end:], np.uint8).copy()).view(dtype)
+    return used, partials[:used], results[:channels * taps], results[channels * taps:]
 
 
 def random_tensor(shape, dtype, channels_last=False):

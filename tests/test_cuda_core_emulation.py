@@ -3,14 +3,13 @@ stride-2 or dilated conv) run on a CPU: their own source, built with g++ and the
 the block barrier and shared memory (tests/cuda_emulation), and checked against F.conv2d in float64. This tests their
 tiling, clamping and strided indexing without a GPU; test_gpu.py runs them for real where there is one."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TOLERANCE, assert_close
-from emulation import (DTYPE_CODES, SANITIZERS, as_strided_like, build_emulator, emulate, map_fields, nan_buffer,
-                       random_tensor)
+from emulation import (DTYPE_CODES, SANITIZERS, build_emulator, emulate, map_fields, nan_buffer, random_tensor,
+                       read_weight_grad, written_view)
 
 CONV_FORMS = {"blocked": 0, "tiled": 1, "general": 2}
 WEIGHT_GRAD_FORMS = {"blocked": 0, "per_tap": 1}
@@ -91,7 +90,7 @@ def test_forward_matches_float64(emulator, tmp_path, form, case):
 
     header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, int(with_bias), CONV_FORMS[form], x, y)
     tensors = [x, y, weight] + ([bias] if with_bias else [])
-    actual = as_strided_like(emulate(emulator, tmp_path, "forward", header, tensors), y)
+    actual = written_view(emulate(emulator, tmp_path, "forward", header, tensors), y)
     taps_only = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(), stride=stride,
                          dilation=dilation, groups=c)
     assert taps_only.abs().max() > 0, f"{case}: no tap reaches the map, so the case tests nothing"
@@ -141,7 +140,7 @@ def test_input_grad_matches_float64(emulator, tmp_path, form, case):
     dx = nan_buffer(shape, dtype, dx_layout)
 
     header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, 0, CONV_FORMS[form], grad_output, dx)
-    actual = as_strided_like(emulate(emulator, tmp_path, "input_grad", header, [grad_output, dx, weight]), dx)
+    actual = written_view(emulate(emulator, tmp_path, "input_grad", header, [grad_output, dx, weight]), dx)
     assert_close(actual, x.grad, TOLERANCE[dtype], f"emulated CUDA-core input grad ({form}), {case}")
 
 
@@ -194,12 +193,9 @@ def test_weight_grad_matches_float64(emulator, tmp_path, form, case):
     header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, splits, WEIGHT_GRAD_FORMS[form],
                      grad_output, x)
     raw = emulate(emulator, tmp_path, "weight_grad", header, [grad_output, x])
-    channels, taps = c * multiplier, kernel[0] * kernel[1]
-    partial_bytes = 4 * splits * channels * (taps + 1)
-    partials = np.frombuffer(raw[:partial_bytes], np.float32)
-    assert not np.isnan(partials).any(), "a partial sum was left unwritten"
-    results = torch.from_numpy(np.frombuffer(raw[partial_bytes:], np.uint8).copy()).view(dtype)
-    grad_weight, grad_bias = results[:channels * taps].view(weight.shape), results[channels * taps:]
+    used, _, grad_weight, grad_bias = read_weight_grad(raw, splits, c * multiplier, kernel[0] * kernel[1], dtype)
+    assert used == splits
+    grad_weight = grad_weight.view(weight.shape)
     assert_close(grad_weight, weight.grad, TOLERANCE[dtype], f"emulated CUDA-core weight grad ({form}), {case}")
     # A sum of random values can nearly cancel, so the bias grad's error is measured against the sum of magnitudes.
     magnitude = grad_output.double().abs().sum(dim=(0, 2, 3))

@@ -94,6 +94,27 @@ def test_cuda_tensor_core_forms_on_a_map_the_kernel_covers(batch, form, dtype):
         assert_close(actual, wanted, TOLERANCE[dtype], f"cuda {form} batch {batch} {dtype} {name}")
 
 
+def test_cuda_gram_weight_grad_takes_one_split_per_image_chunk():
+    """The Gram-matrix form (RepLKNet stage 2's 28x28, K=29) uses at most one split per 64-image chunk whatever
+    workspace it is given: 8 splits asked of 40 images give the bits of 1, and the reduce reads only the splits
+    written (a workspace left uninitialised past them would show)."""
+    from lkconv.backends import cuda_backend
+
+    x = torch.randn(40, 6, 28, 28, device="cuda").to(torch.bfloat16)
+    dy = torch.randn(40, 6, 28, 28, device="cuda").to(torch.bfloat16)
+    w = torch.zeros(6, 1, 29, 29, device="cuda", dtype=torch.bfloat16)
+    with lkconv.use_backend("cuda"):
+        assert "whole_map" in lkconv.explain(x, w, None, padding=14).weight_grad
+    many = cuda_backend.weight_grad(dy, x, (29, 29), (1, 1), (14, 14, 14, 14), (1, 1), True, splits=8)
+    one = cuda_backend.weight_grad(dy, x, (29, 29), (1, 1), (14, 14, 14, 14), (1, 1), True, splits=1)
+    assert torch.equal(many[0], one[0]) and torch.equal(many[1], one[1])
+    x64, dy64 = x.double().requires_grad_(), dy.double()
+    w64 = w.double().requires_grad_()
+    y = torch.nn.functional.conv2d(x64, w64, padding=14, groups=6)
+    (grad_weight,) = torch.autograd.grad(y, (w64,), dy64)
+    assert_close(many[0], grad_weight, TOLERANCE[torch.bfloat16], "Gram weight grad, 8 splits asked")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_weight_grad_bit_identical_over_runs_at_full_size(backend, dtype):

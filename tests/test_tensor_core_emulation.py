@@ -3,14 +3,13 @@ source, built with g++ and AddressSanitizer against host emulations of ldmatrix,
 (tests/cuda_emulation), and checked against F.conv2d in float64. This tests their tiling, fragment indexing and masks
 without a GPU; test_gpu.py runs them for real where there is one."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TF32_TOLERANCE, TOLERANCE, assert_close
-from emulation import (DTYPE_CODES, SANITIZERS, as_strided_like, build_emulator, emulate, map_fields, nan_buffer,
-                       random_tensor)
+from emulation import (DTYPE_CODES, SANITIZERS, build_emulator, emulate, map_fields, nan_buffer, random_tensor,
+                       read_weight_grad, written_view)
 
 
 @pytest.fixture(scope="module", params=SANITIZERS)
@@ -24,16 +23,16 @@ def run_conv(emulator, tmp_path, src, dst, weight, bias, origin, flip, multiplie
     header = [DTYPE_CODES[src.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
               int(bias is not None), int(form == "whole_map"), *map_fields(src), *map_fields(dst)]
     tensors = [src, dst, weight] + ([bias] if bias is not None else [])
-    return as_strided_like(emulate(emulator, tmp_path, "conv", header, tensors), dst)
+    return written_view(emulate(emulator, tmp_path, "conv", header, tensors), dst)
 
 
 def run_weight_grad(emulator, tmp_path, grad_output, input, kernel, padding, multiplier, splits, form):
-    """Runs the weight-grad partials kernel of `form` ("rows" or "whole_map"); returns its fp32 partial sums,
-    (splits, C*m, kh*kw + 1)."""
+    """Runs the weight-grad partials kernel of `form` ("rows" or "whole_map") with a workspace for `splits`, as
+    weight_grad.cu launches it, then the reduce; returns read_weight_grad's (splits used, partials, dW, db)."""
     header = [DTYPE_CODES[input.dtype], *kernel, multiplier, *padding, splits, int(form == "whole_map"),
               *map_fields(grad_output), *map_fields(input)]
-    partials = np.frombuffer(emulate(emulator, tmp_path, "weight_grad", header, [grad_output, input]), np.float32)
-    return torch.from_numpy(partials.copy()).view(splits, grad_output.shape[1], kernel[0] * kernel[1] + 1)
+    raw = emulate(emulator, tmp_path, "weight_grad", header, [grad_output, input])
+    return read_weight_grad(raw, splits, grad_output.shape[1], kernel[0] * kernel[1], input.dtype)
 
 
 def _tolerance(dtype):
@@ -161,8 +160,8 @@ WEIGHT_GRAD_CASES = {
 
 # The Gram-matrix form, on maps the kernel covers or nearly covers (rows at most 64 wide); same fields.
 WHOLE_MAP_WEIGHT_GRAD_CASES = {
-    "RepLKNet stage 4 shape: 7x7 with 13x13, two splits": ((5, 2, 7, 7), (13, 13), 1, (6, 6, 6, 6), torch.bfloat16,
-                                                             2, "nchw"),
+    "RepLKNet stage 4 shape: 7x7 with 13x13, two splits asked, one chunk used": (
+        (5, 2, 7, 7), (13, 13), 1, (6, 6, 6, 6), torch.bfloat16, 2, "nchw"),
     "14x14 with 27x27: four x tiles, one row short": ((3, 1, 14, 14), (27, 27), 1, (13, 13, 13, 13), torch.float16, 1,
                                                       "nchw"),
     "kernel short of the map: skipped tile pairs": ((2, 1, 20, 9), (5, 3), 1, (2, 2, 1, 1), torch.bfloat16, 1,
@@ -172,7 +171,10 @@ WHOLE_MAP_WEIGHT_GRAD_CASES = {
                                                         "channels_last"),
     "70 images: two image chunks in one split": ((70, 1, 5, 6), (5, 5), 1, (2, 2, 2, 2), torch.bfloat16, 1, "nchw"),
     "more splits than images": ((2, 1, 6, 6), (7, 7), 1, (3, 3, 3, 3), torch.bfloat16, 3, "nchw"),
-    "TF32: 40 images, two chunks, odd width": ((40, 1, 7, 9), (11, 11), 1, (5, 5, 5, 5), torch.float32, 1, "nchw"),
+    "TF32: 40 images in two splits of whole chunks, odd width": ((40, 1, 7, 9), (11, 11), 1, (5, 5, 5, 5),
+                                                                  torch.float32, 2, "nchw"),
+    "130 images, two splits: two chunks and a partial one": ((130, 1, 5, 6), (5, 5), 1, (2, 2, 2, 2), torch.bfloat16,
+                                                              2, "nchw"),
     "RepLKNet stage 2 shape: 28x28 with 29x29, dy in four passes": ((2, 1, 28, 28), (29, 29), 1, (14, 14, 14, 14),
                                                                      torch.float16, 1, "nchw"),
     "rows 40 wide: two dy passes, x tiles skipped per pass": ((3, 1, 8, 40), (5, 7), 1, (2, 2, 3, 3), torch.bfloat16,
@@ -199,10 +201,13 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, form, case):
     grad_output = random_tensor(tuple(y.shape), dtype, layout == "channels_last")
     y.backward(grad_output.double())
 
-    partials = run_weight_grad(emulator, tmp_path, grad_output, x, kernel, (top, left), multiplier, splits, form)
-    assert not partials.isnan().any(), "a partial sum was left unwritten"
+    used, partials, grad_weight, grad_bias = run_weight_grad(emulator, tmp_path, grad_output, x, kernel, (top, left),
+                                                             multiplier, splits, form)
+    # The Gram-matrix form takes no more splits than it has image chunks (64 images, 32 in TF32).
+    chunk = 32 if dtype == torch.float32 else 64
+    assert used == (min(splits, -(-n // chunk)) if form == "whole_map" else splits)
     total = partials[0].clone()
-    for split in range(1, splits):
+    for split in range(1, used):
         total += partials[split]
     taps = kernel[0] * kernel[1]
     tolerance = TF32_TOLERANCE if dtype == torch.float32 else TOLERANCE[torch.float32]
@@ -214,3 +219,6 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, form, case):
     error = (total[:, taps].double() - bias.grad).abs() / magnitude
     assert error.max() <= TOLERANCE[torch.float32], f"emulated tensor-core bias grad ({form}), {case}: " \
         f"error {error.max():.2e}"
+    # The reduce adds the same partials in the same order, then rounds to the storage type.
+    assert_close(grad_weight.view(weight.shape), weight.grad, _tolerance(dtype), f"reduced weight grad ({form}), {case}")
+    assert torch.equal(grad_bias, total[:, taps].to(dtype)), f"reduced bias grad ({form}), {case}"

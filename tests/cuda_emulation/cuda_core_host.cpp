@@ -11,8 +11,9 @@
 //   input_grad:  extra unused; forms as the forward. Maps: grad_output, grad_input. Tensors: both spans and the
 //                weight. OUT: the grad_input span.
 //   weight_grad: extra = splits; form 0 blocked, 1 per tap. Maps: grad_output, input. Tensors: both spans. The
-//                partials kernel runs, then weight_grad_reduce. OUT: the fp32 workspace (splits x C*m x
-//                (kh*kw + 1)), then grad_weight (C*m, 1, kh, kw) and grad_bias (C*m,) in the storage type.
+//                partials kernel runs, then weight_grad_reduce. OUT: the splits used (int64), the fp32 workspace
+//                (splits x C*m x (kh*kw + 1)), then grad_weight (C*m, 1, kh, kw) and grad_bias (C*m,) in the
+//                storage type.
 
 #include "host_harness.h"  // first: its primitives stand in for csrc/primitives.cuh
 
@@ -163,12 +164,7 @@ int weight_grad(std::ifstream& in, const char* out_path) {
     emulate_grid(lkconv::cdiv(channels * (taps + 1), dw::kThreads), dw::kThreads, 0,
                  [&] { dw::weight_grad_reduce<T>(args); });
   });
-  std::ofstream out(out_path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(workspace.data()),
-            static_cast<std::streamsize>(workspace.size() * sizeof(float)));
-  out.write(reinterpret_cast<const char*>(grad_weight.data()), static_cast<std::streamsize>(grad_weight.size()));
-  out.write(reinterpret_cast<const char*>(grad_bias.data()), static_cast<std::streamsize>(grad_bias.size()));
-  return out ? 0 : 4;
+  return write_weight_grad(out_path, args.splits, workspace, grad_weight, grad_bias) ? 0 : 4;
 }
 
 }  // namespace

@@ -73,6 +73,20 @@ void with_type(DType dtype, Body&& body) {
   }
 }
 
+// What a weight-grad mode writes: the splits the launch used (int64), the fp32 workspace of partial sums, then
+// grad_weight and grad_bias as weight_grad_reduce left them.
+inline bool write_weight_grad(const char* path, int64_t splits_used, const std::vector<float>& workspace,
+                              const std::vector<unsigned char>& grad_weight,
+                              const std::vector<unsigned char>& grad_bias) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char*>(&splits_used), sizeof splits_used);
+  out.write(reinterpret_cast<const char*>(workspace.data()),
+            static_cast<std::streamsize>(workspace.size() * sizeof(float)));
+  out.write(reinterpret_cast<const char*>(grad_weight.data()), static_cast<std::streamsize>(grad_weight.size()));
+  out.write(reinterpret_cast<const char*>(grad_bias.data()), static_cast<std::streamsize>(grad_bias.size()));
+  return static_cast<bool>(out);
+}
+
 inline bool write_all(const char* path, const void* data, size_t bytes) {
   std::ofstream out(path, std::ios::binary);
   out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));

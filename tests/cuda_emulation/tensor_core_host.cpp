@@ -9,13 +9,16 @@
 //                weight and the optional bias.
 //                OUT receives the dst span as the kernel left it.
 //   weight_grad: dtype, kernel_h, kernel_w, multiplier, pad_top, pad_left, splits, whole_map (the form: 0 rows,
-//                1 the Gram-matrix form), grad_output map, input map; then both spans. OUT receives the fp32
-//                workspace of partial sums (splits x C*m x (kh*kw + 1)).
+//                1 the Gram-matrix form, which takes the splits weight_grad.cu gives it), grad_output map, input
+//                map; then both spans. The partials kernel runs, then weight_grad_reduce. OUT receives the splits
+//                used (int64), the fp32 workspace (splits x C*m x (kh*kw + 1), NaN past the splits used), then
+//                grad_weight (C*m, 1, kh, kw) and grad_bias (C*m,) in the storage type.
 
 #include "host_harness.h"  // first: its primitives stand in for csrc/primitives.cuh
 
 #include <cmath>
 
+#include "direct_weight_grad.cuh"
 #include "tensor_core.cuh"
 #include "tensor_core_weight_grad.cuh"
 #include "tensor_core_whole_map.cuh"
@@ -62,7 +65,7 @@ void run_weight_grad_rows(const lkconv::WeightGradArgs& args) {
                [&] { wg::partials_kernel<T>(args, t); });
 }
 
-// The launch weight_grad.cu makes for the Gram-matrix form's partial sums.
+// The launch weight_grad.cu makes for the Gram-matrix form's partial sums (with the splits it uses).
 template <typename T>
 void run_weight_grad_whole_map(const lkconv::WeightGradArgs& args) {
   namespace wm = lkconv::tensor_core_whole_map_weight_grad;
@@ -91,6 +94,7 @@ int conv(std::ifstream& in, const char* out_path) {
 }
 
 int weight_grad(std::ifstream& in, const char* out_path) {
+  namespace dw = lkconv::direct_weight_grad;
   const std::vector<int64_t> h = read_fields(in, 8 + 2 * kMapFields);
   const int64_t* dy_fields = h.data() + 8;
   const int64_t* x_fields = dy_fields + kMapFields;
@@ -98,16 +102,24 @@ int weight_grad(std::ifstream& in, const char* out_path) {
   std::vector<unsigned char> dy = read_elements(in, dtype, dy_fields[8]);
   std::vector<unsigned char> x = read_elements(in, dtype, x_fields[8]);
   const int kernel_h = static_cast<int>(h[1]), kernel_w = static_cast<int>(h[2]);
-  const int64_t splits = h[6];
-  std::vector<float> workspace(static_cast<size_t>(splits * dy_fields[1] * (int64_t{kernel_h} * kernel_w + 1)),
-                               std::nanf(""));
+  const int64_t splits = h[6], channels = dy_fields[1], taps = int64_t{kernel_h} * kernel_w;
+  std::vector<float> workspace(static_cast<size_t>(splits * channels * (taps + 1)), std::nanf(""));
+  std::vector<unsigned char> grad_weight(static_cast<size_t>(channels * taps * element_bytes(dtype)), 0xa5);
+  std::vector<unsigned char> grad_bias(static_cast<size_t>(channels * element_bytes(dtype)), 0xa5);
   const lkconv::Geometry conv{h[3], kernel_h, kernel_w, 1, 1, static_cast<int>(h[4]), static_cast<int>(h[5]), 1, 1};
-  const lkconv::WeightGradArgs args{dtype, true, conv, map_from(dy_fields, dy.data()), map_from(x_fields, x.data()),
-                                    workspace.data(), splits, nullptr, nullptr};
+  lkconv::WeightGradArgs args{dtype, true, conv, map_from(dy_fields, dy.data()), map_from(x_fields, x.data()),
+                              workspace.data(), splits, grad_weight.data(), grad_bias.data()};
   with_type(args.dtype, [&]<typename T>() {
-    h[7] ? run_weight_grad_whole_map<T>(args) : run_weight_grad_rows<T>(args);
+    if (h[7]) {
+      args.splits = lkconv::tensor_core_whole_map_weight_grad::splits_for<T>(args.input.n, splits);
+      run_weight_grad_whole_map<T>(args);
+    } else {
+      run_weight_grad_rows<T>(args);
+    }
+    emulate_grid(lkconv::cdiv(channels * (taps + 1), dw::kThreads), dw::kThreads, 0,
+                 [&] { dw::weight_grad_reduce<T>(args); });
   });
-  return write_all(out_path, workspace.data(), workspace.size() * sizeof(float)) ? 0 : 4;
+  return write_weight_grad(out_path, args.splits, workspace, grad_weight, grad_bias) ? 0 : 4;
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>  // fmaf where the kernels are compiled for the host (tests/cuda_emulation)
+
 #include "depthwise.h"
 
 namespace lkconv {

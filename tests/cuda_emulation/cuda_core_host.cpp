@@ -161,8 +161,7 @@ int weight_grad(std::ifstream& in, const char* out_path) {
       emulate_grid(blocks, dw::kThreads, dw::kRowChunkBytes,
                    [&] { dw::weight_grad_partials<T>(args, dw::rows_per_split(args)); });
     }
-    emulate_grid(lkconv::cdiv(channels * (taps + 1), dw::kThreads), dw::kThreads, 0,
-                 [&] { dw::weight_grad_reduce<T>(args); });
+    run_reduce<T>(args);
   });
   return write_weight_grad(out_path, args.splits, workspace, grad_weight, grad_bias) ? 0 : 4;
 }

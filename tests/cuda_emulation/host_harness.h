@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "depthwise.h"
+#include "direct_weight_grad.cuh"
 
 namespace lkconv {
 namespace emulation {
@@ -71,6 +72,14 @@ void with_type(DType dtype, Body&& body) {
     case DType::BFloat16: body.template operator()<__nv_bfloat16>(); break;
     case DType::Float32: body.template operator()<float>(); break;
   }
+}
+
+// weight_grad.cu's second launch: the ordered reduce of the partials into grad_weight and grad_bias.
+template <typename T>
+void run_reduce(const WeightGradArgs& args) {
+  namespace dw = direct_weight_grad;
+  const int64_t outputs = args.grad_output.c * (int64_t{args.conv.kernel_h} * args.conv.kernel_w + 1);
+  emulate_grid(cdiv(outputs, dw::kThreads), dw::kThreads, 0, [&] { dw::weight_grad_reduce<T>(args); });
 }
 
 // What a weight-grad mode writes: the splits the launch used (int64), the fp32 workspace of partial sums, then

@@ -18,7 +18,6 @@
 
 #include <cmath>
 
-#include "direct_weight_grad.cuh"
 #include "tensor_core.cuh"
 #include "tensor_core_weight_grad.cuh"
 #include "tensor_core_whole_map.cuh"
@@ -94,7 +93,6 @@ int conv(std::ifstream& in, const char* out_path) {
 }
 
 int weight_grad(std::ifstream& in, const char* out_path) {
-  namespace dw = lkconv::direct_weight_grad;
   const std::vector<int64_t> h = read_fields(in, 8 + 2 * kMapFields);
   const int64_t* dy_fields = h.data() + 8;
   const int64_t* x_fields = dy_fields + kMapFields;
@@ -116,8 +114,7 @@ int weight_grad(std::ifstream& in, const char* out_path) {
     } else {
       run_weight_grad_rows<T>(args);
     }
-    emulate_grid(lkconv::cdiv(channels * (taps + 1), dw::kThreads), dw::kThreads, 0,
-                 [&] { dw::weight_grad_reduce<T>(args); });
+    run_reduce<T>(args);
   });
   return write_weight_grad(out_path, args.splits, workspace, grad_weight, grad_bias) ? 0 : 4;
 }

@@ -42,24 +42,13 @@ bool weight_grad_is_blocked(const Geometry& g) {
 
 namespace {
 
-MapSizes sizes_of(const WeightGradArgs& a) {
-  return {a.input.n, a.input.h, a.input.w, a.grad_output.h, a.grad_output.w};
-}
-
-// The splits the launch uses: the caller's, except that the Gram-matrix form takes no more than it has image chunks.
+// Launches the partial-sums kernel the dtype, geometry and sizes call for (`whole_map`: the Gram-matrix form),
+// writing `args.splits` partials; returns the cudaError_t of the launch.
 template <typename T>
-int64_t splits_used(const WeightGradArgs& a) {
-  if (!weight_grad_is_whole_map(a.dtype, a.allow_tf32, a.conv, sizes_of(a))) return a.splits;
-  return tensor_core_whole_map_weight_grad::splits_for<T>(a.input.n, a.splits);
-}
-
-// Launches the partial-sums kernel the dtype, geometry and sizes call for, writing `args.splits` partials; returns
-// the cudaError_t of the launch.
-template <typename T>
-int launch_partials(const WeightGradArgs& args, cudaStream_t stream) {
+int launch_partials(const WeightGradArgs& args, bool whole_map, cudaStream_t stream) {
   const Geometry& g = args.conv;
   const int64_t channels = args.grad_output.c, rows = args.grad_output.n * args.grad_output.h;
-  if (weight_grad_is_whole_map(args.dtype, args.allow_tf32, g, sizes_of(args))) {
+  if (whole_map) {
     namespace wm = tensor_core_whole_map_weight_grad;
     const wm::Tiling t = wm::plan<T>(g.kernel_h, g.kernel_w, args.input.n, args.splits, args.input.h, args.input.w,
                                      args.grad_output.h, args.grad_output.w);
@@ -98,9 +87,13 @@ int weight_grad(const WeightGradArgs& args, void* stream) {
   const int taps = args.conv.kernel_h * args.conv.kernel_w;
   auto s = static_cast<cudaStream_t>(stream);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
-    WeightGradArgs used = args;  // the workspace holds args.splits partials; the reduce reads the ones written
-    used.splits = splits_used<T>(args);
-    if (const int error = launch_partials<T>(used, s); error != 0) return error;
+    const MapSizes sizes{args.input.n, args.input.h, args.input.w, args.grad_output.h, args.grad_output.w};
+    const bool whole_map = weight_grad_is_whole_map(args.dtype, args.allow_tf32, args.conv, sizes);
+    // The workspace holds args.splits partials; the Gram-matrix form takes no more splits than it has image chunks,
+    // and the reduce reads the ones written.
+    WeightGradArgs used = args;
+    if (whole_map) used.splits = tensor_core_whole_map_weight_grad::splits_for<T>(args.input.n, args.splits);
+    if (const int error = launch_partials<T>(used, whole_map, s); error != 0) return error;
     namespace dw = direct_weight_grad;
     dw::weight_grad_reduce<T><<<cdiv(channels * (taps + 1), dw::kThreads), dw::kThreads, 0, s>>>(used);
     return static_cast<int>(cudaGetLastError());

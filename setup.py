@@ -48,23 +48,31 @@ def cuda_home():
     return None
 
 
+# The architecture names TORCH_CUDA_ARCH_LIST may hold (as torch.utils.cpp_extension reads them), sm_80 and newer.
+NAMED_ARCHS = {"Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX"}
+
+
 def gencode_flags(home: Path) -> list[str]:
-    """-gencode flags for TORCH_CUDA_ARCH_LIST (e.g. '8.0;8.6;9.0+PTX'), default sm_80 and sm_90 plus PTX.
+    """-gencode flags for TORCH_CUDA_ARCH_LIST (e.g. '8.0;8.6;9.0a;9.0+PTX' or 'Hopper'), default sm_80 and sm_90
+    plus PTX.
 
     Entries this nvcc cannot compile for (nvcc 13 dropped sm_70 and older), or below sm_80 (the kernels' floor),
     are left out with a message; an entry that is not an architecture raises ValueError.
     """
     listed = subprocess.run([str(home / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True)
-    known = set(re.findall(r"compute_(\w+)", listed.stdout))
+    known = set(re.findall(r"compute_(\d+)", listed.stdout))  # nvcc lists base targets: 90, not 90a or 100f
+    requested = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    for name, archs in NAMED_ARCHS.items():
+        requested = requested.replace(name, archs)
     flags = []
-    for entry in re.split(r"[;\s,]+", os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS).strip()):
+    for entry in re.split(r"[;\s,]+", requested.strip()):
         if not entry:
             continue
         match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
         if match is None:
-            raise ValueError(f"TORCH_CUDA_ARCH_LIST entries look like 8.0, 9.0a or 9.0+PTX; got {entry!r}")
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST entries look like 8.0, 9.0a, 9.0+PTX or Hopper; got {entry!r}")
         arch = f"{match[1]}{match[2]}{match[3]}"
-        if int(match[1]) < 8 or (known and arch not in known):
+        if int(match[1]) < 8 or (known and f"{match[1]}{match[2]}" not in known):
             _say(f"TORCH_CUDA_ARCH_LIST: leaving out {entry} (the kernels need sm_80+, and this nvcc must know it)")
             continue
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
@@ -148,19 +156,19 @@ def cuda_extension():
         include_dirs=[str(CSRC)],
         library_dirs=[str(home / "lib64"), str(home / "lib")],
         libraries=["cudart_static", "dl", "rt", "pthread"],
-        extra_compile_args=["-O2", "-std=c++17"],
+        extra_compile_args=["-O2", "-std=c++20"],  # what torch's own extensions use; its headers need it
     )
     _say(f"building lkconv._C with {home / 'bin' / 'nvcc'} for {' '.join(gencode[1::2])}")
     return [extension], {"build_ext": BuildWithNvcc.with_options(use_ninja=False)}
 
 
-ext_modules, cmdclass = cuda_extension()
-
-setup(
-    packages=find_packages(include=["lkconv", "lkconv.*"]) + ["lkconv.kernels", "lkconv.benchmarks"],
-    # The top-level kernels/ and benchmarks/ folders install inside the package (`lkconv-bench` runs the latter).
-    package_dir={"lkconv.kernels": "kernels", "lkconv.benchmarks": "benchmarks"},
-    package_data={"lkconv.backends": ["measured_choices.json"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+if __name__ == "__main__":  # pip runs this file as __main__; tests import it to check the flags it builds
+    ext_modules, cmdclass = cuda_extension()
+    setup(
+        packages=find_packages(include=["lkconv", "lkconv.*"]) + ["lkconv.kernels", "lkconv.benchmarks"],
+        # The top-level kernels/ and benchmarks/ folders install inside the package (`lkconv-bench` runs the latter).
+        package_dir={"lkconv.kernels": "kernels", "lkconv.benchmarks": "benchmarks"},
+        package_data={"lkconv.backends": ["measured_choices.json"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

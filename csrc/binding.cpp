@@ -88,6 +88,9 @@ void check_shapes(const Tensor& input, const Tensor& output, const Tensor& weigh
       out_size(input.size(3), weight.size(3), stride[1], padding[1], padding[3], dilation[1])};
   TORCH_CHECK(output.sizes() == c10::IntArrayRef(expected), output_name, " must have shape ", expected, " for ",
               input_name, " of shape ", input.sizes(), "; got ", output.sizes());
+  // The launchers divide by map widths and heights (tile rows per map row, for one).
+  TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0 && expected[2] > 0 && expected[3] > 0, input_name,
+              " and ", output_name, " must have heights and widths >= 1; got ", input.sizes(), " and ", expected);
 }
 
 // The data of an optional per-channel vector (bias, grad_bias), checked against `like` and the channel count; null

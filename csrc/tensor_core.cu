@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "launch.cuh"
 #include "tensor_core.cuh"
 #include "tensor_core_whole_map.cuh"
 
@@ -49,31 +50,20 @@ bool prefers_whole_map(int kernel_h, int kernel_w, const UnitStrideSizes& s) {
          whole_map_work(t, m_tiles, s) <= kWholeMapMaxWorkRatio * row_form_work<T>(kernel_h, kernel_w, s);
 }
 
-// Opts in to `shared_bytes` of dynamic shared memory for `kernel` and launches it.
-template <typename Kernel, typename Tiling>
-int launch(Kernel kernel, int64_t blocks, int threads, int64_t shared_bytes, const UnitStrideArgs& args,
-           const Tiling& t, cudaStream_t stream) {
-  // Set on every launch: the attribute belongs to the current device, and a process may use several.
-  cudaError_t status =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
-  if (status != cudaSuccess) return static_cast<int>(status);
-  kernel<<<blocks, threads, shared_bytes, stream>>>(args, t);
-  return static_cast<int>(cudaGetLastError());
-}
-
 template <typename T, int MT>
 int launch_rows(const UnitStrideArgs& args, cudaStream_t stream) {
   const tensor_core::Tiling t =
       tensor_core::plan<T>(MT, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
-  return launch(tensor_core::conv_kernel<T, MT>, t.blocks, tensor_core::kThreads, t.shared_bytes, args, t, stream);
+  return launch_opted_in(tensor_core::conv_kernel<T, MT>, t.blocks, tensor_core::kThreads, t.shared_bytes,
+                         tensor_core::kSharedLimit, stream, args, t);
 }
 
 template <typename T, int MT>
 int launch_whole_map(const UnitStrideArgs& args, cudaStream_t stream) {
   const tensor_core_whole_map::Tiling t = tensor_core_whole_map::plan<T>(MT, args.dst.n, args.dst.c, args.src.h,
                                                                          args.src.w, args.dst.h, args.dst.w);
-  return launch(tensor_core_whole_map::conv_kernel<T, MT>, t.blocks, tensor_core_whole_map::kThreads,
-                t.shared_bytes, args, t, stream);
+  return launch_opted_in(tensor_core_whole_map::conv_kernel<T, MT>, t.blocks, tensor_core_whole_map::kThreads,
+                         t.shared_bytes, tensor_core_whole_map::kSharedLimit, stream, args, t);
 }
 
 UnitStrideSizes sizes_of(const UnitStrideArgs& args) {

@@ -8,6 +8,7 @@
 
 #include "common.cuh"
 #include "direct_weight_grad.cuh"
+#include "launch.cuh"
 #include "tensor_core_weight_grad.cuh"
 #include "tensor_core_whole_map_weight_grad.cuh"
 #include "unit_stride.h"
@@ -52,13 +53,8 @@ int launch_partials(const WeightGradArgs& args, bool whole_map, cudaStream_t str
     namespace wm = tensor_core_whole_map_weight_grad;
     const wm::Tiling t = wm::plan<T>(g.kernel_h, g.kernel_w, args.input.n, args.splits, args.input.h, args.input.w,
                                      args.grad_output.h, args.grad_output.w);
-    const auto kernel = wm::partials_kernel<T>;
-    // Set on every launch: the attribute belongs to the current device, and a process may use several.
-    const cudaError_t status =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(t.shared_bytes));
-    if (status != cudaSuccess) return static_cast<int>(status);
-    kernel<<<channels * args.splits, wm::kThreads, t.shared_bytes, stream>>>(args, t);
-    return static_cast<int>(cudaGetLastError());
+    return launch_opted_in(wm::partials_kernel<T>, channels * args.splits, wm::kThreads, t.shared_bytes,
+                           wm::kSharedLimit, stream, args, t);
   }
   if (weight_grad_is_tensor_core(args.dtype, args.allow_tf32, g)) {
     namespace wg = tensor_core_weight_grad;

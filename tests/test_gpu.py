@@ -256,3 +256,14 @@ def test_compute_sanitizer(backend, tool, tmp_path):
                             capture_output=True, text=True, timeout=500,
                             env={**os.environ, "LKCONV_BACKEND": backend, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"})
     assert result.returncode == 0 and "done" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_cuda_ops_refuse_empty_maps_instead_of_dividing_by_zero():
+    """The raw extension op, called directly with a zero-width map that padding would turn into a valid output shape:
+    a clear error, not a launcher dividing by the width."""
+    x = torch.randn(2, 4, 4, 0, device="cuda", dtype=torch.float16)
+    dy = torch.randn(2, 4, 4, 4, device="cuda", dtype=torch.float16)
+    workspace = torch.empty(2 * 4 * 26, device="cuda")
+    grad_weight = torch.empty(4, 1, 5, 5, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="heights and widths >= 1"):
+        torch.ops.lkconv.cuda_weight_grad(dy, x, [1, 1], [2, 4, 2, 4], [1, 1], False, workspace, grad_weight, None)

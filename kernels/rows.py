@@ -26,7 +26,7 @@ def depthwise_rows_kernel(
     dst_stride_n, dst_stride_c, dst_stride_h, dst_stride_w,
     TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, OPERANDS_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, ALIGN: tl.constexpr,
 ):
     # Channel slowest, so neighbouring programs share the filter and the halo rows in L2.
     pid = tl.program_id(0)
@@ -67,6 +67,17 @@ def depthwise_rows_kernel(
         c_end = tl.minimum(last_col * stride_w - pad_left + (kernel_w - 1) * dilation_w + 1, src_width)
         source_channels = 1
 
+    # ALIGN > 1 promises that the source's columns are contiguous and that its width, data pointer and row, image
+    # and channel strides are multiples of ALIGN elements (vector_align in the backend). Runs of source columns
+    # then start and end on multiples of ALIGN and load as whole vectors; the extra columns meet no tap and stay
+    # inside the row. Rounding the strides changes nothing but shows the compiler the multiple (tl.multiple_of
+    # cannot mark a kernel argument).
+    if ALIGN > 1:
+        c_begin = c_begin // ALIGN * ALIGN
+        c_end = tl.multiple_of(tl.minimum(tl.cdiv(c_end, ALIGN) * ALIGN, src_width), ALIGN)
+        src_stride_h = src_stride_h // ALIGN * ALIGN
+        src_stride_n = src_stride_n // ALIGN * ALIGN
+        src_stride_c = src_stride_c // ALIGN * ALIGN
     acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
     # The input grad of a depth multiplier m sums the m output channels fed by one input channel.
     for k in range(0, source_channels):
@@ -79,6 +90,8 @@ def depthwise_rows_kernel(
         src_row_base = image * src_stride_n + src_channel.to(tl.int64) * src_stride_c
         w_base = weight_ptr + w_channel.to(tl.int64) * w_stride_c
         for c0 in range(c_begin, c_end, BLOCK_J):
+            if ALIGN > 1:
+                c0 = tl.multiple_of(c0, ALIGN)
             src_cols = c0 + tl.arange(0, BLOCK_J)
             src_col_ok = src_cols < c_end
             if TRANSPOSED:

@@ -26,6 +26,7 @@ def depthwise_weight_grad_kernel(
     in_stride_n, in_stride_c, in_stride_h, in_stride_w,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, OPERANDS_FP32: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_IW: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     total_rows = batch * out_height
@@ -46,6 +47,15 @@ def depthwise_weight_grad_kernel(
     last_tap_w = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, kernel_w) - 1
     iw_begin = tl.maximum(q_block * BLOCK_Q * dilation_w - pad_left, 0)
     iw_end = tl.minimum((out_width - 1) * stride_w + last_tap_w * dilation_w - pad_left + 1, in_width)
+    # ALIGN > 1: the input's vector promise, as in the rows kernel. Runs of input columns start and end on
+    # multiples of ALIGN and load as whole vectors; the extra columns meet no tap (the Hankel operand is zero there)
+    # and stay inside the row.
+    if ALIGN > 1:
+        iw_begin = iw_begin // ALIGN * ALIGN
+        iw_end = tl.multiple_of(tl.minimum(tl.cdiv(iw_end, ALIGN) * ALIGN, in_width), ALIGN)
+        in_stride_h = in_stride_h // ALIGN * ALIGN
+        in_stride_n = in_stride_n // ALIGN * ALIGN
+        in_stride_c = in_stride_c // ALIGN * ALIGN
 
     # The reduction axis holds BLOCK_ROWS output rows side by side, BLOCK_IW input columns each.
     lane = tl.arange(0, BLOCK_ROWS * BLOCK_IW)
@@ -65,6 +75,8 @@ def depthwise_weight_grad_kernel(
         in_rows_ok = rows_ok[None, :] & (in_rows >= 0) & (in_rows < in_height)
         in_row_offsets = (image * in_stride_n + in_channel_offset)[None, :] + in_rows.to(tl.int64) * in_stride_h
         for iw0 in range(iw_begin, iw_end, BLOCK_IW):
+            if ALIGN > 1:
+                iw0 = tl.multiple_of(iw0, ALIGN)
             in_cols = iw0 + lane_col
             in_cols_ok = in_cols < iw_end
             a = tl.load(input_ptr + in_row_offsets + (in_cols * in_stride_w)[None, :],

@@ -318,8 +318,8 @@ def explain(
     )
     plans = {
         pass_name: choice.module.describe(
-            pass_name, input_shape=tuple(input.shape), weight_shape=tuple(weight.shape), output_hw=output_hw,
-            stride=tuple(stride), dilation=tuple(dilation), dtype=input.dtype,
+            pass_name, input=input, weight=weight, output_hw=output_hw, stride=tuple(stride), padding=tuple(padding),
+            dilation=tuple(dilation),
         )
         for pass_name in ("forward", "input_grad", "weight_grad")
     }

@@ -1,7 +1,12 @@
-"""Compiles every Triton kernel configuration the dispatcher can pick for sm_80 and sm_90, with no GPU present.
+"""Compiles the Triton kernels for sm_80 and sm_90 with no GPU present, and prints one JSON line per compile.
 
-The interpreter never compiles, so this is what proves the kernels lower to PTX and cubins. Run as a script in a
-process where TRITON_INTERPRET is unset (tests/test_compile.py does that) and prints one JSON line per kernel.
+The interpreter never compiles, so this is what proves the kernels lower to PTX and cubins. Two sets:
+- every block configuration the dispatcher can pick, in every dtype and dot precision, with no launch
+  specialization (what odd shapes and strides compile to);
+- the launches the triton backend makes for the shapes the GPU tests and the quick benchmark run, and for small
+  awkward ones, specialized the way Triton specializes them at launch (integer arguments equal to 1 become constants, multiples of 16 and
+  16-byte aligned pointers get divisibility hints). These are the variants a GPU compiles, with vector loads.
+Run as a script in a process where TRITON_INTERPRET is unset (tests/test_compile.py does that).
 """
 
 import json
@@ -15,26 +20,115 @@ from concurrent.futures import ProcessPoolExecutor
 ARCHES = (80, 90)
 # (tensor dtype, tl.dot precision) pairs the backend can launch with on a GPU.
 PRECISIONS = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf32"))
+VECTOR_ELEMENTS = {"fp32": 4, "fp16": 8, "bf16": 8}  # 16-byte vectors: the largest ALIGN the backend passes
+KERNELS = {"rows": "depthwise_rows_kernel", "whole_map": "depthwise_whole_map_kernel",
+           "weight_grad": "depthwise_weight_grad_kernel"}
+BLOCK_NAMES = {"rows": ("BLOCK_M", "BLOCK_W", "BLOCK_J"), "whole_map": ("BLOCK_N", "BLOCK_P", "BLOCK_K"),
+               "weight_grad": ("BLOCK_R", "BLOCK_Q", "BLOCK_ROWS", "BLOCK_IW")}
 
 
-def _jobs():
-    """(kernel, arch, dtype, precision, transposed, bias, config, int type) for every launch variant.
-
-    Integer arguments compile as i32, and as i64 (what Triton passes once a stride passes 2**31) in bf16.
-    """
+def _config_jobs():
+    """Compile jobs (kernel, arch, signature, constexprs, attrs, options, and what the report says) for every configuration the dispatcher can pick, unspecialized: integer arguments compile as i32, and as i64
+    (what Triton passes once a stride passes 2**31) in bf16; ALIGN as 1 and as a whole 16-byte vector."""
+    from lkconv import kernels
     from lkconv.backends.triton_backend import kernel_configs
 
     configs = kernel_configs()
     for arch in ARCHES:
         for dtype, precision in PRECISIONS:
             for int_type in ("i32", "i64") if dtype == "bf16" else ("i32",):
-                for kind in ("rows", "whole_map"):
+                for kind, variants in (("rows", ((False, False), (False, True), (True, False))),
+                                       ("whole_map", ((False, False), (False, True), (True, False))),
+                                       ("weight_grad", ((None, False), (None, True)))):
+                    aligns = (1,) if kind == "whole_map" else (1, VECTOR_ELEMENTS[dtype])
                     for config in configs[kind]:
-                        for transposed, bias in ((False, False), (False, True), (True, False)):
-                            yield (kind, arch, dtype, precision, transposed, bias, tuple(config), int_type)
-                for config in configs["weight_grad"]:
-                    for bias in (False, True):
-                        yield ("weight_grad", arch, dtype, precision, False, bias, tuple(config), int_type)
+                        for transposed, bias in variants:
+                            for align in aligns:
+                                constexprs = {"HAS_BIAS": bias, "PRECISION": precision, "OPERANDS_FP32": False,
+                                              **dict(zip(BLOCK_NAMES[kind], config))}
+                                if transposed is not None:
+                                    constexprs["TRANSPOSED"] = transposed
+                                if kind != "whole_map":
+                                    constexprs["ALIGN"] = align
+                                fn = getattr(kernels, KERNELS[kind])
+                                signature = {name: "constexpr" if name in constexprs else
+                                             ("*" + ("fp32" if "partial" in name else dtype) if name.endswith("_ptr")
+                                              else int_type) for name in fn.arg_names}
+                                yield dict(kind=kind, arch=arch, signature=signature, constexprs=constexprs, attrs={},
+                                          options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+                                          report={"set": "configs", "dtype": dtype, "precision": precision,
+                                                  "transposed": transposed, "bias": bias, "config": list(config),
+                                                  "align": align, "int_type": int_type})
+
+
+def _launch_jobs():
+    """The specialized launches of the GPU tests' and the quick benchmark's shapes, each compiled once per arch."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from lkconv.backends import triton_backend
+    from lkconv.benchmarks.presets import REPLKNET_31B_STAGES, op_shapes
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+    class Kernels:
+        def __getattr__(self, name):
+            from lkconv import kernels
+            return Recorder(getattr(kernels, name))
+
+    # The backend as it runs on an H100 (132 SMs), but recording launches instead of making them.
+    triton_backend._kernels = Kernels
+    triton_backend.interpreting = lambda: False
+    triton_backend._multiprocessors = lambda index: 132
+    # (input shape, kernel, stride, padding, dilation, depth multiplier): the realistic shapes at "same" padding,
+    # then small awkward ones whose launches specialize differently (size-1 batch, height and channel counts,
+    # stride 2, dilation, a multiplier, asymmetric padding).
+    cases = [(shape, kernel, 1, (kernel[0] // 2, kernel[1] // 2), 1, 1) for shape, kernel in op_shapes("quick")]
+    cases += [((32, 384, 32, 32), (31, 31), 1, (15, 15), 1, 1)]
+    cases += [((64, c, r, r), (k, k), 1, (k // 2, k // 2), 1, 1) for c, r, k in REPLKNET_31B_STAGES]
+    cases += [((1, 8, 16, 48), (7, 7), 2, (3, 3), 1, 1), ((2, 4, 1, 64), (1, 9), 1, (0, 4), 1, 1),
+              ((2, 1, 16, 32), (5, 5), 1, (2, 1), 1, 2), ((2, 6, 20, 40), (7, 7), 1, (6, 6), 2, 1)]
+    for shape, kernel, stride, (pad_h, pad_w), dilation, multiplier in cases:
+        stride, dilation, padding = (stride, stride), (dilation, dilation), (pad_h, pad_w, pad_h, pad_w)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for memory_format in (torch.contiguous_format, torch.channels_last):
+                x = torch.empty(shape, dtype=dtype, memory_format=memory_format)  # never read: nothing runs
+                w = torch.empty(shape[1] * multiplier, 1, *kernel, dtype=dtype)
+                b = torch.empty(shape[1] * multiplier, dtype=dtype)
+                y = triton_backend.forward(x, w, b, stride, padding, dilation)
+                triton_backend.input_grad(y, w, x.shape, stride, padding, dilation)
+                triton_backend.weight_grad(y, x, kernel, stride, padding, dilation, True)
+
+    jobs = {}
+    for arch in ARCHES:
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        for fn, args, kwargs in launches:
+            # What JITFunction.run does before it compiles (triton 3.6): bind, specialize, pack.
+            binder = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            kind = next(k for k, name in KERNELS.items() if name == fn.__name__)
+            key = (kind, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+                   repr(sorted(attrs.items())), options.num_warps, options.num_stages)
+            jobs[key] = dict(kind=kind, arch=arch, signature=signature, constexprs=constexprs, attrs=attrs,
+                            options={"num_warps": options.num_warps, "num_stages": options.num_stages},
+                            report={"set": "launches", "dtype": signature[fn.arg_names[0]][1:],
+                                    "precision": kwargs["PRECISION"], "transposed": kwargs.get("TRANSPOSED"),
+                                    "bias": kwargs["HAS_BIAS"], "align": kwargs.get("ALIGN", 1),
+                                    "constants": sorted(fn.arg_names[path[0]] for path, value in constexprs.items()
+                                                        if fn.arg_names[path[0]] not in kwargs),
+                                    "divisible_by_16": sorted(fn.arg_names[path[0]] for path, hints in attrs.items()
+                                                              if hints)})
+    return list(jobs.values())
 
 
 def _ptxas_usage(ptx: str, arch: int):
@@ -57,46 +151,27 @@ def _ptxas_usage(ptx: str, arch: int):
     return (int(registers.group(1)) if registers else None), sum(int(n) for n in spills)
 
 
-def _compile(job):
+def _compile(job: dict) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from lkconv import kernels
 
-    kind, arch, dtype, precision, transposed, bias, config, int_type = job
-    flags = {"HAS_BIAS": bias, "PRECISION": precision, "OPERANDS_FP32": False}
-    if kind == "weight_grad":
-        fn = kernels.depthwise_weight_grad_kernel
-        pointer_types = {"grad_out_ptr": dtype, "input_ptr": dtype, "weight_partial_ptr": "fp32", "bias_partial_ptr": "fp32"}
-        blocks = dict(zip(("BLOCK_R", "BLOCK_Q", "BLOCK_ROWS", "BLOCK_IW"), config[:4]))
-    else:
-        fn = kernels.depthwise_rows_kernel if kind == "rows" else kernels.depthwise_whole_map_kernel
-        pointer_types = {"src_ptr": dtype, "weight_ptr": dtype, "bias_ptr": dtype, "dst_ptr": dtype}
-        names = ("BLOCK_M", "BLOCK_W", "BLOCK_J") if kind == "rows" else ("BLOCK_N", "BLOCK_P", "BLOCK_K")
-        blocks = dict(zip(names, config[:3]))
-        flags["TRANSPOSED"] = transposed
-    constexprs = {**flags, **blocks}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = "*" + pointer_types[name]
-        else:
-            signature[name] = int_type
-    num_warps, num_stages = config[-2:]
+    fn = getattr(kernels, KERNELS[job["kind"]])
     compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
+        ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"], attrs=job["attrs"]),
+        target=GPUTarget("cuda", job["arch"], 32), options=job["options"],
     )
-    registers, spill_bytes = _ptxas_usage(compiled.asm["ptx"], arch)
+    registers, spill_bytes = _ptxas_usage(compiled.asm["ptx"], job["arch"])
+    precision = job["report"]["precision"]
     return {
-        "kernel": kind, "arch": f"sm_{arch}", "dtype": dtype, "precision": precision, "transposed": transposed,
-        "bias": bias, "config": list(config), "int_type": int_type, "cubin_bytes": len(compiled.asm["cubin"]),
-        "shared_bytes": compiled.metadata.shared, "registers": registers, "spill_bytes": spill_bytes,
+        "kernel": job["kind"], "arch": f"sm_{job['arch']}", **job["report"], "num_warps": job["options"]["num_warps"],
+        "cubin_bytes": len(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
+        "registers": registers, "spill_bytes": spill_bytes,
         "uses_mma": ("mma" in compiled.asm["ptx"]) if precision != "ieee" else None,
+        # cp.async with 16-byte vectors: what the aligned source loads become.
+        "vector_async_copies": compiled.asm["ptx"].count("cp.async.cg.shared.global"),
     }
 
 
@@ -104,7 +179,7 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
         return 2
-    jobs = list(_jobs())
+    jobs = list(_config_jobs()) + _launch_jobs()
     with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         for result in pool.map(_compile, jobs):
             print(json.dumps(result), flush=True)

@@ -364,6 +364,23 @@ def test_explain_names_the_triton_kernel_form(shape, kernel, padding, form):
     assert "weight_grad" in explanation.weight_grad
 
 
+@needs_interpreter
+@needs_triton
+@pytest.mark.parametrize("layout,dtype,width,vector", [
+    ("nchw", torch.bfloat16, 32, "16-byte"), ("nchw", torch.float32, 32, "16-byte"), ("nchw", torch.bfloat16, 28, "8-byte"),
+    ("channels_last", torch.bfloat16, 32, "2-byte"),
+])
+def test_explain_names_the_source_load_width(layout, dtype, width, vector):
+    """The input grad's width is the output's (dy comes in the output's layout), here that of the input."""
+    x = torch.randn(2, 3, 40, width, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with lkconv.use_backend("triton"):
+        explanation = lkconv.explain(x, torch.randn(3, 1, 5, 5, dtype=dtype), None, 1, 2)
+    for plan in (explanation.forward, explanation.input_grad, explanation.weight_grad):
+        assert f"{vector} source loads" in plan, plan
+
+
 # --- the forced triton backend on CPU (interpreter) -----------------------------------------------------------------
 
 TRITON_CASES = [

@@ -1,4 +1,5 @@
-"""Every Triton kernel configuration the dispatcher can pick compiles for sm_80 and sm_90 with no GPU present."""
+"""Every Triton kernel configuration the dispatcher can pick, and the launches of the GPU tests' and the quick
+benchmark's shapes (specialized as Triton specializes them), compile for sm_80 and sm_90 with no GPU present."""
 
 import json
 import os
@@ -12,23 +13,40 @@ SCRIPT = Path(__file__).with_name("compile_kernels.py")
 SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
-def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
+def test_every_kernel_configuration_and_the_gpu_sessions_launches_compile_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # really compile, not a cache hit
-    result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=3000)
     assert result.returncode == 0, result.stderr[-4000:]
     compiled = [json.loads(line) for line in result.stdout.splitlines()]
     (tmp_path / "report.jsonl").write_text(result.stdout)
-
-    configs = kernel_configs()
-    per_precision = 3 * len(configs["rows"]) + 3 * len(configs["whole_map"]) + 2 * len(configs["weight_grad"])
-    assert len(compiled) == 2 * 5 * per_precision  # 2 arches x (4 precisions with i32 + bf16 with i64)
-    assert {e["int_type"] for e in compiled} == {"i32", "i64"}
     for entry in compiled:
         assert entry["cubin_bytes"] > 0, entry
         assert entry["shared_bytes"] <= SHARED_MEMORY_LIMIT[entry["arch"]], entry
         if entry["precision"] != "ieee":
             assert entry["uses_mma"], f"no tensor-core instruction in {entry}"
-    assert {(e["kernel"], e["arch"]) for e in compiled} == {
+
+    configs = kernel_configs()
+    swept = [e for e in compiled if e["set"] == "configs"]
+    # rows and weight_grad twice (ALIGN 1 and a whole 16-byte vector), in 2 arches x (4 precisions with i32 + bf16
+    # with i64)
+    per_precision = 3 * 2 * len(configs["rows"]) + 3 * len(configs["whole_map"]) + 2 * 2 * len(configs["weight_grad"])
+    assert len(swept) == 2 * 5 * per_precision
+    assert {e["int_type"] for e in swept} == {"i32", "i64"}
+    assert {(e["kernel"], e["arch"]) for e in swept} == {
         (kernel, arch) for kernel in ("rows", "whole_map", "weight_grad") for arch in ("sm_80", "sm_90")
     }
+
+    launches = [e for e in compiled if e["set"] == "launches"]
+    assert {(e["kernel"], e["arch"], e["dtype"]) for e in launches} == {
+        (kernel, arch, dtype) for kernel in ("rows", "whole_map", "weight_grad") for arch in ("sm_80", "sm_90")
+        for dtype in ("fp32", "fp16", "bf16")
+    }
+    assert any("batch" in e["constants"] for e in launches), "a batch of 1 specializes to a constant"
+    # NCHW maps whose widths are multiples of 16 bytes load their source rows as 16-byte asynchronous copies;
+    # channels_last maps cannot (their rows are strided), and take ALIGN 1.
+    whole_vectors = [e for e in launches if e["kernel"] != "whole_map"
+                     and e["align"] * (4 if e["dtype"] == "fp32" else 2) == 16]
+    assert whole_vectors and all(e["vector_async_copies"] > 0 for e in whole_vectors), [
+        e for e in whole_vectors if not e["vector_async_copies"]]
+    assert any(e["align"] == 1 and "src_stride_c" in e["constants"] for e in launches if e["kernel"] == "rows")

@@ -214,3 +214,61 @@ def test_triton_reads_inputs_in_place_without_a_copy(layout, monkeypatch):
         dy = torch.randn_like(y)
         y.backward(dy)
     assert launched == [(x.data_ptr(), w.data_ptr()), (dy.data_ptr(), w.data_ptr())]
+
+
+@pytest.mark.parametrize("layout,dtype,expected", [
+    ("nchw", torch.bfloat16, 8), ("nchw", torch.float16, 8), ("nchw", torch.float32, 4),
+    ("width 28", torch.bfloat16, 4), ("width 14", torch.bfloat16, 2), ("width 7", torch.bfloat16, 1),
+    ("channels_last", torch.bfloat16, 1), ("offset by one element", torch.bfloat16, 1),
+    ("offset by four elements", torch.bfloat16, 4), ("rows padded to 40", torch.bfloat16, 8),
+    ("rows padded to 36", torch.float32, 4), ("rows padded to 36", torch.bfloat16, 4),
+])
+def test_vector_align_divides_width_strides_and_pointer(layout, dtype, expected):
+    """The triton kernels widen column runs to whole vectors of vector_align elements: it must divide the row
+    width, every stride that multiplies a non-zero index and the data pointer, or the loads would be misaligned
+    or leave the row."""
+    width = {"width 28": 28, "width 14": 14, "width 7": 7}.get(layout, 32)
+    x = torch.zeros(2, 3, 5, width, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout.startswith("offset"):
+        x = torch.zeros(2 * 3 * 5 * 32 + 8, dtype=dtype)[1 if "one" in layout else 4:][:2 * 3 * 5 * 32].view(2, 3, 5, 32)
+    elif layout.startswith("rows padded"):
+        x = torch.zeros(2, 3, 5, int(layout.split()[-1]), dtype=dtype)[..., :32]
+    assert triton_backend.vector_align(x.shape, x.stride(), x.element_size(), x.data_ptr()) == expected
+    # A size-1 dimension's stride never multiplies a non-zero index, so it does not count.
+    single = torch.zeros(1, 3, 5, 48, dtype=dtype)[:, :, :, :32]
+    assert triton_backend.vector_align(single.shape, (7, *single.stride()[1:]), single.element_size(), 0) == \
+        16 // single.element_size()
+
+
+# Rows padded with NaN past the view's width: a kernel that widens a run of columns past the width multiplies a
+# NaN (by a zero tap, but 0 * NaN is NaN) and fails. Small blocks give several column blocks and chunks per row,
+# with runs that start off a vector boundary (padding 3 and 5).
+ALIGNED_CASES = [
+    Case(2, 2, 1, 6, 48, (7, 7), 1, 3),
+    Case(1, 2, 2, 5, 32, (11, 5), 2, (5, 2)),
+    Case(2, 2, 1, 7, 40, (3, 9), 1, (1, 4), (1, 2)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ALIGNED_CASES, ids=[c.id() for c in ALIGNED_CASES])
+def test_triton_vector_runs_stay_inside_rows_padded_with_nan(case, dtype, monkeypatch, poisoned_outputs):
+    monkeypatch.setattr(triton_backend, "plan_conv",
+                        lambda p, interpret: triton_backend.ConvPlan("rows", SMALL_BLOCKS["rows"]))
+    monkeypatch.setattr(triton_backend, "weight_grad_config", lambda *args: triton_backend.WeightGradConfig(16, 16, 2, 16))
+    padded = torch.full((case.batch, case.channels, case.height, case.width + 16), float("nan"), dtype=dtype)
+    padded[..., :case.width] = torch.randn(case.batch, case.channels, case.height, case.width).to(dtype)
+    x = padded[..., :case.width].requires_grad_()
+    assert triton_backend.vector_align(x.shape, x.stride(), x.element_size(), x.data_ptr()) == 16 // x.element_size()
+    w = torch.randn(case.channels * case.multiplier, 1, *case.kernel).to(dtype).requires_grad_()
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, None, case.stride, case.padding, case.dilation)
+        dy_padded = torch.full((*y.shape[:3], y.shape[3] + 16), float("nan"), dtype=dtype)
+        dy_padded[..., :y.shape[3]] = torch.randn(y.shape).to(dtype)
+        dy = dy_padded[..., :y.shape[3]]
+        grads = torch.autograd.grad(y, (x, w), dy)
+    expected = reference(x, w, None, case.stride, case.padding, case.dilation, dy)
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight"), (y, *grads), expected):
+        assert_close(actual, wanted, TOLERANCE[dtype], f"{dtype} {name}")

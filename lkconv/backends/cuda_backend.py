@@ -56,11 +56,11 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str
     return unsupported_gpu_reason(device.index if device.index is not None else torch.cuda.current_device(), "cuda")
 
 
-def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation, dtype) -> str:
+def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation) -> str:
     """The kernel the extension launches for `pass_name`, decided from the dtype, PyTorch's conv TF32 setting, the
     kernel size, stride, dilation and the batch and map sizes."""
-    return torch.ops.lkconv.cuda_kernel_name(pass_name, dtype, conv_allows_tf32(), list(input_shape),
-                                             list(output_hw), list(weight_shape[2:]), list(stride), list(dilation))
+    return torch.ops.lkconv.cuda_kernel_name(pass_name, input.dtype, conv_allows_tf32(), list(input.shape),
+                                             list(output_hw), list(weight.shape[2:]), list(stride), list(dilation))
 
 
 def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:

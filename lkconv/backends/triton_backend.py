@@ -13,12 +13,13 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from ..arguments import output_memory_format, output_size
+from ..arguments import layout_strides, output_memory_format, output_size
 from .gpu import conv_allows_tf32, unsupported_gpu_reason
 
 name = "triton"
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+VECTOR_BYTES = 16  # the widest global load a thread issues
 
 
 class RowsConfig(NamedTuple):
@@ -143,7 +144,8 @@ def _cdiv(a: int, b: int) -> int:
 class ConvPass(NamedTuple):
     """A forward-shaped pass: `src` maps of (src_h, src_w) into `dst` maps of (dst_h, dst_w).
 
-    The forward reads x and writes y; the input grad (transposed) reads dy and writes dx.
+    The forward reads x and writes y; the input grad (transposed) reads dy and writes dx. `align` is the source's
+    vector_align and `pad_left` the conv's left padding: together they fix where each run of source columns starts.
     """
 
     transposed: bool
@@ -155,6 +157,8 @@ class ConvPass(NamedTuple):
     kernel: tuple[int, int]
     stride: tuple[int, int]
     dilation: tuple[int, int]
+    pad_left: int
+    align: int
 
 
 class ConvPlan(NamedTuple):
@@ -163,11 +167,20 @@ class ConvPlan(NamedTuple):
 
 
 def _source_span(p: ConvPass, block_w: int) -> int:
-    """Source columns one block of `block_w` destination columns reads."""
+    """Source columns one block of `block_w` destination columns reads, its run widened to whole vectors of
+    `p.align` at both ends as the kernel widens it: the widest over the blocks of an unclipped (wide) map."""
     reach = (p.kernel[1] - 1) * p.dilation[1]
-    if p.transposed:
-        return (block_w - 1 + reach) // p.stride[1] + 1
-    return (block_w - 1) * p.stride[1] + reach + 1
+    widest = 0
+    for block in range(1, 1 + p.align * p.stride[1]):  # where a run starts, modulo align, repeats this often
+        first, last = block * block_w, block * block_w + block_w - 1
+        if p.transposed:
+            begin = -(-(first + p.pad_left - reach) // p.stride[1])
+            end = (last + p.pad_left) // p.stride[1] + 1
+        else:
+            begin = first * p.stride[1] - p.pad_left
+            end = last * p.stride[1] - p.pad_left + reach + 1
+        widest = max(widest, _cdiv(end, p.align) * p.align - begin // p.align * p.align)
+    return widest
 
 
 def _kernel_rows_reached(p: ConvPass) -> int:
@@ -222,30 +235,70 @@ def weight_grad_config(kernel: tuple[int, int], in_width: int, total_rows: int, 
     return GPU_WEIGHT_GRAD[16 if kernel[0] <= 16 else 32, 16 if kernel[1] <= 16 else 32, 32 if in_width > 16 else 16]
 
 
-def _forward_pass(input_shape, out_hw, kernel, stride, dilation) -> ConvPass:
+def vector_align(shape: Sequence[int], strides: Sequence[int], element_size: int, data_ptr: int = 0) -> int:
+    """How many elements of a (N, C, H, W) map's rows the kernels may treat as one vector (at most 16 bytes).
+
+    The kernels widen every run of columns they load to start and end on a multiple of it, so it must divide the
+    row width, the data pointer and each stride that multiplies a non-zero index, and columns must be contiguous.
+    NCHW maps whose widths are multiples of 8 (bf16/fp16) or 4 (fp32) get whole 16-byte loads; channels_last
+    maps get 1.
+    """
+    if shape[3] > 1 and strides[3] != 1:
+        return 1
+    align = VECTOR_BYTES // element_size
+    used_strides = [stride for size, stride in zip(shape[:3], strides[:3]) if size > 1]
+    while align > 1 and (shape[3] % align or data_ptr % (align * element_size)
+                         or any(stride % align for stride in used_strides)):
+        align //= 2
+    return align
+
+
+def _map_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    """A map's strides as the kernels take them: 0 for a size-1 dimension, whose index is always 0. Then every
+    stride vector_align vouches for is a multiple of it, and none of them is the 1 Triton would make a constant."""
+    return tuple(stride if size > 1 else 0 for size, stride in zip(tensor.shape, tensor.stride()))
+
+
+def _tensor_align(tensor: torch.Tensor) -> int:
+    return vector_align(tensor.shape, _map_strides(tensor), tensor.element_size(), tensor.data_ptr())
+
+
+def _forward_pass(input_shape, out_hw, kernel, stride, dilation, pad_left, align) -> ConvPass:
     return ConvPass(False, input_shape[0], out_hw[0], out_hw[1], input_shape[2], input_shape[3],
-                    tuple(kernel), tuple(stride), tuple(dilation))
+                    tuple(kernel), tuple(stride), tuple(dilation), pad_left, align)
 
 
-def _input_grad_pass(grad_shape, input_hw, kernel, stride, dilation) -> ConvPass:
+def _input_grad_pass(grad_shape, input_hw, kernel, stride, dilation, pad_left, align) -> ConvPass:
     return ConvPass(True, grad_shape[0], input_hw[0], input_hw[1], grad_shape[2], grad_shape[3],
-                    tuple(kernel), tuple(stride), tuple(dilation))
+                    tuple(kernel), tuple(stride), tuple(dilation), pad_left, align)
 
 
-def describe(pass_name: str, input_shape, weight_shape, output_hw, stride, dilation, dtype) -> str:
-    """The kernel, block sizes and dot precision that `pass_name` would launch, in words."""
-    kernel = tuple(weight_shape[2:])
+def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation) -> str:
+    """The kernel, block sizes, vector width and dot precision that `pass_name` would launch, in words.
+
+    The input grad's dy is taken to be a fresh tensor in the output's layout, as autograd hands it in.
+    """
+    kernel = tuple(weight.shape[2:])
     interpret = interpreting()
     if pass_name == "weight_grad":
-        config = weight_grad_config(kernel, input_shape[3], input_shape[0] * output_hw[0], interpret)
-        return f"weight_grad (deterministic split reduction) {config}, {_dot_label(dtype)}"
+        config = weight_grad_config(kernel, input.shape[3], input.shape[0] * output_hw[0], interpret)
+        return (f"weight_grad (deterministic split reduction) {config}, {_vectors_label(_tensor_align(input), input)}, "
+                f"{_dot_label(input.dtype)}")
     if pass_name == "forward":
-        p = _forward_pass(input_shape, output_hw, kernel, stride, dilation)
+        align = _tensor_align(input)
+        p = _forward_pass(input.shape, output_hw, kernel, stride, dilation, padding[1], align)
     else:
-        p = _input_grad_pass((input_shape[0], weight_shape[0], *output_hw), input_shape[2:], kernel, stride, dilation)
+        grad_shape = (input.shape[0], weight.shape[0], *output_hw)
+        grad_strides = layout_strides(grad_shape, output_memory_format(input))
+        align = vector_align(grad_shape, grad_strides, input.element_size())
+        p = _input_grad_pass(grad_shape, input.shape[2:], kernel, stride, dilation, padding[1], align)
     plan = plan_conv(p, interpret)
-    return f"{plan.form} {plan.config}, {_dot_label(dtype)}"
+    vectors = f", {_vectors_label(align, input)}" if plan.form == "rows" else ""
+    return f"{plan.form} {plan.config}{vectors}, {_dot_label(input.dtype)}"
 
+
+def _vectors_label(align: int, like: torch.Tensor) -> str:
+    return f"{align * like.element_size()}-byte source loads"
 
 # --- launches ------------------------------------------------------------------------------------------------------
 
@@ -286,7 +339,7 @@ def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier):
         p.batch, p.dst_h, p.dst_w, p.src_h, p.src_w,
         p.kernel[0], p.kernel[1], p.stride[0], p.stride[1], padding[0], padding[1], p.dilation[0], p.dilation[1],
         multiplier,
-        *src.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dst.stride(),
+        *_map_strides(src), weight.stride(0), weight.stride(2), weight.stride(3), *dst.stride(),
     )
     flags = dict(TRANSPOSED=p.transposed, HAS_BIAS=bias is not None, PRECISION=precision, OPERANDS_FP32=operands_fp32)
     c = plan.config
@@ -294,7 +347,7 @@ def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier):
         if plan.form == "rows":
             grid = (dst.shape[1] * _cdiv(p.batch * p.dst_h, c.block_m) * _cdiv(p.dst_w, c.block_w),)
             kernels.depthwise_rows_kernel[grid](
-                *args, **flags, BLOCK_M=c.block_m, BLOCK_W=c.block_w, BLOCK_J=c.block_j,
+                *args, **flags, BLOCK_M=c.block_m, BLOCK_W=c.block_w, BLOCK_J=c.block_j, ALIGN=p.align,
                 num_warps=c.num_warps, num_stages=c.num_stages,
             )
         elif plan.form == "whole_map":
@@ -328,11 +381,11 @@ def forward(input, weight, bias, stride, padding, dilation):
     output = new_buffer(shape, input.dtype, input.device, _output_format(input, shape))
     if output.numel() == 0:
         return output
-    p = _forward_pass(input.shape, out_hw, (kernel_h, kernel_w), stride, dilation)
+    input = _int32_safe_map(input)
+    p = _forward_pass(input.shape, out_hw, (kernel_h, kernel_w), stride, dilation, padding[1], _tensor_align(input))
     # The kernel reads bias[channel] at unit stride; autograd may hand in an expanded (stride-0) bias.
     bias = bias.contiguous() if bias is not None else None
-    return _launch_conv(p, _int32_safe_map(input), _int32_safe_filter(weight), bias, output, padding,
-                        out_channels // channels)
+    return _launch_conv(p, input, _int32_safe_filter(weight), bias, output, padding, out_channels // channels)
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
@@ -342,8 +395,10 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
     grad_input = new_buffer(shape, grad_output.dtype, grad_output.device, _output_format(grad_output, shape))
     if grad_input.numel() == 0:
         return grad_input
-    p = _input_grad_pass(grad_output.shape, (height, width), weight.shape[2:], stride, dilation)
-    return _launch_conv(p, _int32_safe_map(grad_output), _int32_safe_filter(weight), None, grad_input, padding,
+    grad_output = _int32_safe_map(grad_output)
+    p = _input_grad_pass(grad_output.shape, (height, width), weight.shape[2:], stride, dilation, padding[1],
+                         _tensor_align(grad_output))
+    return _launch_conv(p, grad_output, _int32_safe_filter(weight), None, grad_input, padding,
                         weight.shape[0] // channels)
 
 
@@ -382,9 +437,9 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
             batch, out_channels, out_h, out_w, input.shape[2], input.shape[3],
             kernel_h, kernel_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             out_channels // channels, rows_per_split,
-            *grad_output.stride(), *input.stride(),
+            *grad_output.stride(), *_map_strides(input),
             HAS_BIAS=with_bias, PRECISION=precision, OPERANDS_FP32=operands_fp32,
-            BLOCK_R=c.block_r, BLOCK_Q=c.block_q, BLOCK_ROWS=c.block_rows, BLOCK_IW=c.block_iw,
+            BLOCK_R=c.block_r, BLOCK_Q=c.block_q, BLOCK_ROWS=c.block_rows, BLOCK_IW=c.block_iw, ALIGN=_tensor_align(input),
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
     # Sum the splits in a fixed order (nothing to sum when there is one).

@@ -1,51 +1,98 @@
 #!/usr/bin/env bash
-# Everything we want from one call on a lent GPU machine (10 minutes at most): install lkconv (building lkconv._C),
-# run the GPU tests, then benchmark. The machine has torch, triton and nvcc but no network, so nothing is
-# downloaded. Logs and results go to $OUT (./out when unset); the benchmark's short table is printed last.
-# - GPU_TESTS_TIMEOUT (default 200 s) caps the tests; the benchmark gets what is left of SESSION_SECONDS (default
-#   570) and, when time runs out, is interrupted with SIGINT and writes what it measured so far.
-# - BENCH_ARGS overrides the benchmark's options (default: the quick preset).
+# Everything we want from one call on a lent GPU machine (under 10 minutes), most important first. Each phase has its
+# own time limit (SIGINT, then SIGKILL 15 s later), so a slow or failing phase cannot starve the ones after it:
+#   1. install lkconv (builds lkconv._C);
+#   2. the op benchmark at the issues' shapes (every pass, fp32 and bf16, NCHW and channels_last, lkconv's triton and
+#      cuda backends against PyTorch NCHW and channels_last, each lkconv result checked against PyTorch fp32);
+#   3. the GPU tests, compute-sanitizer runs excepted;
+#   4. the rest of the quick preset (the paper's Table 1, RepLKNet-31B);
+#   5. the CPU suite's awkward grid with the triton kernels compiled, then the compute-sanitizer tests.
+# The machine has torch, triton and nvcc but no network, so nothing is downloaded. $OUT (./out when unset) gets
+# session.log (every phase's output), op/results.{json,csv,md} and rest/results.{json,csv,md}: 7 files, within the
+# device tool's 8. The op table and the test summary are printed last.
+# - SESSION_SECONDS (default 560) is the whole budget; OP_SECONDS (200) and TEST_SECONDS (200) cap phases 2 and 3;
+#   phase 4 gets what is left but GRID_SECONDS (60) and SANITIZER_SECONDS (60), phase 5 the rest.
 # - LKCONV_GIT_COMMIT names the commit when the tree was copied without .git.
-# Plots are redrawn where matplotlib is: fetch $OUT and run `python -m benchmarks report DIR`.
+# Plots are drawn where matplotlib is: fetch $OUT and run `python -m benchmarks report DIR` (per folder).
 # Usage: LKCONV_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-$PWD/out}"
 PYTHON="${PYTHON:-python3}"
-mkdir -p "$OUT"
+SESSION_SECONDS="${SESSION_SECONDS:-560}"
+mkdir -p "$OUT/op" "$OUT/rest"
+LOG="$OUT/session.log"
+SUMMARY="$(mktemp -d)"  # the tails printed at the end; not under $OUT, which returns at most 8 files
 export PYTHONUNBUFFERED=1
+: >"$LOG"
 
-echo "== install (log: $OUT/install.log)"
-if ! MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" -m pip install --no-index --no-build-isolation --no-deps -e . \
-        >"$OUT/install.log" 2>&1; then
-    tail -n 30 "$OUT/install.log"
+# run_phase NAME SECONDS COMMAND...: runs COMMAND under a time limit with its output appended to the log; skipped
+# when less than 10 s are left. Records "NAME: status" for the summary.
+run_phase() {
+    local name=$1 seconds=$2
+    shift 2
+    if [ "$seconds" -lt 10 ]; then
+        echo "$name: skipped (${seconds}s left)" | tee -a "$SUMMARY/status" "$LOG"
+        return 0
+    fi
+    echo "== $name (up to ${seconds}s, started at ${SECONDS}s)" | tee -a "$LOG"
+    local status=0
+    timeout -s INT -k 15 "$seconds" "$@" >>"$LOG" 2>&1 || status=$?
+    case "$status" in
+        0) echo "$name: ok (done at ${SECONDS}s)" ;;
+        124 | 130 | 137) echo "$name: TIMED OUT after ${seconds}s (exit $status)" ;;
+        *) echo "$name: FAILED (exit $status)" ;;
+    esac | tee -a "$SUMMARY/status" "$LOG"
+    return "$status"
+}
+
+left() { echo $((SESSION_SECONDS - SECONDS - ${1:-0})); }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG" 2>&1 || echo "(no nvidia-smi)" >>"$LOG"
+if ! run_phase install 300 env MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" -m pip install --no-index --no-build-isolation \
+        --no-deps -e .; then
+    tail -n 30 "$LOG"
     echo "install failed: nothing else can run" >&2
     exit 1
 fi
-grep "lkconv:" "$OUT/install.log" || true
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-echo "install took ${SECONDS}s"
+"$PYTHON" -c "import lkconv; print('backends:', lkconv.available_backends())" 2>&1 | tee -a "$LOG"
 
-echo "== GPU tests (log: $OUT/gpu_tests.log)"
-tests_status=0
-timeout "${GPU_TESTS_TIMEOUT:-200}" "$PYTHON" -m pytest -q -m gpu tests/ >"$OUT/gpu_tests.log" 2>&1 || tests_status=$?
-tail -n 25 "$OUT/gpu_tests.log"
-case "$tests_status" in
-    0) echo "GPU tests passed" ;;
-    5) echo "GPU tests: none collected (exit 5)" ;;
-    124) echo "GPU tests TIMED OUT after ${GPU_TESTS_TIMEOUT:-200}s, see $OUT/gpu_tests.log" ;;
-    *) echo "GPU tests FAILED (exit $tests_status), see $OUT/gpu_tests.log" ;;
-esac
-echo "tests done at ${SECONDS}s"
-
-left=$(( ${SESSION_SECONDS:-570} - SECONDS ))
-echo "== benchmark, ${left}s left (results: $OUT/results.{csv,json,md}, log: $OUT/bench.log)"
 bench_status=0
-# shellcheck disable=SC2086 # BENCH_ARGS is a list of options
-timeout -s INT "$left" "$PYTHON" -m benchmarks ${BENCH_ARGS:---preset quick} --strict --no-plots --out "$OUT" \
-    2>&1 | tee "$OUT/bench.log" || bench_status=$?
+run_phase "op benchmark" "$(( $(left) < ${OP_SECONDS:-200} ? $(left) : ${OP_SECONDS:-200} ))" \
+    "$PYTHON" -m benchmarks --preset quick --suites op --backends triton cuda --strict --no-plots --out "$OUT/op" \
+    || bench_status=1
 
-if [ "$tests_status" -ne 0 ] || [ "$bench_status" -ne 0 ]; then
-    exit 1
-fi
+tests_status=0
+run_phase "GPU tests" "$(( $(left) < ${TEST_SECONDS:-200} ? $(left) : ${TEST_SECONDS:-200} ))" \
+    "$PYTHON" -m pytest -q -m "gpu and not sanitizer" -rfE --durations=25 -p no:cacheprovider tests/ \
+    || tests_status=1
+
+run_phase "table1 and model benchmarks" "$(left $(( ${SANITIZER_SECONDS:-60} + ${GRID_SECONDS:-60} )))" \
+    "$PYTHON" -m benchmarks --preset quick --suites table1 model --strict --no-plots --out "$OUT/rest" \
+    || bench_status=1
+
+# The CPU suite's awkward grid (stride 2, dilation, multipliers, even and non-square kernels, sliced and channels_last
+# inputs) with the triton backend compiled instead of interpreted, then compute-sanitizer.
+run_phase "awkward grid, compiled triton" "$(left "${SANITIZER_SECONDS:-60}")" \
+    "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_numerics.py -k "float64_reference and triton" \
+    || tests_status=1
+run_phase "sanitizer tests" "$(left)" \
+    "$PYTHON" -m pytest -q -m sanitizer -rfE -p no:cacheprovider tests/ || tests_status=1
+
+echo
+grep -E "^(FAILED|ERROR) |passed|failed|slowest|^[0-9.]+s (call|setup)" "$LOG" | tail -n 45
+echo
+"$PYTHON" - "$OUT/op" <<'EOF' || true
+import sys
+from pathlib import Path
+
+from lkconv.benchmarks import report
+
+rows, _ = report.load(Path(sys.argv[1]))
+print(report.short_table(rows))
+EOF
+echo
+cat "$SUMMARY/status"
+echo "session took ${SECONDS}s"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]

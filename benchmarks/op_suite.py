@@ -1,6 +1,7 @@
 """Op level: each pass of one depthwise conv (forward, input grad, weight grad, fwd+bwd) for lkconv's backends
 against PyTorch NCHW (native depthwise kernels), PyTorch channels_last (cuDNN) and torch.compile, on the same
-inputs in the same process (ARCHITECTURE.md §6)."""
+inputs in the same process (ARCHITECTURE.md §6). Every lkconv result is also checked against PyTorch in exact fp32:
+a wrong answer is reported as an error, never as a time."""
 
 import math
 from dataclasses import dataclass
@@ -110,6 +111,41 @@ def lkconv_passes(case: ConvCase, t: Inputs) -> dict[str, Callable]:
     }
 
 
+# Relative L2 error an lkconv result may have against PyTorch's exact-fp32 result on the same (rounded) inputs; past it
+# the row is an error, not a time (the tests' ARCHITECTURE.md §5 tolerances).
+TOLERANCE = {"float32": 1e-5, "tf32": 3e-3, "bfloat16": 1e-2, "float16": 1e-2}
+CHECKED_PASSES = ("forward", "input_grad", "weight_grad")
+
+
+def reference_results(case: ConvCase, t: Inputs) -> dict[str, torch.Tensor]:
+    """Each checked pass computed by PyTorch in exact fp32 from the case's inputs (NCHW: its native kernels)."""
+    c, padding = case.shape[1], list(case.padding)
+    x, w, dy = (tensor.float() for tensor in t)
+    previous = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        y = F.conv2d(x, w, None, 1, padding, 1, c)
+        dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], padding, [1, 1], False, [0, 0], c,
+                                                        [True, True, False])
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = previous
+    return {"forward": y, "input_grad": dx, "weight_grad": dw}
+
+
+def _checked(row: dict, fn: Callable, expected: torch.Tensor, tf32: bool) -> dict:
+    """`row` with the relative error of one untimed call of `fn` against `expected`; a result past the tolerance
+    turns the row into an error, so no time is ever reported for a wrong answer."""
+    result = fn()
+    result = result[0] if isinstance(result, tuple) else result  # the weight-grad op also returns the bias grad
+    scale = expected.double().norm().item()
+    error = (result.double() - expected.double()).norm().item() / (scale or 1.0)
+    tolerance = TOLERANCE["tf32" if tf32 and row["dtype"] == "float32" else row["dtype"]]
+    row["rel_error"] = error
+    if not error <= tolerance:  # NaN fails too
+        row["error"] = f"wrong result: relative error {error:.2e} against PyTorch fp32 > {tolerance:.0e}"
+    return row
+
+
 def baseline_label(baseline: str) -> str:
     """What answers PyTorch's call (REFERENCE.md §1): native kernels for NCHW, cuDNN for channels_last."""
     if not torch.cuda.is_available():
@@ -159,6 +195,14 @@ def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[d
         for _ in planned:
             progress.advance()
         return [{**_row(case, p, impl, layout, ""), **fields} for impl, layout, p in planned]
+    try:
+        expected = reference_results(case, inputs)
+    except Exception as error:  # noqa: BLE001 - e.g. out of memory: lkconv's rows say they were not checked
+        failure(error)  # raises CudaContextLost if the context is gone
+        expected, unchecked = {}, f"not checked against PyTorch: {type(error).__name__}: {error}".splitlines()[0]
+        release_memory()
+    else:
+        unchecked = ""
     rows = []
     for baseline in settings.baselines:
         layout = "nchw" if baseline == "compile" else baseline
@@ -187,7 +231,12 @@ def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[d
                     rows.append({**row, **failure(unavailable)})
                 else:
                     with lkconv.use_backend(backend):
-                        rows.append(_timed(row, case, passes[pass_name], settings))
+                        row = _timed(row, case, passes[pass_name], settings)
+                        if pass_name in expected and not row["error"]:
+                            row = _checked(row, passes[pass_name], expected[pass_name], settings.tf32)
+                        elif pass_name in CHECKED_PASSES and unchecked:
+                            row["checked"] = unchecked
+                    rows.append(row)
                 progress.advance()
     add_speedups(rows)
     return rows
@@ -198,7 +247,8 @@ def add_speedups(rows: list[dict]) -> None:
     baseline = {(r["pass"], r["impl"]): r.get("median_ms") for r in rows if r["impl"].startswith("pytorch")}
     for row in rows:
         for name in BASELINES:
-            reference, own = baseline.get((row["pass"], f"pytorch[{name}]")), row.get("median_ms")
+            reference = baseline.get((row["pass"], f"pytorch[{name}]"))
+            own = None if row.get("error") else row.get("median_ms")  # a wrong answer has no speed-up
             row[f"speedup_vs_{name}"] = reference / own if reference and own else None
 
 

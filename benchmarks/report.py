@@ -13,21 +13,16 @@ from . import model_suite, paper_table
 from .formatting import ms, percent, ratio
 
 
-
-
-
-
-
-
 def markdown(header: list[str], lines: list[list[str]]) -> str:
     rows = [header, ["---"] * len(header), *lines]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
 
 
 def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
-    """Op rows: time, spread, speed-up over each PyTorch baseline, TFLOP/s, % of the H100 floor, peak memory."""
+    """Op rows: time, spread, speed-up over each PyTorch baseline, TFLOP/s, % of the H100 floor, peak memory, and
+    the relative error against PyTorch in exact fp32 (lkconv rows)."""
     header = ["shape", "K", "dtype", "pass", "impl", "layout", "runs on", "median ms", "p20–p80 ms (n)",
-              "vs NCHW", "vs CL", "vs compile", "TFLOP/s", "% floor", "% fp32 FMA", "peak MiB"]
+              "vs NCHW", "vs CL", "vs compile", "TFLOP/s", "% floor", "% fp32 FMA", "peak MiB", "rel. error"]
     lines = []
     for r in rows:
         if r.get("suite") != "op" or (lkconv_only and not r["impl"].startswith("lkconv")):
@@ -42,6 +37,7 @@ def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
             ratio(r.get("speedup_vs_compile")),
             "—" if failed else f"{r['tflops']:.3g}", percent(r.get("floor_fraction")),
             percent(r.get("fp32_fma_floor_fraction")), "—" if memory is None else f"{memory:.0f}",
+            "—" if r.get("rel_error") is None else f"{r['rel_error']:.1e}",
         ])
     return markdown(header, lines) if lines else ""
 

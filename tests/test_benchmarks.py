@@ -64,6 +64,10 @@ def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, ca
             next(b["median_ms"] for b in op_rows if b["impl"] == "pytorch[nchw]" and
                  (b["shape"], b["kernel"], b["dtype"], b["pass"]) == (r["shape"], r["kernel"], r["dtype"], r["pass"]))
             / r["median_ms"])
+    for r in op_rows:  # every lkconv result but fwd+bwd is checked against PyTorch in exact fp32
+        checked = r["impl"].startswith("lkconv") and r["pass"] != "fwd_bwd"
+        assert (r.get("rel_error") is not None) == checked, r
+        assert not checked or r["rel_error"] <= 1e-5
     model_rows = [r for r in rows if r["suite"] == "model"]
     assert {r["impl"] for r in model_rows} == {"lkconv", "pytorch"}
     assert all(r["images_per_s"] > 0 for r in model_rows)
@@ -124,6 +128,29 @@ def test_a_failing_measurement_is_reported_not_raised(tmp_path, capsys, monkeypa
     assert all(r["median_ms"] > 0 for r in rows if r["impl"].startswith("pytorch"))
     assert "FAILED" in capsys.readouterr().out
     assert cli.main(arguments + ["--strict"]) == 1
+
+
+@pytest.mark.parametrize("pass_name", ["forward", "input_grad", "weight_grad"])
+def test_a_wrong_result_is_an_error_not_a_time(tmp_path, capsys, monkeypatch, pass_name):
+    """A backend pass that returns a slightly wrong answer (one element off) fails its row, and --strict fails."""
+    from lkconv.backends import torch_backend
+
+    real = getattr(torch_backend, pass_name)
+
+    def off_by_one_element(*args, **kwargs):
+        result = real(*args, **kwargs)
+        first = result[0] if isinstance(result, tuple) else result
+        first[(0,) * first.dim()] += 1.0
+        return result
+
+    monkeypatch.setattr(torch_backend, pass_name, off_by_one_element)
+    assert cli.main(TINY + ["--suites", "op", "--passes", pass_name, "--strict", "--out", str(tmp_path)]) == 1
+    _, rows = read_results(tmp_path)
+    wrong = [r for r in rows if r["impl"].startswith("lkconv")]
+    assert wrong and all(r["error"].startswith("wrong result: relative error") for r in wrong), wrong
+    assert all(r["speedup_vs_nchw"] is None for r in wrong), "a wrong answer has no speed-up either"
+    assert all(not r["error"] for r in rows if r["impl"].startswith("pytorch"))
+    assert "FAILED" in capsys.readouterr().out
 
 
 def test_an_interrupted_run_keeps_the_units_it_finished(tmp_path, monkeypatch):
@@ -227,6 +254,16 @@ def test_the_full_preset_covers_the_issues_shape_sets():
     assert set(full["baselines"]) == {"nchw", "channels_last", "compile"}
     assert set(full["backends"]) == {"auto", "triton", "cuda"}
     assert full["table_resolutions"] == (16, 32, 64) and full["model_resolutions"] == (224, 384)
+
+
+def test_the_quick_preset_measures_the_issues_bars_first():
+    """What a GPU session's op phase runs (benchmarks/gpu_session.sh): issue 2's two K=31 shapes first, then issue 5's
+    (64,384,64,64) and the RepLKNet-31B stages, so that a phase cut short still has the bars."""
+    shapes = cli.presets.op_shapes("quick")
+    assert shapes[:2] == [((64, 384, 32, 32), (31, 31)), ((64, 128, 56, 56), (31, 31))]
+    assert {((64, 384, 64, 64), (31, 31)), ((64, 256, 28, 28), (29, 29)), ((64, 512, 14, 14), (27, 27)),
+            ((64, 1024, 7, 7), (13, 13))} <= set(shapes)
+    assert cli.presets.defaults("quick")["dtypes"] == ("float32", "bfloat16")
 
 
 def test_the_compile_baseline_runs(tmp_path):

@@ -5,12 +5,14 @@
     python -m benchmarks --suites op --shapes 64x384x32x32 --kernels 31 51x5 --dtypes bfloat16 --passes forward
     python -m benchmarks report results/h100           # merge chunks, redo tables and plots from the JSON
     python -m benchmarks choices results/h100          # auto's triton-vs-cuda table from a run timing both
+    python -m benchmarks precompile                    # compile a GPU session's Triton kernels on every core first
 """
 
 import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +20,7 @@ import torch
 
 from lkconv.backends import measured
 
-from . import model_suite, op_suite, paper_table, plots, presets, report
+from . import model_suite, op_suite, paper_table, plots, presets, report, triton_launches
 from .progress import Progress
 from .provenance import provenance
 from .roofline import PASSES, ConvCase
@@ -263,12 +265,26 @@ def main_choices(argv) -> int:
     return 0
 
 
+def main_precompile(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks precompile",
+                                description="Compile, on every core, the Triton kernels a GPU session launches "
+                                            "(benchmarks/triton_launches.py), so that its tests and benchmarks find "
+                                            "them in Triton's cache instead of compiling them one at a time.")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a GPU: Triton compiles for the device it finds")
+    start = time.perf_counter()
+    count = triton_launches.precompile(workers=args.workers)
+    print(f"compiled {count} Triton kernels in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["report"]:
-        return main_report(argv[1:])
-    if argv[:1] == ["choices"]:
-        return main_choices(argv[1:])
+    commands = {"report": main_report, "choices": main_choices, "precompile": main_precompile}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     return main_run(argv)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything we want from one call on a lent GPU machine (under 10 minutes), most important first. Each phase has its
 # own time limit (SIGINT, then SIGKILL 15 s later), so a slow or failing phase cannot starve the ones after it:
-#   1. install lkconv (builds lkconv._C);
+#   1. install lkconv (builds lkconv._C), then compile the Triton kernels the session launches on every core;
 #   2. the op benchmark at the issues' shapes (every pass, fp32 and bf16, NCHW and channels_last, lkconv's triton and
 #      cuda backends against PyTorch NCHW and channels_last, each lkconv result checked against PyTorch fp32);
 #   3. the GPU tests, compute-sanitizer runs excepted;
@@ -57,6 +57,10 @@ if ! run_phase install 300 env MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" -m pip insta
     exit 1
 fi
 "$PYTHON" -c "import lkconv; print('backends:', lkconv.available_backends())" 2>&1 | tee -a "$LOG"
+
+# Every later phase then finds its Triton kernels compiled (about a second each, over a hundred, otherwise one at a
+# time inside the tests and benchmarks). Not fatal: whatever it missed compiles on first use.
+run_phase "precompile" "$(( $(left) < 120 ? $(left) : 120 ))" "$PYTHON" -m benchmarks precompile || true
 
 bench_status=0
 run_phase "op benchmark" "$(( $(left) < ${OP_SECONDS:-200} ? $(left) : ${OP_SECONDS:-200} ))" \

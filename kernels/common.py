@@ -1,4 +1,5 @@
-"""Small Triton helpers shared by the depthwise kernels: the tensor-core product and the filter-tap lookup."""
+"""Small Triton helpers shared by the depthwise kernels: the tensor-core product, the filter-tap lookup, and the
+widening of column runs to whole vectors."""
 
 import triton
 import triton.language as tl
@@ -29,3 +30,21 @@ def filter_tap(in_index, out_index, begin_pad, stride, dilation, kernel_size):
     tap = numerator // dilation
     valid = (numerator >= 0) & (numerator % dilation == 0) & (tap < kernel_size)
     return tap, valid
+
+
+# ALIGN > 1 is the backend's promise (vector_align) that a map's columns are contiguous and that its width, data
+# pointer and image, channel and row strides are multiples of ALIGN elements. Runs of columns widened to start and
+# end on multiples of ALIGN then load as whole vectors (16 bytes at most); the extra columns stay inside the row.
+
+
+@triton.jit
+def vector_run(begin, end, width, ALIGN: tl.constexpr):
+    """The column run [begin, end) widened to whole vectors of ALIGN elements, still inside a row of `width`."""
+    return begin // ALIGN * ALIGN, tl.multiple_of(tl.minimum(tl.cdiv(end, ALIGN) * ALIGN, width), ALIGN)
+
+
+@triton.jit
+def vector_strides(stride_n, stride_c, stride_h, ALIGN: tl.constexpr):
+    """The strides rounded down to multiples of ALIGN: no change (the backend vouches for them), but the compiler can
+    now see the multiple, which tl.multiple_of cannot tell it about a kernel argument."""
+    return stride_n // ALIGN * ALIGN, stride_c // ALIGN * ALIGN, stride_h // ALIGN * ALIGN

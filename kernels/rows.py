@@ -13,7 +13,7 @@ Kernel rows and source columns that only ever meet padding are skipped.
 import triton
 import triton.language as tl
 
-from .common import filter_tap, mma
+from .common import filter_tap, mma, vector_run, vector_strides
 
 
 @triton.jit
@@ -67,17 +67,10 @@ def depthwise_rows_kernel(
         c_end = tl.minimum(last_col * stride_w - pad_left + (kernel_w - 1) * dilation_w + 1, src_width)
         source_channels = 1
 
-    # ALIGN > 1 promises that the source's columns are contiguous and that its width, data pointer and row, image
-    # and channel strides are multiples of ALIGN elements (vector_align in the backend). Runs of source columns
-    # then start and end on multiples of ALIGN and load as whole vectors; the extra columns meet no tap and stay
-    # inside the row. Rounding the strides changes nothing but shows the compiler the multiple (tl.multiple_of
-    # cannot mark a kernel argument).
+    # Whole-vector source loads (common.py): the widened columns meet no tap, so the Toeplitz operand is zero there.
     if ALIGN > 1:
-        c_begin = c_begin // ALIGN * ALIGN
-        c_end = tl.multiple_of(tl.minimum(tl.cdiv(c_end, ALIGN) * ALIGN, src_width), ALIGN)
-        src_stride_h = src_stride_h // ALIGN * ALIGN
-        src_stride_n = src_stride_n // ALIGN * ALIGN
-        src_stride_c = src_stride_c // ALIGN * ALIGN
+        c_begin, c_end = vector_run(c_begin, c_end, src_width, ALIGN)
+        src_stride_n, src_stride_c, src_stride_h = vector_strides(src_stride_n, src_stride_c, src_stride_h, ALIGN)
     acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
     # The input grad of a depth multiplier m sums the m output channels fed by one input channel.
     for k in range(0, source_channels):

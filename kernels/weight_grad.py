@@ -13,7 +13,7 @@ The programs holding the first tap tile also sum dy for the bias grad.
 import triton
 import triton.language as tl
 
-from .common import mma
+from .common import mma, vector_run, vector_strides
 
 
 @triton.jit
@@ -47,15 +47,10 @@ def depthwise_weight_grad_kernel(
     last_tap_w = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, kernel_w) - 1
     iw_begin = tl.maximum(q_block * BLOCK_Q * dilation_w - pad_left, 0)
     iw_end = tl.minimum((out_width - 1) * stride_w + last_tap_w * dilation_w - pad_left + 1, in_width)
-    # ALIGN > 1: the input's vector promise, as in the rows kernel. Runs of input columns start and end on
-    # multiples of ALIGN and load as whole vectors; the extra columns meet no tap (the Hankel operand is zero there)
-    # and stay inside the row.
+    # Whole-vector input loads (common.py): the widened columns meet no tap, so the Hankel operand is zero there.
     if ALIGN > 1:
-        iw_begin = iw_begin // ALIGN * ALIGN
-        iw_end = tl.multiple_of(tl.minimum(tl.cdiv(iw_end, ALIGN) * ALIGN, in_width), ALIGN)
-        in_stride_h = in_stride_h // ALIGN * ALIGN
-        in_stride_n = in_stride_n // ALIGN * ALIGN
-        in_stride_c = in_stride_c // ALIGN * ALIGN
+        iw_begin, iw_end = vector_run(iw_begin, iw_end, in_width, ALIGN)
+        in_stride_n, in_stride_c, in_stride_h = vector_strides(in_stride_n, in_stride_c, in_stride_h, ALIGN)
 
     # The reduction axis holds BLOCK_ROWS output rows side by side, BLOCK_IW input columns each.
     lane = tl.arange(0, BLOCK_ROWS * BLOCK_IW)

@@ -3,9 +3,10 @@
 The interpreter never compiles, so this is what proves the kernels lower to PTX and cubins. Two sets:
 - every block configuration the dispatcher can pick, in every dtype and dot precision, with no launch
   specialization (what odd shapes and strides compile to);
-- the launches the triton backend makes for the shapes the GPU tests and the quick benchmark run, and for small
-  awkward ones, specialized the way Triton specializes them at launch (integer arguments equal to 1 become constants, multiples of 16 and
-  16-byte aligned pointers get divisibility hints). These are the variants a GPU compiles, with vector loads.
+- the launches the triton backend makes for the GPU session's shapes (lkconv.benchmarks.triton_launches: the GPU
+  tests', the quick benchmark's and small awkward ones), specialized the way Triton specializes them at launch
+  (integer arguments equal to 1 become constants, multiples of 16 and 16-byte aligned pointers get divisibility
+  hints). These are the variants a GPU compiles, with vector loads.
 Run as a script in a process where TRITON_INTERPRET is unset (tests/test_compile.py does that).
 """
 
@@ -62,72 +63,29 @@ def _config_jobs():
 
 
 def _launch_jobs():
-    """The specialized launches of the GPU tests' and the quick benchmark's shapes, each compiled once per arch."""
-    import torch
+    """The specialized launches of the GPU session's shapes (lkconv.benchmarks.triton_launches), each compiled once
+    per arch."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
 
-    from lkconv.backends import triton_backend
-    from lkconv.benchmarks.presets import REPLKNET_31B_STAGES, op_shapes
+    from lkconv.benchmarks import triton_launches
 
-    launches = []
-
-    class Recorder:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
-
-    class Kernels:
-        def __getattr__(self, name):
-            from lkconv import kernels
-            return Recorder(getattr(kernels, name))
-
-    # The backend as it runs on an H100 (132 SMs), but recording launches instead of making them.
-    triton_backend._kernels = Kernels
-    triton_backend.interpreting = lambda: False
-    triton_backend._multiprocessors = lambda index: 132
-    # (input shape, kernel, stride, padding, dilation, depth multiplier): the realistic shapes at "same" padding,
-    # then small awkward ones whose launches specialize differently (size-1 batch, height and channel counts,
-    # stride 2, dilation, a multiplier, asymmetric padding).
-    cases = [(shape, kernel, 1, (kernel[0] // 2, kernel[1] // 2), 1, 1) for shape, kernel in op_shapes("quick")]
-    cases += [((32, 384, 32, 32), (31, 31), 1, (15, 15), 1, 1)]
-    cases += [((64, c, r, r), (k, k), 1, (k // 2, k // 2), 1, 1) for c, r, k in REPLKNET_31B_STAGES]
-    cases += [((1, 8, 16, 48), (7, 7), 2, (3, 3), 1, 1), ((2, 4, 1, 64), (1, 9), 1, (0, 4), 1, 1),
-              ((2, 1, 16, 32), (5, 5), 1, (2, 1), 1, 2), ((2, 6, 20, 40), (7, 7), 1, (6, 6), 2, 1)]
-    for shape, kernel, stride, (pad_h, pad_w), dilation, multiplier in cases:
-        stride, dilation, padding = (stride, stride), (dilation, dilation), (pad_h, pad_w, pad_h, pad_w)
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for memory_format in (torch.contiguous_format, torch.channels_last):
-                x = torch.empty(shape, dtype=dtype, memory_format=memory_format)  # never read: nothing runs
-                w = torch.empty(shape[1] * multiplier, 1, *kernel, dtype=dtype)
-                b = torch.empty(shape[1] * multiplier, dtype=dtype)
-                y = triton_backend.forward(x, w, b, stride, padding, dilation)
-                triton_backend.input_grad(y, w, x.shape, stride, padding, dilation)
-                triton_backend.weight_grad(y, x, kernel, stride, padding, dilation, True)
-
+    launches = triton_launches.record()
     jobs = {}
     for arch in ARCHES:
-        backend = make_backend(GPUTarget("cuda", arch, 32))
-        for fn, args, kwargs in launches:
-            # What JITFunction.run does before it compiles (triton 3.6): bind, specialize, pack.
-            binder = create_function_from_signature(fn.signature, fn.params, backend)
-            bound, specialization, options = binder(*args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-            kind = next(k for k, name in KERNELS.items() if name == fn.__name__)
-            key = (kind, arch, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-                   repr(sorted(attrs.items())), options.num_warps, options.num_stages)
-            jobs[key] = dict(kind=kind, arch=arch, signature=signature, constexprs=constexprs, attrs=attrs,
-                            options={"num_warps": options.num_warps, "num_stages": options.num_stages},
-                            report={"set": "launches", "dtype": signature[fn.arg_names[0]][1:],
-                                    "precision": kwargs["PRECISION"], "transposed": kwargs.get("TRANSPOSED"),
-                                    "bias": kwargs["HAS_BIAS"], "align": kwargs.get("ALIGN", 1),
-                                    "constants": sorted(fn.arg_names[path[0]] for path, value in constexprs.items()
-                                                        if fn.arg_names[path[0]] not in kwargs),
-                                    "divisible_by_16": sorted(fn.arg_names[path[0]] for path, hints in attrs.items()
-                                                              if hints)})
+        for launch in launches:
+            key, signature, constexprs, attrs, options = triton_launches.bind(launch, GPUTarget("cuda", arch, 32))
+            if (arch, key) in jobs:
+                continue
+            names, kwargs = launch.kernel.arg_names, launch.kwargs
+            kind = next(k for k, name in KERNELS.items() if name == launch.kernel.__name__)
+            jobs[arch, key] = dict(
+                kind=kind, arch=arch, signature=signature, constexprs=constexprs, attrs=attrs,
+                options={"num_warps": options.num_warps, "num_stages": options.num_stages},
+                report={"set": "launches", "dtype": signature[names[0]][1:], "precision": kwargs["PRECISION"],
+                        "transposed": kwargs.get("TRANSPOSED"), "bias": kwargs["HAS_BIAS"],
+                        "align": kwargs.get("ALIGN", 1),
+                        "constants": sorted(names[path[0]] for path in constexprs if names[path[0]] not in kwargs),
+                        "divisible_by_16": sorted(names[path[0]] for path, hints in attrs.items() if hints)})
     return list(jobs.values())
 
 

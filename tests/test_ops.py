@@ -181,6 +181,31 @@ def test_autocast_accepts_mixed_input_and_weight_dtypes_like_f_conv2d():
     assert_close(y, reference(x, w, b, 1, 2, 1)[0], TOLERANCE[torch.bfloat16], "mixed-dtype autocast")
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_ops_called_directly_follow_autocast_too(compiled, dtype):
+    """torch.ops.lkconv.* under autocast, as torch.compile and other libraries call them: the region's dtype, eager
+    and compiled alike, and a backward that works."""
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    w = torch.randn(3, 1, 5, 5, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+
+    def conv(x, w, b):
+        return torch.ops.lkconv.depthwise_conv2d(x, w, b, [1, 1], [2, 2, 2, 2], [1, 1])
+
+    with torch.autocast("cpu", dtype=dtype):
+        y = (torch.compile(conv, fullgraph=True) if compiled else conv)(x, w, b)
+        grad_input = torch.ops.lkconv.depthwise_conv2d_input_grad(y, w, list(x.shape), [1, 1], [2, 2, 2, 2], [1, 1])
+    assert y.dtype == grad_input.dtype == dtype
+    expected = reference(x.to(dtype), w.to(dtype), b.to(dtype), 1, 2, 1)[0]
+    assert_close(y, expected, TOLERANCE[dtype], "output under autocast")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    assert [g.dtype for g in grads] == [torch.float32] * 3  # autograd casts back to the leaves' dtype
+    for actual, wanted in zip(grads, reference(x.to(dtype), w.to(dtype), b.to(dtype), 1, 2, 1, dy)[1:]):
+        assert_close(actual, wanted, TOLERANCE[dtype], "grads under autocast")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_ops_called_directly_reject_inconsistent_shapes(backend):
     """The ops are public: shapes that do not form a depthwise conv raise instead of reading out of bounds."""

@@ -73,6 +73,23 @@ def output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: in
     return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def check_tensor(name: str, tensor) -> None:
+    """`tensor` is a tensor of a dtype the ops compute in (complex and integer tensors are refused)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); got {tensor.dtype}"
+        )
+
+
+def check_input(input) -> None:
+    """The input of a conv, before anything (padding included) touches it: batched (N, C, H, W) or not (C, H, W)."""
+    check_tensor("input", input)
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be 4-D (N, C, H, W) or 3-D (C, H, W); got {input.dim()}-D shape {tuple(input.shape)}")
+
+
 def check(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -82,17 +99,12 @@ def check(
     dilation: IntPair,
 ) -> ConvArgs:
     """Validates a depthwise conv call on a batched (N, C, H, W) input; raises before any kernel runs."""
-    for name, tensor in (("input", input), ("weight", weight), ("bias", bias)):
-        if tensor is None and name == "bias":
-            continue
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
-        if tensor.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); got {tensor.dtype}"
-            )
+    check_input(input)
+    check_tensor("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
     if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, C, H, W) or 3-D (C, H, W); got {input.dim()}-D shape {tuple(input.shape)}")
+        raise ValueError(f"input must be 4-D (N, C, H, W); got {input.dim()}-D shape {tuple(input.shape)}")
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (C*m, 1, kh, kw); got {weight.dim()}-D shape {tuple(weight.shape)}")
     channels = input.shape[1]

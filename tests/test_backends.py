@@ -326,6 +326,22 @@ def test_auto_runs_every_valid_cpu_call_correctly(dtype, batch, ran):
         assert_close(actual, expected, TOLERANCE[dtype], name)
 
 
+def test_auto_answers_float64_cuda_tensors_with_torch(monkeypatch):
+    """On a GPU the triton and cuda kernels take fp16/bf16/fp32: auto hands float64 to PyTorch and says why (decided
+    on the dtype before any GPU is asked, so a CPU-only machine can check it with a GPU pretended)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
+    backends._choose.cache_clear()
+    try:
+        choice = backends.choose(torch.device("cuda", 0), torch.float64)
+    finally:
+        backends._choose.cache_clear()
+    assert choice.module is torch_backend
+    assert "triton kernels take float16, bfloat16 and float32 tensors, not torch.float64" in choice.reason
+    if HAS_CUDA_EXTENSION:
+        assert "CUDA kernels take float16, bfloat16 and float32 tensors, not torch.float64" in choice.reason
+
+
 # --- explain --------------------------------------------------------------------------------------------------------
 
 

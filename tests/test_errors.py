@@ -135,6 +135,15 @@ MODULE_CASES = [
     ("stride-0", dict(stride=0), lambda: randn(2, 3, 8, 9), "stride", "0"),
     ("dilation-0", dict(dilation=(1, 0)), lambda: randn(2, 3, 8, 9), "dilation", "(1, 0)"),
     ("empty-output", dict(), lambda: randn(2, 3, 4, 4), "output would be empty", "(4, 4)"),
+] + [  # padded by F.pad first, as nn.Conv2d does: the input must be checked before that
+    (f"{check}-{mode}", dict(padding=2, padding_mode=mode), make_input, name, received)
+    for mode in ("reflect", "replicate", "circular")
+    for check, make_input, name, received in (
+        ("input-2d", lambda: randn(3, 8), "input", "(3, 8)"),
+        ("input-5d", lambda: randn(2, 3, 4, 8, 9), "input", "(2, 3, 4, 8, 9)"),
+        ("non-tensor-input", lambda: randn(2, 3, 8, 9).tolist(), "input", "list"),
+        ("integer-input", lambda: torch.randint(0, 5, (2, 3, 8, 9)), "input", "torch.int64"),
+    )
 ]
 
 

@@ -82,11 +82,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills every unset option from the preset; on a CPU-only machine every preset becomes the cpu one."""
+    """Fills every unset option from the preset; on a CPU-only machine every preset becomes the cpu one.
+
+    --dtypes, --passes, --layouts, --backends and --baselines reach every suite they mean something to (table1:
+    dtypes, forward/fwd_bwd, backends, the NCHW and channels_last baselines; model: fp32/bf16, layouts). Raises
+    ValueError when one given explicitly leaves a requested suite with nothing to run.
+    """
     asked = args.preset or presets.default_preset()
     args.preset = asked if torch.cuda.is_available() else "cpu"
     args.asked_preset = asked
     defaults = presets.defaults(args.preset)
+    explicit = {name for name in ("dtypes", "layouts", "passes", "backends", "baselines")
+                if getattr(args, name) is not None}
     for name in ("suites", "dtypes", "layouts", "backends", "baselines"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
@@ -104,7 +111,44 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     square = [k for k, w in args.kernels or [] if k == w]
     args.defaults = defaults
     args.table_kernels = tuple(square) or defaults["table_kernels"]
+    _apply_to_table_and_model(args, explicit)
     return args
+
+
+MODEL_PRECISIONS = {"float32": "fp32", "bfloat16": "bf16"}  # the model suite's names for the dtypes it runs
+
+
+def _apply_to_table_and_model(args: argparse.Namespace, explicit: set) -> None:
+    d = args.defaults
+
+    def chosen(name, allowed, suite, required=True):
+        """The explicitly given values of option `name` that `suite` takes; None when the option was not given."""
+        if name not in explicit:
+            return None
+        kept = tuple(value for value in getattr(args, name) if value in allowed)
+        if required and not kept and suite in args.suites:
+            raise ValueError(f"--{name} {' '.join(getattr(args, name))} leaves the {suite} suite nothing to run (it "
+                             f"takes {', '.join(allowed)}); choose some of those, or leave {suite} out of --suites")
+        return kept
+
+    args.table_dtypes = chosen("dtypes", tuple(paper_table.DTYPES), "table1") or d["table_dtypes"]
+    args.table_passes = chosen("passes", paper_table.PASSES, "table1") or d["table_passes"]
+    default_impls = paper_table.TableSettings.impls
+    baselines = chosen("baselines", paper_table.BASELINES, "table1", required=False)
+    backends = chosen("backends", op_suite.BACKENDS, "table1", required=False)
+    args.table_impls = (
+        tuple(i for i in default_impls if i.startswith("pytorch")) if baselines is None
+        else tuple(f"pytorch[{b}]" for b in baselines)
+    ) + (
+        tuple(i for i in default_impls if i.startswith("lkconv")) if backends is None
+        else tuple(f"lkconv[{b}]" for b in backends)
+    )
+    if not args.table_impls and "table1" in args.suites:
+        raise ValueError("--baselines and --backends leave the table1 suite nothing to time (it takes the nchw and "
+                         "channels_last baselines and any backend)")
+    precisions = chosen("dtypes", tuple(MODEL_PRECISIONS), "model")
+    args.model_precisions = tuple(MODEL_PRECISIONS[p] for p in precisions) if precisions else model_suite.PRECISIONS
+    args.model_layouts = chosen("layouts", tuple(op_suite.LAYOUTS), "model") or d["model_layouts"]
 
 
 def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
@@ -120,8 +164,8 @@ def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
     if "table1" in args.suites:
         table = paper_table.TableSettings(
             resolutions=d["table_resolutions"], kernels=args.table_kernels, batch=d["table_batch"],
-            channels=d["table_channels"], dtypes=d["table_dtypes"], passes=d["table_passes"], tf32=args.tf32,
-            budget=budget)
+            channels=d["table_channels"], dtypes=args.table_dtypes, passes=args.table_passes, impls=args.table_impls,
+            tf32=args.tf32, budget=budget)
         # One unit per (resolution, dtype, pass): the slow ones (R=64, fwd+bwd) then spread over chunks.
         units += [("table1", dataclasses.replace(table, resolutions=(r,), dtypes=(dtype,), passes=(pass_name,)))
                   for r in table.resolutions for dtype in table.dtypes for pass_name in table.passes]
@@ -130,7 +174,8 @@ def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
         model_budget = budget._replace(rep_ms=max(budget.rep_ms, 500.0))
         model = model_suite.ModelSettings(
             resolutions=d["model_resolutions"], batches=d["model_batches"], modes=d["model_modes"],
-            layouts=d["model_layouts"], model_overrides=d["model_overrides"], tf32=args.tf32, budget=model_budget)
+            precisions=args.model_precisions, layouts=args.model_layouts, model_overrides=d["model_overrides"],
+            tf32=args.tf32, budget=model_budget)
         units += [("model", dataclasses.replace(model, resolutions=(r,))) for r in model.resolutions]
     if args.chunk:
         index, count = args.chunk
@@ -187,7 +232,11 @@ def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, with_plots
 
 
 def main_run(argv) -> int:
-    args = resolve(parser().parse_args(argv))
+    p = parser()
+    try:
+        args = resolve(p.parse_args(argv))
+    except ValueError as error:
+        p.error(str(error))
     if not torch.cuda.is_available():
         instead = "" if args.asked_preset == "cpu" else f" instead of '{args.asked_preset}'"
         print(f"No CUDA GPU here: running the CPU defaults (preset 'cpu'{instead}), small shapes on the torch "

@@ -170,11 +170,49 @@ def test_an_interrupted_run_keeps_the_units_it_finished(tmp_path, monkeypatch):
     assert {r["kernel"] for r in rows} == {"3x3"}
 
 
+def test_dtype_pass_layout_backend_and_baseline_options_reach_table1_and_model(tmp_path):
+    arguments = ["--suites", "table1", "model", "--dtypes", "bfloat16", "--layouts", "channels_last", "--passes",
+                 "fwd_bwd", "--backends", "torch", "--baselines", "channels_last", "--kernels", "3", "--no-plots",
+                 "--cpu-seconds", "0.005", "--out", str(tmp_path)]
+    assert cli.main(arguments) == 0
+    _, rows = read_results(tmp_path)
+    table = [r for r in rows if r["suite"] == "table1"]
+    assert table and {(r["dtype"], r["pass"]) for r in table} == {("bfloat16", "fwd_bwd")}
+    assert {r["impl"] for r in table} == {"pytorch[channels_last]", "lkconv[torch]"}
+    model = [r for r in rows if r["suite"] == "model"]
+    assert model and {(r["precision"], r["layout"]) for r in model if r["mode"] == "inference"} == {
+        ("bf16", "channels_last")}
+
+
+def test_the_commit_comes_from_lkconv_git_commit_outside_a_repository(monkeypatch):
+    """A tree copied without .git (as onto a lent GPU machine) records the commit passed in LKCONV_GIT_COMMIT."""
+    from lkconv.benchmarks import provenance
+
+    monkeypatch.setattr(provenance, "_command_output", lambda *command: None)  # no git here
+    monkeypatch.setenv("LKCONV_GIT_COMMIT", "0123abc")
+    meta = provenance.provenance({})
+    assert meta["git_commit"] == "0123abc" and meta["git_dirty"] is None
+
+
+def test_the_lkconv_bench_entry_point_is_installed():
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = shutil.which("lkconv-bench") or str(Path(sys.executable).with_name("lkconv-bench"))
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--preset" in result.stdout, result.stderr
+
+
 @pytest.mark.parametrize("arguments,message", [
     (["--shapes", "1x2x3"], "a shape is NxCxHxW"),
     (["--kernels", "4"], "a kernel is an odd K or KHxKW"),
     (["--chunk", "3/2"], "a chunk is K/N"),
     (["--dtypes", "float8"], "invalid choice"),
+    (["--suites", "table1", "--passes", "input_grad"], "--passes input_grad leaves the table1 suite nothing to run"),
+    (["--suites", "model", "--dtypes", "float16"], "--dtypes float16 leaves the model suite nothing to run"),
+    (["--suites", "table1", "--baselines", "compile", "--backends"], "expected at least one argument"),
 ])
 def test_bad_options_name_the_problem(arguments, message, capsys):
     with pytest.raises(SystemExit):

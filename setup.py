@@ -6,8 +6,9 @@ No GPU is needed to build, and a CPU-only torch works too. Switches:
 - LKCONV_SKIP_CUDA_BUILD=1: never build the extension.
 - LKCONV_FORCE_CUDA=1: the extension must build; without nvcc, or when it fails to compile, the install fails.
 - MAX_JOBS: parallel nvcc processes (default: CPU count).
-Without nvcc, or when the CUDA build fails (and LKCONV_FORCE_CUDA is unset), the install is pure Python and says
-why in one line.
+Without nvcc, when TORCH_CUDA_ARCH_LIST names no sm_80+ architecture, or when the CUDA build fails (and
+LKCONV_FORCE_CUDA is unset), the install is pure Python and says why in one line (pip shows it with -v). A malformed
+TORCH_CUDA_ARCH_LIST or MAX_JOBS fails the install instead.
 """
 
 import os
@@ -48,8 +49,10 @@ def cuda_home():
     return None
 
 
-# The architecture names TORCH_CUDA_ARCH_LIST may hold (as torch.utils.cpp_extension reads them), sm_80 and newer.
-NAMED_ARCHS = {"Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX"}
+# The architecture names TORCH_CUDA_ARCH_LIST may hold, as torch.utils.cpp_extension reads them (longest first).
+NAMED_ARCHS = {"Kepler+Tesla": "3.7", "Kepler": "3.5+PTX", "Maxwell+Tegra": "5.3", "Maxwell": "5.0;5.2+PTX",
+               "Pascal": "6.0;6.1+PTX", "Volta+Tegra": "7.2", "Volta": "7.0+PTX", "Turing": "7.5+PTX",
+               "Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX"}
 
 
 def gencode_flags(home: Path) -> list[str]:
@@ -57,7 +60,8 @@ def gencode_flags(home: Path) -> list[str]:
     plus PTX.
 
     Entries this nvcc cannot compile for (nvcc 13 dropped sm_70 and older), or below sm_80 (the kernels' floor),
-    are left out with a message; an entry that is not an architecture raises ValueError.
+    are left out with a message, and a list with nothing left gives no flags; an entry that is not an architecture
+    raises ValueError.
     """
     listed = subprocess.run([str(home / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True)
     known = set(re.findall(r"compute_(\d+)", listed.stdout))  # nvcc lists base targets: 90, not 90a or 100f
@@ -78,9 +82,6 @@ def gencode_flags(home: Path) -> list[str]:
         flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
         if match[4]:
             flags += ["-gencode", f"arch=compute_{arch},code=compute_{arch}"]
-    if not flags:
-        raise ValueError("TORCH_CUDA_ARCH_LIST leaves no architecture to build for: "
-                         f"{os.environ['TORCH_CUDA_ARCH_LIST']!r}")
     return flags
 
 
@@ -93,8 +94,8 @@ def _max_jobs() -> int:
     return int(value)
 
 
-def compile_cuda(home: Path, build_dir: Path, gencode: list[str]) -> list[str]:
-    """Compiles every csrc/*.cu with nvcc (MAX_JOBS at a time) into object files; returns their paths."""
+def compile_cuda(home: Path, build_dir: Path, gencode: list[str], jobs: int) -> list[str]:
+    """Compiles every csrc/*.cu with nvcc (`jobs` at a time) into object files; returns their paths."""
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = sorted(CSRC.glob("*.cu"))
     common = [str(home / "bin" / "nvcc"), "-std=c++20", "-O3", "-Xcompiler", "-fPIC", "-I", str(CSRC), *gencode]
@@ -107,7 +108,7 @@ def compile_cuda(home: Path, build_dir: Path, gencode: list[str]) -> list[str]:
             raise RuntimeError(f"nvcc failed on {source.name}:\n{result.stderr}")
         return str(target)
 
-    with ThreadPoolExecutor(_max_jobs()) as pool:
+    with ThreadPoolExecutor(jobs) as pool:
         return list(pool.map(compile_one, sources))
 
 
@@ -125,13 +126,20 @@ def cuda_extension():
 
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-
-        gencode = gencode_flags(home)
-    except (ImportError, ValueError) as error:  # e.g. an isolated build without torch: say how to get the backend
+    except ImportError as error:  # an isolated build without torch: say how to get the backend
         if _flag("LKCONV_FORCE_CUDA"):
             raise
         _say(f"cannot build lkconv._C ({error}); installing the pure-Python package. Build it with "
              "pip install --no-build-isolation")
+        return [], {}
+    # A malformed TORCH_CUDA_ARCH_LIST or MAX_JOBS is the user's to fix: it fails the install, here and now.
+    gencode, jobs = gencode_flags(home), _max_jobs()
+    if not gencode:
+        if _flag("LKCONV_FORCE_CUDA"):
+            raise RuntimeError(f"LKCONV_FORCE_CUDA=1 but TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')!r} "
+                               "names no sm_80+ architecture this nvcc can build for")
+        _say(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')!r} names no sm_80+ architecture this "
+             "nvcc can build for; installing the pure-Python package (no `cuda` backend)")
         return [], {}
 
     class BuildWithNvcc(BuildExtension):
@@ -140,7 +148,7 @@ def cuda_extension():
 
         def build_extensions(self):
             try:
-                objects = compile_cuda(home, Path(self.build_temp) / "cuda", gencode)
+                objects = compile_cuda(home, Path(self.build_temp) / "cuda", gencode, jobs)
                 for extension in self.extensions:
                     extension.extra_objects = objects
                 super().build_extensions()

@@ -57,7 +57,7 @@ lkconv::Geometry geometry(const Tensor& weight, const char* name, int64_t channe
                           c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1, name, " must have shape (C*m, 1, kh, kw); got ",
               weight.sizes());
-  TORCH_CHECK(weight.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(weight.is_contiguous(), name, " must be contiguous; got strides ", weight.strides());
   TORCH_CHECK(weight.size(2) <= kMaxGeometry && weight.size(3) <= kMaxGeometry, name, " kernel sizes must be <= 2^30; "
               "got ", weight.sizes());
   TORCH_CHECK(channels > 0 && weight.size(0) % channels == 0, name, ".size(0) must be a multiple of the ", channels,
@@ -146,7 +146,8 @@ void weight_grad(const Tensor& grad_output, const Tensor& input, c10::IntArrayRe
   check_like(grad_weight, grad_output, "grad_weight");
   TORCH_CHECK(workspace.device() == grad_output.device() && workspace.scalar_type() == at::kFloat &&
                   workspace.is_contiguous(),
-              "workspace must be a contiguous float32 tensor on ", grad_output.device());
+              "workspace must be a contiguous float32 tensor on ", grad_output.device(), "; got ",
+              workspace.scalar_type(), " on ", workspace.device(), workspace.is_contiguous() ? "" : ", not contiguous");
   lkconv::WeightGradArgs args{dtype_of(grad_output.scalar_type(), "grad_output"), allow_tf32,
                               geometry(grad_weight, "grad_weight", input.size(1), stride, padding, dilation),
                               map_of(grad_output, "grad_output"), map_of(input, "input"),

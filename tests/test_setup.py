@@ -1,4 +1,5 @@
-"""setup.py's nvcc targets: TORCH_CUDA_ARCH_LIST as torch reads it (numbers, 'a'/'f' suffixes, +PTX, names)."""
+"""setup.py without building anything: its nvcc targets (TORCH_CUDA_ARCH_LIST as torch reads it: numbers, 'a'/'f'
+suffixes, +PTX, names) and its switches (LKCONV_SKIP_CUDA_BUILD, LKCONV_FORCE_CUDA, MAX_JOBS)."""
 
 import importlib.util
 from pathlib import Path
@@ -36,8 +37,73 @@ def test_gencode_flags_follow_torch_cuda_arch_list(setup_module, monkeypatch, ar
     assert flags[1::2] == expected
 
 
-@pytest.mark.parametrize("arch_list", ["7.5", "sm_90", "Volta"])
-def test_gencode_flags_reject_lists_with_nothing_to_build(setup_module, monkeypatch, arch_list):
+@pytest.mark.parametrize("arch_list", ["7.5", "Volta;Turing", "6.0 7.0+PTX"])
+def test_gencode_flags_are_empty_when_no_architecture_is_sm80_or_newer(setup_module, monkeypatch, arch_list):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
-    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST"):
+    assert setup_module.gencode_flags(setup_module.cuda_home()) == []
+
+
+@pytest.mark.parametrize("arch_list", ["sm_90", "9", "Hoppers", "9.0;bogus"])
+def test_gencode_flags_reject_malformed_entries(setup_module, monkeypatch, arch_list):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST entries look like"):
         setup_module.gencode_flags(setup_module.cuda_home())
+
+
+# --- the switches, through cuda_extension() (which decides; nothing is compiled here) ------------------------------
+
+
+@pytest.fixture
+def switches(setup_module, monkeypatch):
+    for name in ("LKCONV_SKIP_CUDA_BUILD", "LKCONV_FORCE_CUDA", "MAX_JOBS", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(name, raising=False)
+    return setup_module
+
+
+def test_the_extension_is_built_wherever_nvcc_is(switches, capsys):
+    modules, commands = switches.cuda_extension()
+    assert [m.name for m in modules] == ["lkconv._C"] and "build_ext" in commands
+    assert "building lkconv._C" in capsys.readouterr().err
+
+
+def test_skip_cuda_build_installs_pure_python_with_one_line(switches, monkeypatch, capsys):
+    monkeypatch.setenv("LKCONV_SKIP_CUDA_BUILD", "1")
+    assert switches.cuda_extension() == ([], {})
+    assert capsys.readouterr().err.strip().splitlines() == ["lkconv: LKCONV_SKIP_CUDA_BUILD=1, installing the "
+                                                            "pure-Python package"]
+
+
+def test_without_nvcc_the_install_is_pure_python_unless_forced(switches, monkeypatch, capsys):
+    monkeypatch.setattr(switches, "cuda_home", lambda: None)
+    assert switches.cuda_extension() == ([], {})
+    assert "nvcc not found" in capsys.readouterr().err
+    monkeypatch.setenv("LKCONV_FORCE_CUDA", "1")
+    with pytest.raises(RuntimeError, match="LKCONV_FORCE_CUDA=1 but nvcc was not found"):
+        switches.cuda_extension()
+
+
+def test_no_usable_architecture_is_pure_python_unless_forced(switches, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
+    assert switches.cuda_extension() == ([], {})
+    assert "names no sm_80+ architecture" in capsys.readouterr().err
+    monkeypatch.setenv("LKCONV_FORCE_CUDA", "1")
+    with pytest.raises(RuntimeError, match="LKCONV_FORCE_CUDA=1 but TORCH_CUDA_ARCH_LIST='7.5'"):
+        switches.cuda_extension()
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("MAX_JOBS", "0", "MAX_JOBS must be a positive integer; got '0'"),
+    ("MAX_JOBS", "four", "MAX_JOBS must be a positive integer; got 'four'"),
+    ("TORCH_CUDA_ARCH_LIST", "9.0;bogus", "entries look like 8.0, 9.0a, 9.0\\+PTX or Hopper; got 'bogus'"),
+])
+def test_a_malformed_switch_fails_the_install_instead_of_falling_back(switches, monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        switches.cuda_extension()
+
+
+def test_max_jobs_sets_the_parallel_nvcc_processes(switches, monkeypatch):
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert switches._max_jobs() == 3
+    monkeypatch.delenv("MAX_JOBS")
+    assert switches._max_jobs() >= 1

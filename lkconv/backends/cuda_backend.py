@@ -19,7 +19,8 @@ name = "cuda"
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUMMANDS_PER_SPLIT = 16384
-REINSTALL = "pip install --no-build-isolation --force-reinstall --no-deps lkconv (with nvcc on PATH)"
+REINSTALL = ("pip install -v --no-build-isolation --force-reinstall --no-deps -e <lkconv's source folder> "
+             "(with nvcc on PATH; -v shows the build's own messages)")
 
 
 @functools.lru_cache(maxsize=None)

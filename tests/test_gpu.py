@@ -267,3 +267,27 @@ def test_cuda_ops_refuse_empty_maps_instead_of_dividing_by_zero():
     grad_weight = torch.empty(4, 1, 5, 5, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="heights and widths >= 1"):
         torch.ops.lkconv.cuda_weight_grad(dy, x, [1, 1], [2, 4, 2, 4], [1, 1], False, workspace, grad_weight, None)
+
+
+def test_cuda_ops_reject_bad_arguments_by_name():
+    """The raw extension ops check what the backend would never hand them, naming the argument and what it got."""
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    w = torch.randn(4, 1, 3, 3, device="cuda")
+    out = torch.empty(2, 4, 8, 8, device="cuda")
+    pad = [1, 1, 1, 1]
+    calls = [
+        (lambda: torch.ops.lkconv.cuda_forward(x, w.transpose(2, 3), None, [1, 1], pad, [1, 1], False, out),
+         "weight must be contiguous; got strides"),
+        (lambda: torch.ops.lkconv.cuda_forward(x, w, None, [1, 1], pad, [1, 1], False, out[:, :, :7]),
+         "output must have shape"),
+        (lambda: torch.ops.lkconv.cuda_forward(x, w, None, [1, 1], pad, [1, 1], False, out.half()),
+         "output must have dtype"),
+        (lambda: torch.ops.lkconv.cuda_forward(x, w, None, [0, 1], pad, [1, 1], False, out), "stride"),
+        (lambda: torch.ops.lkconv.cuda_input_grad(out, w, [1, 1], pad[:3], [1, 1], False, x), "padding must have 4"),
+        (lambda: torch.ops.lkconv.cuda_weight_grad(out, x, [1, 1], pad, [1, 1], False, torch.empty(4 * 10).half().cuda(),
+                                                   torch.empty_like(w), None),
+         "workspace must be a contiguous float32 tensor on cuda:0; got Half"),
+    ]
+    for call, message in calls:
+        with pytest.raises(RuntimeError, match=message):
+            call()

@@ -210,27 +210,26 @@ depthwise_conv2d_weight_grad_op.register_autograd(_in_forward_scope(_weight_grad
                                                   setup_context=_save_weight_grad)
 
 
-def _register_autocast(qualname: str, device_type: str) -> None:
+def _register_autocast(name: str, device_type: str) -> None:
     """Under torch.autocast the op computes as nn.Conv2d would: floating tensors (float64 excepted) in the autocast
     dtype, whatever that region set, with autocast off inside, so the backend's own PyTorch calls compute in the
     dtype the op's fake kernel and autograd expect. (torch.library.register_autocast fixes one dtype per device.)"""
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-    op = getattr(torch.ops.lkconv, qualname.split("::")[1]).default
+    op = getattr(torch.ops.lkconv, name).default
 
     def kernel(_keyset, *args):
         args = tuple(_autocast(arg, device_type) for arg in args)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             return op(*args)
 
-    _AUTOCAST_LIBRARY.impl(qualname.split("::")[1], kernel, key, with_keyset=True)
+    _AUTOCAST_LIBRARY.impl(name, kernel, key, with_keyset=True)
 
 
 _AUTOCAST_LIBRARY = torch.library.Library("lkconv", "FRAGMENT")
 for _device_type in ("cpu", "cuda"):
-    for _qualname in ("lkconv::depthwise_conv2d", "lkconv::depthwise_conv2d_input_grad",
-                      "lkconv::depthwise_conv2d_weight_grad"):
-        _register_autocast(_qualname, _device_type)
+    for _name in ("depthwise_conv2d", "depthwise_conv2d_input_grad", "depthwise_conv2d_weight_grad"):
+        _register_autocast(_name, _device_type)
 
 
 # FLOPs for torch.utils.flop_counter.FlopCounterMode: 2 per multiply-add, as aten's forward conv is counted. Every

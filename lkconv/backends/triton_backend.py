@@ -422,7 +422,9 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     c = weight_grad_config((kernel_h, kernel_w), input.shape[3], total_rows, interpreting())
     tiles = out_channels * _cdiv(kernel_h, c.block_r) * _cdiv(kernel_w, c.block_q)
     if splits is None:
-        splits = _cdiv(4 * _multiprocessors(input.device.index or 0), tiles) if input.is_cuda else 1
+        # Decided by how the kernels run, not where the tensors are, so that launches recorded on a CPU
+        # (benchmarks/triton_launches.py) are the ones a GPU makes.
+        splits = 1 if interpreting() else _cdiv(4 * _multiprocessors(input.device.index or 0), tiles)
     splits = max(1, min(splits, _cdiv(total_rows, c.block_rows)))
     rows_per_split = _cdiv(_cdiv(total_rows, splits), c.block_rows) * c.block_rows
     splits = _cdiv(total_rows, rows_per_split)

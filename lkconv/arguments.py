@@ -13,7 +13,10 @@ import torch
 IntPair = Union[int, Sequence[int]]
 Padding = Union[str, int, Sequence[int]]
 
+# The dtypes the ops compute in. A complex conv is computed from real ones (see ops.depthwise_conv2d), in the real
+# dtype of its parts: complex32 in float16, complex64 in float32, complex128 in float64.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+COMPLEX_DTYPES = (torch.complex32, torch.complex64, torch.complex128)
 
 
 class ConvArgs(NamedTuple):
@@ -74,12 +77,13 @@ def output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: in
 
 
 def check_tensor(name: str, tensor) -> None:
-    """`tensor` is a tensor of a dtype the ops compute in (complex and integer tensors are refused)."""
+    """`tensor` is a tensor the public API takes: floating point or complex (integer and bool are refused)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
-    if tensor.dtype not in SUPPORTED_DTYPES:
+    if tensor.dtype not in SUPPORTED_DTYPES + COMPLEX_DTYPES:
         raise TypeError(
-            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64); got {tensor.dtype}"
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64) or a complex one "
+            f"(complex32, complex64 or complex128); got {tensor.dtype}"
         )
 
 
@@ -152,9 +156,18 @@ def output_memory_format(tensor: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def check_same_dtype_and_device(op: str, first: tuple, *others: tuple) -> None:
-    """Every (name, tensor) in `others` has the dtype and device of `first`."""
+def check_operands(op: str, first: tuple, *others: tuple) -> None:
+    """The (name, tensor) `first` has a dtype the ops compute in, and every one of `others` its dtype and device.
+
+    The ops take real tensors only: their backward formulas are those of a real conv (a complex one would need
+    conjugated filters), so complex convs go through ``lkconv.depthwise_conv2d``, which builds them from real ones.
+    """
     first_name, first_tensor = first
+    if first_tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{op}: {first_name} must be float16, bfloat16, float32 or float64 (lkconv.depthwise_conv2d computes "
+            f"complex convs from real ones); got {first_tensor.dtype}"
+        )
     for name, tensor in others:
         if tensor.dtype != first_tensor.dtype or tensor.device != first_tensor.device:
             raise ValueError(

@@ -6,6 +6,7 @@ Op arguments are ints, padding as (top, left, bottom, right). `depthwise_conv2d`
 full error messages; the ops themselves re-check shapes cheaply, since they can be called directly.
 """
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple, Optional, Sequence
@@ -53,7 +54,7 @@ def _check_forward(input, weight, bias, stride, padding, dilation) -> tuple:
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
     others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    arguments.check_same_dtype_and_device(op, ("input", input), *others)
+    arguments.check_operands(op, ("input", input), *others)
     return shape
 
 
@@ -78,7 +79,7 @@ def depthwise_conv2d_input_grad_op(
 def _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation):
     op = "lkconv::depthwise_conv2d_input_grad"
     arguments.check_op(op, input_shape, weight.shape, grad_output.shape, stride, padding, dilation)
-    arguments.check_same_dtype_and_device(op, ("grad_output", grad_output), ("weight", weight))
+    arguments.check_operands(op, ("grad_output", grad_output), ("weight", weight))
 
 
 @depthwise_conv2d_input_grad_op.register_fake
@@ -106,7 +107,7 @@ def _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilatio
         raise ValueError(f"{op}: kernel_size must be 2 ints; got {list(kernel_size)}")
     weight_shape = (grad_output.shape[1] if grad_output.dim() == 4 else 0, 1, *kernel_size)
     arguments.check_op(op, input.shape, weight_shape, grad_output.shape, stride, padding, dilation)
-    arguments.check_same_dtype_and_device(op, ("grad_output", grad_output), ("input", input))
+    arguments.check_operands(op, ("grad_output", grad_output), ("input", input))
 
 
 @depthwise_conv2d_weight_grad_op.register_fake
@@ -273,6 +274,46 @@ def _prepare(input, weight, bias, stride, padding, dilation):
     return unbatched, (input, weight, bias, list(args.stride), list(args.padding), list(args.dilation))
 
 
+def _complex_as_real(input: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The one real conv whose output holds the four products of a complex conv.
+
+    The real and imaginary parts of the input are stacked along the batch (2N images), and each channel gets its
+    filter's real and imaginary parts as a doubled depth multiplier: weight (C, 2, m) per channel, real first.
+    """
+    channels, multiplier = input.shape[1], weight.shape[0] // input.shape[1]
+    stacked_input = torch.cat([input.real, input.imag])
+    filters = weight.reshape(channels, 1, multiplier, *weight.shape[2:])
+    stacked_weight = torch.cat([filters.real, filters.imag], dim=1).reshape(2 * weight.shape[0], 1, *weight.shape[2:])
+    return stacked_input, stacked_weight
+
+
+def _complex_from_real(output: Tensor, channels: int, bias: Optional[Tensor]) -> Tensor:
+    """Combines `_complex_as_real`'s output: (xr + i xi)(wr + i wi) = xr wr - xi wi + i (xr wi + xi wr), plus the
+    bias (added to the real parts: PyTorch cannot sum complex32 gradients)."""
+    parts = output.unflatten(0, (2, -1)).unflatten(2, (channels, 2, -1))  # (x part, N, C, w part, m, OH, OW)
+    real = parts[0, :, :, 0] - parts[1, :, :, 1]
+    imag = parts[0, :, :, 1] + parts[1, :, :, 0]
+    if bias is not None:
+        bias = bias.reshape(channels, -1, 1, 1)
+        real, imag = real + bias.real, imag + bias.imag
+    return torch.complex(real, imag).flatten(1, 2)
+
+
+def _autocast_off(device_type: str):
+    """No autocast inside a complex conv: F.conv2d leaves complex tensors alone, so its real parts stay as they are."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _complex_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
+    """A complex depthwise conv as one real one (`_complex_as_real`); autograd flows through the real and
+    imaginary views, so its gradients follow PyTorch's complex conventions."""
+    with _autocast_off(input.device.type):
+        output = depthwise_conv2d_op(*_complex_as_real(input, weight), None, stride, padding, dilation)
+    return _complex_from_real(output, input.shape[1], bias).contiguous(memory_format=arguments.output_memory_format(input))
+
+
 def depthwise_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -284,8 +325,8 @@ def depthwise_conv2d(
     """Depthwise 2-D convolution: exactly ``F.conv2d(input, weight, bias, stride, padding, dilation, groups=C)``.
 
     Args:
-        input: (N, C, H, W) or unbatched (C, H, W); float16, bfloat16, float32 or float64; any strides
-            (NCHW, channels_last or sliced).
+        input: (N, C, H, W) or unbatched (C, H, W); float16, bfloat16, float32 or float64, or complex (computed
+            as one real conv of the stacked real and imaginary parts); any strides (NCHW, channels_last or sliced).
         weight: (C*m, 1, kh, kw) for a depth multiplier m >= 1; any kh, kw (odd, even, non-square, larger
             than the map).
         bias: optional (C*m,).
@@ -297,7 +338,7 @@ def depthwise_conv2d(
         per call (see ``lkconv.explain``).
     """
     unbatched, op_args = _prepare(input, weight, bias, stride, padding, dilation)
-    output = depthwise_conv2d_op(*op_args)
+    output = (_complex_conv if op_args[0].is_complex() else depthwise_conv2d_op)(*op_args)
     return output.squeeze(0) if unbatched else output
 
 
@@ -333,6 +374,9 @@ def explain(
     backend that cannot run the call raises here as it would in the call.
     """
     _, (input, weight, bias, stride, padding, dilation) = _prepare(input, weight, bias, stride, padding, dilation)
+    is_complex = input.is_complex()
+    if is_complex:
+        input, weight = _complex_as_real(input, weight)
     choice = backends.choose_for_conv(input.device, input.dtype, weight.shape[2:], stride, dilation, input.shape[2:])
     output_hw = tuple(
         arguments.output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
@@ -345,4 +389,7 @@ def explain(
         )
         for pass_name in ("forward", "input_grad", "weight_grad")
     }
-    return Explanation(choice.module.name, choice.reason, **plans)
+    reason = choice.reason
+    if is_complex:
+        reason += f"; complex: one {input.dtype} conv of the real and imaginary parts, shape {tuple(input.shape)}"
+    return Explanation(choice.module.name, reason, **plans)

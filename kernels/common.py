@@ -1,5 +1,5 @@
-"""Small Triton helpers shared by the depthwise kernels: the tensor-core product, the filter-tap lookup, and the
-widening of column runs to whole vectors."""
+"""Small Triton helpers shared by the depthwise kernels: the tensor-core product, the filter-tap lookup, the band of
+kernel rows and source columns a row-form block reaches, and the widening of column runs to whole vectors."""
 
 import triton
 import triton.language as tl
@@ -30,6 +30,77 @@ def filter_tap(in_index, out_index, begin_pad, stride, dilation, kernel_size):
     tap = numerator // dilation
     valid = (numerator >= 0) & (numerator % dilation == 0) & (tap < kernel_size)
     return tap, valid
+
+
+@triton.jit
+def output_index(in_index, tap, begin_pad, stride, dilation, out_size):
+    """Which output index a filter tap joins to input index `in_index` along one axis (the weight grad's Hankel
+    operand), and whether it exists: out = (in + begin_pad - tap * dilation) / stride, exactly, inside the map."""
+    numerator = in_index + begin_pad - tap * dilation
+    out_index = numerator // stride
+    valid = (numerator >= 0) & (numerator % stride == 0) & (out_index < out_size)
+    return out_index, valid
+
+
+@triton.jit
+def input_columns_reached(q_block, BLOCK_Q: tl.constexpr, kernel_w, out_width, in_width, stride_w, pad_left,
+                          dilation_w):
+    """The input columns [begin, end) that a tile of BLOCK_Q kernel columns meets over the whole output row."""
+    last_tap_w = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, kernel_w) - 1
+    begin = tl.maximum(q_block * BLOCK_Q * dilation_w - pad_left, 0)
+    end = tl.minimum((out_width - 1) * stride_w + last_tap_w * dilation_w - pad_left + 1, in_width)
+    return begin, end
+
+
+@triton.jit
+def reachable_band(dst_row, row_ok, cols, col_ok, dst_height, dst_width, src_height, src_width, kernel_h, kernel_w,
+                   stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, TRANSPOSED: tl.constexpr):
+    """The kernel rows [r_begin, r_end) and source columns [c_begin, c_end) that a row-form block's destination rows
+    and columns (those marked ok) can reach; everything else meets only padding."""
+    first_row = tl.min(tl.where(row_ok, dst_row, dst_height), axis=0)
+    last_row = tl.max(tl.where(row_ok, dst_row, 0), axis=0)
+    first_col = tl.min(tl.where(col_ok, cols, dst_width), axis=0)
+    last_col = tl.max(tl.where(col_ok, cols, 0), axis=0)
+    if TRANSPOSED:
+        # dst = input rows/cols, src = output rows/cols: in + pad - tap * dilation = out * stride.
+        low = first_row + pad_top - (src_height - 1) * stride_h
+        r_begin = tl.where(low > 0, (low + dilation_h - 1) // dilation_h, 0)
+        r_end = tl.minimum((last_row + pad_top) // dilation_h + 1, kernel_h)
+        low = first_col + pad_left - (kernel_w - 1) * dilation_w
+        c_begin = tl.where(low > 0, (low + stride_w - 1) // stride_w, 0)
+        c_end = tl.minimum((last_col + pad_left) // stride_w + 1, src_width)
+    else:
+        low = pad_top - last_row * stride_h
+        r_begin = tl.where(low > 0, (low + dilation_h - 1) // dilation_h, 0)
+        high = src_height - 1 + pad_top - first_row * stride_h
+        r_end = tl.where(high >= 0, tl.minimum(high // dilation_h + 1, kernel_h), 0)
+        c_begin = tl.maximum(first_col * stride_w - pad_left, 0)
+        c_end = tl.minimum(last_col * stride_w - pad_left + (kernel_w - 1) * dilation_w + 1, src_width)
+    return r_begin, r_end, c_begin, c_end
+
+
+@triton.jit
+def source_row(dst_row, row_ok, r, src_height, stride_h, pad_top, dilation_h, TRANSPOSED: tl.constexpr):
+    """The source row that kernel row r joins to each destination row, and whether it exists."""
+    if TRANSPOSED:
+        numerator = dst_row + pad_top - r * dilation_h
+        src_row = numerator // stride_h
+        src_row_ok = row_ok & (numerator >= 0) & (numerator % stride_h == 0) & (src_row < src_height)
+    else:
+        src_row = dst_row * stride_h + r * dilation_h - pad_top
+        src_row_ok = row_ok & (src_row >= 0) & (src_row < src_height)
+    return src_row, src_row_ok
+
+
+@triton.jit
+def toeplitz_taps(src_cols, cols, pad_left, stride_w, dilation_w, kernel_w, TRANSPOSED: tl.constexpr):
+    """The filter column joining each source column (rows of the result) to each destination column, and whether
+    one does: the Toeplitz band of a row-form block."""
+    if TRANSPOSED:
+        tap, tap_ok = filter_tap(cols[None, :], src_cols[:, None], pad_left, stride_w, dilation_w, kernel_w)
+    else:
+        tap, tap_ok = filter_tap(src_cols[:, None], cols[None, :], pad_left, stride_w, dilation_w, kernel_w)
+    return tap, tap_ok
 
 
 # ALIGN > 1 is the backend's promise (vector_align) that a map's columns are contiguous and that its width, data

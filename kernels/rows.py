@@ -13,7 +13,7 @@ Kernel rows and source columns that only ever meet padding are skipped.
 import triton
 import triton.language as tl
 
-from .common import filter_tap, mma, vector_run, vector_strides
+from .common import mma, reachable_band, source_row, toeplitz_taps, vector_run, vector_strides
 
 
 @triton.jit
@@ -45,27 +45,10 @@ def depthwise_rows_kernel(
     col_ok = cols < dst_width
 
     # The kernel rows and source columns this block can reach; everything else is padding.
-    first_row = tl.min(tl.where(row_ok, dst_row, dst_height), axis=0)
-    last_row = tl.max(tl.where(row_ok, dst_row, 0), axis=0)
-    first_col = col_block * BLOCK_W
-    last_col = tl.minimum(first_col + BLOCK_W, dst_width) - 1
-    if TRANSPOSED:
-        # dst = input rows/cols, src = output rows/cols: in + pad - tap * dilation = out * stride.
-        low = first_row + pad_top - (src_height - 1) * stride_h
-        r_begin = tl.where(low > 0, (low + dilation_h - 1) // dilation_h, 0)
-        r_end = tl.minimum((last_row + pad_top) // dilation_h + 1, kernel_h)
-        low = first_col + pad_left - (kernel_w - 1) * dilation_w
-        c_begin = tl.where(low > 0, (low + stride_w - 1) // stride_w, 0)
-        c_end = tl.minimum((last_col + pad_left) // stride_w + 1, src_width)
-        source_channels = multiplier
-    else:
-        low = pad_top - last_row * stride_h
-        r_begin = tl.where(low > 0, (low + dilation_h - 1) // dilation_h, 0)
-        high = src_height - 1 + pad_top - first_row * stride_h
-        r_end = tl.where(high >= 0, tl.minimum(high // dilation_h + 1, kernel_h), 0)
-        c_begin = tl.maximum(first_col * stride_w - pad_left, 0)
-        c_end = tl.minimum(last_col * stride_w - pad_left + (kernel_w - 1) * dilation_w + 1, src_width)
-        source_channels = 1
+    r_begin, r_end, c_begin, c_end = reachable_band(
+        dst_row, row_ok, cols, col_ok, dst_height, dst_width, src_height, src_width, kernel_h, kernel_w,
+        stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, TRANSPOSED)
+    source_channels = multiplier if TRANSPOSED else 1
 
     # Whole-vector source loads (common.py): the widened columns meet no tap, so the Toeplitz operand is zero there.
     if ALIGN > 1:
@@ -87,20 +70,12 @@ def depthwise_rows_kernel(
                 c0 = tl.multiple_of(c0, ALIGN)
             src_cols = c0 + tl.arange(0, BLOCK_J)
             src_col_ok = src_cols < c_end
-            if TRANSPOSED:
-                tap, tap_ok = filter_tap(cols[None, :], src_cols[:, None], pad_left, stride_w, dilation_w, kernel_w)
-            else:
-                tap, tap_ok = filter_tap(src_cols[:, None], cols[None, :], pad_left, stride_w, dilation_w, kernel_w)
+            tap, tap_ok = toeplitz_taps(src_cols, cols, pad_left, stride_w, dilation_w, kernel_w, TRANSPOSED)
             tap_offsets = tap * w_stride_w
             src_col_offsets = src_cols * src_stride_w
             for r in range(r_begin, r_end):
-                if TRANSPOSED:
-                    numerator = dst_row + pad_top - r * dilation_h
-                    src_row = numerator // stride_h
-                    src_row_ok = row_ok & (numerator >= 0) & (numerator % stride_h == 0) & (src_row < src_height)
-                else:
-                    src_row = dst_row * stride_h + r * dilation_h - pad_top
-                    src_row_ok = row_ok & (src_row >= 0) & (src_row < src_height)
+                src_row, src_row_ok = source_row(dst_row, row_ok, r, src_height, stride_h, pad_top, dilation_h,
+                                                 TRANSPOSED)
                 src_offsets = (src_row_base + src_row.to(tl.int64) * src_stride_h)[:, None] + src_col_offsets[None, :]
                 a = tl.load(src_ptr + src_offsets, mask=src_row_ok[:, None] & src_col_ok[None, :], other=0.0)
                 b = tl.load(w_base + r * w_stride_h + tap_offsets, mask=tap_ok, other=0.0)

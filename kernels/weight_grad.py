@@ -13,7 +13,7 @@ The programs holding the first tap tile also sum dy for the bias grad.
 import triton
 import triton.language as tl
 
-from .common import mma, vector_run, vector_strides
+from .common import input_columns_reached, mma, output_index, vector_run, vector_strides
 
 
 @triton.jit
@@ -43,10 +43,8 @@ def depthwise_weight_grad_kernel(
     taps_w = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_begin = split * rows_per_split
     row_end = tl.minimum(row_begin + rows_per_split, total_rows)
-    # Input columns that this tile of kernel columns can meet.
-    last_tap_w = tl.minimum(q_block * BLOCK_Q + BLOCK_Q, kernel_w) - 1
-    iw_begin = tl.maximum(q_block * BLOCK_Q * dilation_w - pad_left, 0)
-    iw_end = tl.minimum((out_width - 1) * stride_w + last_tap_w * dilation_w - pad_left + 1, in_width)
+    iw_begin, iw_end = input_columns_reached(q_block, BLOCK_Q, kernel_w, out_width, in_width, stride_w, pad_left,
+                                             dilation_w)
     # Whole-vector input loads (common.py): the widened columns meet no tap, so the Hankel operand is zero there.
     if ALIGN > 1:
         iw_begin, iw_end = vector_run(iw_begin, iw_end, in_width, ALIGN)
@@ -76,10 +74,9 @@ def depthwise_weight_grad_kernel(
             in_cols_ok = in_cols < iw_end
             a = tl.load(input_ptr + in_row_offsets + (in_cols * in_stride_w)[None, :],
                         mask=in_rows_ok & in_cols_ok[None, :], other=0.0)
-            numerator = in_cols[:, None] + pad_left - taps_w[None, :] * dilation_w
-            out_cols = numerator // stride_w
-            b_ok = (rows_ok & in_cols_ok)[:, None] & (numerator >= 0) & (numerator % stride_w == 0) \
-                & (out_cols < out_width)
+            out_cols, out_cols_ok = output_index(in_cols[:, None], taps_w[None, :], pad_left, stride_w, dilation_w,
+                                                 out_width)
+            b_ok = (rows_ok & in_cols_ok)[:, None] & out_cols_ok
             b = tl.load(grad_out_ptr + grad_out_row_base[:, None] + out_cols * grad_out_stride_w, mask=b_ok, other=0.0)
             acc = mma(a, b, acc, PRECISION, OPERANDS_FP32)
 

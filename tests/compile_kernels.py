@@ -22,34 +22,45 @@ ARCHES = (80, 90)
 # (tensor dtype, tl.dot precision) pairs the backend can launch with on a GPU.
 PRECISIONS = (("fp32", "ieee"), ("fp32", "tf32"), ("fp16", "tf32"), ("bf16", "tf32"))
 VECTOR_ELEMENTS = {"fp32": 4, "fp16": 8, "bf16": 8}  # 16-byte vectors: the largest ALIGN the backend passes
-KERNELS = {"rows": "depthwise_rows_kernel", "whole_map": "depthwise_whole_map_kernel",
-           "weight_grad": "depthwise_weight_grad_kernel"}
-BLOCK_NAMES = {"rows": ("BLOCK_M", "BLOCK_W", "BLOCK_J"), "whole_map": ("BLOCK_N", "BLOCK_P", "BLOCK_K"),
-               "weight_grad": ("BLOCK_R", "BLOCK_Q", "BLOCK_ROWS", "BLOCK_IW")}
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+KERNELS = {"rows": "depthwise_rows_kernel", "rows_channels_last": "depthwise_rows_channels_last_kernel",
+           "whole_map": "depthwise_whole_map_kernel", "weight_grad": "depthwise_weight_grad_kernel",
+           "weight_grad_channels_last": "depthwise_weight_grad_channels_last_kernel"}
+BLOCK_NAMES = {"rows": ("BLOCK_M", "BLOCK_W", "BLOCK_J"), "rows_channels_last": ("BLOCK_C", "BLOCK_M", "BLOCK_W", "BLOCK_J"),
+               "whole_map": ("BLOCK_N", "BLOCK_P", "BLOCK_K"), "weight_grad": ("BLOCK_R", "BLOCK_Q", "BLOCK_ROWS", "BLOCK_IW"),
+               "weight_grad_channels_last": ("BLOCK_C", "BLOCK_R", "BLOCK_Q", "BLOCK_ROWS", "BLOCK_IW")}
+# The channels_last kernels take CHANNEL_BYTES of channels: one block size per element size.
+CHANNEL_BLOCK_KERNELS = ("rows_channels_last", "weight_grad_channels_last")
+# Kernels whose runs of source columns widen to whole vectors (the ALIGN constexpr).
+ALIGNED_KERNELS = ("rows", "weight_grad")
 
 
 def _config_jobs():
     """Compile jobs (kernel, arch, signature, constexprs, attrs, options, and what the report says) for every configuration the dispatcher can pick, unspecialized: integer arguments compile as i32, and as i64
     (what Triton passes once a stride passes 2**31) in bf16; ALIGN as 1 and as a whole 16-byte vector."""
     from lkconv import kernels
-    from lkconv.backends.triton_backend import kernel_configs
+    from lkconv.backends.triton_backend import CHANNEL_BYTES, kernel_configs
 
     configs = kernel_configs()
     for arch in ARCHES:
         for dtype, precision in PRECISIONS:
             for int_type in ("i32", "i64") if dtype == "bf16" else ("i32",):
                 for kind, variants in (("rows", ((False, False), (False, True), (True, False))),
+                                       ("rows_channels_last", ((False, False), (False, True), (True, False))),
                                        ("whole_map", ((False, False), (False, True), (True, False))),
-                                       ("weight_grad", ((None, False), (None, True)))):
-                    aligns = (1,) if kind == "whole_map" else (1, VECTOR_ELEMENTS[dtype])
+                                       ("weight_grad", ((None, False), (None, True))),
+                                       ("weight_grad_channels_last", ((None, False), (None, True)))):
+                    aligns = (1, VECTOR_ELEMENTS[dtype]) if kind in ALIGNED_KERNELS else (1,)
                     for config in configs[kind]:
+                        if kind in CHANNEL_BLOCK_KERNELS and config.block_c * ELEMENT_BYTES[dtype] != CHANNEL_BYTES:
+                            continue
                         for transposed, bias in variants:
                             for align in aligns:
                                 constexprs = {"HAS_BIAS": bias, "PRECISION": precision, "OPERANDS_FP32": False,
                                               **dict(zip(BLOCK_NAMES[kind], config))}
                                 if transposed is not None:
                                     constexprs["TRANSPOSED"] = transposed
-                                if kind != "whole_map":
+                                if kind in ALIGNED_KERNELS:
                                     constexprs["ALIGN"] = align
                                 fn = getattr(kernels, KERNELS[kind])
                                 signature = {name: "constexpr" if name in constexprs else

@@ -364,19 +364,21 @@ def test_explain_returns_strings_and_its_str_names_the_backend(backend):
 @needs_interpreter
 @needs_triton
 @pytest.mark.parametrize(
-    "shape, kernel, padding, form",
-    [((2, 3, 8, 9), (5, 3), (2, 1), "rows"), ((16, 2, 4, 4), (5, 5), 2, "whole_map")],
-    ids=["rows", "whole_map"],
+    "shape, kernel, padding, channels_last, form",
+    [((2, 3, 8, 9), (5, 3), (2, 1), False, "rows"), ((16, 2, 4, 4), (5, 5), 2, False, "whole_map"),
+     ((2, 3, 8, 9), (5, 3), (2, 1), True, "rows_channels_last")],
+    ids=["rows", "whole_map", "rows_channels_last"],
 )
-def test_explain_names_the_triton_kernel_form(shape, kernel, padding, form):
+def test_explain_names_the_triton_kernel_form(shape, kernel, padding, channels_last, form):
     x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(shape[1], 1, *kernel)
     with lkconv.use_backend("triton"):
         explanation = lkconv.explain(x, w, None, 1, padding)
     assert explanation.backend == "triton"
     for plan in (explanation.forward, explanation.input_grad):
-        assert plan.split()[0] in ("rows", "whole_map"), plan
-    assert explanation.forward.split()[0] == form
+        assert plan.split()[0] == form, plan
     assert "weight_grad" in explanation.weight_grad
 
 
@@ -384,7 +386,8 @@ def test_explain_names_the_triton_kernel_form(shape, kernel, padding, form):
 @needs_triton
 @pytest.mark.parametrize("layout,dtype,width,vector", [
     ("nchw", torch.bfloat16, 32, "16-byte"), ("nchw", torch.float32, 32, "16-byte"), ("nchw", torch.bfloat16, 28, "8-byte"),
-    ("channels_last", torch.bfloat16, 32, "2-byte"),
+    # 3 channels: blocks of 4 under the interpreter, 4 bf16 channels of a pixel at once.
+    ("channels_last", torch.bfloat16, 32, "8-byte"),
 ])
 def test_explain_names_the_source_load_width(layout, dtype, width, vector):
     """The input grad's width is the output's (dy comes in the output's layout), here that of the input."""
@@ -395,6 +398,7 @@ def test_explain_names_the_source_load_width(layout, dtype, width, vector):
         explanation = lkconv.explain(x, torch.randn(3, 1, 5, 5, dtype=dtype), None, 1, 2)
     for plan in (explanation.forward, explanation.input_grad, explanation.weight_grad):
         assert f"{vector} source loads" in plan, plan
+        assert ("along channels" in plan) == (layout == "channels_last"), plan
 
 
 # --- the forced triton backend on CPU (interpreter) -----------------------------------------------------------------

@@ -28,25 +28,25 @@ def test_every_kernel_configuration_and_the_gpu_sessions_launches_compile_for_sm
 
     configs = kernel_configs()
     swept = [e for e in compiled if e["set"] == "configs"]
-    # rows and weight_grad twice (ALIGN 1 and a whole 16-byte vector), in 2 arches x (4 precisions with i32 + bf16
-    # with i64)
-    per_precision = 3 * 2 * len(configs["rows"]) + 3 * len(configs["whole_map"]) + 2 * 2 * len(configs["weight_grad"])
+    # rows and weight_grad twice (ALIGN 1 and a whole 16-byte vector); the channels_last kernels in the
+    # configurations of their element size (half of them); in 2 arches x (4 precisions with i32 + bf16 with i64)
+    per_precision = (3 * 2 * len(configs["rows"]) + 3 * len(configs["rows_channels_last"]) // 2
+                     + 3 * len(configs["whole_map"]) + 2 * 2 * len(configs["weight_grad"])
+                     + 2 * len(configs["weight_grad_channels_last"]) // 2)
     assert len(swept) == 2 * 5 * per_precision
     assert {e["int_type"] for e in swept} == {"i32", "i64"}
-    assert {(e["kernel"], e["arch"]) for e in swept} == {
-        (kernel, arch) for kernel in ("rows", "whole_map", "weight_grad") for arch in ("sm_80", "sm_90")
-    }
+    kernels = ("rows", "rows_channels_last", "whole_map", "weight_grad", "weight_grad_channels_last")
+    assert {(e["kernel"], e["arch"]) for e in swept} == {(kernel, arch) for kernel in kernels for arch in ("sm_80", "sm_90")}
 
     launches = [e for e in compiled if e["set"] == "launches"]
     assert {(e["kernel"], e["arch"], e["dtype"]) for e in launches} == {
-        (kernel, arch, dtype) for kernel in ("rows", "whole_map", "weight_grad") for arch in ("sm_80", "sm_90")
-        for dtype in ("fp32", "fp16", "bf16")
+        (kernel, arch, dtype) for kernel in kernels for arch in ("sm_80", "sm_90") for dtype in ("fp32", "fp16", "bf16")
     }
     assert any("batch" in e["constants"] for e in launches), "a batch of 1 specializes to a constant"
-    # NCHW maps whose widths are multiples of 16 bytes load their source rows as 16-byte asynchronous copies;
-    # channels_last maps cannot (their rows are strided), and take ALIGN 1.
-    whole_vectors = [e for e in launches if e["kernel"] != "whole_map"
+    # NCHW maps whose widths are multiples of 16 bytes load their source rows as 16-byte asynchronous copies, and
+    # channels_last maps their pixels' channels.
+    whole_vectors = [e for e in launches if e["kernel"] in ("rows", "weight_grad")
                      and e["align"] * (4 if e["dtype"] == "fp32" else 2) == 16]
+    whole_vectors += [e for e in launches if e["kernel"].endswith("channels_last")]
     assert whole_vectors and all(e["vector_async_copies"] > 0 for e in whole_vectors), [
         e for e in whole_vectors if not e["vector_async_copies"]]
-    assert any(e["align"] == 1 and "src_stride_c" in e["constants"] for e in launches if e["kernel"] == "rows")

@@ -225,13 +225,17 @@ def test_torch_compile_reduce_overhead(backend):
 
 SANITIZER_SCRIPT = """
 import torch, lkconv
-for shape, kernel, stride, dilation, dtype in [((2, 5, 17, 23), 31, 1, 1, torch.float32),
-                                              ((1, 3, 9, 40), 13, 2, 2, torch.bfloat16),
-                                              ((2, 4, 8, 8), 63, 1, 1, torch.float16),
-                                              ((40, 3, 7, 9), 13, 1, 1, torch.bfloat16),  # cuda: whole map
-                                              ((64, 2, 28, 28), 29, 1, 1, torch.bfloat16)]:  # dy in passes
-    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-    w = torch.randn(shape[1] * 2, 1, kernel, kernel, device="cuda", dtype=dtype, requires_grad=True)
+cl = torch.channels_last
+for shape, kernel, stride, dilation, dtype, multiplier, layout in [
+        ((2, 5, 17, 23), 31, 1, 1, torch.float32, 2, torch.contiguous_format),
+        ((1, 3, 9, 40), 13, 2, 2, torch.bfloat16, 2, torch.contiguous_format),
+        ((2, 4, 8, 8), 63, 1, 1, torch.float16, 2, torch.contiguous_format),
+        ((40, 3, 7, 9), 13, 1, 1, torch.bfloat16, 2, torch.contiguous_format),  # cuda: whole map
+        ((64, 2, 28, 28), 29, 1, 1, torch.bfloat16, 2, torch.contiguous_format),  # dy in passes
+        ((2, 40, 17, 23), 31, 1, 1, torch.bfloat16, 1, cl),  # triton: channel blocks, the last one partial
+        ((2, 20, 13, 30), 7, 2, 2, torch.float32, 1, cl)]:
+    x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(shape[1] * multiplier, 1, kernel, kernel, device="cuda", dtype=dtype, requires_grad=True)
     y = lkconv.depthwise_conv2d(x, w, None, stride, kernel // 2 * dilation, dilation)
     y.backward(torch.randn_like(y))
 torch.cuda.synchronize()

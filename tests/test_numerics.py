@@ -47,6 +47,8 @@ CASES = [
     Case(2, 3, 1, 9, 10, (3, 5), (2, 1), "valid", (1, 2)),
     Case(1, 3, 2, 7, 7, (13, 13), 1, 6, 1, "channels_last"),
     Case(2, 2, 1, 6, 7, (8, 3), (1, 2), (7, 4), (2, 3), "sliced"),
+    Case(2, 5, 1, 9, 11, (5, 3), 1, (2, 1), 1, "channels_last"),
+    Case(2, 4, 1, 12, 20, (7, 7), 2, 3, 1, "channels_last"),
 ]
 
 
@@ -272,3 +274,60 @@ def test_triton_vector_runs_stay_inside_rows_padded_with_nan(case, dtype, monkey
     expected = reference(x, w, None, case.stride, case.padding, case.dilation, dy)
     for name, actual, wanted in zip(("output", "grad_input", "grad_weight"), (y, *grads), expected):
         assert_close(actual, wanted, TOLERANCE[dtype], f"{dtype} {name}")
+
+
+# channels_last maps with depth multiplier 1 take the channel-block kernels. Blocks of 2 channels, 16 rows and 16
+# columns split these maps into several channel (one partial), row and column blocks and column chunks; the weight
+# grad's 16x16 tap tiles and 2 rows of 16 columns give several tap tiles, row steps and column chunks.
+CHANNEL_BLOCK_CASES = [
+    Case(2, 5, 1, 12, 20, (5, 5), 1, 2, 1, "channels_last"),
+    Case(1, 3, 1, 13, 22, (7, 9), 2, (3, 4), 1, "channels_last"),
+    Case(2, 4, 1, 9, 18, (4, 6), (1, 2), "valid", (2, 1), "channels_last"),
+    Case(1, 6, 1, 10, 17, (6, 4), 1, "same", (1, 3), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CHANNEL_BLOCK_CASES, ids=[c.id() for c in CHANNEL_BLOCK_CASES])
+def test_triton_channels_last_kernels_with_small_blocks(case, dtype, monkeypatch, poisoned_outputs):
+    small = triton_backend.RowsChannelsLastConfig(2, 16, 16, 16)
+    monkeypatch.setattr(triton_backend, "_rows_channels_last_config", lambda p, interpret: small)
+    monkeypatch.setattr(triton_backend, "weight_grad_channels_last_config",
+                        lambda *args: triton_backend.WeightGradChannelsLastConfig(2, 16, 16, 2, 16))
+
+    def per_channel_weight_grad(*args):
+        raise AssertionError("the per-channel weight grad ran on channels_last maps")
+
+    monkeypatch.setattr(triton_backend, "weight_grad_config", per_channel_weight_grad)
+    plan_conv = triton_backend.plan_conv
+    forms = []
+
+    def spy(p, interpret):
+        plan = plan_conv.__wrapped__(p, interpret)  # uncached: the small blocks must not stay behind
+        forms.append(plan.form)
+        return plan
+
+    monkeypatch.setattr(triton_backend, "plan_conv", spy)
+    with lkconv.use_backend("triton"):
+        _, y, grads, expected = run_case(case, dtype, TRITON_DEVICE)
+    assert forms == ["rows_channels_last", "rows_channels_last"], forms
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
+        assert_close(actual, wanted, TOLERANCE[dtype], f"{dtype} {name}")
+
+
+@pytest.mark.parametrize("layout,multiplier,expected", [
+    ("channels_last", 1, 32), ("channels_last", 2, 0), ("nchw", 1, 0), ("channel-sliced channels_last", 1, 0),
+    ("width-sliced channels_last", 1, 0),  # its output is NCHW (not channels_last-contiguous)
+])
+def test_channel_block_needs_unit_channel_stride_and_multiplier_one(layout, multiplier, expected):
+    x = torch.zeros(2, 8, 5, 12, dtype=torch.bfloat16)
+    if "channels_last" in layout:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout.startswith("channel-sliced"):
+        x = x[:, ::2]
+    if layout.startswith("width-sliced"):
+        x = x[..., ::2]
+    out_strides = triton_backend.layout_strides((2, 8 * multiplier, 5, 12), lkconv.arguments.output_memory_format(x))
+    block = triton_backend.channel_block(x.shape, x.stride(), out_strides, multiplier, x.element_size(), interpret=False)
+    assert block == expected

@@ -99,16 +99,17 @@ def test_weight_grad_is_bit_identical_over_runs(backend):
         assert torch.equal(grad_weight, runs[0][0]) and torch.equal(grad_bias, runs[0][1])
 
 
-def test_triton_weight_grad_splits_agree_with_reference():
-    """Several fixed-order partial sums (as on a GPU) give the same answer as one."""
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_triton_weight_grad_splits_agree_with_reference(memory_format):
+    """Several fixed-order partial sums (as on a GPU) give the same answer as one, in the per-channel and the
+    channels_last kernel."""
     x = torch.randn(3, 4, 12, 11, dtype=torch.float64)
     w = torch.randn(4, 1, 7, 5, dtype=torch.float64)
     dy = torch.randn(3, 4, 12, 11, dtype=torch.float64)
     _, _, grad_w, grad_b = reference(x, w, torch.zeros(4, dtype=torch.float64), 1, (3, 2), 1, dy)
+    x, dy = (t.float().to(TRITON_DEVICE).contiguous(memory_format=memory_format) for t in (x, dy))
     for splits in (1, 2, 5):
-        got_w, got_b = triton_backend.weight_grad(
-            dy.float().to(TRITON_DEVICE), x.float().to(TRITON_DEVICE), (7, 5), (1, 1), (3, 2, 3, 2), (1, 1), True, splits=splits
-        )
+        got_w, got_b = triton_backend.weight_grad(dy, x, (7, 5), (1, 1), (3, 2, 3, 2), (1, 1), True, splits=splits)
         assert_close(got_w, grad_w, TOLERANCE[torch.float32], f"grad_weight, {splits} splits")
         assert_close(got_b, grad_b, TOLERANCE[torch.float32], f"grad_bias, {splits} splits")
 

@@ -16,12 +16,19 @@ from lkconv.benchmarks import triton_launches
 def test_record_covers_every_kernel_layout_and_dtype_of_the_session():
     launches = triton_launches.record([triton_launches.Case((2, 8, 16, 32), (5, 5), padding=(2, 2))])
     names = {launch.kernel.__name__ for launch in launches}
-    assert names == {"depthwise_rows_kernel", "depthwise_weight_grad_kernel"}
+    assert names == {"depthwise_rows_kernel", "depthwise_rows_channels_last_kernel", "depthwise_weight_grad_kernel",
+                     "depthwise_weight_grad_channels_last_kernel"}
     # per dtype and layout: forward, input grad, weight grad
     assert len(launches) == 3 * len(triton_launches.DTYPES) * len(triton_launches.LAYOUTS)
-    aligns = {(launch.args[0].dtype, launch.args[0].is_contiguous(), launch.kwargs["ALIGN"]) for launch in launches}
-    assert (torch.bfloat16, True, 8) in aligns and (torch.float32, True, 4) in aligns
-    assert all(align == 1 for _, contiguous, align in aligns if not contiguous)  # channels_last
+    # NCHW maps load whole 16-byte vectors of their rows; channels_last maps 64 bytes of each pixel's channels.
+    loads = {(launch.args[0].dtype, launch.args[0].is_contiguous(), launch.kernel.__name__,
+              launch.kwargs.get("ALIGN", launch.kwargs.get("BLOCK_C"))) for launch in launches}
+    assert {entry for entry in loads if entry[1]} == {
+        (dtype, True, name, 16 // dtype.itemsize) for dtype in triton_launches.DTYPES
+        for name in ("depthwise_rows_kernel", "depthwise_weight_grad_kernel")}
+    assert {entry for entry in loads if not entry[1]} == {
+        (dtype, False, name, 64 // dtype.itemsize) for dtype in triton_launches.DTYPES
+        for name in ("depthwise_rows_channels_last_kernel", "depthwise_weight_grad_channels_last_kernel")}
 
 
 def test_the_session_cases_include_the_issue_shapes():

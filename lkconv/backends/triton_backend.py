@@ -30,6 +30,15 @@ class RowsConfig(NamedTuple):
     num_stages: int = 2
 
 
+class RowsChannelsLastConfig(NamedTuple):
+    block_c: int
+    block_m: int
+    block_w: int
+    block_j: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
 class WholeMapConfig(NamedTuple):
     block_n: int
     block_p: int
@@ -47,10 +56,27 @@ class WeightGradConfig(NamedTuple):
     num_stages: int = 2
 
 
+class WeightGradChannelsLastConfig(NamedTuple):
+    block_c: int
+    block_r: int
+    block_q: int
+    block_rows: int
+    block_iw: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
 # GPU configurations, keyed by what selects them. Block sizes and warps keep ptxas register spills at a few dozen
 # bytes at most (tests/compile_kernels.py reports registers and spills per configuration); speed tuning on a GPU
 # is still owed.
 GPU_ROWS = {(block_w, block_j): RowsConfig(64, block_w, block_j) for block_w in (16, 32) for block_j in (32, 64)}
+# channels_last: 64 bytes of channels per pixel (two sectors of one cache line), so by element size.
+CHANNEL_BYTES = 64
+GPU_ROWS_CHANNELS_LAST = {size: RowsChannelsLastConfig(CHANNEL_BYTES // size, 32, 16, 32, num_warps=8) for size in (2, 4)}
+GPU_WEIGHT_GRAD_CHANNELS_LAST = {
+    (size, block_q): WeightGradChannelsLastConfig(CHANNEL_BYTES // size, 16, block_q, 2, 16, num_warps=8)
+    for size in (2, 4) for block_q in (16, 32)
+}
 GPU_WHOLE_MAP = {block_n: WholeMapConfig(block_n, 64, 32, num_warps=8) for block_n in (16, 64)}
 GPU_WEIGHT_GRAD = {
     (block_r, block_q, block_iw): WeightGradConfig(block_r, block_q, 128 // block_iw, block_iw, num_warps=8)
@@ -62,8 +88,10 @@ def kernel_configs() -> dict[str, list]:
     """Every GPU configuration the dispatcher can pick, per kernel (for ahead-of-time compile checks)."""
     return {
         "rows": list(GPU_ROWS.values()),
+        "rows_channels_last": list(GPU_ROWS_CHANNELS_LAST.values()),
         "whole_map": list(GPU_WHOLE_MAP.values()),
         "weight_grad": list(GPU_WEIGHT_GRAD.values()),
+        "weight_grad_channels_last": list(GPU_WEIGHT_GRAD_CHANNELS_LAST.values()),
     }
 
 
@@ -146,6 +174,8 @@ class ConvPass(NamedTuple):
 
     The forward reads x and writes y; the input grad (transposed) reads dy and writes dx. `align` is the source's
     vector_align and `pad_left` the conv's left padding: together they fix where each run of source columns starts.
+    `channel_block` is how many channels a row-form program takes at once from channels_last maps, 0 where it
+    takes one.
     """
 
     transposed: bool
@@ -159,10 +189,11 @@ class ConvPass(NamedTuple):
     dilation: tuple[int, int]
     pad_left: int
     align: int
+    channel_block: int = 0
 
 
 class ConvPlan(NamedTuple):
-    form: str  # "rows" or "whole_map"
+    form: str  # "rows", "rows_channels_last" or "whole_map"
     config: NamedTuple
 
 
@@ -199,6 +230,23 @@ def _rows_config(p: ConvPass, interpret: bool) -> RowsConfig:
     return GPU_ROWS[block_w, 64 if _source_span(p, block_w) > 32 else 32]
 
 
+def _rows_channels_last_config(p: ConvPass, interpret: bool) -> RowsChannelsLastConfig:
+    if interpret:
+        block_w = _next_pow2(p.dst_w, 16, 64)
+        return RowsChannelsLastConfig(p.channel_block, _next_pow2(p.batch * p.dst_h, 16, 64), block_w,
+                                      _next_pow2(_source_span(p, block_w), 16, 128))
+    return GPU_ROWS_CHANNELS_LAST[CHANNEL_BYTES // p.channel_block]
+
+
+def channel_block(shape, strides, other_strides, multiplier: int, element_size: int, interpret: bool) -> int:
+    """Channels per program for the channels_last kernels, or 0 where the per-channel kernels run: both maps a
+    pass reads or writes (strides, other_strides) must have unit channel stride (channels_last), the map more than
+    one channel, and the depth multiplier must be 1."""
+    if multiplier != 1 or shape[1] < 2 or strides[1] != 1 or other_strides[1] != 1:
+        return 0
+    return _next_pow2(shape[1], 1, 16) if interpret else CHANNEL_BYTES // element_size
+
+
 def _whole_map_config(p: ConvPass, interpret: bool) -> WholeMapConfig:
     if interpret:
         return WholeMapConfig(
@@ -222,6 +270,8 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
         whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(p.batch, whole.block_n) * whole.block_n / p.batch
         if whole_cost < rows_cost:
             return ConvPlan("whole_map", whole)
+    if p.channel_block:
+        return ConvPlan("rows_channels_last", _rows_channels_last_config(p, interpret))
     return ConvPlan("rows", rows)
 
 
@@ -233,6 +283,17 @@ def weight_grad_config(kernel: tuple[int, int], in_width: int, total_rows: int, 
             _next_pow2(kernel[0], 16, 64), _next_pow2(kernel[1], 16, 64), _next_pow2(total_rows, 1, 256 // block_iw), block_iw
         )
     return GPU_WEIGHT_GRAD[16 if kernel[0] <= 16 else 32, 16 if kernel[1] <= 16 else 32, 32 if in_width > 16 else 16]
+
+
+@functools.lru_cache(maxsize=4096)
+def weight_grad_channels_last_config(kernel: tuple[int, int], in_width: int, total_rows: int, block_c: int,
+                                     interpret: bool) -> WeightGradChannelsLastConfig:
+    """The forward's channel block (`block_c`, which on a GPU fixes the element size) with 16 tap rows."""
+    if interpret:
+        block_iw = _next_pow2(in_width, 16, 64)
+        return WeightGradChannelsLastConfig(block_c, _next_pow2(kernel[0], 16, 64), _next_pow2(kernel[1], 16, 64),
+                                            _next_pow2(total_rows, 1, 128 // block_iw), block_iw)
+    return GPU_WEIGHT_GRAD_CHANNELS_LAST[CHANNEL_BYTES // block_c, 16 if kernel[1] <= 16 else 32]
 
 
 def vector_align(shape: Sequence[int], strides: Sequence[int], element_size: int, data_ptr: int = 0) -> int:
@@ -263,14 +324,14 @@ def _tensor_align(tensor: torch.Tensor) -> int:
     return vector_align(tensor.shape, _map_strides(tensor), tensor.element_size(), tensor.data_ptr())
 
 
-def _forward_pass(input_shape, out_hw, kernel, stride, dilation, pad_left, align) -> ConvPass:
+def _forward_pass(input_shape, out_hw, kernel, stride, dilation, pad_left, align, block) -> ConvPass:
     return ConvPass(False, input_shape[0], out_hw[0], out_hw[1], input_shape[2], input_shape[3],
-                    tuple(kernel), tuple(stride), tuple(dilation), pad_left, align)
+                    tuple(kernel), tuple(stride), tuple(dilation), pad_left, align, block)
 
 
-def _input_grad_pass(grad_shape, input_hw, kernel, stride, dilation, pad_left, align) -> ConvPass:
+def _input_grad_pass(grad_shape, input_hw, kernel, stride, dilation, pad_left, align, block) -> ConvPass:
     return ConvPass(True, grad_shape[0], input_hw[0], input_hw[1], grad_shape[2], grad_shape[3],
-                    tuple(kernel), tuple(stride), tuple(dilation), pad_left, align)
+                    tuple(kernel), tuple(stride), tuple(dilation), pad_left, align, block)
 
 
 def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation) -> str:
@@ -280,21 +341,36 @@ def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation
     """
     kernel = tuple(weight.shape[2:])
     interpret = interpreting()
+    block_for = functools.partial(channel_block, multiplier=weight.shape[0] // input.shape[1],
+                                  element_size=input.element_size(), interpret=interpret)
+    output_shape = (input.shape[0], weight.shape[0], *output_hw)
+    output_strides = layout_strides(output_shape, output_memory_format(input))
     if pass_name == "weight_grad":
-        config = weight_grad_config(kernel, input.shape[3], input.shape[0] * output_hw[0], interpret)
-        return (f"weight_grad (deterministic split reduction) {config}, {_vectors_label(_tensor_align(input), input)}, "
-                f"{_dot_label(input.dtype)}")
+        total_rows = input.shape[0] * output_hw[0]
+        if block := block_for(input.shape, _map_strides(input), output_strides):
+            config = weight_grad_channels_last_config(kernel, input.shape[3], total_rows, block, interpret)
+            loads = f"{_vectors_label(config.block_c, input)} along channels"
+            name = "weight_grad_channels_last"
+        else:
+            config = weight_grad_config(kernel, input.shape[3], total_rows, interpret)
+            loads, name = _vectors_label(_tensor_align(input), input), "weight_grad"
+        return f"{name} (deterministic split reduction) {config}, {loads}, {_dot_label(input.dtype)}"
     if pass_name == "forward":
         align = _tensor_align(input)
-        p = _forward_pass(input.shape, output_hw, kernel, stride, dilation, padding[1], align)
+        block = block_for(input.shape, _map_strides(input), output_strides)
+        p = _forward_pass(input.shape, output_hw, kernel, stride, dilation, padding[1], align, block)
     else:
-        grad_shape = (input.shape[0], weight.shape[0], *output_hw)
-        grad_strides = layout_strides(grad_shape, output_memory_format(input))
-        align = vector_align(grad_shape, grad_strides, input.element_size())
-        p = _input_grad_pass(grad_shape, input.shape[2:], kernel, stride, dilation, padding[1], align)
+        align = vector_align(output_shape, output_strides, input.element_size())
+        block = block_for(output_shape, output_strides, layout_strides(input.shape, output_memory_format(input)))
+        p = _input_grad_pass(output_shape, input.shape[2:], kernel, stride, dilation, padding[1], align, block)
     plan = plan_conv(p, interpret)
-    vectors = f", {_vectors_label(align, input)}" if plan.form == "rows" else ""
-    return f"{plan.form} {plan.config}{vectors}, {_dot_label(input.dtype)}"
+    if plan.form == "rows":
+        loads = f", {_vectors_label(align, input)}"
+    elif plan.form == "rows_channels_last":
+        loads = f", {_vectors_label(plan.config.block_c, input)} along channels"
+    else:
+        loads = ""
+    return f"{plan.form} {plan.config}{loads}, {_dot_label(input.dtype)}"
 
 
 def _vectors_label(align: int, like: torch.Tensor) -> str:
@@ -350,6 +426,19 @@ def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier):
                 *args, **flags, BLOCK_M=c.block_m, BLOCK_W=c.block_w, BLOCK_J=c.block_j, ALIGN=p.align,
                 num_warps=c.num_warps, num_stages=c.num_stages,
             )
+        elif plan.form == "rows_channels_last":
+            # The filter as (kh, kw, C), so that the Toeplitz band is gathered along channels too (a tiny copy).
+            band_filter = weight[:, 0].permute(1, 2, 0).contiguous()
+            grid = (_cdiv(dst.shape[1], c.block_c) * _cdiv(p.batch * p.dst_h, c.block_m) * _cdiv(p.dst_w, c.block_w),)
+            kernels.depthwise_rows_channels_last_kernel[grid](
+                src, band_filter, bias if bias is not None else band_filter, dst,
+                p.batch, dst.shape[1], p.dst_h, p.dst_w, p.src_h, p.src_w,
+                p.kernel[0], p.kernel[1], p.stride[0], p.stride[1], padding[0], padding[1], p.dilation[0], p.dilation[1],
+                src.stride(0), src.stride(2), src.stride(3), band_filter.stride(0), band_filter.stride(1),
+                dst.stride(0), dst.stride(2), dst.stride(3),
+                **flags, BLOCK_C=c.block_c, BLOCK_M=c.block_m, BLOCK_W=c.block_w, BLOCK_J=c.block_j,
+                num_warps=c.num_warps, num_stages=c.num_stages,
+            )
         elif plan.form == "whole_map":
             grid = (dst.shape[1] * _cdiv(p.batch, c.block_n) * _cdiv(p.dst_h * p.dst_w, c.block_p),)
             kernels.depthwise_whole_map_kernel[grid](
@@ -382,7 +471,10 @@ def forward(input, weight, bias, stride, padding, dilation):
     if output.numel() == 0:
         return output
     input = _int32_safe_map(input)
-    p = _forward_pass(input.shape, out_hw, (kernel_h, kernel_w), stride, dilation, padding[1], _tensor_align(input))
+    block = channel_block(input.shape, _map_strides(input), output.stride(), out_channels // channels,
+                          input.element_size(), interpreting())
+    p = _forward_pass(input.shape, out_hw, (kernel_h, kernel_w), stride, dilation, padding[1], _tensor_align(input),
+                      block)
     # The kernel reads bias[channel] at unit stride; autograd may hand in an expanded (stride-0) bias.
     bias = bias.contiguous() if bias is not None else None
     return _launch_conv(p, input, _int32_safe_filter(weight), bias, output, padding, out_channels // channels)
@@ -396,8 +488,10 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
     if grad_input.numel() == 0:
         return grad_input
     grad_output = _int32_safe_map(grad_output)
+    block = channel_block(grad_output.shape, _map_strides(grad_output), grad_input.stride(), weight.shape[0] // channels,
+                          grad_output.element_size(), interpreting())
     p = _input_grad_pass(grad_output.shape, (height, width), weight.shape[2:], stride, dilation, padding[1],
-                         _tensor_align(grad_output))
+                         _tensor_align(grad_output), block)
     return _launch_conv(p, grad_output, _int32_safe_filter(weight), None, grad_input, padding,
                         weight.shape[0] // channels)
 
@@ -411,6 +505,7 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     """Weight grad (and bias grad) from fixed-order fp32 partials: bit-identical run to run.
 
     `splits` (how many partial sums divide the N*OH rows) fills the GPU with 4 programs per SM unless given.
+    channels_last maps (both x and dy) with depth multiplier 1 take the channel-block kernel.
     """
     batch, channels = input.shape[:2]
     out_channels, out_h, out_w = grad_output.shape[1:]
@@ -419,8 +514,16 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     if total_rows == 0:
         grad_weight = grad_output.new_zeros(out_channels, 1, kernel_h, kernel_w)
         return grad_weight, grad_output.new_zeros(out_channels if with_bias else 0)
-    c = weight_grad_config((kernel_h, kernel_w), input.shape[3], total_rows, interpreting())
-    tiles = out_channels * _cdiv(kernel_h, c.block_r) * _cdiv(kernel_w, c.block_q)
+    grad_output, input = _int32_safe_map(grad_output), _int32_safe_map(input)
+    block = channel_block(input.shape, _map_strides(input), _map_strides(grad_output), out_channels // channels,
+                          input.element_size(), interpreting())
+    if block:
+        c = weight_grad_channels_last_config(tuple(kernel_size), input.shape[3], total_rows, block, interpreting())
+        channel_programs = _cdiv(out_channels, c.block_c)
+    else:
+        c = weight_grad_config(tuple(kernel_size), input.shape[3], total_rows, interpreting())
+        channel_programs = out_channels
+    tiles = channel_programs * _cdiv(kernel_h, c.block_r) * _cdiv(kernel_w, c.block_q)
     if splits is None:
         # Decided by how the kernels run, not where the tensors are, so that launches recorded on a CPU
         # (benchmarks/triton_launches.py) are the ones a GPU makes.
@@ -428,22 +531,27 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     splits = max(1, min(splits, _cdiv(total_rows, c.block_rows)))
     rows_per_split = _cdiv(_cdiv(total_rows, splits), c.block_rows) * c.block_rows
     splits = _cdiv(total_rows, rows_per_split)
-    grad_output, input = _int32_safe_map(grad_output), _int32_safe_map(input)
 
     weight_partials = new_buffer((splits, out_channels, kernel_h, kernel_w), torch.float32, input.device)
     bias_partials = new_buffer((splits, out_channels) if with_bias else (0,), torch.float32, input.device)
     precision, operands_fp32 = _dot_options(input.dtype)
+    shape_args = (batch, out_channels, out_h, out_w, input.shape[2], input.shape[3], kernel_h, kernel_w,
+                  stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    flags = dict(HAS_BIAS=with_bias, PRECISION=precision, OPERANDS_FP32=operands_fp32, BLOCK_R=c.block_r,
+                 BLOCK_Q=c.block_q, BLOCK_ROWS=c.block_rows, BLOCK_IW=c.block_iw, num_warps=c.num_warps,
+                 num_stages=c.num_stages)
     with _device_guard(input):
-        _kernels().depthwise_weight_grad_kernel[(tiles * splits,)](
-            grad_output, input, weight_partials, bias_partials,
-            batch, out_channels, out_h, out_w, input.shape[2], input.shape[3],
-            kernel_h, kernel_w, stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            out_channels // channels, rows_per_split,
-            *grad_output.stride(), *_map_strides(input),
-            HAS_BIAS=with_bias, PRECISION=precision, OPERANDS_FP32=operands_fp32,
-            BLOCK_R=c.block_r, BLOCK_Q=c.block_q, BLOCK_ROWS=c.block_rows, BLOCK_IW=c.block_iw, ALIGN=_tensor_align(input),
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+        if block:
+            _kernels().depthwise_weight_grad_channels_last_kernel[(tiles * splits,)](
+                grad_output, input, weight_partials, bias_partials, *shape_args, rows_per_split,
+                grad_output.stride(0), grad_output.stride(2), grad_output.stride(3),
+                input.stride(0), input.stride(2), input.stride(3), **flags, BLOCK_C=c.block_c,
+            )
+        else:
+            _kernels().depthwise_weight_grad_kernel[(tiles * splits,)](
+                grad_output, input, weight_partials, bias_partials, *shape_args, out_channels // channels,
+                rows_per_split, *grad_output.stride(), *_map_strides(input), **flags, ALIGN=_tensor_align(input),
+            )
     # Sum the splits in a fixed order (nothing to sum when there is one).
     grad_weight = (weight_partials[0] if splits == 1 else weight_partials.sum(0)).unsqueeze(1).to(input.dtype)
     grad_bias = (bias_partials[0] if splits == 1 else bias_partials.sum(0)).to(input.dtype) if with_bias \

@@ -1,8 +1,8 @@
 """Row-form implicit GEMM for channels_last maps: the forward and input grad of rows.py, BLOCK_C channels at a time.
 
 In a channels_last map a row's neighbours lie C elements apart, so the per-channel kernel of rows.py would fetch a
-whole 32-byte sector for every element it loads. Here a program owns BLOCK_C neighbouring channels (32 bytes of
-each pixel), BLOCK_M destination rows and BLOCK_W destination columns, loads the source along the channels, and
+whole 32-byte sector for every element it loads. Here a program owns BLOCK_C neighbouring channels (64 bytes of
+each pixel on a GPU), BLOCK_M destination rows and BLOCK_W destination columns, loads the source along the channels, and
 runs one batched tl.dot per kernel row: for each channel, source rows (BLOCK_M x BLOCK_J) times that channel's
 Toeplitz band (BLOCK_J x BLOCK_W). The filter comes in as (kh, kw, C), so the band is gathered along channels too.
 

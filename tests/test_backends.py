@@ -384,10 +384,36 @@ def test_explain_names_the_triton_kernel_form(shape, kernel, padding, channels_l
 
 @needs_interpreter
 @needs_triton
+@pytest.mark.parametrize("shape,kernel,stride", [((2, 4, 9, 9), 9, 1), ((2, 4, 20, 20), 3, 20), ((2, 4, 12, 10), 5, 1)],
+                         ids=["1x1 output", "strided to 1x1", "12x10"])
+def test_explain_names_the_kernel_forms_a_channels_last_call_launches(shape, kernel, stride, monkeypatch):
+    """dx takes dy's layout: a 1x1 dy is NCHW-contiguous, so its input grad runs the per-channel kernels."""
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(shape[1], 1, kernel, kernel)
+    launched = []
+    plan_conv = triton_backend.plan_conv
+
+    def spy(p, interpret):
+        plan = plan_conv(p, interpret)
+        launched.append(plan.form)
+        return plan
+
+    monkeypatch.setattr(triton_backend, "plan_conv", spy)
+    with lkconv.use_backend("triton"):
+        explanation = lkconv.explain(x, w, None, stride)
+        explained = [explanation.forward.split()[0], explanation.input_grad.split()[0]]
+        launched.clear()
+        y = lkconv.depthwise_conv2d(x, w, None, stride)
+        torch.autograd.grad(y, x, torch.randn_like(y))
+    assert launched == explained
+
+
+@needs_interpreter
+@needs_triton
 @pytest.mark.parametrize("layout,dtype,width,vector", [
     ("nchw", torch.bfloat16, 32, "16-byte"), ("nchw", torch.float32, 32, "16-byte"), ("nchw", torch.bfloat16, 28, "8-byte"),
-    # 3 channels: blocks of 4 under the interpreter, 4 bf16 channels of a pixel at once.
-    ("channels_last", torch.bfloat16, 32, "8-byte"),
+    # 3 channels (blocks of 4 under the interpreter): all 3 bf16 channels of a pixel at once.
+    ("channels_last", torch.bfloat16, 32, "6-byte"),
 ])
 def test_explain_names_the_source_load_width(layout, dtype, width, vector):
     """The input grad's width is the output's (dy comes in the output's layout), here that of the input."""

@@ -289,8 +289,11 @@ def test_tall_single_channel_kernel_where_aten_cpu_weight_grad_crashes(dtype, ba
     expected = im2col_reference(x, w, b, (15, 2), dy)
     tolerance = TOLERANCE[dtype]
     assert y.shape == (batch, 1, 12, 9)
-    for name, actual, exp in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, x.grad, w.grad, b.grad), expected):
+    for name, actual, exp in zip(("output", "grad_input", "grad_weight"), (y, x.grad, w.grad), expected):
         assert_close(actual, exp, tolerance, name)
+    # The bias grad is one sum of all of dy, which cancellation can leave near zero: its error is measured against the
+    # summands' magnitude instead.
+    assert (b.grad - expected[3]).abs().item() <= tolerance * dy.abs().sum().item()
 
 
 # --- argument forms F.conv2d accepts --------------------------------------------------------------------------------

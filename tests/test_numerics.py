@@ -328,6 +328,19 @@ def test_channel_block_needs_unit_channel_stride_and_multiplier_one(layout, mult
         x = x[:, ::2]
     if layout.startswith("width-sliced"):
         x = x[..., ::2]
-    out_strides = triton_backend.layout_strides((2, 8 * multiplier, 5, 12), lkconv.arguments.output_memory_format(x))
-    block = triton_backend.channel_block(x.shape, x.stride(), out_strides, multiplier, x.element_size(), interpret=False)
+    out_shape = (2, x.shape[1] * multiplier, 5, x.shape[3])
+    out_strides = triton_backend.layout_strides(out_shape, lkconv.arguments.output_memory_format(x))
+    block = triton_backend.channel_block(x.shape, x.stride(), out_shape, out_strides, multiplier, x.element_size(),
+                                         interpret=False)
     assert block == expected
+
+
+def test_channel_block_keeps_each_row_offset_below_2_to_the_31():
+    """The row kernel adds channel and column offsets in int32: a row of W*C >= 2**31 elements goes per channel."""
+    def block(channels, width):
+        strides = triton_backend.layout_strides((1, channels, 1, width), torch.channels_last)
+        return triton_backend.channel_block((1, channels, 1, width), strides, (1, channels, 1, width), strides, 1, 2,
+                                            interpret=False)
+
+    assert block(1024, 2**21) == 32  # last offset 2**31 - 1
+    assert block(1024, 2**21 + 1) == 0  # last offset 2**31 + 1023

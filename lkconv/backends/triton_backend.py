@@ -238,11 +238,15 @@ def _rows_channels_last_config(p: ConvPass, interpret: bool) -> RowsChannelsLast
     return GPU_ROWS_CHANNELS_LAST[CHANNEL_BYTES // p.channel_block]
 
 
-def channel_block(shape, strides, other_strides, multiplier: int, element_size: int, interpret: bool) -> int:
-    """Channels per program for the channels_last kernels, or 0 where the per-channel kernels run: both maps a
-    pass reads or writes (strides, other_strides) must have unit channel stride (channels_last), the map more than
-    one channel, and the depth multiplier must be 1."""
-    if multiplier != 1 or shape[1] < 2 or strides[1] != 1 or other_strides[1] != 1:
+def channel_block(shape, strides, other_shape, other_strides, multiplier: int, element_size: int,
+                  interpret: bool) -> int:
+    """Channels per program for the channels_last kernels, or 0 where the per-channel kernels run: both maps a pass
+    reads or writes must have unit channel stride (channels_last) and every channel and column offset within a row
+    below 2**31 (the row kernel adds them in int32), the map more than one channel, and the depth multiplier 1."""
+    def fits(shape, strides):
+        return strides[1] == 1 and (shape[3] - 1) * strides[3] + shape[1] - 1 < _INT32_LIMIT
+
+    if multiplier != 1 or shape[1] < 2 or not fits(shape, strides) or not fits(other_shape, other_strides):
         return 0
     return _next_pow2(shape[1], 1, 16) if interpret else CHANNEL_BYTES // element_size
 
@@ -257,7 +261,12 @@ def _whole_map_config(p: ConvPass, interpret: bool) -> WholeMapConfig:
 
 @functools.lru_cache(maxsize=4096)
 def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
-    """Rows or whole map, whichever multiplies less (padding of each block included), with its blocks."""
+    """Rows or whole map, whichever multiplies less (padding of each block included), with its blocks; channels_last
+    maps (a channel block) always take the channel-block rows kernel."""
+    if p.channel_block:
+        # Predicted faster than the per-channel whole-map form too, which reads a channels_last map a line per element
+        # (benchmarks/NOTES.md, Triton version 3).
+        return ConvPlan("rows_channels_last", _rows_channels_last_config(p, interpret))
     rows = _rows_config(p, interpret)
     dst_rows = p.batch * p.dst_h
     rows_cost = (
@@ -270,8 +279,6 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
         whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(p.batch, whole.block_n) * whole.block_n / p.batch
         if whole_cost < rows_cost:
             return ConvPlan("whole_map", whole)
-    if p.channel_block:
-        return ConvPlan("rows_channels_last", _rows_channels_last_config(p, interpret))
     return ConvPlan("rows", rows)
 
 
@@ -344,12 +351,15 @@ def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation
     block_for = functools.partial(channel_block, multiplier=weight.shape[0] // input.shape[1],
                                   element_size=input.element_size(), interpret=interpret)
     output_shape = (input.shape[0], weight.shape[0], *output_hw)
-    output_strides = layout_strides(output_shape, output_memory_format(input))
+    # dy as autograd hands it in: a fresh tensor in the output's layout; dx then takes dy's layout.
+    grad_output = torch.empty(output_shape, dtype=input.dtype, device="meta",
+                              memory_format=_output_format(input, output_shape))
+    output_strides = grad_output.stride()
     if pass_name == "weight_grad":
         total_rows = input.shape[0] * output_hw[0]
-        if block := block_for(input.shape, _map_strides(input), output_strides):
+        if block := block_for(input.shape, _map_strides(input), output_shape, output_strides):
             config = weight_grad_channels_last_config(kernel, input.shape[3], total_rows, block, interpret)
-            loads = f"{_vectors_label(config.block_c, input)} along channels"
+            loads = _channels_label(config.block_c, input)
             name = "weight_grad_channels_last"
         else:
             config = weight_grad_config(kernel, input.shape[3], total_rows, interpret)
@@ -357,17 +367,18 @@ def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation
         return f"{name} (deterministic split reduction) {config}, {loads}, {_dot_label(input.dtype)}"
     if pass_name == "forward":
         align = _tensor_align(input)
-        block = block_for(input.shape, _map_strides(input), output_strides)
+        block = block_for(input.shape, _map_strides(input), output_shape, output_strides)
         p = _forward_pass(input.shape, output_hw, kernel, stride, dilation, padding[1], align, block)
     else:
         align = vector_align(output_shape, output_strides, input.element_size())
-        block = block_for(output_shape, output_strides, layout_strides(input.shape, output_memory_format(input)))
+        grad_input_strides = layout_strides(input.shape, _output_format(grad_output, input.shape))
+        block = block_for(output_shape, output_strides, input.shape, grad_input_strides)
         p = _input_grad_pass(output_shape, input.shape[2:], kernel, stride, dilation, padding[1], align, block)
     plan = plan_conv(p, interpret)
     if plan.form == "rows":
         loads = f", {_vectors_label(align, input)}"
     elif plan.form == "rows_channels_last":
-        loads = f", {_vectors_label(plan.config.block_c, input)} along channels"
+        loads = f", {_channels_label(plan.config.block_c, input)}"
     else:
         loads = ""
     return f"{plan.form} {plan.config}{loads}, {_dot_label(input.dtype)}"
@@ -375,6 +386,11 @@ def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation
 
 def _vectors_label(align: int, like: torch.Tensor) -> str:
     return f"{align * like.element_size()}-byte source loads"
+
+
+def _channels_label(block_c: int, input: torch.Tensor) -> str:
+    """What a channels_last kernel loads of each pixel: its channel block, or all channels where there are fewer."""
+    return f"{min(block_c, input.shape[1]) * input.element_size()}-byte source loads along channels"
 
 # --- launches ------------------------------------------------------------------------------------------------------
 
@@ -471,7 +487,7 @@ def forward(input, weight, bias, stride, padding, dilation):
     if output.numel() == 0:
         return output
     input = _int32_safe_map(input)
-    block = channel_block(input.shape, _map_strides(input), output.stride(), out_channels // channels,
+    block = channel_block(input.shape, _map_strides(input), output.shape, output.stride(), out_channels // channels,
                           input.element_size(), interpreting())
     p = _forward_pass(input.shape, out_hw, (kernel_h, kernel_w), stride, dilation, padding[1], _tensor_align(input),
                       block)
@@ -488,8 +504,8 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
     if grad_input.numel() == 0:
         return grad_input
     grad_output = _int32_safe_map(grad_output)
-    block = channel_block(grad_output.shape, _map_strides(grad_output), grad_input.stride(), weight.shape[0] // channels,
-                          grad_output.element_size(), interpreting())
+    block = channel_block(grad_output.shape, _map_strides(grad_output), grad_input.shape, grad_input.stride(),
+                          weight.shape[0] // channels, grad_output.element_size(), interpreting())
     p = _input_grad_pass(grad_output.shape, (height, width), weight.shape[2:], stride, dilation, padding[1],
                          _tensor_align(grad_output), block)
     return _launch_conv(p, grad_output, _int32_safe_filter(weight), None, grad_input, padding,
@@ -515,8 +531,8 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
         grad_weight = grad_output.new_zeros(out_channels, 1, kernel_h, kernel_w)
         return grad_weight, grad_output.new_zeros(out_channels if with_bias else 0)
     grad_output, input = _int32_safe_map(grad_output), _int32_safe_map(input)
-    block = channel_block(input.shape, _map_strides(input), _map_strides(grad_output), out_channels // channels,
-                          input.element_size(), interpreting())
+    block = channel_block(input.shape, _map_strides(input), grad_output.shape, _map_strides(grad_output),
+                          out_channels // channels, input.element_size(), interpreting())
     if block:
         c = weight_grad_channels_last_config(tuple(kernel_size), input.shape[3], total_rows, block, interpreting())
         channel_programs = _cdiv(out_channels, c.block_c)

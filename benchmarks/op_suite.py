@@ -160,6 +160,14 @@ def _row(case: ConvCase, pass_name: str, impl: str, layout: str, runs_on: str) -
             "impl": impl, "layout": layout, "runs_on": runs_on, "error": ""}
 
 
+def _kernels_by_pass(explanation: lkconv.Explanation) -> dict[str, str]:
+    """The kernels (with blocks and load widths) each pass runs, as lkconv.explain says: a results column, so a GPU
+    table tells which kernel form each time belongs to."""
+    plans = {"forward": explanation.forward, "input_grad": explanation.input_grad,
+             "weight_grad": explanation.weight_grad}
+    return {**plans, "fwd_bwd": " | ".join(plans.values())}
+
+
 def _timed(row: dict, case: ConvCase, fn: Callable, settings: OpSettings) -> dict:
     """`row` with the timing of `fn`, or the error it raised (a benchmark run never stops at one failure)."""
     try:
@@ -219,15 +227,16 @@ def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[d
             t = in_layout(inputs, layout)
             try:
                 with lkconv.use_backend(backend):
-                    runs_on = lkconv.explain(t.input, t.weight, None, 1, case.padding).backend
+                    explanation = lkconv.explain(t.input, t.weight, None, 1, case.padding)
             except lkconv.BackendUnavailableError as error:
-                runs_on, unavailable = "unavailable", error
+                runs_on, kernels, unavailable = "unavailable", {}, error
             else:
-                unavailable = None
+                runs_on, kernels, unavailable = explanation.backend, _kernels_by_pass(explanation), None
             passes = lkconv_passes(case, t)
             for pass_name in settings.passes:
                 progress.update(f"{case.label} {pass_name} lkconv[{backend}] {layout}")
-                row = _row(case, pass_name, f"lkconv[{backend}]", layout, runs_on)
+                row = {**_row(case, pass_name, f"lkconv[{backend}]", layout, runs_on),
+                       "kernels": kernels.get(pass_name, "")}
                 if unavailable is not None:
                     rows.append({**row, **failure(unavailable)})
                 else:

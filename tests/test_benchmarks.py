@@ -64,6 +64,10 @@ def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, ca
             next(b["median_ms"] for b in op_rows if b["impl"] == "pytorch[nchw]" and
                  (b["shape"], b["kernel"], b["dtype"], b["pass"]) == (r["shape"], r["kernel"], r["dtype"], r["pass"]))
             / r["median_ms"])
+    for r in op_rows:  # lkconv rows name the kernels each pass ran (here PyTorch's, through the torch backend)
+        expected = {"forward": "F.conv2d", "input_grad": "F.conv_transpose2d", "weight_grad": "grouped F.conv2d",
+                    "fwd_bwd": "F.conv2d | F.conv_transpose2d | grouped F.conv2d"}[r["pass"]]
+        assert r["kernels"].startswith(expected) if r["impl"].startswith("lkconv") else "kernels" not in r, r
     for r in op_rows:  # every lkconv result but fwd+bwd is checked against PyTorch in exact fp32
         checked = r["impl"].startswith("lkconv") and r["pass"] != "fwd_bwd"
         assert (r.get("rel_error") is not None) == checked, r

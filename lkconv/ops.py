@@ -19,8 +19,9 @@ from . import arguments, backends
 
 
 def _backend(tensor: Tensor, kernel, stride, dilation, input_hw):
-    """The backend for one pass; every pass of a conv sees the same shape class, so all three pick alike."""
-    return backends.choose_for_conv(tensor.device, tensor.dtype, kernel, stride, dilation, input_hw).module
+    """The backend for one pass; every pass of a conv sees the same shape class (dy takes x's layout), so all three
+    pick alike."""
+    return backends.choose_for_conv(tensor, kernel, stride, dilation, input_hw).module
 
 
 def _in_layout_of(output: Tensor, like: Tensor) -> Tensor:
@@ -377,7 +378,7 @@ def explain(
     is_complex = input.is_complex()
     if is_complex:
         input, weight = _complex_as_real(input, weight)
-    choice = backends.choose_for_conv(input.device, input.dtype, weight.shape[2:], stride, dilation, input.shape[2:])
+    choice = backends.choose_for_conv(input, weight.shape[2:], stride, dilation, input.shape[2:])
     output_hw = tuple(
         arguments.output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
         for i in range(2)

@@ -527,6 +527,19 @@ def test_measured_lookup_matches_geometry_exactly_and_size_within_a_factor_of_tw
     assert lookup(table, "GPU X", torch.float32, shape) is None  # another dtype
     assert lookup(table, "GPU X", torch.bfloat16, shape._replace(kernel=(29, 29))) is None
     assert lookup(table, "GPU Y", torch.bfloat16, shape) is None  # measured on another GPU model
+    assert lookup(table, "GPU X", torch.bfloat16, shape._replace(layout="channels_last")) is None  # another layout
+    table["choices"].append({**table["choices"][0], "layout": "channels_last", "backend": "triton"})
+    assert lookup(table, "GPU X", torch.bfloat16, shape._replace(layout="channels_last")) == "triton"
+    assert lookup(table, "GPU X", torch.bfloat16, shape) == "cuda"  # entries without a layout are NCHW
+
+
+def test_the_shape_class_layout_is_where_the_channels_are_contiguous():
+    from lkconv.backends.measured import layout_of
+
+    x = torch.zeros(2, 3, 4, 5)
+    assert layout_of(x) == "nchw" and layout_of(x.contiguous(memory_format=torch.channels_last)) == "channels_last"
+    assert layout_of(x.contiguous(memory_format=torch.channels_last)[:, ::2]) == "nchw"  # channel stride 2
+    assert layout_of(x[:, :1]) == "nchw"  # one channel: either
 
 
 def test_auto_follows_the_measured_table_when_both_gpu_backends_can_run(monkeypatch):

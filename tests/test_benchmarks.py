@@ -268,16 +268,20 @@ def test_choices_turns_a_run_timing_both_gpu_backends_into_autos_table(tmp_path,
              "kernel": "31x31", "dtype": "bfloat16", "median_ms": ms} for impl, ms in
             (("lkconv[triton]", 2.0), ("lkconv[cuda]", 1.5), ("pytorch[nchw]", 9.0))]
     rows.append({**rows[0], "kernel": "13x13"})  # timed by one backend only: no choice
+    rows += [{**rows[0], "layout": "channels_last", "median_ms": 1.0},  # channels_last: its own class
+             {**rows[1], "layout": "channels_last", "median_ms": 2.5}]
     (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X", "git_commit": "abc"},
                                                        "rows": rows}))
     target = tmp_path / "choices.json"
     assert cli.main(["choices", str(tmp_path), "--to", str(target)]) == 0
     table = json.loads(target.read_text())
-    assert table["device"] == "GPU X" and len(table["choices"]) == 1
-    assert table["choices"][0]["backend"] == "cuda" and table["choices"][0]["size"] == [32, 32]
+    assert table["device"] == "GPU X" and len(table["choices"]) == 2
+    assert {(c["layout"], c["backend"], tuple(c["size"])) for c in table["choices"]} == {
+        ("nchw", "cuda", (32, 32)), ("channels_last", "triton", (32, 32))}
     shape = measured.ShapeClass.of((31, 31), (1, 1), (1, 1), (32, 32))
     assert measured.lookup(table, "GPU X", torch.bfloat16, shape) == "cuda"
-    (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X"}, "rows": rows[2:]}))
+    assert measured.lookup(table, "GPU X", torch.bfloat16, shape._replace(layout="channels_last")) == "triton"
+    (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X"}, "rows": rows[2:4]}))
     with pytest.raises(SystemExit):
         cli.main(["choices", str(tmp_path), "--to", str(target)])
     assert "no shape class timed with both" in capsys.readouterr().err

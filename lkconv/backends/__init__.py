@@ -114,11 +114,13 @@ def choose(device: torch.device, dtype: torch.dtype, shape: Optional[measured.Sh
     return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting(), shape)
 
 
-def choose_for_conv(device: torch.device, dtype: torch.dtype, kernel, stride, dilation, input_hw) -> Choice:
-    """`choose` for one conv. Only CUDA tensors can pick by shape class (measured.py), so only they build one: other
-    calls share one cache entry per device and dtype."""
-    shape = measured.ShapeClass.of(kernel, stride, dilation, input_hw) if device.type == "cuda" else None
-    return choose(device, dtype, shape)
+def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, dilation, input_hw) -> Choice:
+    """`choose` for one pass of a conv that reads `map_tensor` (x, or dy in the backward). Only CUDA tensors can pick
+    by shape class (measured.py), so only they build one: other calls share one cache entry per device and dtype."""
+    device = map_tensor.device
+    shape = (measured.ShapeClass.of(kernel, stride, dilation, input_hw, measured.layout_of(map_tensor))
+             if device.type == "cuda" else None)
+    return choose(device, map_tensor.dtype, shape)
 
 
 @functools.lru_cache(maxsize=1024)

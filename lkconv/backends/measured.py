@@ -1,8 +1,8 @@
 """Which GPU backend `auto` picks per shape class, from measurements committed in measured_choices.json.
 
 `python -m benchmarks choices RESULTS_DIR` writes the file from a benchmark run that timed both `triton` and
-`cuda`: for each (dtype, kernel, stride, dilation, map size) the backend with the faster forward+backward. A
-table applies only on the GPU model it was measured on; without a matching entry `auto` keeps its default order.
+`cuda`: for each (dtype, kernel, stride, dilation, map size, layout) the backend with the faster forward+backward.
+A table applies only on the GPU model it was measured on; without a matching entry `auto` keeps its default order.
 """
 
 import functools
@@ -18,17 +18,28 @@ TABLE = Path(__file__).with_name("measured_choices.json")
 NEAREST_FACTOR = 2.0
 
 
+LAYOUTS = ("nchw", "channels_last")
+
+
 class ShapeClass(NamedTuple):
-    """What decides which kernel is fastest: the kernel geometry and the map size (batch and channels matter less)."""
+    """What decides which kernel is fastest: the kernel geometry, the map size (batch and channels matter less) and
+    the layout (triton has channels_last kernels of its own, cuda computes channels_last maps as NCHW copies)."""
 
     kernel: tuple[int, int]
     stride: tuple[int, int]
     dilation: tuple[int, int]
     size: tuple[int, int]
+    layout: str = "nchw"
 
     @classmethod
-    def of(cls, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], size: Sequence[int]):
-        return cls(*(tuple(int(v) for v in pair) for pair in (kernel, stride, dilation, size)))
+    def of(cls, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], size: Sequence[int],
+           layout: str = "nchw"):
+        return cls(*(tuple(int(v) for v in pair) for pair in (kernel, stride, dilation, size)), layout)
+
+
+def layout_of(tensor: torch.Tensor) -> str:
+    """"channels_last" for a map whose channels are its contiguous dimension, else "nchw"."""
+    return "channels_last" if tensor.shape[1] > 1 and tensor.stride(1) == 1 else "nchw"
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,8 +58,8 @@ def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass)
     dtype_name = str(dtype).removeprefix("torch.")
     best, best_distance = None, math.log2(NEAREST_FACTOR) * 2
     for entry in table.get("choices", []):
-        if (entry["dtype"], tuple(entry["kernel"]), tuple(entry["stride"]), tuple(entry["dilation"])) != (
-                dtype_name, shape.kernel, shape.stride, shape.dilation):
+        if (entry["dtype"], tuple(entry["kernel"]), tuple(entry["stride"]), tuple(entry["dilation"]),
+                entry.get("layout", "nchw")) != (dtype_name, shape.kernel, shape.stride, shape.dilation, shape.layout):
             continue
         distance = sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(entry["size"], shape.size))
         if distance <= best_distance:
@@ -57,10 +68,10 @@ def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass)
 
 
 def choices_from_rows(rows: list[dict]) -> list[dict]:
-    """One entry per shape class that both GPU backends measured (forward+backward, NCHW): the faster one."""
+    """One entry per shape class and layout that both GPU backends measured (forward+backward): the faster one."""
     timed = {}
     for row in rows:
-        if row.get("suite") != "op" or row.get("pass") != "fwd_bwd" or row.get("layout") != "nchw":
+        if row.get("suite") != "op" or row.get("pass") != "fwd_bwd" or row.get("layout") not in LAYOUTS:
             continue
         # A forced backend's rows, or `auto`'s, which say where they ran.
         backend = {"lkconv[triton]": "triton", "lkconv[cuda]": "cuda"}.get(row.get("impl"))
@@ -70,10 +81,10 @@ def choices_from_rows(rows: list[dict]) -> list[dict]:
             continue
         _, _, height, width = (int(v) for v in row["shape"].split("x"))
         kernel = tuple(int(v) for v in row["kernel"].split("x"))
-        key = (row["dtype"], kernel, (1, 1), (1, 1), (height, width))
+        key = (row["dtype"], kernel, (1, 1), (1, 1), (height, width), row["layout"])
         timed.setdefault(key, {})[backend] = row["median_ms"]
     return [
         {"dtype": dtype, "kernel": list(kernel), "stride": list(stride), "dilation": list(dilation),
-         "size": list(size), "backend": min(times, key=times.get), "fwd_bwd_ms": times}
-        for (dtype, kernel, stride, dilation, size), times in sorted(timed.items()) if len(times) == 2
+         "size": list(size), "layout": layout, "backend": min(times, key=times.get), "fwd_bwd_ms": times}
+        for (dtype, kernel, stride, dilation, size, layout), times in sorted(timed.items()) if len(times) == 2
     ]

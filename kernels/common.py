@@ -53,6 +53,17 @@ def input_columns_reached(q_block, BLOCK_Q: tl.constexpr, kernel_w, out_width, i
 
 
 @triton.jit
+def destination_block(row_block, col_block, total_rows, dst_height, dst_width, BLOCK_M: tl.constexpr,
+                      BLOCK_W: tl.constexpr):
+    """A row-form block's destination rows (batch and height flattened: which are real, their image and row) and
+    columns (which are real)."""
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < total_rows
+    cols = col_block * BLOCK_W + tl.arange(0, BLOCK_W)
+    return row_ok, (rows // dst_height).to(tl.int64), rows % dst_height, cols, cols < dst_width
+
+
+@triton.jit
 def reachable_band(dst_row, row_ok, cols, col_ok, dst_height, dst_width, src_height, src_width, kernel_h, kernel_w,
                    stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, TRANSPOSED: tl.constexpr):
     """The kernel rows [r_begin, r_end) and source columns [c_begin, c_end) that a row-form block's destination rows

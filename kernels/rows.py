@@ -13,7 +13,7 @@ Kernel rows and source columns that only ever meet padding are skipped.
 import triton
 import triton.language as tl
 
-from .common import mma, reachable_band, source_row, toeplitz_taps, vector_run, vector_strides
+from .common import destination_block, mma, reachable_band, source_row, toeplitz_taps, vector_run, vector_strides
 
 
 @triton.jit
@@ -37,12 +37,8 @@ def depthwise_rows_kernel(
     row_block = (pid % blocks_per_channel) // col_blocks
     col_block = pid % col_blocks
 
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < total_rows
-    image = (rows // dst_height).to(tl.int64)
-    dst_row = rows % dst_height
-    cols = col_block * BLOCK_W + tl.arange(0, BLOCK_W)
-    col_ok = cols < dst_width
+    row_ok, image, dst_row, cols, col_ok = destination_block(
+        row_block, col_block, total_rows, dst_height, dst_width, BLOCK_M, BLOCK_W)
 
     # The kernel rows and source columns this block can reach; everything else is padding.
     r_begin, r_end, c_begin, c_end = reachable_band(

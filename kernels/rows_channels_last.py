@@ -12,7 +12,7 @@ Depth multiplier 1 only (the channel of source, filter and destination are the s
 import triton
 import triton.language as tl
 
-from .common import mma, reachable_band, source_row, toeplitz_taps
+from .common import destination_block, mma, reachable_band, source_row, toeplitz_taps
 
 
 @triton.jit
@@ -37,12 +37,8 @@ def depthwise_rows_channels_last_kernel(
 
     channel = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = (channel < channels)[:, None, None]
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < batch * dst_height
-    image = (rows // dst_height).to(tl.int64)
-    dst_row = rows % dst_height
-    cols = col_block * BLOCK_W + tl.arange(0, BLOCK_W)
-    col_ok = cols < dst_width
+    row_ok, image, dst_row, cols, col_ok = destination_block(
+        row_block, col_block, batch * dst_height, dst_height, dst_width, BLOCK_M, BLOCK_W)
 
     r_begin, r_end, c_begin, c_end = reachable_band(
         dst_row, row_ok, cols, col_ok, dst_height, dst_width, src_height, src_width, kernel_h, kernel_w,

@@ -12,16 +12,14 @@ namespace lkconv {
 namespace {
 
 // Multiply-adds the row form issues per image (zeros included): every warp that writes some output multiplies its
-// 16 MT x 32 outputs by the kernel rows and k-steps that reach inside the map.
+// 16 MT x 64 outputs by the kernel rows that reach inside the map, each in its diagonal steps of kK x 64 x kK.
 template <typename T>
 double row_form_work(int kernel_h, int kernel_w, const UnitStrideSizes& s) {
-  constexpr int kK = Operands<T>::kK;
-  const int m_tiles = tensor_core::m_tiles_for(s.dst_h);
+  const int m_tiles = tensor_core::m_tiles_for<T>(s.dst_h);
   const int64_t warps = cdiv(s.dst_h, 16 * m_tiles) * cdiv(s.dst_w, tensor_core::kWarpCols);
   const int64_t rows = std::min<int64_t>(kernel_h, s.src_h + 16 * m_tiles - 1);
-  const int64_t k_steps = std::min<int64_t>(tensor_core::plan<T>(m_tiles, kernel_h, kernel_w, 1, 1, 1).k_steps,
-                                            cdiv(s.src_w, kK) + 1);
-  return static_cast<double>(warps) * 16 * m_tiles * tensor_core::kWarpCols * rows * k_steps * kK;
+  const int64_t steps = tensor_core::plan<T>(m_tiles, kernel_h, kernel_w, 1, 1, 1).diagonal_steps;
+  return static_cast<double>(warps) * 16 * m_tiles * tensor_core::kWarpCols * rows * steps * Operands<T>::kK;
 }
 
 // The same for the whole-map form: every padded image row times every padded destination pixel times every
@@ -31,10 +29,11 @@ double whole_map_work(const tensor_core_whole_map::Tiling& t, int m_tiles, const
   return images * t.pixel_tiles * tensor_core_whole_map::kBlockPixels * t.k_total;
 }
 
-// Per k-step the whole-map form issues about 1.5 times the row form's instructions around its mma (each B word is
-// found through a source key and an add), so it is taken only where it saves a clear share of the multiply-adds.
-// A prediction from instruction counts, to calibrate on a GPU (benchmarks/NOTES.md).
-constexpr double kWholeMapMaxWorkRatio = 0.8;
+// Per mma the whole-map form costs about twice the row form's shared-memory wavefronts (2.25 against 1.2 in the
+// sm_90 SASS: each of its B words is a shared load found through a source key) and instructions (5.4 against 2.4),
+// so it is taken only where it issues at most half the row form's multiply-adds. A prediction from those counts, to
+// calibrate on a GPU (benchmarks/NOTES.md).
+constexpr double kWholeMapMaxWorkRatio = 0.5;
 
 template <typename T>
 bool prefers_whole_map(int kernel_h, int kernel_w, const UnitStrideSizes& s) {
@@ -74,9 +73,9 @@ UnitStrideSizes sizes_of(const UnitStrideArgs& args) {
 
 bool tensor_core_fits(DType dtype, int kernel_h, int kernel_w) {
   if (kernel_h > 4096 || kernel_w > 4096) return false;
-  // Decided on the row form's taller (two m-tile) plan, so the choice does not depend on the map size.
+  // Decided on the row form's tallest plan, so the choice does not depend on the map size.
   return dispatch_dtype(dtype, [&]<typename T>() {
-    return static_cast<int>(tensor_core::plan<T>(2, kernel_h, kernel_w, 1, 1, 1).shared_bytes <=
+    return static_cast<int>(tensor_core::plan<T>(tensor_core::kMaxMTiles<T>, kernel_h, kernel_w, 1, 1, 1).shared_bytes <=
                             tensor_core::kSharedLimit);
   }) != 0;
 }
@@ -94,7 +93,10 @@ int tensor_core_conv(const UnitStrideArgs& args, void* stream) {
       return tensor_core_whole_map::m_tiles_for(args.dst.n) == 2 ? launch_whole_map<T, 2>(args, s)
                                                                  : launch_whole_map<T, 1>(args, s);
     }
-    return tensor_core::m_tiles_for(args.dst.h) == 2 ? launch_rows<T, 2>(args, s) : launch_rows<T, 1>(args, s);
+    if constexpr (tensor_core::kMaxMTiles<T> == 2) {
+      if (tensor_core::m_tiles_for<T>(args.dst.h) == 2) return launch_rows<T, 2>(args, s);
+    }
+    return launch_rows<T, 1>(args, s);
   });
 }
 

@@ -62,6 +62,23 @@ __device__ __forceinline__ void load_b_fragments(const uint32_t* row, int ks, in
   }
 }
 
+// The B registers of k-step u + i for n-tile G i + h (h < G = kK / 8 n-tiles per k-step width), which depend on u and
+// h only: along a diagonal of (k-step, n-tile) pairs the Toeplitz operand repeats. For lane (group, quad), b0[h] holds
+// entry kK u - 8 h + G quad - group of the table row (`row` points at entry 0) and b1[h] the entry kK / 2 further; for
+// 16-bit types b1[1] is b0[0], so a diagonal step reads 3 words for all n-tiles.
+template <typename T>
+__device__ __forceinline__ void load_diagonal_b_fragments(const uint32_t* row, int u, int lane,
+                                                          uint32_t (&b0)[Operands<T>::kK / 8],
+                                                          uint32_t (&b1)[Operands<T>::kK / 8]) {
+  constexpr int kK = Operands<T>::kK, kG = kK / 8;
+  const int first = kK * u + kG * (lane % 4) - lane / 4;
+#pragma unroll
+  for (int h = 0; h < kG; ++h) {
+    b0[h] = row[first - 8 * h];
+    b1[h] = row[first - 8 * h + kK / 2];
+  }
+}
+
 // The A fragment (16 rows x kK columns) whose top-left element is tile[first_row * pitch + first_col].
 template <typename T>
 __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const typename Operands<T>::Element* tile,
@@ -99,27 +116,27 @@ __device__ __forceinline__ void stage_filter_row(uint32_t* words, const UnitStri
   for (int e = lane; e < count; e += 32) words[e] = Ops::word(static_cast<int>(q_first + e), tap);
 }
 
-// Every accumulator of a warp's MT x 4 mma tiles set to `value` (the bias, or 0).
-template <int MT>
-__device__ __forceinline__ void fill_accumulators(float (&acc)[MT][4][4], float value) {
+// Every accumulator of a warp's MT x NT mma tiles set to `value` (the bias, or 0).
+template <int MT, int NT>
+__device__ __forceinline__ void fill_accumulators(float (&acc)[MT][NT][4], float value) {
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[m][j][e] = value;
 }
 
-// A warp's MT x 4 mma accumulator tiles (16 MT rows x 32 columns) written to a row-major fp32 matrix in shared
+// A warp's MT x NT mma accumulator tiles (16 MT rows x 8 NT columns) written to a row-major fp32 matrix in shared
 // memory, `pitch` floats a row, from (first_row, first_col).
-template <int MT>
+template <int MT, int NT>
 __device__ __forceinline__ void store_accumulators(float* matrix, int pitch, int first_row, int first_col,
-                                                   const float (&acc)[MT][4][4], int lane) {
+                                                   const float (&acc)[MT][NT][4], int lane) {
   const int group = lane / 4, quad = lane % 4;
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int row = first_row + 16 * m + group + 8 * (e / 2), col = first_col + 8 * j + 2 * quad + e % 2;

@@ -102,6 +102,7 @@ class TestLoadedExtension:
         ("forward", torch.bfloat16, False, (1, 512, 14, 14), 27, "forward_tensor_core"),  # one image: GEMM rows idle
         ("forward", torch.bfloat16, False, (64, 128, 56, 56), 31, "forward_tensor_core"),  # kernel covers little
         ("forward", torch.bfloat16, False, (64, 384, 64, 64), 31, "forward_tensor_core"),
+        ("forward", torch.bfloat16, False, (64, 128, 28, 28), 13, "forward_tensor_core"),  # whole map: 0.5-0.8x the work
         ("weight_grad", torch.bfloat16, False, (64, 512, 14, 14), 27,
          "weight_grad_tensor_core_whole_map_partials + weight_grad_reduce"),
         ("weight_grad", torch.float32, True, (64, 1024, 7, 7), 13,

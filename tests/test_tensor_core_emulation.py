@@ -56,6 +56,10 @@ FORWARD_CASES = {
     "1x1 and even 1x2": ((1, 2, 5, 6), (1, 2), 1, (0, 0, 1, 0), torch.float16, False, "nchw", "nchw"),
     "band corners: kw = 3 mod 8 on a wide map": ((1, 1, 6, 40), (3, 11), 1, (1, 1, 5, 5), torch.bfloat16, False,
                                                  "nchw", "nchw"),
+    "kw = 2 mod 16: only the last diagonal step reaches the last tap, two column tiles": (
+        (1, 1, 6, 70), (3, 18), 1, (1, 1, 8, 9), torch.float16, True, "nchw", "nchw"),
+    "TF32: kw = 2 mod 8, the last diagonal step": ((1, 1, 5, 30), (3, 10), 1, (1, 1, 4, 5), torch.float32, False,
+                                                   "nchw", "nchw"),
     "deep top padding: leading kernel rows skipped": ((1, 1, 20, 9), (41, 3), 1, (36, 4, 1, 1), torch.float16,
                                                       True, "nchw", "nchw"),
     "SLaK 51x5": ((1, 1, 12, 10), (51, 5), 1, (25, 25, 2, 2), torch.bfloat16, True, "nchw", "nchw"),

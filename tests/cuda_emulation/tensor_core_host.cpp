@@ -32,12 +32,15 @@ using namespace lkconv::emulation;
 template <typename T>
 void run_rows(const lkconv::UnitStrideArgs& args) {
   namespace tc = lkconv::tensor_core;
-  const int m_tiles = tc::m_tiles_for(args.dst.h);
+  const int m_tiles = tc::m_tiles_for<T>(args.dst.h);
   const tc::Tiling t =
       tc::plan<T>(m_tiles, args.kernel_h, args.kernel_w, args.dst.n * args.dst.c, args.dst.h, args.dst.w);
   if (t.shared_bytes > tc::kSharedLimit) fail("the tiles do not fit in shared memory");
   emulate_grid(t.blocks, tc::kThreads, t.shared_bytes, [&] {
-    m_tiles == 2 ? tc::conv_kernel<T, 2>(args, t) : tc::conv_kernel<T, 1>(args, t);
+    if constexpr (tc::kMaxMTiles<T> == 2) {
+      if (m_tiles == 2) return tc::conv_kernel<T, 2>(args, t);
+    }
+    tc::conv_kernel<T, 1>(args, t);
   });
 }
 

@@ -47,21 +47,6 @@ struct Operands<float> {  // TF32
   }
 };
 
-// The B registers of the 4 n-tiles (8 columns each) of k-step ks, read from a row of the Toeplitz table (`row`
-// points at entry 0). For lane (group, quad) = (lane / 4, lane % 4), b0 of n-tile j holds entry
-// kK ks - 8 j + (kK / 8) quad - group, and b1 the entry kK / 2 further.
-template <typename T>
-__device__ __forceinline__ void load_b_fragments(const uint32_t* row, int ks, int lane, uint32_t (&b0)[4],
-                                                 uint32_t (&b1)[4]) {
-  constexpr int kK = Operands<T>::kK;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int index = kK * ks - 8 * j + (kK / 8) * (lane % 4) - lane / 4;
-    b0[j] = row[index];
-    b1[j] = row[index + kK / 2];
-  }
-}
-
 // The B registers of k-step u + i for n-tile G i + h (h < G = kK / 8 n-tiles per k-step width), which depend on u and
 // h only: along a diagonal of (k-step, n-tile) pairs the Toeplitz operand repeats. For lane (group, quad), b0[h] holds
 // entry kK u - 8 h + G quad - group of the table row (`row` points at entry 0) and b1[h] the entry kK / 2 further; for

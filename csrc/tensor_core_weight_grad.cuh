@@ -10,7 +10,7 @@
 // (dy[y, x0 + e], dy[y, x0 + e + 1]) for 16-bit types, single TF32 values for fp32), as the forward reads the filter. A block owns one output channel, one row range (`split`) of the N*OH reduction and one 32 x 32
 // tile of taps; it stages strips of 32 dy rows x 64 columns (as B words) and the x rows and columns they reach. Each of
 // its 4 warps takes every 4th row of a strip and accumulates the whole 32 x 32 tap tile (2 m-tiles x 4 n-tiles of
-// mma.sync.m16n8k16); at the end the warps' sums are added in warp order and written as the block's fp32 partial.
+// mma.sync.m16n8k16), walking the (k-step, n-tile) pairs along the band's diagonals (accumulate_row); at the end the warps' sums are added in warp order and written as the block's fp32 partial.
 // weight_grad.cu's reduce kernel then adds the splits in order. The tap tile (0, 0) block also sums dy for the bias.
 //
 // This header holds the kernel and its tiling plan; weight_grad.cu launches it. The hardware operations come from
@@ -59,6 +59,51 @@ inline Tiling plan(int kernel_h, int kernel_w, int64_t total_rows, int64_t split
   return {tiles_w, cdiv(kernel_h, kTapTile) * tiles_w, cdiv(total_rows, splits)};
 }
 
+// One dy row's products added to a warp's tap tile: A (x rows i and i + 16 of the staged tile) times B (the Toeplitz
+// operand of dy row i, `dy_row` pointing at its table entry 0), walked in diagonal steps as the conv's row form does
+// (tensor_core.cuh): step u multiplies k-step u + w by n-tiles G w + h, all with the same B words, and keeps the A
+// fragments of the k-steps it spans in a sliding register window. Tiles wholly outside the kernel (`m_tiles`,
+// `n_tiles`) are skipped unless kFullTile says there are none, in which case no mma carries a predicate.
+template <typename T, bool kFullTile>
+__device__ __forceinline__ void accumulate_row(float (&acc)[2][4][4], const typename Operands<T>::Element* tile,
+                                               const uint32_t* dy_row, int i, int steps, int m_tiles, int n_tiles,
+                                               int lane) {
+  constexpr int kK = Operands<T>::kK;
+  constexpr int kGroup = kK / 8;           // n-tiles per k-step width
+  constexpr int kWindow = 4 / kGroup;      // k-steps one diagonal step multiplies
+  uint32_t window[2][kWindow][4];          // window[m][w]: the A fragment of k-step u + w at step u
+#pragma unroll
+  for (int w = 0; w + 1 < kWindow; ++w)
+#pragma unroll
+    for (int m = 0; m < 2; ++m) load_a_fragment<T>(window[m][w], tile, Layout<T>::kTilePitch, i + 16 * m, kK * w, lane);
+#pragma unroll 2
+  for (int u = 0; u < steps; ++u) {
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      load_a_fragment<T>(window[m][kWindow - 1], tile, Layout<T>::kTilePitch, i + 16 * m, kK * (u + kWindow - 1),
+                         lane);
+    }
+    uint32_t b0[kGroup], b1[kGroup];
+    load_diagonal_b_fragments<T>(dy_row, u, lane, b0, b1);
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int w = 0; w < kWindow; ++w)
+#pragma unroll
+        for (int h = 0; h < kGroup; ++h) {
+          if (kFullTile || (m < m_tiles && kGroup * w + h < n_tiles)) {
+            mma_sync<T>(acc[m][kGroup * w + h], window[m][w], b0[h], b1[h]);
+          }
+        }
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int w = 0; w + 1 < kWindow; ++w)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) window[m][w][e] = window[m][w + 1][e];
+  }
+}
+
 // Block (o, split, tap tile) in a flat index: o fastest, so neighbouring blocks share the split's rows.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Tiling t) {
@@ -84,6 +129,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
   // m-tiles and n-tiles of the tap tile that hold taps of the kernel (the last tile of a band may be partial).
   const int m_tiles = g.kernel_h - r0 > 16 ? 2 : 1;
   const int n_tiles = (g.kernel_w - s0 + 7) / 8 < 4 ? (g.kernel_w - s0 + 7) / 8 : 4;
+  const bool full_tile = m_tiles == 2 && n_tiles == 4;
 
   float acc[2][4][4] = {};
   float bias = 0.f;
@@ -125,22 +171,13 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
       }
       block_sync();
 
+      const int steps = (width + 2 * kK - 2) / kK;  // diagonal steps whose band meets the chunk's width
       for (int i = warp; i < rows; i += kWarps) {
         const uint32_t* dy_row = table + i * L::kTablePitch + kTableOrigin;
-        for (int ks = 0; ks < L::kKSteps; ++ks) {
-          uint32_t b0[4], b1[4];
-          load_b_fragments<T>(dy_row, ks, lane, b0, b1);
-#pragma unroll
-          for (int m = 0; m < 2; ++m) {
-            if (m >= m_tiles) break;
-            uint32_t a_frag[4];
-            load_a_fragment<T>(a_frag, tile, L::kTilePitch, i + 16 * m, kK * ks, lane);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              const int band = kK * ks - 8 * j;  // j - s over this mma spans band - 7 .. band + kK - 1
-              if (j < n_tiles && band + kK - 1 >= 0 && band - 7 < width) mma_sync<T>(acc[m][j], a_frag, b0[j], b1[j]);
-            }
-          }
+        if (full_tile) {
+          accumulate_row<T, true>(acc, tile, dy_row, i, steps, m_tiles, n_tiles, lane);
+        } else {
+          accumulate_row<T, false>(acc, tile, dy_row, i, steps, m_tiles, n_tiles, lane);
         }
       }
     }

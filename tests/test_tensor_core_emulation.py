@@ -151,6 +151,8 @@ def test_input_grad_matches_float64(emulator, tmp_path, form, case):
 # (N, C, H, W) of the input, (kh, kw), multiplier, padding, dtype, splits, layout of grad_output and input.
 WEIGHT_GRAD_CASES = {
     "31x31 same, one split": ((2, 1, 9, 12), (31, 31), 1, (15, 15, 15, 15), torch.bfloat16, 1, "nchw"),
+    "31x31, a last chunk 18 wide: only the last diagonal step reaches its last column": (
+        (1, 1, 3, 82), (31, 31), 1, (15, 15, 15, 15), torch.bfloat16, 1, "nchw"),
     "splits across images and strips": ((3, 1, 37, 7), (5, 3), 1, (2, 2, 1, 1), torch.float16, 4, "nchw"),
     "two column chunks, multiplier 2": ((1, 2, 5, 70), (3, 7), 2, (1, 1, 3, 3), torch.bfloat16, 2, "nchw"),
     "four tap tiles, asymmetric padding": ((1, 1, 6, 5), (35, 40), 1, (20, 14, 9, 30), torch.float16, 1, "nchw"),

@@ -1,5 +1,6 @@
 """Small Triton helpers shared by the depthwise kernels: the tensor-core product, the filter-tap lookup, the band of
-kernel rows and source columns a row-form block reaches, and the widening of column runs to whole vectors."""
+kernel rows and source columns a row-form block reaches, the shifted filter rows' offsets, and the widening of
+column runs to whole vectors."""
 
 import triton
 import triton.language as tl
@@ -112,6 +113,30 @@ def toeplitz_taps(src_cols, cols, pad_left, stride_w, dilation_w, kernel_w, TRAN
     else:
         tap, tap_ok = filter_tap(src_cols[:, None], cols[None, :], pad_left, stride_w, dilation_w, kernel_w)
     return tap, tap_ok
+
+
+# The shifted filter rows (SHIFTED, stride 1 and dilation 1): row r of a filter, flipped for the input grad, sits at
+# entry SHIFTED_ORIGIN + BLOCK_W of a zero-padded row, and copy s of that row starts s entries later, `shift_stride`
+# elements after copy s - 1 (a multiple of 16). The backend builds them (triton_backend.shifted_filter_rows).
+SHIFTED_COPIES = tl.constexpr(8)
+SHIFTED_ORIGIN = tl.constexpr(8)
+
+
+@triton.jit
+def shifted_filter_offsets(c0, col_block, pad_left, kernel_w, shift_stride, TRANSPOSED: tl.constexpr,
+                           BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Offsets of the Toeplitz block B[j, t] (source columns c0 + j, destination columns col_block * BLOCK_W + t)
+    in a filter row's shifted copies: entry e = base + j - t of the padded row, read from copy e mod 8 at e rounded
+    down to a multiple of 8, so that runs of 8 rows of B are contiguous and 8-aligned."""
+    if TRANSPOSED:
+        # tap = dst + pad - src, i.e. (kernel_w - 1 - tap) of the flipped row = src - dst + kernel_w - 1 - pad.
+        base = c0 - col_block * BLOCK_W + kernel_w - 1 - pad_left
+    else:
+        base = c0 + pad_left - col_block * BLOCK_W  # tap = src + pad - dst
+    first = base + SHIFTED_ORIGIN + BLOCK_W - tl.arange(0, BLOCK_W)  # entry of B[0, t]
+    shift = first % SHIFTED_COPIES
+    column = tl.multiple_of(shift * shift_stride + first - shift, SHIFTED_COPIES)
+    return column[None, :] + tl.arange(0, BLOCK_J)[:, None]
 
 
 # ALIGN > 1 is the backend's promise (vector_align) that a map's columns are contiguous and that its width, data

@@ -8,12 +8,19 @@ loaded element feeds BLOCK_W (or BLOCK_M) multiply-adds on the tensor cores.
 The forward pass reads x and writes y. The input grad (TRANSPOSED) reads dy and writes dx through the same tap
 relation, which covers stride, dilation and depth multipliers without rotating or dilating anything in memory.
 Kernel rows and source columns that only ever meet padding are skipped.
+
+At stride 1 and dilation 1 the tap is (source column - destination column) plus a constant, so B_r's columns are
+runs of one filter row. With SHIFTED the backend hands in the filter rows zero-padded and in 8 copies shifted by
+0..7 elements (triton_backend.shifted_filter_rows); every run of 8 Toeplitz entries is then one aligned 16-byte
+vector, which Triton copies asynchronously into shared memory like the source tile, instead of a masked gather of
+single elements.
 """
 
 import triton
 import triton.language as tl
 
-from .common import destination_block, mma, reachable_band, source_row, toeplitz_taps, vector_run, vector_strides
+from .common import (destination_block, mma, reachable_band, shifted_filter_offsets, source_row, toeplitz_taps, vector_run,
+                     vector_strides)
 
 
 @triton.jit
@@ -27,6 +34,7 @@ def depthwise_rows_kernel(
     TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, OPERANDS_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_J: tl.constexpr, ALIGN: tl.constexpr,
+    SHIFTED: tl.constexpr,
 ):
     # Channel slowest, so neighbouring programs share the filter and the halo rows in L2.
     pid = tl.program_id(0)
@@ -66,15 +74,22 @@ def depthwise_rows_kernel(
                 c0 = tl.multiple_of(c0, ALIGN)
             src_cols = c0 + tl.arange(0, BLOCK_J)
             src_col_ok = src_cols < c_end
-            tap, tap_ok = toeplitz_taps(src_cols, cols, pad_left, stride_w, dilation_w, kernel_w, TRANSPOSED)
-            tap_offsets = tap * w_stride_w
+            if SHIFTED:
+                tap_offsets = shifted_filter_offsets(c0, col_block, pad_left, kernel_w, w_stride_w, TRANSPOSED,
+                                                     BLOCK_W, BLOCK_J)
+            else:
+                tap, tap_ok = toeplitz_taps(src_cols, cols, pad_left, stride_w, dilation_w, kernel_w, TRANSPOSED)
+                tap_offsets = tap * w_stride_w
             src_col_offsets = src_cols * src_stride_w
             for r in range(r_begin, r_end):
                 src_row, src_row_ok = source_row(dst_row, row_ok, r, src_height, stride_h, pad_top, dilation_h,
                                                  TRANSPOSED)
                 src_offsets = (src_row_base + src_row.to(tl.int64) * src_stride_h)[:, None] + src_col_offsets[None, :]
                 a = tl.load(src_ptr + src_offsets, mask=src_row_ok[:, None] & src_col_ok[None, :], other=0.0)
-                b = tl.load(w_base + r * w_stride_h + tap_offsets, mask=tap_ok, other=0.0)
+                if SHIFTED:  # zero-padded: no mask
+                    b = tl.load(w_base + r * w_stride_h + tap_offsets)
+                else:
+                    b = tl.load(w_base + r * w_stride_h + tap_offsets, mask=tap_ok, other=0.0)
                 acc = mma(a, b, acc, PRECISION, OPERANDS_FP32)
 
     if HAS_BIAS:

@@ -2,7 +2,7 @@
 
 The interpreter never compiles, so this is what proves the kernels lower to PTX and cubins. Two sets:
 - every block configuration the dispatcher can pick, in every dtype and dot precision, with no launch
-  specialization (what odd shapes and strides compile to);
+  specialization (what odd shapes and strides compile to), the row kernel also with its shifted filter rows;
 - the launches the triton backend makes for the GPU session's shapes (lkconv.benchmarks.triton_launches: the GPU
   tests', the quick benchmark's and small awkward ones), specialized the way Triton specializes them at launch
   (integer arguments equal to 1 become constants, multiples of 16 and 16-byte aligned pointers get divisibility
@@ -51,17 +51,24 @@ def _config_jobs():
                                        ("weight_grad", ((None, False), (None, True))),
                                        ("weight_grad_channels_last", ((None, False), (None, True)))):
                     aligns = (1, VECTOR_ELEMENTS[dtype]) if kind in ALIGNED_KERNELS else (1,)
+                    # The row kernel's shifted filter rows (unit stride), with whole-vector source runs, no bias.
+                    shifted_variants = [(False, align) for align in aligns] + \
+                        ([(True, VECTOR_ELEMENTS[dtype])] if kind == "rows" else [])
                     for config in configs[kind]:
                         if kind in CHANNEL_BLOCK_KERNELS and config.block_c * ELEMENT_BYTES[dtype] != CHANNEL_BYTES:
                             continue
                         for transposed, bias in variants:
-                            for align in aligns:
+                            for shifted, align in shifted_variants:
+                                if shifted and bias:
+                                    continue
                                 constexprs = {"HAS_BIAS": bias, "PRECISION": precision, "OPERANDS_FP32": False,
                                               **dict(zip(BLOCK_NAMES[kind], config))}
                                 if transposed is not None:
                                     constexprs["TRANSPOSED"] = transposed
                                 if kind in ALIGNED_KERNELS:
                                     constexprs["ALIGN"] = align
+                                if kind == "rows":
+                                    constexprs["SHIFTED"] = shifted
                                 fn = getattr(kernels, KERNELS[kind])
                                 signature = {name: "constexpr" if name in constexprs else
                                              ("*" + ("fp32" if "partial" in name else dtype) if name.endswith("_ptr")
@@ -70,7 +77,7 @@ def _config_jobs():
                                           options={"num_warps": config.num_warps, "num_stages": config.num_stages},
                                           report={"set": "configs", "dtype": dtype, "precision": precision,
                                                   "transposed": transposed, "bias": bias, "config": list(config),
-                                                  "align": align, "int_type": int_type})
+                                                  "align": align, "shifted": shifted, "int_type": int_type})
 
 
 def _launch_jobs():
@@ -94,7 +101,7 @@ def _launch_jobs():
                 options={"num_warps": options.num_warps, "num_stages": options.num_stages},
                 report={"set": "launches", "dtype": signature[names[0]][1:], "precision": kwargs["PRECISION"],
                         "transposed": kwargs.get("TRANSPOSED"), "bias": kwargs["HAS_BIAS"],
-                        "align": kwargs.get("ALIGN", 1),
+                        "align": kwargs.get("ALIGN", 1), "shifted": kwargs.get("SHIFTED", False),
                         "constants": sorted(names[path[0]] for path in constexprs if names[path[0]] not in kwargs),
                         "divisible_by_16": sorted(names[path[0]] for path, hints in attrs.items() if hints)})
     return list(jobs.values())
@@ -141,6 +148,8 @@ def _compile(job: dict) -> dict:
         "uses_mma": ("mma" in compiled.asm["ptx"]) if precision != "ieee" else None,
         # cp.async with 16-byte vectors: what the aligned source loads become.
         "vector_async_copies": compiled.asm["ptx"].count("cp.async.cg.shared.global"),
+        # Loads through registers: the masked filter gather of the plain row kernel, a bias.
+        "register_global_loads": len(re.findall(r"\bld\.global", compiled.asm["ptx"])),
     }
 
 

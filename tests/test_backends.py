@@ -364,18 +364,18 @@ def test_explain_returns_strings_and_its_str_names_the_backend(backend):
 @needs_interpreter
 @needs_triton
 @pytest.mark.parametrize(
-    "shape, kernel, padding, channels_last, form",
-    [((2, 3, 8, 9), (5, 3), (2, 1), False, "rows"), ((16, 2, 4, 4), (5, 5), 2, False, "whole_map"),
-     ((2, 3, 8, 9), (5, 3), (2, 1), True, "rows_channels_last")],
-    ids=["rows", "whole_map", "rows_channels_last"],
+    "shape, kernel, stride, padding, channels_last, form",
+    [((2, 3, 8, 9), (5, 3), 2, (2, 1), False, "rows"), ((2, 3, 8, 9), (5, 3), 1, (2, 1), False, "rows_shifted_filter"),
+     ((16, 2, 4, 4), (5, 5), 1, 2, False, "whole_map"), ((2, 3, 8, 9), (5, 3), 1, (2, 1), True, "rows_channels_last")],
+    ids=["rows", "rows_shifted_filter", "whole_map", "rows_channels_last"],
 )
-def test_explain_names_the_triton_kernel_form(shape, kernel, padding, channels_last, form):
+def test_explain_names_the_triton_kernel_form(shape, kernel, stride, padding, channels_last, form):
     x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(shape[1], 1, *kernel)
     with lkconv.use_backend("triton"):
-        explanation = lkconv.explain(x, w, None, 1, padding)
+        explanation = lkconv.explain(x, w, None, stride, padding)
     assert explanation.backend == "triton"
     for plan in (explanation.forward, explanation.input_grad):
         assert plan.split()[0] == form, plan

@@ -28,9 +28,10 @@ def test_every_kernel_configuration_and_the_gpu_sessions_launches_compile_for_sm
 
     configs = kernel_configs()
     swept = [e for e in compiled if e["set"] == "configs"]
-    # rows and weight_grad twice (ALIGN 1 and a whole 16-byte vector); the channels_last kernels in the
-    # configurations of their element size (half of them); in 2 arches x (4 precisions with i32 + bf16 with i64)
-    per_precision = (3 * 2 * len(configs["rows"]) + 3 * len(configs["rows_channels_last"]) // 2
+    # rows and weight_grad twice (ALIGN 1 and a whole 16-byte vector), rows also with shifted filter rows (forward
+    # and input grad); the channels_last kernels in the configurations of their element size (half of them); in
+    # 2 arches x (4 precisions with i32 + bf16 with i64)
+    per_precision = (3 * 2 * len(configs["rows"]) + 2 * len(configs["rows"]) + 3 * len(configs["rows_channels_last"]) // 2
                      + 3 * len(configs["whole_map"]) + 2 * 2 * len(configs["weight_grad"])
                      + 2 * len(configs["weight_grad_channels_last"]) // 2)
     assert len(swept) == 2 * 5 * per_precision
@@ -50,3 +51,11 @@ def test_every_kernel_configuration_and_the_gpu_sessions_launches_compile_for_sm
     whole_vectors += [e for e in launches if e["kernel"].endswith("channels_last") and "channels" in e["divisible_by_16"]]
     assert whole_vectors and all(e["vector_async_copies"] > 0 for e in whole_vectors), [
         e for e in whole_vectors if not e["vector_async_copies"]]
+    # With shifted filter rows the Toeplitz operand goes to shared memory as 16-byte asynchronous copies too: no load
+    # through registers is left but the bias's. The plain row kernel gathers it element by element (16-bit types).
+    shifted = [e for e in launches if e["shifted"]]
+    assert {e["dtype"] for e in shifted} == {"fp32", "fp16", "bf16"}
+    assert all(e["register_global_loads"] <= int(e["bias"]) and e["vector_async_copies"] > 0 for e in shifted), [
+        e for e in shifted if e["register_global_loads"] > int(e["bias"]) or not e["vector_async_copies"]]
+    gathers = [e for e in launches if e["kernel"] == "rows" and not e["shifted"] and e["dtype"] != "fp32"]
+    assert gathers and all(e["register_global_loads"] > 0 for e in gathers)

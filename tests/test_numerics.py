@@ -175,8 +175,19 @@ def test_strided_weight_and_bias_and_expanded_grad_output(backend, poisoned_outp
 # interpreter run the paths a GPU takes: several row, column and pixel blocks per channel, and block edges.
 SMALL_BLOCKS = {
     "rows": triton_backend.RowsConfig(16, 16, 16),
+    "rows_shifted_filter": triton_backend.RowsConfig(16, 16, 16),
     "whole_map": triton_backend.WholeMapConfig(16, 16, 16),
 }
+
+
+def _unit_stride(case) -> bool:
+    """Whether the row kernel's shifted filter rows apply: stride 1 and dilation 1."""
+    return case.stride in (1, (1, 1)) and case.dilation in (1, (1, 1))
+
+
+def _forms_and_cases(forms, cases):
+    """Every (form, case) pair, the shifted filter rows only where they apply."""
+    return [(form, case) for form in forms for case in cases if form != "rows_shifted_filter" or _unit_stride(case)]
 MULTI_BLOCK_CASES = [
     Case(2, 2, 1, 12, 20, (5, 5), 1, 2),
     Case(2, 3, 2, 10, 9, (4, 6), 2, (1, 2), (2, 1), "channels_last"),
@@ -187,8 +198,10 @@ MULTI_BLOCK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("form", ["rows", "whole_map"])
-@pytest.mark.parametrize("case", MULTI_BLOCK_CASES, ids=[c.id() for c in MULTI_BLOCK_CASES])
+SMALL_BLOCK_RUNS = _forms_and_cases(["rows", "rows_shifted_filter", "whole_map"], MULTI_BLOCK_CASES)
+
+
+@pytest.mark.parametrize("form,case", SMALL_BLOCK_RUNS, ids=[f"{form}-{case.id()}" for form, case in SMALL_BLOCK_RUNS])
 def test_triton_kernels_with_small_blocks(case, form, monkeypatch, poisoned_outputs):
     monkeypatch.setattr(triton_backend, "plan_conv", lambda p, interpret: triton_backend.ConvPlan(form, SMALL_BLOCKS[form]))
     monkeypatch.setattr(triton_backend, "weight_grad_config", lambda *args: triton_backend.WeightGradConfig(16, 16, 2, 16))
@@ -254,11 +267,14 @@ ALIGNED_CASES = [
 ]
 
 
+ALIGNED_RUNS = _forms_and_cases(["rows", "rows_shifted_filter"], ALIGNED_CASES)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", ALIGNED_CASES, ids=[c.id() for c in ALIGNED_CASES])
-def test_triton_vector_runs_stay_inside_rows_padded_with_nan(case, dtype, monkeypatch, poisoned_outputs):
+@pytest.mark.parametrize("form,case", ALIGNED_RUNS, ids=[f"{form}-{case.id()}" for form, case in ALIGNED_RUNS])
+def test_triton_vector_runs_stay_inside_rows_padded_with_nan(case, form, dtype, monkeypatch, poisoned_outputs):
     monkeypatch.setattr(triton_backend, "plan_conv",
-                        lambda p, interpret: triton_backend.ConvPlan("rows", SMALL_BLOCKS["rows"]))
+                        lambda p, interpret: triton_backend.ConvPlan(form, SMALL_BLOCKS[form]))
     monkeypatch.setattr(triton_backend, "weight_grad_config", lambda *args: triton_backend.WeightGradConfig(16, 16, 2, 16))
     padded = torch.full((case.batch, case.channels, case.height, case.width + 16), float("nan"), dtype=dtype)
     padded[..., :case.width] = torch.randn(case.batch, case.channels, case.height, case.width).to(dtype)
@@ -344,3 +360,18 @@ def test_channel_block_keeps_each_row_offset_below_2_to_the_31():
 
     assert block(1024, 2**21) == 32  # last offset 2**31 - 1
     assert block(1024, 2**21 + 1) == 0  # last offset 2**31 + 1023
+
+
+@pytest.mark.parametrize("shape,kernel,stride,dilation,expected", [
+    ((64, 384, 64, 64), 31, 1, 1, "rows_shifted_filter"),  # the issue's shape: B read far more often than built
+    ((3, 384, 64, 64), 31, 1, 1, "rows_shifted_filter"),
+    ((1, 384, 64, 64), 31, 1, 1, "rows"),  # one image: building the rows would cost more than it saves
+    ((64, 384, 64, 64), 31, 2, 1, "rows"),  # the tap is no longer source minus destination column
+    ((64, 384, 64, 64), 7, 1, 2, "rows"),
+])
+def test_gpu_row_plans_take_shifted_filter_rows_where_they_apply_and_pay(shape, kernel, stride, dilation, expected):
+    out_hw = tuple((size + 2 * (kernel // 2) * dilation - dilation * (kernel - 1) - 1) // stride + 1
+                   for size in shape[2:])
+    p = triton_backend._forward_pass(shape, out_hw, (kernel, kernel), (stride, stride), (dilation, dilation),
+                                     kernel // 2 * dilation, 8, 0)
+    assert triton_backend.plan_conv(p, interpret=False).form == expected

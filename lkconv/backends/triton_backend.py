@@ -193,7 +193,7 @@ class ConvPass(NamedTuple):
 
 
 class ConvPlan(NamedTuple):
-    form: str  # "rows", "rows_channels_last" or "whole_map"
+    form: str  # "rows", "rows_shifted_filter", "rows_channels_last" or "whole_map"
     config: NamedTuple
 
 
@@ -279,7 +279,39 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
         whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(p.batch, whole.block_n) * whole.block_n / p.batch
         if whole_cost < rows_cost:
             return ConvPlan("whole_map", whole)
+    if p.stride == (1, 1) and p.dilation == (1, 1) and (interpret or _shifted_filter_pays(p, rows)):
+        return ConvPlan("rows_shifted_filter", rows)
     return ConvPlan("rows", rows)
+
+
+# The shifted filter rows are rebuilt for every call (a cache could not see a weight updated inside a replayed CUDA
+# graph), so the row kernel takes them where it reads at least this many Toeplitz entries per entry built.
+SHIFTED_MIN_READS_PER_ENTRY = 8
+
+
+def _shifted_filter_pays(p: ConvPass, config: RowsConfig) -> bool:
+    """Whether the row kernel's reads of B outweigh building the shifted rows: per channel and kernel row it reads
+    (batch * dst_h / BLOCK_M) * (dst_w / BLOCK_W) blocks of BLOCK_J x BLOCK_W entries, and 8 copies of a row of about
+    2 BLOCK_W + BLOCK_J + kw entries are built (batch 3 and up at 64x64 with K=31)."""
+    reads = p.batch * p.dst_h * p.dst_w * config.block_j / config.block_m
+    built = 8 * (2 * config.block_w + config.block_j + p.kernel[1] + 24)
+    return reads >= SHIFTED_MIN_READS_PER_ENTRY * built
+
+
+def shifted_filter_rows(weight: torch.Tensor, flip: bool, block_w: int, block_j: int, align: int) -> torch.Tensor:
+    """(C*m, kh, copies, length) for the row kernel's SHIFTED form (kernels/common.py): each filter row (flipped
+    left-right for the input grad) zero-padded, entry 0 of the filter at SHIFTED_ORIGIN + block_w, in copies shifted
+    by 0, 1, ... entries. `length` covers every entry a block reads: its source runs start up to `align` - 1 columns
+    early and reach block_w + kernel_w + align columns past a block's first destination column."""
+    from lkconv.kernels import common
+
+    copies, origin = common.SHIFTED_COPIES.value, common.SHIFTED_ORIGIN.value
+    channels, _, kernel_h, kernel_w = weight.shape
+    start = origin + block_w
+    length = _cdiv(start + block_w + kernel_w + 2 * align + block_j, 16) * 16
+    padded = weight.new_zeros(channels, kernel_h, length + copies)
+    padded[:, :, start:start + kernel_w] = weight[:, 0].flip(-1) if flip else weight[:, 0]
+    return torch.stack([padded[:, :, s:s + length] for s in range(copies)], dim=2)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -375,7 +407,7 @@ def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation
         block = block_for(output_shape, output_strides, input.shape, grad_input_strides)
         p = _input_grad_pass(output_shape, input.shape[2:], kernel, stride, dilation, padding[1], align, block)
     plan = plan_conv(p, interpret)
-    if plan.form == "rows":
+    if plan.form in ("rows", "rows_shifted_filter"):
         loads = f", {_vectors_label(align, input)}"
     elif plan.form == "rows_channels_last":
         loads = f", {_channels_label(plan.config.block_c, input)}"
@@ -426,21 +458,28 @@ def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier):
     plan = plan_conv(p, interpreting())
     kernels = _kernels()
     precision, operands_fp32 = _dot_options(src.dtype)
+    c = plan.config
+    shifted = plan.form == "rows_shifted_filter"
+    if shifted:
+        # Channel, kernel row and copy strides stand in for the filter's channel, row and column strides.
+        filter_operand = shifted_filter_rows(weight, p.transposed, c.block_w, c.block_j, p.align)
+        filter_strides = filter_operand.stride()[:3]
+    else:
+        filter_operand, filter_strides = weight, (weight.stride(0), weight.stride(2), weight.stride(3))
     args = (
-        src, weight, bias if bias is not None else weight, dst,
+        src, filter_operand, bias if bias is not None else filter_operand, dst,
         p.batch, p.dst_h, p.dst_w, p.src_h, p.src_w,
         p.kernel[0], p.kernel[1], p.stride[0], p.stride[1], padding[0], padding[1], p.dilation[0], p.dilation[1],
         multiplier,
-        *_map_strides(src), weight.stride(0), weight.stride(2), weight.stride(3), *dst.stride(),
+        *_map_strides(src), *filter_strides, *dst.stride(),
     )
     flags = dict(TRANSPOSED=p.transposed, HAS_BIAS=bias is not None, PRECISION=precision, OPERANDS_FP32=operands_fp32)
-    c = plan.config
     with _device_guard(dst):
-        if plan.form == "rows":
+        if plan.form in ("rows", "rows_shifted_filter"):
             grid = (dst.shape[1] * _cdiv(p.batch * p.dst_h, c.block_m) * _cdiv(p.dst_w, c.block_w),)
             kernels.depthwise_rows_kernel[grid](
                 *args, **flags, BLOCK_M=c.block_m, BLOCK_W=c.block_w, BLOCK_J=c.block_j, ALIGN=p.align,
-                num_warps=c.num_warps, num_stages=c.num_stages,
+                SHIFTED=shifted, num_warps=c.num_warps, num_stages=c.num_stages,
             )
         elif plan.form == "rows_channels_last":
             # The filter as (kh, kw, C), so that the Toeplitz band is gathered along channels too (a tiny copy).

@@ -285,14 +285,16 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
 
 
 # The shifted filter rows are rebuilt for every call (a cache could not see a weight updated inside a replayed CUDA
-# graph), so the row kernel takes them where it reads at least this many Toeplitz entries per entry built.
-SHIFTED_MIN_READS_PER_ENTRY = 8
+# graph), so the row kernel takes them where it reads at least this many Toeplitz entries per entry built. At 32 the
+# rows hold no more entries than the source map for kernels up to 32 rows, and building them costs a few percent of
+# the time they save (benchmarks/NOTES.md, Triton version 4).
+SHIFTED_MIN_READS_PER_ENTRY = 32
 
 
 def _shifted_filter_pays(p: ConvPass, config: RowsConfig) -> bool:
     """Whether the row kernel's reads of B outweigh building the shifted rows: per channel and kernel row it reads
     (batch * dst_h / BLOCK_M) * (dst_w / BLOCK_W) blocks of BLOCK_J x BLOCK_W entries, and 8 copies of a row of about
-    2 BLOCK_W + BLOCK_J + kw entries are built (batch 3 and up at 64x64 with K=31)."""
+    2 BLOCK_W + BLOCK_J + kw entries are built (batch 12 and up at 64x64 with K=31)."""
     reads = p.batch * p.dst_h * p.dst_w * config.block_j / config.block_m
     built = 8 * (2 * config.block_w + config.block_j + p.kernel[1] + 24)
     return reads >= SHIFTED_MIN_READS_PER_ENTRY * built

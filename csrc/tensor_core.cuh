@@ -4,10 +4,10 @@
 //
 // Per channel and kernel row r, an output tile is a GEMM against a Toeplitz operand built from the filter on the fly:
 //   Y[i, t] += sum_j X[i + r, j] * B_r[j, t],   B_r[j, t] = f[r, j - t]  (zero unless 0 <= j - t < kw).
-// A block stages the source tile with its halo, and every filter row as a table of 32-bit words indexed by d = j - t
-// (tensor_core_operands.cuh: pairs (f[r, d], f[r, d + 1]) for 16-bit types, single TF32 taps for fp32), so every B
-// register is one shared load and B is never materialised. Each of the 2 warps owns MT x 16 output rows and 64
-// columns (8 n-tiles).
+// A block stages the source tile with its halo (in 16-byte vectors where the source rows allow: stage_source_tile),
+// and every filter row as a table of 32-bit words indexed by d = j - t (tensor_core_operands.cuh: pairs
+// (f[r, d], f[r, d + 1]) for 16-bit types, single TF32 taps for fp32), so every B register is one shared load and B
+// is never materialised. Each of the 2 warps owns MT x 16 output rows and 64 columns (8 n-tiles).
 //
 // The mma of k-step ks and n-tile j meets the band only near the diagonal ks = j / G (G = kK / 8 n-tiles per k-step
 // width), and its B fragment depends on ks - j / G alone. So per kernel row a warp walks diagonal steps u: step u
@@ -33,9 +33,9 @@ constexpr int kNTiles = 8;                    // n-tiles (8 output columns each)
 constexpr int kWarpCols = 8 * kNTiles;
 constexpr int kWarpsM = 2;                    // warps per block, stacked along rows
 constexpr int kThreads = 32 * kWarpsM;
-constexpr int kTableOrigin = 32;              // the entry for d is stored at d + 32: fragments reach down to d = -15
+constexpr int kTableOrigin = 32;              // the entry for d is stored at d + 32: fragments reach down to d = -22
 constexpr int64_t kSharedLimit = 99 * 1024;   // opt-in dynamic shared memory; sm_80 allows 163 KB per block
-// Blocks per SM the kernel is compiled for: 6 (12 warps; shared memory allows 7 at K=31) leaves it up to 168
+// Blocks per SM the kernel is compiled for: 6 (12 warps; shared memory allows 6 at K=31 too) leaves it up to 168
 // registers a thread. The two m-tile instance holds 64 accumulators and a 32-register A window; at 128 registers
 // (8 blocks) it spilled 84 bytes.
 constexpr int kMinBlocksPerSM = 6;
@@ -47,8 +47,8 @@ constexpr int kMaxMTiles = Operands<T>::kK == 16 ? 2 : 1;
 
 // Where a launch's tiles sit in shared memory, and how many blocks cover the output.
 struct Tiling {
-  int k_steps;          // kK-column k-steps a warp's sources span: ceil((64 + kw - 1) / kK)
-  int diagonal_steps;   // diagonal steps per kernel row: those whose band meets the taps, ceil((kw + kK - 1) / kK)
+  int k_steps;          // kK-column k-steps a warp's sources span, from a 16-byte boundary: ceil((64 + kw + 6) / kK)
+  int diagonal_steps;   // the most diagonal steps per kernel row (the widest shift of the tile)
   int tile_rows;        // source rows staged: block rows + kh - 1
   int tile_cols;        // source columns staged: kK k_steps
   int tile_pitch;       // elements per staged row: tile_cols + 16 bytes, an odd number of 16-byte units
@@ -60,12 +60,20 @@ struct Tiling {
 
 __host__ __device__ constexpr int block_rows(int m_tiles) { return 16 * m_tiles * kWarpsM; }
 
+// Diagonal steps whose band meets the taps when the staged tile starts `shift` columns left of the warp's first
+// source column (tile column j, output column t and tap d are then related by j = t + d + shift).
+template <typename T>
+__host__ __device__ constexpr int diagonal_steps(int kernel_w, int shift) {
+  return (kernel_w + shift + 2 * Operands<T>::kK - 2) / Operands<T>::kK;
+}
+
 template <typename T>
 Tiling plan(int m_tiles, int kernel_h, int kernel_w, int64_t planes, int64_t out_h, int64_t out_w) {
   using Ops = Operands<T>;
   Tiling t{};
-  t.k_steps = (kWarpCols + kernel_w - 1 + Ops::kK - 1) / Ops::kK;
-  t.diagonal_steps = (kernel_w + 2 * Ops::kK - 2) / Ops::kK;
+  // The tile starts up to kVector - 1 columns early, on a 16-byte boundary of the source row (conv_kernel).
+  t.k_steps = (kWarpCols + kernel_w - 1 + Ops::kVector - 1 + Ops::kK - 1) / Ops::kK;
+  t.diagonal_steps = diagonal_steps<T>(kernel_w, Ops::kVector - 1);
   t.tile_rows = block_rows(m_tiles) + kernel_h - 1;
   t.tile_cols = Ops::kK * t.k_steps;
   t.tile_pitch = t.tile_cols + Ops::kPitchPad;
@@ -84,6 +92,50 @@ int m_tiles_for(int64_t out_h) {
   return out_h > block_rows(1) ? kMaxMTiles<T> : 1;
 }
 
+// The source tile: rows src_row0 .. of channel `channel` of image n, columns from tile_col0, zero outside the map.
+// With `vectors` (rows_are_vectors, and tile_col0 a multiple of kVector) lanes take 16-byte vectors, several rows per
+// warp where a row has few; vectors that leave the map go element by element. Otherwise lanes take elements.
+template <typename T>
+__device__ __forceinline__ void stage_source_tile(typename Operands<T>::Element* tile, const Tiling& t, const Map& src,
+                                                  int64_t n, int64_t channel, int64_t src_row0, int64_t tile_col0,
+                                                  bool vectors, int warp, int lane) {
+  using Ops = Operands<T>;
+  if (vectors) {
+    const int per_row = t.tile_cols / Ops::kVector;
+    int lanes_per_row = 32;
+    while (lanes_per_row / 2 >= per_row) lanes_per_row /= 2;
+    const int rows_per_warp = 32 / lanes_per_row;
+    for (int row = warp * rows_per_warp + lane / lanes_per_row; row < t.tile_rows; row += kWarpsM * rows_per_warp) {
+      const int64_t y = src_row0 + row;
+      const bool row_inside = y >= 0 && y < src.h;
+      const int64_t row_offset = offset(src, n, channel, y, 0);
+      for (int col = Ops::kVector * (lane % lanes_per_row); col < t.tile_cols; col += Ops::kVector * lanes_per_row) {
+        const int64_t x = tile_col0 + col;
+        typename Ops::Element* out = tile + row * t.tile_pitch + col;
+        if (row_inside && x >= 0 && x + Ops::kVector <= src.w) {
+          Ops::stage_vector(src.data, row_offset + x, out);
+          continue;
+        }
+        for (int e = 0; e < Ops::kVector; ++e) {
+          out[e] = row_inside && x + e >= 0 && x + e < src.w ? Ops::stage(src.data, row_offset + x + e) : 0;
+        }
+      }
+    }
+    return;
+  }
+  // Warps take rows and lanes take columns, so the loops need no division and global reads run along rows.
+  for (int row = warp; row < t.tile_rows; row += kWarpsM) {
+    const int64_t y = src_row0 + row;
+    const bool row_inside = y >= 0 && y < src.h;
+    const int64_t row_offset = offset(src, n, channel, y, 0);
+    for (int col = lane; col < t.tile_cols; col += 32) {
+      const int64_t x = tile_col0 + col;
+      const bool inside = row_inside && x >= 0 && x < src.w;
+      tile[row * t.tile_pitch + col] = inside ? Ops::stage(src.data, row_offset + x * src.stride_w) : 0;
+    }
+  }
+}
+
 template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStrideArgs a, Tiling t) {
   using Ops = Operands<T>;
@@ -99,6 +151,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStr
   const int64_t row0 = (within / t.tiles_w) * block_rows(MT), col0 = (within % t.tiles_w) * kWarpCols;
   const int64_t n = plane / a.dst.c, d = plane % a.dst.c;
   const int64_t src_row0 = row0 + a.origin_h, src_col0 = col0 + a.origin_w;
+  // Where source rows start on 16-byte boundaries, the tile starts `shift` columns early, on a boundary, so it stages
+  // whole 16-byte vectors; the filter table is then read `shift` entries lower (j = t + d + shift).
+  const bool vectors = rows_are_vectors<T>(a.src);
+  const int shift = vectors ? static_cast<int>(((src_col0 % Ops::kVector) + Ops::kVector) % Ops::kVector) : 0;
+  const int64_t tile_col0 = src_col0 - shift;
+  const int steps = diagonal_steps<T>(a.kernel_w, shift);
 
   const int tid = thread_index(), lane = tid % 32, warp = tid / 32;
   const int warp_row = warp * 16 * MT;
@@ -118,25 +176,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStr
   for (int64_t s = 0; s < sources; ++s) {
     const ChannelSource source = channel_source(a, d, s);
     block_sync();  // the previous source's tile and filter are no longer read
-    // Warps take rows and lanes take columns, so the loops need no division and global reads run along rows.
     for (int r = warp; r < a.kernel_h; r += kThreads / 32) {
       stage_filter_row<T>(table + r * t.table_pitch, a, source.filter_base, r, -kTableOrigin, t.table_pitch, lane);
     }
-    for (int row = warp; row < t.tile_rows; row += kThreads / 32) {
-      const int64_t y = src_row0 + row;
-      const bool row_inside = y >= 0 && y < a.src.h;
-      const int64_t row_offset = offset(a.src, n, source.channel, y, 0);
-      for (int col = lane; col < t.tile_cols; col += 32) {
-        const int64_t x = src_col0 + col;
-        const bool inside = row_inside && x >= 0 && x < a.src.w;
-        tile[row * t.tile_pitch + col] = inside ? Ops::stage(a.src.data, row_offset + x * a.src.stride_w) : 0;
-      }
-    }
+    stage_source_tile<T>(tile, t, a.src, n, source.channel, src_row0, tile_col0, vectors, warp, lane);
     block_sync();
     if (!warp_writes) continue;
 
     for (int r = r_begin; r < r_end; ++r) {
-      const uint32_t* filter_row = table + r * t.table_pitch + kTableOrigin;
+      const uint32_t* filter_row = table + r * t.table_pitch + kTableOrigin - shift;
       // window[m][i] holds the A fragment of k-step u + i at diagonal step u.
       uint32_t window[MT][kWindow][4];
 #pragma unroll
@@ -146,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStr
           load_a_fragment<T>(window[m][i], tile, t.tile_pitch, warp_row + 16 * m + r, kK * i, lane);
         }
 #pragma unroll 4
-      for (int u = 0; u < t.diagonal_steps; ++u) {
+      for (int u = 0; u < steps; ++u) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           load_a_fragment<T>(window[m][kWindow - 1], tile, t.tile_pitch, warp_row + 16 * m + r, kK * (u + kWindow - 1),

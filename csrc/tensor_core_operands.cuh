@@ -22,8 +22,13 @@ struct Operands {  // fp16 and bf16
   static constexpr int kK = 16;                        // reduction columns per mma
   static constexpr int kPitchPad = 16 / sizeof(Element);  // 16 bytes: tile rows an odd number of 16-byte units apart
 
+  static constexpr int kVector = 8;                    // elements per 16-byte global load
   __device__ __forceinline__ static Element stage(const void* data, int64_t index) {
     return static_cast<const uint16_t*>(data)[index];
+  }
+  // Elements index .. index + 7 (16-byte aligned) into `out` (16-byte aligned shared memory).
+  __device__ __forceinline__ static void stage_vector(const void* data, int64_t index, Element* out) {
+    *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(data) + index);
   }
   // The B table entry at d: elements d and d + 1 of a row, `element(i)` giving the staged bits or 0 outside it.
   template <typename ElementAt>
@@ -38,8 +43,13 @@ struct Operands<float> {  // TF32
   static constexpr int kK = 8;
   static constexpr int kPitchPad = 16 / sizeof(Element);
 
+  static constexpr int kVector = 4;
   __device__ __forceinline__ static Element stage(const void* data, int64_t index) {
     return to_tf32(static_cast<const float*>(data)[index]);
+  }
+  __device__ __forceinline__ static void stage_vector(const void* data, int64_t index, Element* out) {
+    const float4 v = *reinterpret_cast<const float4*>(static_cast<const float*>(data) + index);
+    *reinterpret_cast<uint4*>(out) = make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
   }
   template <typename ElementAt>
   __device__ __forceinline__ static uint32_t word(int d, ElementAt&& element) {
@@ -70,6 +80,15 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const typename
                                                 int64_t pitch, int first_row, int first_col, int lane) {
   constexpr int kK = Operands<T>::kK;
   load_matrix_x4(a, tile + (first_row + lane % 16) * pitch + first_col + (lane / 16) * (kK / 2));
+}
+
+// Whether every row of `m` starts on a 16-byte boundary and runs contiguously, so that runs of Operands<T>::kVector
+// columns starting at a multiple of it load as single 16-byte vectors.
+template <typename T>
+__device__ __forceinline__ bool rows_are_vectors(const Map& m) {
+  constexpr int64_t v = Operands<T>::kVector;
+  return m.stride_w == 1 && m.stride_h % v == 0 && m.stride_c % v == 0 && m.stride_n % v == 0 &&
+         reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
 }
 
 // The two forms of the stride-1 conv (tensor_core.cuh, tensor_core_whole_map.cuh) share what follows.

@@ -69,6 +69,13 @@ FORWARD_CASES = {
                                                        False, "channels_last", "sliced"),
     "63x63 on a map smaller than the kernel": ((1, 1, 8, 8), (63, 63), 1, (31, 31, 31, 31), torch.float16, False,
                                                 "nchw", "nchw"),
+    # Rows of a whole number of 16-byte vectors: the tile is staged in vectors from a boundary `shift` columns early.
+    "16-byte rows: 31x31 same (shift 1), two column tiles, taller warps": (
+        (1, 2, 36, 72), (31, 31), 1, (15, 15, 15, 15), torch.bfloat16, True, "nchw", "nchw"),
+    "16-byte rows: kw = 17 with shift 5 needs one more diagonal step": (
+        (1, 1, 6, 72), (3, 17), 1, (1, 1, 3, 13), torch.bfloat16, False, "nchw", "nchw"),
+    "TF32, 16-byte rows: shift 2, multiplier 2": ((1, 2, 20, 68), (9, 13), 2, (4, 4, 6, 6), torch.float32, False,
+                                                 "nchw", "sliced"),
 }
 
 
@@ -117,6 +124,8 @@ INPUT_GRAD_CASES = {
     "channels_last grad_output, taller warps": ((1, 1, 37, 11), (7, 7), 1, (3, 3, 3, 3), torch.bfloat16,
                                                 "channels_last"),
     "TF32: 13x13, multiplier 2": ((1, 2, 15, 17), (13, 13), 2, (6, 6, 6, 6), torch.float32, "nchw"),
+    "16-byte grad_output rows: shift 5, multiplier 2": ((1, 2, 12, 40), (5, 7), 2, (2, 2, 3, 3), torch.float16,
+                                                       "nchw"),
 }
 
 

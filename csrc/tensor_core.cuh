@@ -4,7 +4,7 @@
 //
 // Per channel and kernel row r, an output tile is a GEMM against a Toeplitz operand built from the filter on the fly:
 //   Y[i, t] += sum_j X[i + r, j] * B_r[j, t],   B_r[j, t] = f[r, j - t]  (zero unless 0 <= j - t < kw).
-// A block stages the source tile with its halo (in 16-byte vectors where the source rows allow: stage_source_tile),
+// A block stages the source tile with its halo (in 16-byte vectors where the source rows allow: stage_rows),
 // and every filter row as a table of 32-bit words indexed by d = j - t (tensor_core_operands.cuh: pairs
 // (f[r, d], f[r, d + 1]) for 16-bit types, single TF32 taps for fp32), so every B register is one shared load and B
 // is never materialised. Each of the 2 warps owns MT x 16 output rows and 64 columns (8 n-tiles).
@@ -92,50 +92,6 @@ int m_tiles_for(int64_t out_h) {
   return out_h > block_rows(1) ? kMaxMTiles<T> : 1;
 }
 
-// The source tile: rows src_row0 .. of channel `channel` of image n, columns from tile_col0, zero outside the map.
-// With `vectors` (rows_are_vectors, and tile_col0 a multiple of kVector) lanes take 16-byte vectors, several rows per
-// warp where a row has few; vectors that leave the map go element by element. Otherwise lanes take elements.
-template <typename T>
-__device__ __forceinline__ void stage_source_tile(typename Operands<T>::Element* tile, const Tiling& t, const Map& src,
-                                                  int64_t n, int64_t channel, int64_t src_row0, int64_t tile_col0,
-                                                  bool vectors, int warp, int lane) {
-  using Ops = Operands<T>;
-  if (vectors) {
-    const int per_row = t.tile_cols / Ops::kVector;
-    int lanes_per_row = 32;
-    while (lanes_per_row / 2 >= per_row) lanes_per_row /= 2;
-    const int rows_per_warp = 32 / lanes_per_row;
-    for (int row = warp * rows_per_warp + lane / lanes_per_row; row < t.tile_rows; row += kWarpsM * rows_per_warp) {
-      const int64_t y = src_row0 + row;
-      const bool row_inside = y >= 0 && y < src.h;
-      const int64_t row_offset = offset(src, n, channel, y, 0);
-      for (int col = Ops::kVector * (lane % lanes_per_row); col < t.tile_cols; col += Ops::kVector * lanes_per_row) {
-        const int64_t x = tile_col0 + col;
-        typename Ops::Element* out = tile + row * t.tile_pitch + col;
-        if (row_inside && x >= 0 && x + Ops::kVector <= src.w) {
-          Ops::stage_vector(src.data, row_offset + x, out);
-          continue;
-        }
-        for (int e = 0; e < Ops::kVector; ++e) {
-          out[e] = row_inside && x + e >= 0 && x + e < src.w ? Ops::stage(src.data, row_offset + x + e) : 0;
-        }
-      }
-    }
-    return;
-  }
-  // Warps take rows and lanes take columns, so the loops need no division and global reads run along rows.
-  for (int row = warp; row < t.tile_rows; row += kWarpsM) {
-    const int64_t y = src_row0 + row;
-    const bool row_inside = y >= 0 && y < src.h;
-    const int64_t row_offset = offset(src, n, channel, y, 0);
-    for (int col = lane; col < t.tile_cols; col += 32) {
-      const int64_t x = tile_col0 + col;
-      const bool inside = row_inside && x >= 0 && x < src.w;
-      tile[row * t.tile_pitch + col] = inside ? Ops::stage(src.data, row_offset + x * src.stride_w) : 0;
-    }
-  }
-}
-
 template <typename T, int MT>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStrideArgs a, Tiling t) {
   using Ops = Operands<T>;
@@ -154,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStr
   // Where source rows start on 16-byte boundaries, the tile starts `shift` columns early, on a boundary, so it stages
   // whole 16-byte vectors; the filter table is then read `shift` entries lower (j = t + d + shift).
   const bool vectors = rows_are_vectors<T>(a.src);
-  const int shift = vectors ? static_cast<int>(((src_col0 % Ops::kVector) + Ops::kVector) % Ops::kVector) : 0;
+  const int shift = vector_shift<T>(src_col0, vectors);
   const int64_t tile_col0 = src_col0 - shift;
   const int steps = diagonal_steps<T>(a.kernel_w, shift);
 
@@ -179,7 +135,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStr
     for (int r = warp; r < a.kernel_h; r += kThreads / 32) {
       stage_filter_row<T>(table + r * t.table_pitch, a, source.filter_base, r, -kTableOrigin, t.table_pitch, lane);
     }
-    stage_source_tile<T>(tile, t, a.src, n, source.channel, src_row0, tile_col0, vectors, warp, lane);
+    stage_rows<T, kWarpsM>(tile, t.tile_pitch, t.tile_rows, t.tile_cols, a.src, n, source.channel, src_row0, tile_col0,
+                           vectors, warp, lane);
     block_sync();
     if (!warp_writes) continue;
 

@@ -31,16 +31,19 @@ constexpr int kStripRows = 32;     // dy rows per strip
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTileRows = kStripRows + kTapTile - 1;
-constexpr int kTableOrigin = 32;   // the entry for e is stored at e + 32: fragments reach e = -31
+constexpr int kTableOrigin = 32;   // the entry for e is stored at e + 32: fragments reach e = -22
 
 // Shared-memory layout for storage type T.
 template <typename T>
 struct Layout {
   using Ops = Operands<T>;
-  static constexpr int kKSteps = (kChunk + kTapTile - 1 + Ops::kK - 1) / Ops::kK;  // j spans 64 + 31 columns
+  // j spans 64 + 31 columns, from a 16-byte boundary up to kVector - 1 columns early (partials_kernel).
+  static constexpr int kKSteps = (kChunk + kTapTile - 1 + Ops::kVector - 1 + Ops::kK - 1) / Ops::kK;
   static constexpr int kTileCols = Ops::kK * kKSteps;
   static constexpr int kTilePitch = kTileCols + Ops::kPitchPad;  // an odd number of 16-byte units: no conflicts
-  static constexpr int kTablePitch = kTileCols + kTableOrigin;
+  // Diagonal steps of a full chunk at the widest shift; the table holds the words they read.
+  static constexpr int kDiagonalSteps = (kChunk + Ops::kVector - 1 + 2 * Ops::kK - 2) / Ops::kK;
+  static constexpr int kTablePitch = Ops::kK * kDiagonalSteps + kTableOrigin;
   static constexpr int64_t kSharedBytes =
       int64_t{sizeof(typename Ops::Element)} * kTileRows * kTilePitch + int64_t{4} * kStripRows * kTablePitch;
   static_assert(kSharedBytes >= int64_t{4} * (kWarps * kTapTile * kTapTile + kThreads),
@@ -130,6 +133,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
   const int m_tiles = g.kernel_h - r0 > 16 ? 2 : 1;
   const int n_tiles = (g.kernel_w - s0 + 7) / 8 < 4 ? (g.kernel_w - s0 + 7) / 8 : 4;
   const bool full_tile = m_tiles == 2 && n_tiles == 4;
+  const bool vectors = rows_are_vectors<T>(a.input);
 
   float acc[2][4][4] = {};
   float bias = 0.f;
@@ -141,7 +145,10 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
     const int64_t src_row0 = y0 - g.pad_top + r0;
     for (int64_t x0 = 0; x0 < dy.w; x0 += kChunk) {
       const int width = static_cast<int>(dy.w - x0 < kChunk ? dy.w - x0 : kChunk);
+      // The x tile starts `shift` columns early where that puts it on a 16-byte boundary (stage_rows' vectors); the
+      // table is then read `shift` entries lower (tile column j + shift meets dy column x0 + j - s).
       const int64_t src_col0 = x0 - g.pad_left + s0;
+      const int shift = vector_shift<T>(src_col0, vectors);
       block_sync();  // the previous strip is no longer read
       // Warps take rows and lanes take columns: no division, and global reads run along rows.
       for (int i = warp; i < kStripRows; i += kWarps) {
@@ -159,21 +166,13 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
           }
         }
       }
-      for (int row = warp; row < kTileRows; row += kWarps) {
-        const int64_t y = src_row0 + row;
-        const bool row_inside = y >= 0 && y < a.input.h;
-        const int64_t row_offset = offset(a.input, n, c, y, 0);
-        for (int col = lane; col < L::kTileCols; col += 32) {
-          const int64_t x = src_col0 + col;
-          const bool inside = row_inside && x >= 0 && x < a.input.w;
-          tile[row * L::kTilePitch + col] = inside ? Ops::stage(a.input.data, row_offset + x * a.input.stride_w) : 0;
-        }
-      }
+      stage_rows<T, kWarps>(tile, L::kTilePitch, kTileRows, L::kTileCols, a.input, n, c, src_row0, src_col0 - shift,
+                            vectors, warp, lane);
       block_sync();
 
-      const int steps = (width + 2 * kK - 2) / kK;  // diagonal steps whose band meets the chunk's width
+      const int steps = (width + shift + 2 * kK - 2) / kK;  // diagonal steps whose band meets the chunk's width
       for (int i = warp; i < rows; i += kWarps) {
-        const uint32_t* dy_row = table + i * L::kTablePitch + kTableOrigin;
+        const uint32_t* dy_row = table + i * L::kTablePitch + kTableOrigin - shift;
         if (full_tile) {
           accumulate_row<T, true>(acc, tile, dy_row, i, steps, m_tiles, n_tiles, lane);
         } else {

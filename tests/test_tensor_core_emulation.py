@@ -170,6 +170,11 @@ WEIGHT_GRAD_CASES = {
     "channels_last, kernel larger than the map": ((2, 3, 6, 6), (13, 13), 1, (6, 6, 6, 6), torch.bfloat16, 3,
                                                   "channels_last"),
     "TF32: two tap tiles, two column chunks": ((2, 1, 7, 66), (9, 33), 1, (4, 4, 16, 16), torch.float32, 3, "nchw"),
+    # Input rows of a whole number of 16-byte vectors: x is staged in vectors from a boundary `shift` columns early.
+    "16-byte rows: 29x29 same (shift 2 adds a diagonal step), two column chunks": (
+        (1, 2, 5, 80), (29, 29), 1, (14, 14, 14, 14), torch.bfloat16, 2, "nchw"),
+    "TF32, 16-byte rows: shift 2, partial tap tile": ((2, 1, 6, 36), (9, 13), 1, (4, 4, 6, 6), torch.float32, 1,
+                                                      "nchw"),
 }
 
 

@@ -18,7 +18,7 @@ double row_form_work(int kernel_h, int kernel_w, const UnitStrideSizes& s) {
   const int m_tiles = tensor_core::m_tiles_for<T>(s.dst_h);
   const int64_t warps = cdiv(s.dst_h, 16 * m_tiles) * cdiv(s.dst_w, tensor_core::kWarpCols);
   const int64_t rows = std::min<int64_t>(kernel_h, s.src_h + 16 * m_tiles - 1);
-  const int64_t steps = tensor_core::diagonal_steps<T>(kernel_w, 0);
+  const int64_t steps = diagonal_steps<T>(kernel_w, 0);
   return static_cast<double>(warps) * 16 * m_tiles * tensor_core::kWarpCols * rows * steps * Operands<T>::kK;
 }
 

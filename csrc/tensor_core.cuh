@@ -60,13 +60,6 @@ struct Tiling {
 
 __host__ __device__ constexpr int block_rows(int m_tiles) { return 16 * m_tiles * kWarpsM; }
 
-// Diagonal steps whose band meets the taps when the staged tile starts `shift` columns left of the warp's first
-// source column (tile column j, output column t and tap d are then related by j = t + d + shift).
-template <typename T>
-__host__ __device__ constexpr int diagonal_steps(int kernel_w, int shift) {
-  return (kernel_w + shift + 2 * Operands<T>::kK - 2) / Operands<T>::kK;
-}
-
 template <typename T>
 Tiling plan(int m_tiles, int kernel_h, int kernel_w, int64_t planes, int64_t out_h, int64_t out_w) {
   using Ops = Operands<T>;

@@ -75,6 +75,14 @@ __device__ __forceinline__ void load_diagonal_b_fragments(const uint32_t* row, i
   }
 }
 
+// Diagonal steps (as load_diagonal_b_fragments numbers them) whose band meets a Toeplitz operand `band` entries wide
+// (the taps, or a weight-grad chunk's dy columns) when the staged tile starts `shift` columns early (tile column
+// j, output column t and entry d are then related by j = t + d + shift).
+template <typename T>
+__host__ __device__ constexpr int diagonal_steps(int band, int shift) {
+  return (band + shift + 2 * Operands<T>::kK - 2) / Operands<T>::kK;
+}
+
 // The A fragment (16 rows x kK columns) whose top-left element is tile[first_row * pitch + first_col].
 template <typename T>
 __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const typename Operands<T>::Element* tile,

@@ -42,7 +42,7 @@ struct Layout {
   static constexpr int kTileCols = Ops::kK * kKSteps;
   static constexpr int kTilePitch = kTileCols + Ops::kPitchPad;  // an odd number of 16-byte units: no conflicts
   // Diagonal steps of a full chunk at the widest shift; the table holds the words they read.
-  static constexpr int kDiagonalSteps = (kChunk + Ops::kVector - 1 + 2 * Ops::kK - 2) / Ops::kK;
+  static constexpr int kDiagonalSteps = diagonal_steps<T>(kChunk, Ops::kVector - 1);
   static constexpr int kTablePitch = Ops::kK * kDiagonalSteps + kTableOrigin;
   static constexpr int64_t kSharedBytes =
       int64_t{sizeof(typename Ops::Element)} * kTileRows * kTilePitch + int64_t{4} * kStripRows * kTablePitch;
@@ -113,7 +113,6 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
   using L = Layout<T>;
   using Ops = Operands<T>;
   using Element = typename Ops::Element;
-  constexpr int kK = Ops::kK;
   Element* tile = dynamic_shared<Element>();
   uint32_t* table = reinterpret_cast<uint32_t*>(tile + kTileRows * L::kTilePitch);
 
@@ -170,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
                             vectors, warp, lane);
       block_sync();
 
-      const int steps = (width + shift + 2 * kK - 2) / kK;  // diagonal steps whose band meets the chunk's width
+      const int steps = diagonal_steps<T>(width, shift);
       for (int i = warp; i < rows; i += kWarps) {
         const uint32_t* dy_row = table + i * L::kTablePitch + kTableOrigin - shift;
         if (full_tile) {

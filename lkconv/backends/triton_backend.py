@@ -293,24 +293,28 @@ SHIFTED_MIN_READS_PER_ENTRY = 32
 
 def _shifted_filter_pays(p: ConvPass, config: RowsConfig) -> bool:
     """Whether the row kernel's reads of B outweigh building the shifted rows: per channel and kernel row it reads
-    (batch * dst_h / BLOCK_M) * (dst_w / BLOCK_W) blocks of BLOCK_J x BLOCK_W entries, and 8 copies of a row of about
-    2 BLOCK_W + BLOCK_J + kw entries are built (batch 12 and up at 64x64 with K=31)."""
+    (batch * dst_h / BLOCK_M) * (dst_w / BLOCK_W) blocks of BLOCK_J x BLOCK_W entries, and `copies` rows of `length`
+    entries are built (batch 12 and up at 64x64 with K=31)."""
     reads = p.batch * p.dst_h * p.dst_w * config.block_j / config.block_m
-    built = 8 * (2 * config.block_w + config.block_j + p.kernel[1] + 24)
-    return reads >= SHIFTED_MIN_READS_PER_ENTRY * built
+    copies, _, length = _shifted_rows_layout(config.block_w, config.block_j, p.kernel[1], p.align)
+    return reads >= SHIFTED_MIN_READS_PER_ENTRY * copies * length
+
+
+def _shifted_rows_layout(block_w: int, block_j: int, kernel_w: int, align: int) -> tuple[int, int, int]:
+    """(copies, start, length) of the shifted filter rows (kernels/common.py): filter entry 0 sits at `start` =
+    SHIFTED_ORIGIN + block_w of each zero-padded row. `length` covers every entry a block reads: its source runs
+    start up to `align` - 1 columns early and reach block_w + kernel_w + align columns past a block's first
+    destination column."""
+    common = _kernels().common
+    start = common.SHIFTED_ORIGIN.value + block_w
+    return common.SHIFTED_COPIES.value, start, _cdiv(start + block_w + kernel_w + 2 * align + block_j, 16) * 16
 
 
 def shifted_filter_rows(weight: torch.Tensor, flip: bool, block_w: int, block_j: int, align: int) -> torch.Tensor:
-    """(C*m, kh, copies, length) for the row kernel's SHIFTED form (kernels/common.py): each filter row (flipped
-    left-right for the input grad) zero-padded, entry 0 of the filter at SHIFTED_ORIGIN + block_w, in copies shifted
-    by 0, 1, ... entries. `length` covers every entry a block reads: its source runs start up to `align` - 1 columns
-    early and reach block_w + kernel_w + align columns past a block's first destination column."""
-    from lkconv.kernels import common
-
-    copies, origin = common.SHIFTED_COPIES.value, common.SHIFTED_ORIGIN.value
+    """(C*m, kh, copies, length) for the row kernel's SHIFTED form: each filter row (flipped left-right for the input
+    grad) zero-padded (_shifted_rows_layout), in copies shifted by 0, 1, ... entries."""
     channels, _, kernel_h, kernel_w = weight.shape
-    start = origin + block_w
-    length = _cdiv(start + block_w + kernel_w + 2 * align + block_j, 16) * 16
+    copies, start, length = _shifted_rows_layout(block_w, block_j, kernel_w, align)
     padded = weight.new_zeros(channels, kernel_h, length + copies)
     padded[:, :, start:start + kernel_w] = weight[:, 0].flip(-1) if flip else weight[:, 0]
     return torch.stack([padded[:, :, s:s + length] for s in range(copies)], dim=2)

@@ -305,7 +305,8 @@ def _shifted_rows_layout(block_w: int, block_j: int, kernel_w: int, align: int) 
     SHIFTED_ORIGIN + block_w of each zero-padded row. `length` covers every entry a block reads: its source runs
     start up to `align` - 1 columns early and reach block_w + kernel_w + align columns past a block's first
     destination column."""
-    common = _kernels().common
+    from lkconv.kernels import common  # not _kernels(): benchmarks.triton_launches stands in for that to record
+
     start = common.SHIFTED_ORIGIN.value + block_w
     return common.SHIFTED_COPIES.value, start, _cdiv(start + block_w + kernel_w + 2 * align + block_j, 16) * 16
 

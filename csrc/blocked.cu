@@ -8,8 +8,8 @@ namespace {
 
 template <int TX, int TY>
 int launch(const UnitStrideArgs& args, cudaStream_t stream) {
-  const blocked::Tiling t = blocked::plan<TX, TY>(args);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
+    const blocked::Tiling t = blocked::plan<T, TX, TY>(args);
     blocked::conv_kernel<T, TX, TY><<<t.blocks, TX * TY, t.shared_bytes, stream>>>(args, t);
     return static_cast<int>(cudaGetLastError());
   });
@@ -18,10 +18,11 @@ int launch(const UnitStrideArgs& args, cudaStream_t stream) {
 }  // namespace
 
 bool blocked_fits(int kernel_h, int kernel_w) {
-  // The wider (8 x 8 threads) tile is the larger; deciding on it keeps the choice independent of the map width.
+  // The wider (8 x 8 threads) tile with the largest shift (7 columns, bf16) is the largest; deciding on it keeps the
+  // choice independent of the map width and of the source's alignment.
   if (kernel_h > 4096 || kernel_w > 4096) return false;
-  return blocked::shared_floats<8, 8>(kernel_h, kernel_w) * static_cast<int64_t>(sizeof(float)) <=
-         blocked::kSharedLimit;
+  const int widest = blocked::padded_kernel_w(kernel_w, kVectorElements<__nv_bfloat16> - 1);
+  return blocked::shared_floats<8, 8>(kernel_h, widest) * static_cast<int64_t>(sizeof(float)) <= blocked::kSharedLimit;
 }
 
 int blocked_conv(const UnitStrideArgs& args, void* stream) {

@@ -13,6 +13,7 @@
 
 #include "common.cuh"
 #include "primitives.cuh"
+#include "staging.cuh"
 
 namespace lkconv {
 namespace direct_weight_grad {
@@ -82,22 +83,49 @@ __global__ void __launch_bounds__(kThreads) weight_grad_partials(WeightGradArgs 
 // the x rows and columns they reach in shared memory. Each thread owns one kernel row and 8 adjacent taps and walks
 // the strip's columns 8 at a time: 2 + 4 vector loads (dy, and the x window) feed 64 FMAs. With few taps (small
 // kernels) thread groups take interleaved column chunks and their sums are added in group order, so the result
-// stays deterministic.
+// stays deterministic. A thread skips the strip rows whose x row, for its kernel row, lies in the padding. Every
+// thread sums its share of dy for the bias, and those sums are added in thread order at the end.
+//
+// Where x rows start on 16-byte boundaries (rows_are_vectors), the x strip starts `shift` columns early on a boundary
+// and is staged in 16-byte vectors (stage_rows); threads then own taps shifted by `shift`, and the sums of the
+// `shift` leading ones, which lie left of the filter, are dropped. The x strip's rows are an odd number of 16-byte
+// units apart, so where a row has 4 tap windows (K = 25..32) the two kernel rows a quarter-warp's 128-bit loads
+// cover read different banks.
 constexpr int kStripRows = 8;
 constexpr int kPieceW = 64;
 constexpr int kTapWindow = 8;
 constexpr int kBlockedThreads = 128;
-
-__host__ __device__ inline int padded_kernel_w(int kernel_w) {
-  return (kernel_w + kTapWindow - 1) / kTapWindow * kTapWindow;
-}
-
-__host__ __device__ inline int64_t blocked_shared_bytes(int kernel_h, int kernel_w) {
-  return static_cast<int64_t>(sizeof(float)) *
-         (int64_t{kStripRows} * kPieceW + int64_t{kStripRows + kernel_h - 1} * (kPieceW + padded_kernel_w(kernel_w)));
-}
-
 constexpr int64_t kBlockedSharedLimit = 48 * 1024;
+
+// Where the blocked weight grad's strips sit in shared memory, for one launch.
+struct BlockedLayout {
+  bool vectors;    // stage x in 16-byte vectors
+  int shift;       // the x strip starts this many columns before the first x column the taps reach
+  int kw_pad;      // tap columns threads own: `shift` before the filter, the filter, zeros to a whole window
+  int x_pitch;     // floats per x strip row
+  int64_t shared_bytes;
+};
+
+__host__ __device__ inline BlockedLayout blocked_layout(int kernel_h, int kernel_w, bool vectors, int shift) {
+  BlockedLayout l{vectors, shift, (shift + kernel_w + kTapWindow - 1) / kTapWindow * kTapWindow, 0, 0};
+  l.x_pitch = kPieceW + l.kw_pad + 4;  // an odd number of 16-byte units
+  l.shared_bytes = static_cast<int64_t>(sizeof(float)) *
+                   (int64_t{kStripRows} * kPieceW + int64_t{kStripRows + kernel_h - 1} * l.x_pitch);
+  return l;
+}
+
+// The layout of a launch: x's alignment decides the shift (every strip starts at -pad_left plus a multiple of 64).
+template <typename T>
+BlockedLayout blocked_layout(const WeightGradArgs& a) {
+  const bool vectors = rows_are_vectors<T>(a.input);
+  return blocked_layout(a.conv.kernel_h, a.conv.kernel_w, vectors, vector_shift<T>(-int64_t{a.conv.pad_left}, vectors));
+}
+
+// Whether the strips fit for this kernel size whatever the alignment: with the largest shift (7 columns, bf16).
+inline bool blocked_fits(int kernel_h, int kernel_w) {
+  const BlockedLayout widest = blocked_layout(kernel_h, kernel_w, true, kVectorElements<__nv_bfloat16> - 1);
+  return kernel_h <= 1024 && kernel_w <= 1024 && widest.shared_bytes <= kBlockedSharedLimit;
+}
 
 __device__ __forceinline__ void load8(const float* source, float* target) {
   const float4 low = reinterpret_cast<const float4*>(source)[0], high = reinterpret_cast<const float4*>(source)[1];
@@ -107,13 +135,14 @@ __device__ __forceinline__ void load8(const float* source, float* target) {
 
 template <typename T>
 __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(WeightGradArgs a,
-                                                                                 int64_t rows_per_split) {
+                                                                                 int64_t rows_per_split,
+                                                                                 BlockedLayout layout) {
   float* const shared = dynamic_shared<float>();
   const Geometry& g = a.conv;
-  const int kh = g.kernel_h, kw = g.kernel_w, kw_pad = padded_kernel_w(kw), taps = kh * kw;
-  const int x_w = kPieceW + kw_pad;
+  const int kh = g.kernel_h, kw = g.kernel_w, kw_pad = layout.kw_pad, taps = kh * kw;
+  const int x_pitch = layout.x_pitch;
   float* dy_strip = shared;                         // kStripRows x kPieceW
-  float* x_strip = shared + kStripRows * kPieceW;   // (kStripRows + kh - 1) x x_w
+  float* x_strip = shared + kStripRows * kPieceW;   // (kStripRows + kh - 1) x x_pitch
   const Map& dy = a.grad_output;
   const int64_t o = block_index() % dy.c, split = block_index() / dy.c, c = o / g.multiplier;
   const int64_t total_rows = dy.n * dy.h, first_row = split * rows_per_split;
@@ -123,7 +152,7 @@ __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(
 
   const int units = kh * (kw_pad / kTapWindow);  // (kernel row, 8 taps) per thread
   const int groups = units >= kBlockedThreads ? 1 : kBlockedThreads / units;
-  float bias = 0.f;
+  float bias = 0.f;  // this thread's share of the bias grad
   for (int unit_base = 0; unit_base < units; unit_base += kBlockedThreads) {
     const int group = tid / units < groups ? tid / units : groups;  // `groups`: idle thread
     const int unit = unit_base + (groups == 1 ? tid : tid % units);
@@ -145,14 +174,18 @@ __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(
                             ? to_float(static_cast<const T*>(dy.data)[offset(dy, n, o, oh0 + row, col0 + col)])
                             : 0.f;
         }
-        for (int i = tid; i < (kStripRows + kh - 1) * x_w; i += kBlockedThreads) {
-          x_strip[i] = load_or_zero<T>(a.input, n, c, oh0 - g.pad_top + i / x_w, col0 - g.pad_left + i % x_w);
-        }
+        stage_rows<FloatTile<T>, kBlockedThreads / 32>(x_strip, x_pitch, kStripRows + kh - 1, kPieceW + kw_pad,
+                                                       a.input, n, c, oh0 - g.pad_top, col0 - g.pad_left - layout.shift,
+                                                       layout.vectors, tid / 32, tid % 32);
         block_sync();
         if (active) {
-          for (int i = 0; i < rows; ++i) {
+          // Only the strip rows whose x row (oh0 - pad_top + i + r) lies inside the map: the others are zero.
+          const int64_t x_row0 = oh0 - g.pad_top + r;
+          const int i_begin = static_cast<int>(x_row0 < 0 ? (-x_row0 < rows ? -x_row0 : rows) : 0);
+          const int i_end = static_cast<int>(a.input.h - x_row0 < rows ? a.input.h - x_row0 : rows);
+          for (int i = i_begin; i < i_end; ++i) {
             const float* dy_row = dy_strip + i * kPieceW;
-            const float* x_row = x_strip + (i + r) * x_w + q0;
+            const float* x_row = x_strip + (i + r) * x_pitch + q0;
             for (int w0 = group * kTapWindow; w0 < width; w0 += groups * kTapWindow) {
               float dy_values[kTapWindow], x_values[2 * kTapWindow];
               load8(dy_row + w0, dy_values);
@@ -165,8 +198,8 @@ __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(
             }
           }
         }
-        if (tid == 0 && unit_base == 0) {
-          for (int i = 0; i < rows * kPieceW; ++i) bias += dy_strip[i];  // zeros pad the strip
+        if (unit_base == 0) {  // each thread its share of dy, in a fixed order; zeros pad the strip
+          for (int i = tid; i < rows * kPieceW; i += kBlockedThreads) bias += dy_strip[i];
         }
       }
       flat += rows;
@@ -183,10 +216,20 @@ __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(
       for (int other = 1; other < groups; ++other) {
         for (int t = 0; t < kTapWindow; ++t) acc[t] += sums[(other * units + unit - unit_base) * kTapWindow + t];
       }
-      for (int t = 0; t < kTapWindow && q0 + t < kw; ++t) partial[r * kw + q0 + t] = acc[t];
+      for (int t = 0; t < kTapWindow; ++t) {
+        const int q = q0 + t - layout.shift;
+        if (q >= 0 && q < kw) partial[r * kw + q] = acc[t];
+      }
     }
   }
-  if (tid == 0) partial[taps] = bias;
+  // The threads' bias sums, added in thread order.
+  block_sync();
+  shared[tid] = bias;
+  block_sync();
+  if (tid == 0) {
+    for (int other = 1; other < kBlockedThreads; ++other) bias += shared[other];
+    partial[taps] = bias;
+  }
 }
 
 // dy rows per split: the N*OH rows cut into `splits` ranges.

@@ -75,8 +75,8 @@ bool tensor_core_fits(DType dtype, int kernel_h, int kernel_w) {
   if (kernel_h > 4096 || kernel_w > 4096) return false;
   // Decided on the row form's tallest plan, so the choice does not depend on the map size.
   return dispatch_dtype(dtype, [&]<typename T>() {
-    return static_cast<int>(tensor_core::plan<T>(tensor_core::kMaxMTiles<T>, kernel_h, kernel_w, 1, 1, 1).shared_bytes <=
-                            tensor_core::kSharedLimit);
+    const auto tallest = tensor_core::plan<T>(tensor_core::kMaxMTiles<T>, kernel_h, kernel_w, 1, 1, 1);
+    return static_cast<int>(tallest.shared_bytes <= tensor_core::kSharedLimit);
   }) != 0;
 }
 

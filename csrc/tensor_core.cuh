@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) conv_kernel(UnitStr
     for (int r = warp; r < a.kernel_h; r += kThreads / 32) {
       stage_filter_row<T>(table + r * t.table_pitch, a, source.filter_base, r, -kTableOrigin, t.table_pitch, lane);
     }
-    stage_rows<T, kWarpsM>(tile, t.tile_pitch, t.tile_rows, t.tile_cols, a.src, n, source.channel, src_row0, tile_col0,
-                           vectors, warp, lane);
+    stage_rows<Ops, kWarpsM>(tile, t.tile_pitch, t.tile_rows, t.tile_cols, a.src, n, source.channel, src_row0,
+                             tile_col0, vectors, warp, lane);
     block_sync();
     if (!warp_writes) continue;
 

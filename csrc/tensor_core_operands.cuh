@@ -5,14 +5,15 @@
 //   a B register holds one entry.
 // Either way ldmatrix .x4 loads A: an "8x8 b16" matrix is 8 rows of 16 bytes, i.e. 8 x 8 halves or 8 x 4 floats, and
 // the fragment each lane receives is the A fragment of the matching mma shape.
-// Also here: the fragment loaders, the tile staging in 16-byte vectors, and the channel, filter-row and accumulator
-// helpers both conv forms share.
+// Also here: the fragment loaders, the staging policy for stage_rows (staging.cuh), and the channel, filter-row and
+// accumulator helpers both conv forms share.
 #pragma once
 
 #include <cstdint>
 
 #include "common.cuh"
 #include "primitives.cuh"
+#include "staging.cuh"
 #include "unit_stride.h"
 
 namespace lkconv {
@@ -23,7 +24,7 @@ struct Operands {  // fp16 and bf16
   static constexpr int kK = 16;                        // reduction columns per mma
   static constexpr int kPitchPad = 16 / sizeof(Element);  // 16 bytes: tile rows an odd number of 16-byte units apart
 
-  static constexpr int kVector = 8;                    // elements per 16-byte global load
+  static constexpr int kVector = kVectorElements<T>;   // elements per 16-byte global load (stage_rows)
   __device__ __forceinline__ static Element stage(const void* data, int64_t index) {
     return static_cast<const uint16_t*>(data)[index];
   }
@@ -44,7 +45,7 @@ struct Operands<float> {  // TF32
   static constexpr int kK = 8;
   static constexpr int kPitchPad = 16 / sizeof(Element);
 
-  static constexpr int kVector = 4;
+  static constexpr int kVector = kVectorElements<float>;
   __device__ __forceinline__ static Element stage(const void* data, int64_t index) {
     return to_tf32(static_cast<const float*>(data)[index]);
   }
@@ -89,68 +90,6 @@ __device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const typename
                                                 int64_t pitch, int first_row, int first_col, int lane) {
   constexpr int kK = Operands<T>::kK;
   load_matrix_x4(a, tile + (first_row + lane % 16) * pitch + first_col + (lane / 16) * (kK / 2));
-}
-
-// Whether every row of `m` starts on a 16-byte boundary and runs contiguously, so that runs of Operands<T>::kVector
-// columns starting at a multiple of it load as single 16-byte vectors.
-template <typename T>
-__device__ __forceinline__ bool rows_are_vectors(const Map& m) {
-  constexpr int64_t v = Operands<T>::kVector;
-  return m.stride_w == 1 && m.stride_h % v == 0 && m.stride_c % v == 0 && m.stride_n % v == 0 &&
-         reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
-}
-
-// Rows row0 .. row0 + rows - 1 and columns col0 .. col0 + cols - 1 of channel `channel` of image n of `src` into a
-// shared tile (`pitch` elements a row), zero outside the map; a block of kWarps warps. With `vectors`
-// (rows_are_vectors, col0 and cols multiples of kVector, `pitch` a whole number of 16-byte units) lanes take 16-byte
-// vectors, several rows per warp where a row has few, and vectors that leave the map go element by element. Otherwise
-// warps take rows and lanes take elements, so global reads run along rows.
-template <typename T, int kWarps>
-__device__ __forceinline__ void stage_rows(typename Operands<T>::Element* tile, int pitch, int rows, int cols,
-                                           const Map& src, int64_t n, int64_t channel, int64_t row0, int64_t col0,
-                                           bool vectors, int warp, int lane) {
-  using Ops = Operands<T>;
-  if (vectors) {
-    const int per_row = cols / Ops::kVector;
-    int lanes_per_row = 32;
-    while (lanes_per_row / 2 >= per_row) lanes_per_row /= 2;
-    const int rows_per_warp = 32 / lanes_per_row;
-    for (int row = warp * rows_per_warp + lane / lanes_per_row; row < rows; row += kWarps * rows_per_warp) {
-      const int64_t y = row0 + row;
-      const bool row_inside = y >= 0 && y < src.h;
-      const int64_t row_offset = offset(src, n, channel, y, 0);
-      for (int col = Ops::kVector * (lane % lanes_per_row); col < cols; col += Ops::kVector * lanes_per_row) {
-        const int64_t x = col0 + col;
-        typename Ops::Element* out = tile + row * pitch + col;
-        if (row_inside && x >= 0 && x + Ops::kVector <= src.w) {
-          Ops::stage_vector(src.data, row_offset + x, out);
-          continue;
-        }
-        for (int e = 0; e < Ops::kVector; ++e) {
-          out[e] = row_inside && x + e >= 0 && x + e < src.w ? Ops::stage(src.data, row_offset + x + e) : 0;
-        }
-      }
-    }
-    return;
-  }
-  for (int row = warp; row < rows; row += kWarps) {
-    const int64_t y = row0 + row;
-    const bool row_inside = y >= 0 && y < src.h;
-    const int64_t row_offset = offset(src, n, channel, y, 0);
-    for (int col = lane; col < cols; col += 32) {
-      const int64_t x = col0 + col;
-      const bool inside = row_inside && x >= 0 && x < src.w;
-      tile[row * pitch + col] = inside ? Ops::stage(src.data, row_offset + x * src.stride_w) : 0;
-    }
-  }
-}
-
-// The column `shift` (0 .. kVector - 1) that moves `first_col` back to a multiple of kVector where rows_are_vectors,
-// else 0: a tile staged from first_col - shift loads whole vectors.
-template <typename T>
-__device__ __forceinline__ int vector_shift(int64_t first_col, bool vectors) {
-  constexpr int64_t v = Operands<T>::kVector;
-  return vectors ? static_cast<int>(((first_col % v) + v) % v) : 0;
 }
 
 // The two forms of the stride-1 conv (tensor_core.cuh, tensor_core_whole_map.cuh) share what follows.

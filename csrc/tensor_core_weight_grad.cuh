@@ -7,10 +7,12 @@
 //   A[r, j] = x[y - pt + r0 + r, x0 - pl + s0 + j]  (rows and columns of the staged x tile, read with ldmatrix),
 //   B[j, s] = dy[y, x0 + j - s]                     (Toeplitz in the dy row: zero unless 0 <= j - s < chunk width).
 // B's fragments are 32-bit words of a per-row table indexed by e = j - s (tensor_core_operands.cuh: pairs
-// (dy[y, x0 + e], dy[y, x0 + e + 1]) for 16-bit types, single TF32 values for fp32), as the forward reads the filter. A block owns one output channel, one row range (`split`) of the N*OH reduction and one 32 x 32
-// tile of taps; it stages strips of 32 dy rows x 64 columns (as B words) and the x rows and columns they reach. Each of
-// its 4 warps takes every 4th row of a strip and accumulates the whole 32 x 32 tap tile (2 m-tiles x 4 n-tiles of
-// mma.sync.m16n8k16), walking the (k-step, n-tile) pairs along the band's diagonals (accumulate_row); at the end the warps' sums are added in warp order and written as the block's fp32 partial.
+// (dy[y, x0 + e], dy[y, x0 + e + 1]) for 16-bit types, single TF32 values for fp32), as the forward reads the filter.
+// A block owns one output channel, one row range (`split`) of the N*OH reduction and one 32 x 32 tile of taps; it
+// stages strips of 32 dy rows x 64 columns (as B words) and the x rows and columns they reach. Each of its 4 warps
+// takes every 4th row of a strip and accumulates the whole 32 x 32 tap tile (2 m-tiles x 4 n-tiles of
+// mma.sync.m16n8k16), walking the (k-step, n-tile) pairs along the band's diagonals (accumulate_row); at the end the
+// warps' sums are added in warp order and written as the block's fp32 partial.
 // weight_grad.cu's reduce kernel then adds the splits in order. The tap tile (0, 0) block also sums dy for the bias.
 //
 // This header holds the kernel and its tiling plan; weight_grad.cu launches it. The hardware operations come from
@@ -165,8 +167,8 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(WeightGradArgs a, Ti
           }
         }
       }
-      stage_rows<T, kWarps>(tile, L::kTilePitch, kTileRows, L::kTileCols, a.input, n, c, src_row0, src_col0 - shift,
-                            vectors, warp, lane);
+      stage_rows<Ops, kWarps>(tile, L::kTilePitch, kTileRows, L::kTileCols, a.input, n, c, src_row0, src_col0 - shift,
+                              vectors, warp, lane);
       block_sync();
 
       const int steps = diagonal_steps<T>(width, shift);

@@ -37,8 +37,7 @@ bool weight_grad_is_whole_map(DType dtype, bool allow_tf32, const Geometry& g, c
 
 bool weight_grad_is_blocked(const Geometry& g) {
   namespace dw = direct_weight_grad;
-  return unit_stride_and_dilation(g) && g.kernel_h <= 1024 && g.kernel_w <= 1024 &&
-         dw::blocked_shared_bytes(g.kernel_h, g.kernel_w) <= dw::kBlockedSharedLimit;
+  return unit_stride_and_dilation(g) && dw::blocked_fits(g.kernel_h, g.kernel_w);
 }
 
 namespace {
@@ -66,8 +65,9 @@ int launch_partials(const WeightGradArgs& args, bool whole_map, cudaStream_t str
   namespace dw = direct_weight_grad;
   const int64_t blocks = channels * args.splits;
   if (weight_grad_is_blocked(g)) {
-    dw::weight_grad_blocked_partials<T><<<blocks, dw::kBlockedThreads, dw::blocked_shared_bytes(g.kernel_h, g.kernel_w),
-                                          stream>>>(args, dw::rows_per_split(args));
+    const dw::BlockedLayout layout = dw::blocked_layout<T>(args);
+    dw::weight_grad_blocked_partials<T><<<blocks, dw::kBlockedThreads, layout.shared_bytes, stream>>>(
+        args, dw::rows_per_split(args), layout);
   } else {
     dw::weight_grad_partials<T><<<blocks, dw::kThreads, dw::kRowChunkBytes, stream>>>(args, dw::rows_per_split(args));
   }

@@ -47,6 +47,12 @@ FORWARD_CASES = {
                                                       torch.bfloat16, True, "channels_last", "channels_last"),
         "three filter chunks, two row tiles, fp16 storage": ((1, 1, 40, 12), (3, 19), 1, (1, 1), (1, 1, 9, 9),
                                                              (1, 1), torch.float16, False, "nchw", "nchw"),
+        # Rows of a whole number of 16-byte vectors: the tile is staged in vectors from a boundary `shift` columns
+        # early, and the filter gets `shift` leading zeros.
+        "16-byte rows: 31x31 same (shift 1), 8 x 8 threads, two column tiles": (
+            (1, 1, 12, 72), (31, 31), 1, (1, 1), (15, 15, 15, 15), (1, 1), torch.float32, True, "nchw", "nchw"),
+        "16-byte bf16 rows: shift 7 takes an 8-wide filter into a second chunk": (
+            (1, 2, 10, 16), (5, 8), 1, (1, 1), (2, 2, 1, 6), (1, 1), torch.bfloat16, True, "nchw", "sliced"),
     },
     "tiled": {
         "stride 2, asymmetric padding, two column tiles": ((1, 2, 21, 70), (7, 7), 1, (2, 2), (3, 1, 2, 3), (1, 1),
@@ -108,6 +114,10 @@ INPUT_GRAD_CASES = {
                                                       torch.bfloat16, "channels_last", "sliced"),
         "asymmetric padding, output larger than the input": ((2, 1, 10, 11), (5, 9), 1, (1, 1), (4, 0, 1, 8),
                                                              (1, 1), torch.float32, "nchw", "nchw"),
+        "16-byte grad_output rows: shift 3": ((1, 1, 11, 18), (3, 5), 1, (1, 1), (1, 1, 3, 3), (1, 1), torch.float32,
+                                              "nchw", "nchw"),
+        "16-byte fp16 grad_output rows: shift 5, multiplier 2": ((1, 2, 9, 16), (7, 7), 2, (1, 1), (3, 3, 3, 3),
+                                                                  (1, 1), torch.float16, "nchw", "nchw"),
     },
     "tiled": {
         "dilation 2, multiplier 3": ((1, 2, 15, 20), (5, 3), 3, (1, 1), (4, 4, 2, 2), (2, 2), torch.float32, "nchw",
@@ -158,6 +168,12 @@ WEIGHT_GRAD_CASES = {
         "multiplier 2, channels_last, splits across images and strips": ((3, 2, 19, 9), (5, 5), 2, (1, 1),
                                                                           (2, 2, 2, 2), (1, 1), torch.float32, 4,
                                                                           "channels_last"),
+        # x rows of a whole number of 16-byte vectors (so is the 31x31 case above, with shift 1, and the 16x3 one,
+        # with shift 3): x is staged in vectors from a boundary `shift` columns early.
+        "16-byte rows: shift 2, two column pieces": ((1, 1, 7, 72), (5, 5), 1, (1, 1), (2, 2, 2, 2), (1, 1),
+                                                     torch.float32, 2, "nchw"),
+        "16-byte bf16 rows: shift 7 takes an 8-wide filter into a second tap window": (
+            (1, 2, 10, 16), (5, 8), 1, (1, 1), (2, 2, 1, 6), (1, 1), torch.bfloat16, 2, "nchw"),
     },
     "per_tap": {
         "stride 2, dilation 2, multiplier 2": ((2, 2, 13, 15), (3, 5), 2, (2, 2), (2, 2, 4, 4), (2, 2), torch.float32,

@@ -42,7 +42,7 @@ Geometry geometry_from(const std::vector<int64_t>& h) {
 template <typename T, int TX, int TY>
 void run_blocked_with(const lkconv::UnitStrideArgs& args) {
   namespace b = lkconv::blocked;
-  const b::Tiling t = b::plan<TX, TY>(args);
+  const b::Tiling t = b::plan<T, TX, TY>(args);
   if (t.shared_bytes > b::kSharedLimit) fail("the blocked kernel's tile does not fit in shared memory");
   emulate_grid(t.blocks, TX * TY, t.shared_bytes, [&] { b::conv_kernel<T, TX, TY>(args, t); });
 }
@@ -153,10 +153,12 @@ int weight_grad(std::ifstream& in, const char* out_path) {
   with_type(dtype, [&]<typename T>() {
     if (h[11] == kBlocked) {
       if (!unit(args.conv)) fail("the blocked weight grad runs at stride 1 and dilation 1 only");
-      const int64_t bytes = dw::blocked_shared_bytes(args.conv.kernel_h, args.conv.kernel_w);
-      if (bytes > dw::kBlockedSharedLimit) fail("the blocked weight grad's strips do not fit in shared memory");
-      emulate_grid(blocks, dw::kBlockedThreads, bytes,
-                   [&] { dw::weight_grad_blocked_partials<T>(args, dw::rows_per_split(args)); });
+      if (!dw::blocked_fits(args.conv.kernel_h, args.conv.kernel_w)) {
+        fail("the blocked weight grad's strips do not fit in shared memory");
+      }
+      const dw::BlockedLayout layout = dw::blocked_layout<T>(args);
+      emulate_grid(blocks, dw::kBlockedThreads, layout.shared_bytes,
+                   [&] { dw::weight_grad_blocked_partials<T>(args, dw::rows_per_split(args), layout); });
     } else {
       emulate_grid(blocks, dw::kThreads, dw::kRowChunkBytes,
                    [&] { dw::weight_grad_partials<T>(args, dw::rows_per_split(args)); });

@@ -209,13 +209,17 @@ def run(units: list, progress: Progress, save) -> tuple[list[dict], Optional[str
 
 
 def settings_note(args: argparse.Namespace) -> dict:
+    """The run's settings and each chosen suite's method notes, for the results' provenance."""
+    suite_notes = {"op": lambda: op_suite.notes(op_suite.OpSettings(tf32=args.tf32)),
+                   "table1": lambda: paper_table.notes(paper_table.TableSettings(tf32=args.tf32)),
+                   "model": lambda: model_suite.notes(model_suite.ModelSettings(tf32=args.tf32))}
     return {
         "preset": args.preset, "suites": list(args.suites), "chunk": "/".join(map(str, args.chunk)) if args.chunk else None,
         "fp32_math": "tf32 allowed" if args.tf32 else "exact (ieee)",
         "timing": (f"triton.testing.do_bench(warmup={args.warmup_ms}, rep={args.rep_ms}), CUDA events, L2 flushed, "
                    "median/p20/p80" if torch.cuda.is_available()
                    else f"time.perf_counter per call, {args.cpu_seconds}s per measurement, median/p20/p80"),
-        **op_suite.notes(op_suite.OpSettings(tf32=args.tf32)),
+        **{key: value for suite in args.suites for key, value in suite_notes[suite]().items()},
     }
 
 

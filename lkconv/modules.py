@@ -43,6 +43,7 @@ class DepthwiseConv2d(nn.Conv2d):
 
     @property
     def depth_multiplier(self) -> int:
+        """Output channels per input channel (m): the weight is (in_channels * m, 1, kh, kw)."""
         return self.out_channels // self.in_channels
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -18,8 +18,10 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 # on a GPU machine test_numerics.py, test_ops.py and test_gpu.py run the same kernels on CUDA tensors instead.
 needs_interpreter = pytest.mark.skipif(HAS_CUDA, reason="forces triton on CPU tensors: needs the Triton interpreter")
 
-# Relative L2 error allowed against the float64 reference (ARCHITECTURE.md §5).
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+# Relative L2 error allowed against the float64 reference (ARCHITECTURE.md §5). The contract allows 1e-2 for 16-bit
+# inputs; fp16 is held to 1e-3, because its 11-bit significand rounds 8x finer than bfloat16's and a kernel that lost
+# fp16 precision (rounding operands to bfloat16, say) must fail.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 TF32_TOLERANCE = 3e-3
 
 

@@ -52,6 +52,9 @@ def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, ca
     meta, rows = read_results(tmp_path)
     for key in ("device", "torch", "triton", "cuda", "git_commit", "date_utc", "driver", "preset", "timing"):
         assert key in meta
+    # Each suite that ran says how it measured: the op floors, what the paper columns are, the model baseline.
+    for key in ("op_floors", "table1_reference", "model_baseline"):
+        assert key in meta, f"the provenance lacks the method note {key!r}"
     assert meta["preset"] == "cpu"
     assert {r["suite"] for r in rows} == {"op", "table1", "model"}
     assert not [r for r in rows if r["error"]], report.errors(rows)

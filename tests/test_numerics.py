@@ -151,6 +151,11 @@ def test_tf32_when_pytorch_allows_it(backend):
     case = Case(2, 4, 1, 12, 12, (7, 7), 1, 3)
     with lkconv.use_backend(backend):
         _, y, grads, expected = run_case(case, torch.float32, device_for(backend))
+        if backend != "torch":  # the kernels' own precision; PyTorch's CPU conv has no TF32
+            plan = lkconv.explain(torch.empty(2, 4, 12, 12, device=y.device), torch.empty(4, 1, 7, 7, device=y.device),
+                                  stride=1, padding=3)
+            for line in (plan.forward, plan.input_grad, plan.weight_grad):
+                assert "tf32" in line, f"PyTorch allows TF32 for convs, but {backend} plans: {line}"
     for actual, wanted in zip((y, *grads), expected):
         assert_close(actual, wanted, 3e-3, "tf32")
 

@@ -72,6 +72,7 @@ def test_double_backward_through_triton_kernels():
     """Grad of (grad_input . v) w.r.t. weight and grad_output, computed by the triton ops, against float64 F.conv2d."""
     x, w, b = op_inputs(torch.float32, TRITON_DEVICE)
     v = torch.randn(x.shape, device=TRITON_DEVICE)
+    grad_output = torch.randn(2, 6, 4, 6, device=TRITON_DEVICE)  # y's shape: a random dy, so its indexing matters
     results = {}
     for name, dtype, conv in (
         ("lkconv", torch.float32, lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2))),
@@ -80,7 +81,7 @@ def test_double_backward_through_triton_kernels():
         xs, ws, bs = (t.detach().to(dtype).requires_grad_() for t in (x, w, b))
         with lkconv.use_backend("triton"):
             y = conv(xs, ws, bs)
-            dy = torch.ones_like(y).mul_(0.5).requires_grad_()
+            dy = grad_output.to(dtype).requires_grad_()
             (grad_x,) = torch.autograd.grad(y, xs, dy, create_graph=True)
             results[name] = torch.autograd.grad((grad_x * v.to(dtype)).sum(), (ws, dy))
     for actual, expected in zip(results["lkconv"], results["reference"]):
@@ -141,10 +142,12 @@ def test_torch_compile_with_inductor():
     x = torch.randn(2, 4, 10, 10, requires_grad=True)
     compiled = torch.compile(module, fullgraph=True)
     y = compiled(x)
-    y.square().sum().backward()
-    expected = F.conv2d(x.detach().double(), module.weight.double(), module.bias.double(), padding=3, groups=4)
-    assert_close(y, expected, TOLERANCE[torch.float32], "inductor output")
-    assert module.weight.grad is not None and torch.isfinite(module.weight.grad).all()
+    grad_output = torch.randn_like(y)
+    y.backward(grad_output)
+    wanted = reference(x, module.weight, module.bias, 1, 3, 1, grad_output)
+    for actual, expected, what in zip((y, x.grad, module.weight.grad, module.bias.grad), wanted,
+                                      ("output", "input grad", "weight grad", "bias grad")):
+        assert_close(actual, expected, TOLERANCE[torch.float32], f"inductor {what}")
 
 
 def test_autocast_computes_in_the_autocast_dtype_like_nn_conv2d():
@@ -156,9 +159,13 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_conv2d():
         y = module(x)
         expected = plain(x)
     assert y.dtype == expected.dtype == torch.bfloat16
-    assert_close(y, expected.float(), TOLERANCE[torch.bfloat16], "autocast output")
-    y.float().sum().backward()
+    grad_output = torch.randn(y.shape).bfloat16()
+    y.backward(grad_output)
     assert x.grad.dtype == torch.float32 and module.weight.grad.dtype == torch.float32
+    # Autocast rounds x, the weight and the bias to bfloat16 and computes from those, as nn.Conv2d does.
+    wanted = reference(*(t.bfloat16() for t in (x, module.weight, module.bias)), 1, 2, 1, grad_output)
+    for actual, expected, what in zip((y, x.grad, module.weight.grad), wanted, ("output", "input grad", "weight grad")):
+        assert_close(actual, expected, TOLERANCE[torch.bfloat16], f"autocast {what}")
 
 
 def test_float64_stays_float64_under_autocast():

@@ -31,6 +31,7 @@ SUITES = ("op", "table1", "model")
 
 
 def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """An NxCxHxW shape from the command line."""
     parts = text.lower().replace(",", "x").split("x")
     if len(parts) != 4 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise argparse.ArgumentTypeError(f"a shape is NxCxHxW with positive ints, e.g. 64x384x32x32; got {text!r}")
@@ -38,6 +39,7 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def parse_kernel(text: str) -> tuple[int, int]:
+    """An odd K or KHxKW kernel size from the command line."""
     parts = text.lower().split("x")
     if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) % 2 == 1 for p in parts):
         raise argparse.ArgumentTypeError(f"a kernel is an odd K or KHxKW, e.g. 31 or 51x5; got {text!r}")
@@ -45,6 +47,7 @@ def parse_kernel(text: str) -> tuple[int, int]:
 
 
 def parse_chunk(text: str) -> tuple[int, int]:
+    """A K/N chunk of the full preset from the command line."""
     try:
         index, count = (int(p) for p in text.split("/"))
     except ValueError:
@@ -55,10 +58,12 @@ def parse_chunk(text: str) -> tuple[int, int]:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of a benchmark run; its help is this module's docstring."""
     invoked_as = Path(sys.argv[0]).name
     prog = "python -m benchmarks" if invoked_as in ("__main__.py", "-c", "") else invoked_as
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("quick", "full", "cpu"),
                    help="quick (<5 min on an H100), full (use --chunk), cpu; default quick on a GPU, cpu otherwise")
     p.add_argument("--suites", nargs="+", choices=SUITES, help="default: all three")
@@ -184,6 +189,7 @@ def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
 
 
 def measurements(suite: str, work) -> int:
+    """How many timings a suite's work unit takes, for the progress bar."""
     return work[1].measurements_per_case() if suite == "op" else work.measurements()
 
 
@@ -214,7 +220,8 @@ def settings_note(args: argparse.Namespace) -> dict:
                    "table1": lambda: paper_table.notes(paper_table.TableSettings(tf32=args.tf32)),
                    "model": lambda: model_suite.notes(model_suite.ModelSettings(tf32=args.tf32))}
     return {
-        "preset": args.preset, "suites": list(args.suites), "chunk": "/".join(map(str, args.chunk)) if args.chunk else None,
+        "preset": args.preset, "suites": list(args.suites),
+        "chunk": "/".join(map(str, args.chunk)) if args.chunk else None,
         "fp32_math": "tf32 allowed" if args.tf32 else "exact (ieee)",
         "timing": (f"triton.testing.do_bench(warmup={args.warmup_ms}, rep={args.rep_ms}), CUDA events, L2 flushed, "
                    "median/p20/p80" if torch.cuda.is_available()
@@ -224,6 +231,7 @@ def settings_note(args: argparse.Namespace) -> dict:
 
 
 def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, with_plots: bool) -> None:
+    """The results' JSON, CSV and markdown in `out`, and the plots where matplotlib is installed."""
     paths = report.write(out, stem, rows, meta)
     with_plots = with_plots and bool(rows)
     if with_plots:
@@ -236,6 +244,7 @@ def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, with_plots
 
 
 def main_run(argv) -> int:
+    """`python -m benchmarks`: runs the chosen suites and writes their results; returns the exit status."""
     p = parser()
     try:
         args = resolve(p.parse_args(argv))
@@ -279,6 +288,7 @@ def main_run(argv) -> int:
 
 
 def main_report(argv) -> int:
+    """`python -m benchmarks report DIR`: merges a folder's results and draws the plots."""
     p = argparse.ArgumentParser(prog="python -m benchmarks report",
                                 description="Merge the results*.json in a folder into combined.{json,csv,md} "
                                             "and PNG plots.")
@@ -295,6 +305,7 @@ def main_report(argv) -> int:
 
 
 def main_choices(argv) -> int:
+    """`python -m benchmarks choices DIR`: writes auto's triton-or-cuda table from a run that timed both."""
     p = argparse.ArgumentParser(prog="python -m benchmarks choices",
                                 description="Write which GPU backend auto should pick per shape class, from a run that "
                                             "timed both (--backends triton cuda): the faster forward+backward wins.")
@@ -319,6 +330,7 @@ def main_choices(argv) -> int:
 
 
 def main_precompile(argv) -> int:
+    """`python -m benchmarks precompile`: fills Triton's cache with a GPU session's kernels."""
     p = argparse.ArgumentParser(prog="python -m benchmarks precompile",
                                 description="Compile, on every core, the Triton kernels a GPU session launches "
                                             "(benchmarks/triton_launches.py), so that its tests and benchmarks find "
@@ -334,6 +346,7 @@ def main_precompile(argv) -> int:
 
 
 def main(argv=None) -> int:
+    """The `python -m benchmarks` and `lkconv-bench` entry point: a subcommand, or a benchmark run."""
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"report": main_report, "choices": main_choices, "precompile": main_precompile}
     if argv[:1] and argv[0] in commands:

@@ -19,12 +19,15 @@ def ratio(value: Optional[float]) -> str:
 
 
 def speedup(reference: Optional[float], own: Optional[float]) -> str:
+    """How many times faster `own` is than `reference`, or a dash where either is missing."""
     return ratio(reference / own) if reference and own else "—"
 
 
 def percent(value: Optional[float]) -> str:
+    """A fraction as a percentage, or a dash."""
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
 def number(value: Optional[float], digits: int = 0) -> str:
+    """A number with thousands separators, or a dash."""
     return "—" if value is None else f"{value:,.{digits}f}"

@@ -172,6 +172,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def notes(settings: ModelSettings) -> dict:
+    """How the model suite measures, for the results' provenance."""
     return {
         "model_baseline": "the same model after lkconv.revert: each lkconv.DepthwiseConv2d as nn.Conv2d, same weights",
         "model_training_step": TRAINING_STEP,

@@ -23,6 +23,7 @@ def describe(name: str, resolution: int = 224) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    """Prints a markdown table of every registered model's size and cost."""
     print("| model | params before merge (M) | params after merge (M) | GMACs at 224 (merged) |")
     print("|---|---:|---:|---:|")
     for name in list_models():

@@ -24,6 +24,7 @@ COMPILED_PASSES = ("forward", "fwd_bwd")  # torch.compile has no separate backwa
 
 @dataclass
 class OpSettings:
+    """What the op suite times: passes, PyTorch baselines, lkconv backends and layouts, fp32 rule, budget."""
     passes: tuple[str, ...] = PASSES
     baselines: tuple[str, ...] = ("nchw", "channels_last")
     backends: tuple[str, ...] = ("auto",)
@@ -40,6 +41,7 @@ class OpSettings:
 
 
 class Inputs(NamedTuple):
+    """One case's tensors: the input, the weight and a grad_output for the backward passes."""
     input: torch.Tensor
     weight: torch.Tensor
     grad_output: torch.Tensor
@@ -57,6 +59,7 @@ def make_inputs(case: ConvCase, device: torch.device) -> Inputs:
 
 
 def in_layout(inputs: Inputs, layout: str) -> Inputs:
+    """The inputs with the maps in `layout` (the weight is the same in every layout)."""
     fmt = LAYOUTS[layout]
     return Inputs(inputs.input.contiguous(memory_format=fmt), inputs.weight,
                   inputs.grad_output.contiguous(memory_format=fmt))
@@ -263,6 +266,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def notes(settings: OpSettings) -> dict:
+    """How the op suite measures and counts, for the results' provenance."""
     return {
         "op_fp32_math": "tf32 allowed" if settings.tf32 else "exact (ieee)",
         "op_floors": FLOORS_NOTE,

@@ -210,6 +210,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def notes(settings: TableSettings) -> dict:
+    """How the Table 1 suite measures, and what its paper columns are, for the results' provenance."""
     return {
         "table1_fp32_math": "tf32 allowed" if settings.tf32 else "exact (ieee)",
         "table1_inputs": "random normal input; weights N(0, 1/K^2), so each layer keeps its input's scale",

@@ -10,6 +10,7 @@ LKCONV_COLOUR = "#e65100"
 
 
 def available() -> bool:
+    """Whether matplotlib is installed (the plots need it; the rest of the suite does not)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -65,4 +65,5 @@ def defaults(preset: str) -> dict:
 
 
 def default_preset() -> str:
+    """`quick` on a GPU, `cpu` elsewhere."""
     return "quick" if torch.cuda.is_available() else "cpu"

@@ -5,6 +5,7 @@ import time
 
 
 class Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, a line per item otherwise."""
     def __init__(self, total: int, stream=sys.stderr, width: int = 24) -> None:
         self.total, self.done, self.stream, self.width = max(total, 1), 0, stream, width
         self.start = time.monotonic()

@@ -24,6 +24,7 @@ def _command_output(*command: str) -> Optional[str]:
 
 
 def device_name() -> str:
+    """The GPU's name, or the CPU's architecture and torch's thread count."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)"
@@ -49,7 +50,8 @@ def provenance(settings: dict) -> dict:
         or os.environ.get("LKCONV_GIT_COMMIT"),
         "git_dirty": None if status is None else bool(status),
         "device": device_name(),
-        "driver": _command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") if on_gpu else None,
+        "driver": (_command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
+                   if on_gpu else None),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if on_gpu else None,
         "torch": torch.__version__,

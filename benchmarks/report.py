@@ -14,6 +14,7 @@ from .formatting import ms, percent, ratio
 
 
 def markdown(header: list[str], lines: list[list[str]]) -> str:
+    """A markdown table from a header and rows of cells."""
     rows = [header, ["---"] * len(header), *lines]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
 
@@ -48,10 +49,12 @@ def _describe(r: dict) -> str:
 
 
 def skipped(rows: list[dict]) -> list[str]:
+    """One line per row that was skipped, with the reason."""
     return [f"{_describe(r)}: {r['skipped']}" for r in rows if r.get("skipped")]
 
 
 def errors(rows: list[dict]) -> list[str]:
+    """One line per row that failed, with its error."""
     return [f"{_describe(r)}: {r['error']}" for r in rows if r.get("error")]
 
 

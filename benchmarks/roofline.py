@@ -77,6 +77,7 @@ def minimum_bytes(case: ConvCase, pass_name: str) -> int:
 
 
 class Floor(NamedTuple):
+    """A pass's lower bound in ms: the compute floor and the memory floor; the larger binds."""
     compute_ms: float
     memory_ms: float
 
@@ -90,7 +91,8 @@ class Floor(NamedTuple):
 
 
 def floor(case: ConvCase, pass_name: str, tf32: bool) -> Floor:
-    """The H100 roofline floor of a pass: fp32 on FMA units (or TF32 tensor cores when allowed), 16-bit on tensor cores."""
+    """The H100 roofline floor of a pass: fp32 on FMA units (or TF32 tensor cores when allowed), 16-bit on tensor
+    cores."""
     if case.dtype == torch.float32:
         peak = PEAK_TF32 if tf32 else PEAK_FP32_FMA
     else:

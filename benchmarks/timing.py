@@ -12,6 +12,7 @@ import lkconv
 
 
 class Timing(NamedTuple):
+    """A measurement: median and 20th/80th percentile in ms, the sample count and the peak memory."""
     median_ms: float
     p20_ms: float
     p80_ms: float
@@ -33,6 +34,7 @@ class CudaContextLost(RuntimeError):
 
 
 def measure(fn: Callable, budget: Budget) -> Timing:
+    """Times `fn` with CUDA events on a GPU, with perf_counter on a CPU, within `budget`."""
     return time_gpu(fn, budget) if torch.cuda.is_available() else time_cpu(fn, budget)
 
 

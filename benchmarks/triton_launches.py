@@ -22,6 +22,7 @@ from .presets import REPLKNET_31B_STAGES, op_shapes
 
 
 class Case(NamedTuple):
+    """A conv configuration whose Triton launches a GPU session needs."""
     shape: tuple[int, int, int, int]
     kernel: tuple[int, int]
     stride: int = 1
@@ -48,6 +49,7 @@ LAYOUTS = (torch.contiguous_format, torch.channels_last)
 
 
 class Launch(NamedTuple):
+    """One recorded Triton launch: the kernel, its grid and its arguments."""
     kernel: object  # a triton JITFunction
     grid: tuple
     args: tuple

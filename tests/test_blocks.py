@@ -33,7 +33,7 @@ from lkconv.blocks import (
 )
 from lkconv.blocks.merge import reparameterize_model as reparameterize_model_from_merge
 
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, relative_error
 
 F64 = TOLERANCE[torch.float64]
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -755,6 +755,89 @@ def test_drop_path_drops_whole_samples_and_rescales():
 def test_drop_path_rejects_p_outside_unit_interval(p):
     with pytest.raises(ValueError, match=r"drop path probability p must be in \[0, 1\)"):
         DropPath(p)
+
+
+def se_reference(x, down_weight, down_bias, up_weight, up_bias):
+    """Squeeze-and-excitation written out: per-sample channel means, two dense layers (ReLU, sigmoid), gate."""
+    squeezed = x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])  # (N, C)
+    hidden = (squeezed @ down_weight.flatten(1).T + down_bias).clamp(min=0)
+    gate = 1 / (1 + torch.exp(-(hidden @ up_weight.flatten(1).T + up_bias)))
+    return x * gate[:, :, None, None]
+
+
+def test_se_block_matches_hand_computed_squeeze_excitation():
+    torch.manual_seed(18)
+    se = SEBlock(8, 4, dtype=torch.float64)
+    with torch.no_grad():  # random parameters that leave some internal neurons active and some not
+        for conv in (se.down, se.up):
+            conv.weight.copy_(torch.randn_like(conv.weight))
+            conv.bias.copy_(torch.randn_like(conv.bias))
+    x = torch.randn(3, 8, 5, 7, dtype=torch.float64) + torch.randn(3, 8, 1, 1, dtype=torch.float64)
+    expected = se_reference(x, se.down.weight.detach(), se.down.bias.detach(), se.up.weight.detach(),
+                            se.up.bias.detach())
+    hidden = x.mean(dim=(2, 3)) @ se.down.weight.detach().flatten(1).T + se.down.bias.detach()
+    assert (hidden > 0).any() and (hidden < 0).any(), "the ReLU should matter for this input"
+    with torch.no_grad():
+        actual = se(x)
+    assert_close(actual, expected, F64, "SEBlock")
+
+
+def conv_bn_train_reference(x, conv_bn, stride=1, padding=0, groups=1):
+    """conv -> training-mode BatchNorm (this batch's mean and biased variance) from the ConvBN's parameters."""
+    y = F.conv2d(x, conv_bn.conv.weight.detach(), None, stride, padding, groups=groups)
+    return bn_train_reference(y, conv_bn.bn)
+
+
+def bn_train_reference(y, bn):
+    mean = y.mean(dim=(0, 2, 3), keepdim=True)
+    var = ((y - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+    scale = bn.weight.detach()[None, :, None, None] / (var + bn.eps).sqrt()
+    return (y - mean) * scale + bn.bias.detach()[None, :, None, None]
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_repvgg_drop_path_drops_the_conv_branches_per_sample_in_training(groups):
+    """With an identity branch, training mode drops (dense + 1x1) per sample with probability p and scales the
+    kept ones by 1/(1-p); the identity BN is always added, then the ReLU."""
+    torch.manual_seed(19)
+    p = 0.5
+    block = randomize_bn(RepVGGBlock(8, 8, groups=groups, drop_path=p, dtype=torch.float64)).train()
+    x = torch.randn(16, 8, 6, 5, dtype=torch.float64)
+    convs = (conv_bn_train_reference(x, block.rbr_dense, padding=1, groups=groups)
+             + conv_bn_train_reference(x, block.rbr_1x1, groups=groups))
+    identity = bn_train_reference(x, block.rbr_identity)
+    kept, dropped = F.relu(convs / (1 - p) + identity), F.relu(identity)
+    with torch.no_grad():
+        y = block(x)
+    outcomes = []
+    for i in range(x.shape[0]):
+        is_kept = relative_error(y[i], kept[i]) <= F64
+        is_dropped = relative_error(y[i], dropped[i]) <= F64
+        assert is_kept != is_dropped, f"sample {i} is neither the kept nor the dropped output (or both)"
+        outcomes.append(is_kept)
+    assert any(outcomes) and not all(outcomes), f"p={p} over 16 samples should both keep and drop: {outcomes}"
+
+
+def test_repvgg_drop_path_is_inactive_without_identity_branch_and_in_eval():
+    """Without an identity branch (out != in) nothing is dropped in training; in eval DropPath is an identity."""
+    torch.manual_seed(20)
+    block = randomize_bn(RepVGGBlock(8, 16, drop_path=0.5, dtype=torch.float64)).train()
+    x = torch.randn(8, 8, 5, 6, dtype=torch.float64)
+    expected = F.relu(conv_bn_train_reference(x, block.rbr_dense, padding=1)
+                      + conv_bn_train_reference(x, block.rbr_1x1))
+    with torch.no_grad():
+        assert_close(block(x), expected, F64, "RepVGGBlock without identity, training")
+
+    block = randomize_bn(RepVGGBlock(8, 8, drop_path=0.5, dtype=torch.float64)).eval()
+    expected = F.relu(sum(F.batch_norm(F.conv2d(x, branch.conv.weight, None, padding=pad), branch.bn.running_mean,
+                                       branch.bn.running_var, branch.bn.weight, branch.bn.bias, False, 0.0,
+                                       branch.bn.eps)
+                          for branch, pad in ((block.rbr_dense, 1), (block.rbr_1x1, 0)))
+                      + F.batch_norm(x, block.rbr_identity.running_mean, block.rbr_identity.running_var,
+                                     block.rbr_identity.weight, block.rbr_identity.bias, False, 0.0,
+                                     block.rbr_identity.eps))
+    with torch.no_grad():
+        assert_close(block(x), expected, F64, "RepVGGBlock with drop_path in eval")
 
 
 # --------------------------------------------------------------------------------------------------------------

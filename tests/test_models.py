@@ -118,7 +118,7 @@ def test_large_kernels_run_on_lkconv_before_and_after_the_merge(name):
         large = [m for m in form.modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) >= 7]
         assert large and all(isinstance(m, lkconv.DepthwiseConv2d) for m in large)
     assert sorted({m.kernel_size[0] for m in merged.modules() if isinstance(m, lkconv.DepthwiseConv2d)}) == \
-        [13, 27, 29, 31] if name == "replknet_31b" else [13, 27]
+        ([13, 27, 29, 31] if name == "replknet_31b" else [13, 27])
 
 
 @pytest.mark.parametrize("name", REPLKNETS + REPVGGS)
@@ -264,7 +264,7 @@ def test_out_indices_return_multi_scale_features(name):
     with torch.no_grad():
         features = model(torch.randn(1, 3, 64, 64))
     assert isinstance(features, list) and len(features) == 4
-    assert [f.shape[-1] for f in features] == [16, 8, 4, 2] if name.startswith("replknet") else [16, 8, 4, 2]
+    assert [f.shape[-1] for f in features] == ([16, 8, 4, 2] if name.startswith("replknet") else [16, 8, 4, 2])
     with pytest.raises(ValueError, match="out_indices"):
         tiny(name, out_indices=(4,))
 

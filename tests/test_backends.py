@@ -64,6 +64,16 @@ def test_available_backends_lists_torch_and_triton_when_importable_never_cuda():
     assert ("cuda" in names) == (HAS_CUDA_EXTENSION and torch.cuda.is_available())
 
 
+@needs_interpreter
+def test_explain_describes_an_empty_batch_on_triton():
+    """N = 0 launches nothing, but explain still says which kernels a batch of that shape would run."""
+    with lkconv.use_backend("triton"):
+        plan = lkconv.explain(torch.randn(0, 3, 8, 8), torch.randn(3, 1, 5, 5), padding=2)
+    assert plan.backend == "triton"
+    assert plan.forward.startswith("rows") and plan.input_grad.startswith("rows")
+    assert plan.weight_grad.startswith("weight_grad")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 def test_triton_is_not_available_without_a_gpu_or_the_interpreter(monkeypatch):
     monkeypatch.setattr(triton_backend, "interpreting", lambda: False)

@@ -296,6 +296,31 @@ def test_tall_single_channel_kernel_where_aten_cpu_weight_grad_crashes(dtype, ba
     assert (b.grad - expected[3]).abs().item() <= tolerance * dy.abs().sum().item()
 
 
+# PyTorch 2.13's CPU bfloat16 depthwise conv: wrong values at stride 2 along W, a crash at dilation 3 with deep
+# padding, and a wrong weight grad (its conv with dy as the filter) at kernel width 1 and dilation 2 along W.
+BFLOAT16_CPU_CASES = {
+    "stride 2, kernel 9x2": ((1, 1, 9, 1), (9, 2), 2, (4, 1), 1),
+    "dilation 3, deep padding, kernel 12x1": ((1, 1, 2, 11), (12, 1), 1, (16, 0), 3),
+    "dilation 2, kernel 9x1": ((1, 1, 6, 16), (9, 1), 1, 6, 2),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("case", BFLOAT16_CPU_CASES)
+def test_bfloat16_on_the_cpu_where_pytorch_gets_it_wrong(case, backend):
+    shape, kernel, stride, padding, dilation = BFLOAT16_CPU_CASES[case]
+    x = torch.randn(shape).bfloat16().requires_grad_()
+    w = torch.randn(shape[1], 1, *kernel).bfloat16().requires_grad_()
+    with lkconv.use_backend(backend):
+        y = lkconv.depthwise_conv2d(x, w, None, stride, padding, dilation)
+        dy = torch.randn(y.shape).bfloat16()
+        y.backward(dy)
+    wanted = reference(x, w, None, stride, padding, dilation, dy)
+    for name, actual, expected in zip(("output", "grad_input", "grad_weight"), (y, x.grad, w.grad), wanted):
+        assert actual.dtype == torch.bfloat16
+        assert_close(actual, expected, TOLERANCE[torch.bfloat16], f"{case}: {name}")
+
+
 # --- argument forms F.conv2d accepts --------------------------------------------------------------------------------
 
 

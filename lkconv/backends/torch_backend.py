@@ -3,6 +3,11 @@
 The weight grad is computed as a grouped forward conv (input as the map, dy as the filter) rather than through
 aten's convolution backward: PyTorch 2.13's CPU weight grad corrupts memory for a single-channel conv whose
 non-square kernel is taller than the input (e.g. 31x5 on 12x9). The forward-conv form is correct everywhere.
+
+On the CPU, bfloat16 is computed in float32 and rounded back: PyTorch 2.13's CPU bfloat16 depthwise conv returns
+wrong values for some strided convs (stride 2 along W), crashes on some dilated ones, and gets the weight grad's
+conv (kernel width 1, dilation 2 along W) wrong. bfloat16 values are exact in float32, so only the final rounding
+remains.
 """
 
 from typing import Optional, Sequence
@@ -38,8 +43,19 @@ def _symmetric_padding(padding: Sequence[int]) -> tuple[tuple[int, int], tuple[i
     return both, rest
 
 
+def _cpu_bfloat16(tensor: torch.Tensor) -> bool:
+    """Whether a pass on `tensor` must run in float32 (see the module docstring)."""
+    return tensor.device.type == "cpu" and tensor.dtype == torch.bfloat16
+
+
+def _float32(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.float()
+
+
 def forward(input, weight, bias, stride, padding, dilation):
     """F.conv2d; an asymmetric padding part (from 'same' with an even kernel) is applied with F.pad."""
+    if _cpu_bfloat16(input):
+        return forward(input.float(), weight.float(), _float32(bias), stride, padding, dilation).bfloat16()
     both, rest = _symmetric_padding(padding)
     if any(rest):
         input = F.pad(input, rest)
@@ -48,6 +64,8 @@ def forward(input, weight, bias, stride, padding, dilation):
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
     """dx = conv_transpose2d(dy, w) cropped to the input; depth multipliers sum through groups=C."""
+    if _cpu_bfloat16(grad_output):
+        return input_grad(grad_output.float(), weight.float(), input_shape, stride, padding, dilation).bfloat16()
     _, channels, height, width = input_shape
     both, (left_rest, right_rest, top_rest, bottom_rest) = _symmetric_padding(padding)
     # conv_transpose2d answers for the input padded by the asymmetric rest; its output_padding restores the
@@ -65,6 +83,9 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
 
 def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with_bias):
     """(dW, db) with dW from one grouped forward conv (see the module docstring for why not aten's backward)."""
+    if _cpu_bfloat16(grad_output):
+        grads = weight_grad(grad_output.float(), input.float(), kernel_size, stride, padding, dilation, with_bias)
+        return tuple(grad.bfloat16() for grad in grads)
     batch, channels = input.shape[:2]
     out_channels = grad_output.shape[1]
     grad_bias = grad_output.sum((0, 2, 3)) if with_bias else grad_output.new_empty(0)

@@ -268,7 +268,8 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
         # (benchmarks/NOTES.md, Triton version 3).
         return ConvPlan("rows_channels_last", _rows_channels_last_config(p, interpret))
     rows = _rows_config(p, interpret)
-    dst_rows = p.batch * p.dst_h
+    batch = max(p.batch, 1)  # an empty batch launches nothing; plan as for one image, so explain can say what
+    dst_rows = batch * p.dst_h
     rows_cost = (
         _kernel_rows_reached(p) * _cdiv(_source_span(p, rows.block_w), rows.block_j) * rows.block_j
         * _cdiv(dst_rows, rows.block_m) * rows.block_m / dst_rows
@@ -276,7 +277,7 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
     src_pixels = p.src_h * p.src_w
     if src_pixels <= 4096:
         whole = _whole_map_config(p, interpret)
-        whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(p.batch, whole.block_n) * whole.block_n / p.batch
+        whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(batch, whole.block_n) * whole.block_n / batch
         if whole_cost < rows_cost:
             return ConvPlan("whole_map", whole)
     if p.stride == (1, 1) and p.dilation == (1, 1) and (interpret or _shifted_filter_pays(p, rows)):

@@ -149,9 +149,23 @@ def check(
     return ConvArgs(stride_pair, pads, dilation_pair)
 
 
+def _strides_like_channels_last(shape, strides) -> bool:
+    """PyTorch's test of a 4-d map's strides (suggest_memory_format): C, W, H, N from the fastest to the slowest, each
+    stride at least the extent of the faster ones. Views sliced out of a channels_last map pass it too."""
+    extent = 0
+    if strides[1] == 0:
+        return False
+    for dim in (1, 3, 2, 0):
+        if shape[dim] == 0 or strides[dim] < extent or (dim == 0 and extent == strides[1]):
+            return False
+        extent = strides[dim] * shape[dim] if shape[dim] > 1 else strides[dim]
+    return True
+
+
 def output_memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    """The layout an op's output takes from its input: channels_last stays channels_last, all else is NCHW."""
-    if not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last):
+    """The layout an op's output takes from its input, as F.conv2d chooses it: channels_last for a map whose strides
+    are channels_last's (a sliced view of one included) and that is not plain contiguous too; NCHW otherwise."""
+    if not tensor.is_contiguous() and _strides_like_channels_last(tensor.shape, tensor.stride()):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -13,6 +13,10 @@ from .ops import depthwise_conv2d
 _size_2_t = Union[int, tuple[int, int]]
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise conv layer: an ``nn.Conv2d`` with ``groups=in_channels`` whose forward runs ``lkconv.depthwise_conv2d``.
 
@@ -34,7 +38,12 @@ class DepthwiseConv2d(nn.Conv2d):
         device=None,
         dtype=None,
     ) -> None:
-        if not isinstance(depth_multiplier, int) or isinstance(depth_multiplier, bool) or depth_multiplier < 1:
+        if not _positive_int(in_channels):
+            raise ValueError(f"in_channels must be an int >= 1; got {in_channels!r}")
+        sizes = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        if not isinstance(sizes, (tuple, list)) or len(sizes) != 2 or not all(_positive_int(size) for size in sizes):
+            raise ValueError(f"kernel_size must be an int >= 1 or a pair of them; got {kernel_size!r}")
+        if not _positive_int(depth_multiplier):
             raise ValueError(f"depth_multiplier must be an int >= 1; got {depth_multiplier!r}")
         super().__init__(
             in_channels, in_channels * depth_multiplier, kernel_size, stride, padding, dilation,

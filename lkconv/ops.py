@@ -106,7 +106,9 @@ def _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilatio
     op = "lkconv::depthwise_conv2d_weight_grad"
     if len(kernel_size) != 2:
         raise ValueError(f"{op}: kernel_size must be 2 ints; got {list(kernel_size)}")
-    weight_shape = (grad_output.shape[1] if grad_output.dim() == 4 else 0, 1, *kernel_size)
+    if grad_output.dim() != 4:
+        raise ValueError(f"{op}: grad_output must be (N, C*m, OH, OW); got {tuple(grad_output.shape)}")
+    weight_shape = (grad_output.shape[1], 1, *kernel_size)
     arguments.check_op(op, input.shape, weight_shape, grad_output.shape, stride, padding, dilation)
     arguments.check_operands(op, ("grad_output", grad_output), ("input", input))
 
@@ -335,8 +337,8 @@ def depthwise_conv2d(
         padding: an int, an (h, w) pair, 'same' (stride 1 only; the odd element goes bottom/right) or 'valid'.
 
     Returns:
-        (N, C*m, OH, OW), in the input's memory format. Differentiable to any order; the backend is chosen
-        per call (see ``lkconv.explain``).
+        (N, C*m, OH, OW), in the layout F.conv2d would give it (channels_last for a channels_last map or a view
+        sliced from one). Differentiable to any order; the backend is chosen per call (see ``lkconv.explain``).
     """
     unbatched, op_args = _prepare(input, weight, bias, stride, padding, dilation)
     output = (_complex_conv if op_args[0].is_complex() else depthwise_conv2d_op)(*op_args)

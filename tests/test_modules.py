@@ -145,6 +145,20 @@ def test_bad_depth_multiplier_raises_value_error_naming_it(depth_multiplier):
         lkconv.DepthwiseConv2d(4, 7, depth_multiplier=depth_multiplier)
 
 
+@pytest.mark.parametrize("in_channels", [0, -2, 2.0, True, None])
+def test_bad_in_channels_raises_value_error_naming_it(in_channels):
+    """nn.Conv2d would blame `groups`, which the caller never passed."""
+    with pytest.raises(ValueError, match=r"in_channels.*" + re.escape(repr(in_channels))):
+        lkconv.DepthwiseConv2d(in_channels, 7)
+
+
+@pytest.mark.parametrize("kernel_size", [0, (3, 0), -1, (3,), (3, 3, 3), 2.5, (3, True)])
+def test_bad_kernel_size_raises_value_error_naming_it(kernel_size):
+    """At construction, where nn.Conv2d accepts 0 and fails only in forward."""
+    with pytest.raises(ValueError, match=r"kernel_size.*" + re.escape(repr(kernel_size))):
+        lkconv.DepthwiseConv2d(4, kernel_size)
+
+
 # --- state_dict interchange ----------------------------------------------------------------------------------------
 
 

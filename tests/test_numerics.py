@@ -4,6 +4,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lkconv
 from lkconv.backends import cuda_backend, triton_backend
@@ -339,7 +340,7 @@ def test_triton_channels_last_kernels_with_small_blocks(case, dtype, monkeypatch
 
 @pytest.mark.parametrize("layout,multiplier,expected", [
     ("channels_last", 1, 32), ("channels_last", 2, 0), ("nchw", 1, 0), ("channel-sliced channels_last", 1, 0),
-    ("width-sliced channels_last", 1, 0),  # its output is NCHW (not channels_last-contiguous)
+    ("width-sliced channels_last", 1, 32),  # its output is channels_last too, as F.conv2d's is
 ])
 def test_channel_block_needs_unit_channel_stride_and_multiplier_one(layout, multiplier, expected):
     x = torch.zeros(2, 8, 5, 12, dtype=torch.bfloat16)
@@ -354,6 +355,31 @@ def test_channel_block_needs_unit_channel_stride_and_multiplier_one(layout, mult
     block = triton_backend.channel_block(x.shape, x.stride(), out_shape, out_strides, multiplier, x.element_size(),
                                          interpret=False)
     assert block == expected
+
+
+VIEWS = {
+    "channels_last": lambda x: x.contiguous(memory_format=torch.channels_last),
+    "channels_last sliced along W": lambda x: x.contiguous(memory_format=torch.channels_last)[..., 1:11],
+    "channels_last sliced along C": lambda x: x.contiguous(memory_format=torch.channels_last)[:, 1:5],
+    "channels_last, one image": lambda x: x.contiguous(memory_format=torch.channels_last)[:1],
+    "channels_last, one channel": lambda x: x.contiguous(memory_format=torch.channels_last)[:, :1],
+    "NCHW sliced along W": lambda x: x[..., ::2],
+    "H and W transposed": lambda x: x.transpose(2, 3),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("view", VIEWS)
+def test_output_layout_follows_f_conv2d(view, backend):
+    """The output takes the layout F.conv2d gives the same input (channels_last for views of a channels_last map),
+    and its values are right whatever the view."""
+    x = VIEWS[view](torch.randn(2, 8, 10, 12, device=device_for(backend)))
+    w = torch.randn(x.shape[1], 1, 3, 3, device=x.device)
+    expected = F.conv2d(x, w, padding=1, groups=x.shape[1])
+    with lkconv.use_backend(backend):
+        y = lkconv.depthwise_conv2d(x, w, padding=1)
+    assert y.stride() == expected.stride(), f"{view}: strides {y.stride()}, F.conv2d's {expected.stride()}"
+    assert_close(y, reference(x, w, None, 1, 1, 1)[0], TOLERANCE[torch.float32], view)
 
 
 def test_channel_block_keeps_each_row_offset_below_2_to_the_31():

@@ -231,6 +231,8 @@ def test_ops_called_directly_reject_inconsistent_shapes(backend):
             ops.depthwise_conv2d_weight_grad(dy, x[:, :1].repeat(1, 3, 1, 1), [3, 3], [1, 1], same, [1, 1], True)
         with pytest.raises(ValueError, match="depthwise_conv2d_weight_grad"):
             ops.depthwise_conv2d_weight_grad(dy.double(), x, [3, 3], [1, 1], same, [1, 1], True)
+        with pytest.raises(ValueError, match=r"grad_output must be \(N, C\*m, OH, OW\); got \(2, 6, 6\)"):
+            ops.depthwise_conv2d_weight_grad(dy[0], x, [3, 3], [1, 1], same, [1, 1], True)  # dy of one image, unbatched
         with pytest.raises(ValueError, match="lkconv::depthwise_conv2d:"):
             ops.depthwise_conv2d(x, w[:3], None, [1, 1], same, [1, 1])  # 3 is not a multiple of 2 channels
         with pytest.raises(ValueError, match="bias"):

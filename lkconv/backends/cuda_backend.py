@@ -38,10 +38,12 @@ def _import_failure() -> Optional[str]:
 
 
 def extension_loaded() -> bool:
+    """Whether lkconv._C imported (it may still have no GPU to run on)."""
     return _import_failure() is None
 
 
 def unavailable_reason() -> Optional[str]:
+    """Why the cuda backend cannot run at all here (no extension, no GPU), or None."""
     if (reason := _import_failure()) is not None:
         return reason
     if not torch.cuda.is_available():
@@ -50,6 +52,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the cuda backend cannot run tensors of this device and dtype, or None."""
     if dtype not in DTYPES:
         return f"the CUDA kernels take float16, bfloat16 and float32 tensors, not {dtype}"
     if device.type != "cuda":
@@ -84,6 +87,7 @@ def _rows_contiguous(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def forward(input, weight, bias, stride, padding, dilation):
+    """y = depthwise conv of `input` by the extension's forward kernel, on the input's current stream."""
     out_hw = [output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
               for i in range(2)]
     output = new_buffer((input.shape[0], weight.shape[0], *out_hw), input.dtype, input.device)
@@ -94,6 +98,7 @@ def forward(input, weight, bias, stride, padding, dilation):
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
+    """dx of the forward by the extension's input-grad kernel."""
     grad_input = new_buffer(input_shape, grad_output.dtype, grad_output.device)
     torch.ops.lkconv.cuda_input_grad(_rows_contiguous(grad_output), weight.contiguous(), list(stride), list(padding),
                                      list(dilation), conv_allows_tf32(), grad_input)

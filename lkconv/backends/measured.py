@@ -34,6 +34,7 @@ class ShapeClass(NamedTuple):
     @classmethod
     def of(cls, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], size: Sequence[int],
            layout: str = "nchw"):
+        """The shape class of a call, from any int sequences."""
         return cls(*(tuple(int(v) for v in pair) for pair in (kernel, stride, dilation, size)), layout)
 
 

@@ -19,14 +19,17 @@ name = "torch"
 
 
 def unavailable_reason() -> Optional[str]:
+    """Always None: PyTorch is always there."""
     return None  # PyTorch is always there
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Always None: whatever F.conv2d runs, this backend runs."""
     return None  # whatever F.conv2d runs, this backend runs
 
 
 def describe(pass_name: str, **_shape) -> str:
+    """The PyTorch call that `pass_name` makes, in words."""
     kernels = {
         "forward": "F.conv2d",
         "input_grad": "F.conv_transpose2d",

@@ -127,6 +127,7 @@ def _import_failure() -> Optional[str]:
 
 
 def unavailable_reason() -> Optional[str]:
+    """Why the triton backend cannot run here (no triton, no GPU and no interpreter), or None."""
     if (reason := _import_failure()) is not None:
         return reason
     if not interpreting() and not torch.cuda.is_available():
@@ -135,6 +136,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the triton kernels cannot run tensors of this device and dtype, or None."""
     if dtype not in DTYPES:
         return f"the triton kernels take float16, bfloat16 and float32 tensors, not {dtype}"
     if interpreting():
@@ -324,6 +326,7 @@ def shifted_filter_rows(weight: torch.Tensor, flip: bool, block_w: int, block_j:
 
 @functools.lru_cache(maxsize=4096)
 def weight_grad_config(kernel: tuple[int, int], in_width: int, total_rows: int, interpret: bool) -> WeightGradConfig:
+    """The weight grad's tap and row blocks for a kernel size, input width and row count."""
     if interpret:
         block_iw = _next_pow2(in_width, 16, 64)
         return WeightGradConfig(

@@ -90,6 +90,7 @@ class ReparamBlock(nn.Module):
 
     @property
     def merged(self) -> bool:
+        """Whether the block has been merged into its single inference conv."""
         raise NotImplementedError
 
     def _merge(self) -> None:

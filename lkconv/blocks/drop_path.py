@@ -17,6 +17,7 @@ class DropPath(nn.Module):
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """In training, each sample zeroed with probability p and the rest scaled by 1 / (1 - p)."""
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
@@ -24,4 +25,5 @@ class DropPath(nn.Module):
         return x * mask / keep
 
     def extra_repr(self) -> str:
+        """The drop probability, for repr."""
         return f"p={self.p}"

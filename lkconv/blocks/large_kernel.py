@@ -22,13 +22,16 @@ class SummedConvBNBranches(ReparamBlock):
         return [getattr(self, name) for name in self.BRANCHES if hasattr(self, name)]
 
     def merged_size(self) -> tuple[int, int]:
+        """The (kh, kw) of the single conv the branches merge into."""
         raise NotImplementedError
 
     @property
     def merged(self) -> bool:
+        """Whether the branches have been merged into one conv."""
         return hasattr(self, "lkb_reparam")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of the branches' conv-BN outputs, or the merged conv."""
         if self.merged:
             return self.lkb_reparam(x)
         branches = self._branches()
@@ -96,6 +99,7 @@ class ReparamLargeKernelConv(SummedConvBNBranches):
     BRANCHES = ("lkb_origin", "small_conv")
 
     def merged_size(self) -> tuple[int, int]:
+        """The (kh, kw) of the single conv the branches merge into."""
         return tuple(self.lkb_origin.conv.kernel_size)
 
 
@@ -140,6 +144,7 @@ class DecomposedLargeKernelConv(SummedConvBNBranches):
     BRANCHES = ("LoRA1", "LoRA2", "small_conv")
 
     def merged_size(self) -> tuple[int, int]:
+        """The (kh, kw) of the single conv the branches merge into."""
         return (self.kernel_size, self.kernel_size)
 
 
@@ -212,6 +217,7 @@ class DilatedReparamBlock(ReparamBlock):
 
     @property
     def merged(self) -> bool:
+        """Whether the branches have been merged into one conv."""
         return not hasattr(self, "origin_bn")
 
     def _branches(self):
@@ -219,6 +225,7 @@ class DilatedReparamBlock(ReparamBlock):
             yield r, getattr(self, f"dil_conv_k{k}_{r}"), getattr(self, f"dil_bn_k{k}_{r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The large kernel's conv-BN plus the dilated branches' conv-BNs, or the merged conv."""
         if self.merged:
             return self.lk_origin(x)
         out = self.origin_bn(self.lk_origin(x))

@@ -84,6 +84,7 @@ class RefConv(ReparamBlock):
 
     @property
     def merged(self) -> bool:
+        """Whether the refocusing transform has been folded into a plain weight."""
         return not hasattr(self, "convmap")
 
     def refocused_weight(self) -> torch.Tensor:
@@ -97,6 +98,7 @@ class RefConv(ReparamBlock):
         return self.refocused_weight(), self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv with the refocused weight W_t (refocused_weight), on lkconv where it is a large depthwise conv."""
         weight = self.refocused_weight()
         if self._runs_on_lkconv():
             return depthwise_conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
@@ -127,6 +129,7 @@ class RefConv(ReparamBlock):
         return conv
 
     def extra_repr(self) -> str:
+        """The conv's settings and whether it is merged, for repr."""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
                 f"bias={self.bias is not None}, merged={self.merged}")

@@ -24,6 +24,7 @@ class SEBlock(nn.Module):
         self.up = nn.Conv2d(internal_neurons, channels, 1, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x scaled per channel by a gate from its spatial mean (squeeze and excitation)."""
         gate = torch.sigmoid(self.up(F.relu(self.down(F.adaptive_avg_pool2d(x, 1)))))
         return x * gate
 
@@ -72,9 +73,12 @@ class RepVGGBlock(ReparamBlock):
 
     @property
     def merged(self) -> bool:
+        """Whether the branches have been merged into one conv."""
         return hasattr(self, "rbr_reparam")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The 3x3, 1x1 and identity branches summed (the conv branches dropped per sample in training), then SE and
+        the nonlinearity; or the merged conv."""
         if self.merged:
             return self.nonlinearity(self.se(self.rbr_reparam(x)))
         out = self.rbr_dense(x) + self.rbr_1x1(x)

@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def batchnorm_class(use_sync_bn: bool) -> type:
+    """SyncBatchNorm for multi-GPU training that asks for it, BatchNorm2d otherwise."""
     return nn.SyncBatchNorm if use_sync_bn else nn.BatchNorm2d
 
 

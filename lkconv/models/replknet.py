@@ -31,6 +31,7 @@ class RepLKBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path != 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus the large-kernel branch of the class docstring, the branch dropped per sample in training."""
         out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(self.prelkb_bn(x)))))
         return x + self.drop_path(out)
 
@@ -48,6 +49,7 @@ class ConvFFN(nn.Module):
         self.nonlinear = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus the 1x1-conv feed-forward branch, dropped per sample in training."""
         return x + self.drop_path(self.pw2(self.nonlinear(self.pw1(self.preffn_bn(x)))))
 
 
@@ -69,6 +71,7 @@ class RepLKNetStage(nn.Module):
         self.norm = norm_layer(channels, **factory) if norm_intermediate_features else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's blocks in order, with activation checkpointing in training where asked."""
         for block in self.blocks:
             x = run_block(block, x, self.use_checkpoint and self.training)
         return x
@@ -168,6 +171,7 @@ class RepLKNet(nn.Module):
         return x if self.out_indices is None else outputs
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """The logits, or the chosen stages' features where out_indices is set."""
         features = self.forward_features(x)
         if self.out_indices is not None:
             return features

@@ -89,6 +89,7 @@ class RepVGG(nn.Module):
         return x if self.out_indices is None else outputs
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, list[torch.Tensor]]:
+        """The logits, or the chosen stages' features where out_indices is set."""
         features = self.forward_features(x)
         if self.out_indices is not None:
             return features

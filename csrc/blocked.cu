@@ -17,12 +17,15 @@ int launch(const UnitStrideArgs& args, cudaStream_t stream) {
 
 }  // namespace
 
-bool blocked_fits(int kernel_h, int kernel_w) {
-  // The wider (8 x 8 threads) tile with the largest shift (7 columns, bf16) is the largest; deciding on it keeps the
-  // choice independent of the map width and of the source's alignment.
+bool blocked_fits(DType dtype, int kernel_h, int kernel_w) {
+  // The wider (8 x 8 threads) tile with the dtype's largest shift is the largest; deciding on it keeps the choice
+  // independent of the map width and of the source's alignment.
   if (kernel_h > 4096 || kernel_w > 4096) return false;
-  const int widest = blocked::padded_kernel_w(kernel_w, kVectorElements<__nv_bfloat16> - 1);
-  return blocked::shared_floats<8, 8>(kernel_h, widest) * static_cast<int64_t>(sizeof(float)) <= blocked::kSharedLimit;
+  return dispatch_dtype(dtype, [&]<typename T>() {
+    const int widest = blocked::padded_kernel_w(kernel_w, kVectorElements<T> - 1);
+    return static_cast<int>(blocked::shared_floats<8, 8>(kernel_h, widest) * static_cast<int64_t>(sizeof(float)) <=
+                            blocked::kSharedLimit);
+  }) != 0;
 }
 
 int blocked_conv(const UnitStrideArgs& args, void* stream) {

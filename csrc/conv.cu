@@ -8,7 +8,9 @@
 namespace lkconv {
 namespace {
 
-bool is_blocked(const Geometry& g) { return unit_stride_and_dilation(g) && blocked_fits(g.kernel_h, g.kernel_w); }
+bool is_blocked(DType dtype, const Geometry& g) {
+  return unit_stride_and_dilation(g) && blocked_fits(dtype, g.kernel_h, g.kernel_w);
+}
 
 bool is_tensor_core(DType dtype, bool allow_tf32, const Geometry& g) {
   return tensor_cores_allowed(dtype, allow_tf32) && unit_stride_and_dilation(g) &&
@@ -51,7 +53,8 @@ const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry&
         }
         return tf32 ? "forward_tensor_core (tf32)" : "forward_tensor_core";
       }
-      return is_blocked(conv) ? "forward_blocked" : (forward_is_tiled(conv) ? "forward_tiled" : "forward_general");
+      return is_blocked(dtype, conv) ? "forward_blocked"
+                                     : (forward_is_tiled(conv) ? "forward_tiled" : "forward_general");
     case Pass::InputGrad:
       if (is_tensor_core(dtype, allow_tf32, conv)) {  // dy is the source, dx the destination
         const UnitStrideSizes unit{sizes.batch, sizes.out_h, sizes.out_w, sizes.in_h, sizes.in_w};
@@ -60,8 +63,8 @@ const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry&
         }
         return tf32 ? "input_grad_tensor_core (tf32)" : "input_grad_tensor_core";
       }
-      return is_blocked(conv) ? "input_grad_blocked"
-                              : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
+      return is_blocked(dtype, conv) ? "input_grad_blocked"
+                                     : (input_grad_is_tiled(conv) ? "input_grad_tiled" : "input_grad_general");
     case Pass::WeightGrad:
       if (weight_grad_is_whole_map(dtype, allow_tf32, conv, sizes)) {
         return tf32 ? "weight_grad_tensor_core_whole_map_partials (tf32) + weight_grad_reduce"
@@ -71,8 +74,8 @@ const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry&
         return tf32 ? "weight_grad_tensor_core_partials (tf32) + weight_grad_reduce"
                     : "weight_grad_tensor_core_partials + weight_grad_reduce";
       }
-      return weight_grad_is_blocked(conv) ? "weight_grad_blocked_partials + weight_grad_reduce"
-                                          : "weight_grad_partials + weight_grad_reduce";
+      return weight_grad_is_blocked(dtype, conv) ? "weight_grad_blocked_partials + weight_grad_reduce"
+                                                 : "weight_grad_partials + weight_grad_reduce";
   }
   return "unknown";
 }
@@ -84,7 +87,7 @@ int forward(const ForwardArgs& args, void* stream) {
   if (unit_stride_and_dilation(g)) {
     const UnitStrideArgs unit = forward_unit_stride(args);
     if (is_tensor_core(args.dtype, args.allow_tf32, g)) return tensor_core_conv(unit, stream);
-    if (is_blocked(g)) return blocked_conv(unit, stream);
+    if (is_blocked(args.dtype, g)) return blocked_conv(unit, stream);
   }
   auto s = static_cast<cudaStream_t>(stream);
   if (forward_is_tiled(g)) return launch_tiled(args.dtype, direct_conv::forward_correlation(args), s);
@@ -102,7 +105,7 @@ int input_grad(const InputGradArgs& args, void* stream) {
   if (unit_stride_and_dilation(g)) {
     const UnitStrideArgs unit = input_grad_unit_stride(args);
     if (is_tensor_core(args.dtype, args.allow_tf32, g)) return tensor_core_conv(unit, stream);
-    if (is_blocked(g)) return blocked_conv(unit, stream);
+    if (is_blocked(args.dtype, g)) return blocked_conv(unit, stream);
   }
   auto s = static_cast<cudaStream_t>(stream);
   if (input_grad_is_tiled(g)) return launch_tiled(args.dtype, direct_conv::input_grad_correlation(args), s);

@@ -84,7 +84,7 @@ struct MapSizes {
 bool weight_grad_is_whole_map(DType dtype, bool allow_tf32, const Geometry& conv, const MapSizes& sizes);
 
 // Whether the weight grad runs its register-tiled kernel (stride 1, dilation 1, strips fit in shared memory).
-bool weight_grad_is_blocked(const Geometry& conv);
+bool weight_grad_is_blocked(DType dtype, const Geometry& conv);
 
 // The kernel a launcher picks for a pass with this dtype, TF32 permission, geometry and sizes (what lkconv.explain
 // reports).

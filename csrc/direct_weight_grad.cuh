@@ -80,37 +80,67 @@ __global__ void __launch_bounds__(kThreads) weight_grad_partials(WeightGradArgs 
 }
 
 // Stride 1, dilation 1: a register-tiled correlation. A block stages a strip of up to 8 dy rows x 64 columns and
-// the x rows and columns they reach in shared memory. Each thread owns one kernel row and 8 adjacent taps and walks
-// the strip's columns 8 at a time: 2 + 4 vector loads (dy, and the x window) feed 64 FMAs. With few taps (small
-// kernels) thread groups take interleaved column chunks and their sums are added in group order, so the result
-// stays deterministic. A thread skips the strip rows whose x row, for its kernel row, lies in the padding. Every
-// thread sums its share of dy for the bias, and those sums are added in thread order at the end.
+// the x rows and columns they reach in shared memory. Each thread owns one kernel row and kTaps adjacent taps (16
+// where the padded filter row is whole windows of 16 and that issues less, taps_cost; else 8) and walks the strip's
+// columns 8 at a time: 2 dy loads and kTaps / 4 + 2 x loads (128-bit) feed 8 kTaps FMAs. With few taps (small
+// kernels) groups of threads take interleaved column chunks and their sums are added in group order, so the result
+// stays deterministic.
+// A thread skips the strip rows whose x row, for its kernel row, lies in the padding. Every thread sums its share of
+// dy for the bias, and those sums are added in thread order at the end.
 //
 // Where x rows start on 16-byte boundaries (rows_are_vectors), the x strip starts `shift` columns early on a boundary
 // and is staged in 16-byte vectors (stage_rows); threads then own taps shifted by `shift`, and the sums of the
 // `shift` leading ones, which lie left of the filter, are dropped. The x strip's rows are an odd number of 16-byte
-// units apart, so where a row has 4 tap windows (K = 25..32) the two kernel rows a quarter-warp's 128-bit loads
-// cover read different banks.
+// units apart (where that still fits: not for the largest kernels), so the kernel rows that a quarter-warp's 128-bit
+// loads cover read different banks wherever a row has 2 windows of 16 or 4 of 8 (K = 25..32).
 constexpr int kStripRows = 8;
 constexpr int kPieceW = 64;
-constexpr int kTapWindow = 8;
+constexpr int kDyChunk = 8;  // dy columns per step
 constexpr int kBlockedThreads = 128;
 constexpr int64_t kBlockedSharedLimit = 48 * 1024;
 
-// Where the blocked weight grad's strips sit in shared memory, for one launch.
+// Where the blocked weight grad's strips sit in shared memory, and how many taps a thread owns, for one launch.
 struct BlockedLayout {
-  bool vectors;    // stage x in 16-byte vectors
-  int shift;       // the x strip starts this many columns before the first x column the taps reach
-  int kw_pad;      // tap columns threads own: `shift` before the filter, the filter, zeros to a whole window
-  int x_pitch;     // floats per x strip row
+  bool vectors;         // stage x in 16-byte vectors
+  int shift;            // the x strip starts this many columns before the first x column the taps reach
+  int kw_pad;           // tap columns threads own: `shift` before the filter, the filter, zeros to a whole window of 8
+  int taps_per_thread;  // 8 or 16 (kTaps)
+  int x_pitch;          // floats per x strip row
   int64_t shared_bytes;
 };
 
-__host__ __device__ inline BlockedLayout blocked_layout(int kernel_h, int kernel_w, bool vectors, int shift) {
-  BlockedLayout l{vectors, shift, (shift + kernel_w + kTapWindow - 1) / kTapWindow * kTapWindow, 0, 0};
-  l.x_pitch = kPieceW + l.kw_pad + 4;  // an odd number of 16-byte units
-  l.shared_bytes = static_cast<int64_t>(sizeof(float)) *
-                   (int64_t{kStripRows} * kPieceW + int64_t{kStripRows + kernel_h - 1} * l.x_pitch);
+// Groups of threads that repeat each (kernel row, kTaps taps) unit when there are few units: as many as fit, but no
+// more than a strip piece has column chunks.
+__host__ __device__ inline int thread_groups(int units) {
+  const int fitting = units >= kBlockedThreads ? 1 : kBlockedThreads / units;
+  return fitting < kPieceW / kDyChunk ? fitting : kPieceW / kDyChunk;
+}
+
+// Issue cost, in instructions per thread and strip row, of kTaps = `taps`: the step loop is 77 instructions for 8
+// taps and 143 for 16 (sm_90 SASS, one 8-column dy chunk); a unit's groups split the chunks of each 64-column piece.
+__host__ __device__ inline int64_t taps_cost(int kernel_h, int kw_pad, int taps, int64_t dy_width) {
+  const int units = kernel_h * (kw_pad / taps), groups = thread_groups(units);
+  const int64_t passes = (units + kBlockedThreads - 1) / kBlockedThreads;
+  const int64_t full_pieces = dy_width / kPieceW, last_chunks = (dy_width % kPieceW + kDyChunk - 1) / kDyChunk;
+  const int64_t full_chunks = kPieceW / kDyChunk;
+  const int64_t steps = full_pieces * ((full_chunks + groups - 1) / groups) + (last_chunks + groups - 1) / groups;
+  return passes * steps * (taps == 16 ? 143 : 77);
+}
+
+__host__ __device__ inline BlockedLayout blocked_layout(int kernel_h, int kernel_w, bool vectors, int shift,
+                                                        int64_t dy_width) {
+  BlockedLayout l{vectors, shift, (shift + kernel_w + 7) / 8 * 8, 8, 0, 0};
+  if (l.kw_pad % 16 == 0 && taps_cost(kernel_h, l.kw_pad, 16, dy_width) < taps_cost(kernel_h, l.kw_pad, 8, dy_width)) {
+    l.taps_per_thread = 16;
+  }
+  const int64_t sums = int64_t{kBlockedThreads} * l.taps_per_thread;  // the groups' sums, once the strips are done
+  // x rows an odd number of 16-byte units apart (bank-conflict free), unless only unpadded rows fit.
+  for (const int pad : {4, 0}) {
+    l.x_pitch = kPieceW + l.kw_pad + pad;
+    const int64_t strips = int64_t{kStripRows} * kPieceW + int64_t{kStripRows + kernel_h - 1} * l.x_pitch;
+    l.shared_bytes = static_cast<int64_t>(sizeof(float)) * (strips > sums ? strips : sums);
+    if (l.shared_bytes <= kBlockedSharedLimit) break;
+  }
   return l;
 }
 
@@ -118,23 +148,32 @@ __host__ __device__ inline BlockedLayout blocked_layout(int kernel_h, int kernel
 template <typename T>
 BlockedLayout blocked_layout(const WeightGradArgs& a) {
   const bool vectors = rows_are_vectors<T>(a.input);
-  return blocked_layout(a.conv.kernel_h, a.conv.kernel_w, vectors, vector_shift<T>(-int64_t{a.conv.pad_left}, vectors));
+  return blocked_layout(a.conv.kernel_h, a.conv.kernel_w, vectors, vector_shift<T>(-int64_t{a.conv.pad_left}, vectors),
+                        a.grad_output.w);
 }
 
-// Whether the strips fit for this kernel size whatever the alignment: with the largest shift (7 columns, bf16).
-inline bool blocked_fits(int kernel_h, int kernel_w) {
-  const BlockedLayout widest = blocked_layout(kernel_h, kernel_w, true, kVectorElements<__nv_bfloat16> - 1);
-  return kernel_h <= 1024 && kernel_w <= 1024 && widest.shared_bytes <= kBlockedSharedLimit;
-}
-
-__device__ __forceinline__ void load8(const float* source, float* target) {
-  const float4 low = reinterpret_cast<const float4*>(source)[0], high = reinterpret_cast<const float4*>(source)[1];
-  target[0] = low.x, target[1] = low.y, target[2] = low.z, target[3] = low.w;
-  target[4] = high.x, target[5] = high.y, target[6] = high.z, target[7] = high.w;
-}
-
+// Whether the strips fit for this storage type and kernel size whatever the alignment and map: with the type's
+// largest shift and the sums of 16 taps per thread.
 template <typename T>
-__global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(WeightGradArgs a,
+bool blocked_fits(int kernel_h, int kernel_w) {
+  const BlockedLayout widest = blocked_layout(kernel_h, kernel_w, true, kVectorElements<T> - 1, kPieceW);
+  const int64_t sums_bytes = int64_t{kBlockedThreads} * 16 * sizeof(float);
+  return kernel_h <= 1024 && kernel_w <= 1024 && widest.shared_bytes <= kBlockedSharedLimit &&
+         sums_bytes <= kBlockedSharedLimit;
+}
+
+// `count` floats from 16-byte aligned shared memory into registers.
+template <int kCount>
+__device__ __forceinline__ void load_floats(const float* source, float (&target)[kCount]) {
+#pragma unroll
+  for (int v = 0; v < kCount / 4; ++v) {
+    const float4 value = reinterpret_cast<const float4*>(source)[v];
+    target[4 * v] = value.x, target[4 * v + 1] = value.y, target[4 * v + 2] = value.z, target[4 * v + 3] = value.w;
+  }
+}
+
+template <typename T, int kTaps>
+__global__ void __launch_bounds__(kBlockedThreads, 4) weight_grad_blocked_partials(WeightGradArgs a,
                                                                                  int64_t rows_per_split,
                                                                                  BlockedLayout layout) {
   float* const shared = dynamic_shared<float>();
@@ -150,16 +189,17 @@ __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(
   float* partial = a.workspace + (split * dy.c + o) * (taps + 1);
   const int tid = thread_index();
 
-  const int units = kh * (kw_pad / kTapWindow);  // (kernel row, 8 taps) per thread
-  const int groups = units >= kBlockedThreads ? 1 : kBlockedThreads / units;
+  // Units of (kernel row, kTaps taps), one per thread; where there are few, groups of threads repeat them, each
+  // group taking every groups-th column chunk. A unit's groups are adjacent threads, so a warp spans few kernel rows.
+  const int units = kh * (kw_pad / kTaps), groups = thread_groups(units);
   float bias = 0.f;  // this thread's share of the bias grad
   for (int unit_base = 0; unit_base < units; unit_base += kBlockedThreads) {
-    const int group = tid / units < groups ? tid / units : groups;  // `groups`: idle thread
-    const int unit = unit_base + (groups == 1 ? tid : tid % units);
-    const bool active = group < groups && unit < units;
-    const int r = active ? unit / (kw_pad / kTapWindow) : 0;
-    const int q0 = active ? unit % (kw_pad / kTapWindow) * kTapWindow : 0;
-    float acc[kTapWindow] = {};
+    const int group = tid % groups;
+    const int unit = unit_base + tid / groups;  // past `units` (idle) only in the last pass
+    const bool active = unit < units;
+    const int r = active ? unit / (kw_pad / kTaps) : 0;
+    const int q0 = active ? unit % (kw_pad / kTaps) * kTaps : 0;
+    float acc[kTaps] = {};
 
     for (int64_t flat = first_row; flat < end_row;) {
       const int64_t n = flat / dy.h, oh0 = flat % dy.h;
@@ -186,15 +226,14 @@ __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(
           for (int i = i_begin; i < i_end; ++i) {
             const float* dy_row = dy_strip + i * kPieceW;
             const float* x_row = x_strip + (i + r) * x_pitch + q0;
-            for (int w0 = group * kTapWindow; w0 < width; w0 += groups * kTapWindow) {
-              float dy_values[kTapWindow], x_values[2 * kTapWindow];
-              load8(dy_row + w0, dy_values);
-              load8(x_row + w0, x_values);
-              load8(x_row + w0 + kTapWindow, x_values + kTapWindow);
+            for (int w0 = group * kDyChunk; w0 < width; w0 += groups * kDyChunk) {
+              float dy_values[kDyChunk], x_values[kDyChunk + kTaps];
+              load_floats(dy_row + w0, dy_values);
+              load_floats(x_row + w0, x_values);
 #pragma unroll
-              for (int t = 0; t < kTapWindow; ++t)
+              for (int t = 0; t < kTaps; ++t)
 #pragma unroll
-                for (int j = 0; j < kTapWindow; ++j) acc[t] = fmaf(dy_values[j], x_values[j + t], acc[t]);
+                for (int j = 0; j < kDyChunk; ++j) acc[t] = fmaf(dy_values[j], x_values[j + t], acc[t]);
             }
           }
         }
@@ -207,16 +246,16 @@ __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(
 
     // Add the groups' sums in group order (deterministic), then write this pass's taps.
     block_sync();
-    float* sums = shared;  // groups x units x kTapWindow floats: fits in the strips, which are done
+    float* sums = shared;  // groups x units x kTaps floats (blocked_layout sizes shared memory for them)
     if (active) {
-      for (int t = 0; t < kTapWindow; ++t) sums[(group * units + unit - unit_base) * kTapWindow + t] = acc[t];
+      for (int t = 0; t < kTaps; ++t) sums[(group * units + unit - unit_base) * kTaps + t] = acc[t];
     }
     block_sync();
     if (active && group == 0) {
       for (int other = 1; other < groups; ++other) {
-        for (int t = 0; t < kTapWindow; ++t) acc[t] += sums[(other * units + unit - unit_base) * kTapWindow + t];
+        for (int t = 0; t < kTaps; ++t) acc[t] += sums[(other * units + unit - unit_base) * kTaps + t];
       }
-      for (int t = 0; t < kTapWindow; ++t) {
+      for (int t = 0; t < kTaps; ++t) {
         const int q = q0 + t - layout.shift;
         if (q >= 0 && q < kw) partial[r * kw + q] = acc[t];
       }
@@ -230,6 +269,12 @@ __global__ void __launch_bounds__(kBlockedThreads) weight_grad_blocked_partials(
     for (int other = 1; other < kBlockedThreads; ++other) bias += shared[other];
     partial[taps] = bias;
   }
+}
+
+// The blocked partials kernel for a layout's taps per thread.
+template <typename T>
+inline auto blocked_partials_kernel(const BlockedLayout& layout) {
+  return layout.taps_per_thread == 16 ? weight_grad_blocked_partials<T, 16> : weight_grad_blocked_partials<T, 8>;
 }
 
 // dy rows per split: the N*OH rows cut into `splits` ranges.

@@ -1,6 +1,7 @@
 // Staging a block's source tile from global into shared memory, in 16-byte vectors where the source rows allow: the
 // tensor-core kernels (tensor_core.cuh, tensor_core_weight_grad.cuh) and the CUDA-core kernels (blocked.cuh,
-// direct_weight_grad.cuh) share it. What a tile holds (raw 16-bit elements, TF32-rounded or fp32 values) is the caller's staging policy:
+// direct_weight_grad.cuh) share it. What a tile holds (raw 16-bit elements, TF32-rounded or fp32 values) is the
+// caller's staging policy:
 //   Element                                        the tile's element type;
 //   kVector                                        storage elements per 16-byte global load (kVectorElements<T>);
 //   stage(data, index)                             one element, as the tile holds it;

@@ -43,8 +43,8 @@ struct UnitStrideSizes {
   int64_t dst_h, dst_w;
 };
 
-// Whether the blocked kernel's shared-memory tile fits for this kernel size.
-bool blocked_fits(int kernel_h, int kernel_w);
+// Whether the blocked kernel's shared-memory tile fits for this dtype and kernel size, whatever the source's alignment.
+bool blocked_fits(DType dtype, int kernel_h, int kernel_w);
 
 // Launches the blocked kernel on `stream`; returns the cudaError_t of the launch.
 int blocked_conv(const UnitStrideArgs& args, void* stream);

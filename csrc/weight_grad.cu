@@ -35,9 +35,11 @@ bool weight_grad_is_whole_map(DType dtype, bool allow_tf32, const Geometry& g, c
   }) != 0;
 }
 
-bool weight_grad_is_blocked(const Geometry& g) {
+bool weight_grad_is_blocked(DType dtype, const Geometry& g) {
   namespace dw = direct_weight_grad;
-  return unit_stride_and_dilation(g) && dw::blocked_fits(g.kernel_h, g.kernel_w);
+  return unit_stride_and_dilation(g) && dispatch_dtype(dtype, [&]<typename T>() {
+           return static_cast<int>(dw::blocked_fits<T>(g.kernel_h, g.kernel_w));
+         }) != 0;
 }
 
 namespace {
@@ -64,9 +66,9 @@ int launch_partials(const WeightGradArgs& args, bool whole_map, cudaStream_t str
   }
   namespace dw = direct_weight_grad;
   const int64_t blocks = channels * args.splits;
-  if (weight_grad_is_blocked(g)) {
+  if (weight_grad_is_blocked(args.dtype, g)) {
     const dw::BlockedLayout layout = dw::blocked_layout<T>(args);
-    dw::weight_grad_blocked_partials<T><<<blocks, dw::kBlockedThreads, layout.shared_bytes, stream>>>(
+    dw::blocked_partials_kernel<T>(layout)<<<blocks, dw::kBlockedThreads, layout.shared_bytes, stream>>>(
         args, dw::rows_per_split(args), layout);
   } else {
     dw::weight_grad_partials<T><<<blocks, dw::kThreads, dw::kRowChunkBytes, stream>>>(args, dw::rows_per_split(args));

@@ -174,6 +174,11 @@ WEIGHT_GRAD_CASES = {
                                                      torch.float32, 2, "nchw"),
         "16-byte bf16 rows: shift 7 takes an 8-wide filter into a second tap window": (
             (1, 2, 10, 16), (5, 8), 1, (1, 1), (2, 2, 1, 6), (1, 1), torch.bfloat16, 2, "nchw"),
+        # 16 taps per thread (the 31x31 and 63x63 cases above take them too): 40 units in 3 thread groups, which split
+        # a full 64-column piece and a 1-column one.
+        "20x32: 16 taps per thread in 3 groups, two column pieces": ((1, 1, 24, 64), (20, 32), 1, (1, 1),
+                                                                     (10, 9, 16, 16), (1, 1), torch.float32, 2,
+                                                                     "nchw"),
     },
     "per_tap": {
         "stride 2, dilation 2, multiplier 2": ((2, 2, 13, 15), (3, 5), 2, (2, 2), (2, 2, 4, 4), (2, 2), torch.float32,

@@ -1,7 +1,12 @@
 """lkconv._C, the CUDA extension, on any machine: it is built wherever nvcc is, it loads with a CPU-only torch,
 its ops are registered for CUDA, and calls it cannot serve are answered cleanly (numerics are GPU tests)."""
 
+import os
+import re
 import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +191,34 @@ def test_a_broken_extension_warns_once_and_auto_carries_on(monkeypatch):
     finally:
         monkeypatch.undo()
         cuda_backend._import_failure.cache_clear()
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_cuda_kernels_keep_every_value_in_registers(arch, tmp_path):
+    """No kernel in csrc/ spills registers to local memory on sm_80 or sm_90: ptxas's own count, with setup.py's
+    flags. A spill in an inner loop would cost far more than the instruction counts the kernels are tuned by, and only
+    a GPU would show it otherwise."""
+    nvcc = shutil.which("nvcc")
+    assert nvcc is not None, "nvcc is on every machine lkconv builds on (README); it is not on PATH here"
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+
+    def compile_and_report(source: Path) -> str:
+        command = [nvcc, "-std=c++20", "-O3", "-I", str(csrc), f"-arch=sm_{arch}", "-cubin", "--resource-usage",
+                   "-o", str(tmp_path / f"{source.stem}.cubin"), str(source)]
+        built = subprocess.run(command, capture_output=True, text=True)
+        assert built.returncode == 0, f"nvcc failed on {source.name}:\n{built.stderr[-3000:]}"
+        return built.stdout + built.stderr
+
+    sources = sorted(csrc.glob("*.cu"))
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        reports = list(pool.map(compile_and_report, sources))
+    kernels, spilling = 0, []
+    for report in reports:
+        kernel = None
+        for line in report.splitlines():
+            if found := re.search(r"Compiling entry function '(\S+)'", line):
+                kernel, kernels = found.group(1), kernels + 1
+            elif kernel and (spill := re.search(r"(\d+) bytes spill stores", line)) and int(spill.group(1)) > 0:
+                spilling.append(f"{kernel}: {spill.group(1)} bytes")
+    assert kernels >= len(sources), f"ptxas reported {kernels} kernels for {len(sources)} sources"
+    assert not spilling, f"sm_{arch} kernels that spill:\n" + "\n".join(spilling)

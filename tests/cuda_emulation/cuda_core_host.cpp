@@ -153,12 +153,12 @@ int weight_grad(std::ifstream& in, const char* out_path) {
   with_type(dtype, [&]<typename T>() {
     if (h[11] == kBlocked) {
       if (!unit(args.conv)) fail("the blocked weight grad runs at stride 1 and dilation 1 only");
-      if (!dw::blocked_fits(args.conv.kernel_h, args.conv.kernel_w)) {
+      if (!dw::blocked_fits<T>(args.conv.kernel_h, args.conv.kernel_w)) {
         fail("the blocked weight grad's strips do not fit in shared memory");
       }
       const dw::BlockedLayout layout = dw::blocked_layout<T>(args);
       emulate_grid(blocks, dw::kBlockedThreads, layout.shared_bytes,
-                   [&] { dw::weight_grad_blocked_partials<T>(args, dw::rows_per_split(args), layout); });
+                   [&] { dw::blocked_partials_kernel<T>(layout)(args, dw::rows_per_split(args), layout); });
     } else {
       emulate_grid(blocks, dw::kThreads, dw::kRowChunkBytes,
                    [&] { dw::weight_grad_partials<T>(args, dw::rows_per_split(args)); });

@@ -1,6 +1,7 @@
 """lkconv.DepthwiseConv2d, a drop-in nn.Conv2d(groups=C) that runs on lkconv's op, and model conversion both ways."""
 
 import copy
+import operator
 from typing import Optional, Union
 
 import torch
@@ -14,7 +15,10 @@ _size_2_t = Union[int, tuple[int, int]]
 
 
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    """An integer >= 1: a Python or NumPy int (anything with __index__), not a bool."""
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return False
+    return operator.index(value) >= 1
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -40,8 +44,8 @@ class DepthwiseConv2d(nn.Conv2d):
     ) -> None:
         if not _positive_int(in_channels):
             raise ValueError(f"in_channels must be an int >= 1; got {in_channels!r}")
-        sizes = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        if not isinstance(sizes, (tuple, list)) or len(sizes) != 2 or not all(_positive_int(size) for size in sizes):
+        sizes = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size, kernel_size)
+        if len(sizes) != 2 or not all(_positive_int(size) for size in sizes):
             raise ValueError(f"kernel_size must be an int >= 1 or a pair of them; got {kernel_size!r}")
         if not _positive_int(depth_multiplier):
             raise ValueError(f"depth_multiplier must be an int >= 1; got {depth_multiplier!r}")

@@ -3,6 +3,7 @@
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,11 @@ def test_repr_equals_nn_conv2d_repr_apart_from_class_name(kwargs):
 def test_bad_depth_multiplier_raises_value_error_naming_it(depth_multiplier):
     with pytest.raises(ValueError, match=r"depth_multiplier.*" + re.escape(repr(depth_multiplier))):
         lkconv.DepthwiseConv2d(4, 7, depth_multiplier=depth_multiplier)
+
+
+def test_numpy_integers_are_accepted_like_nn_conv2d():
+    layer = lkconv.DepthwiseConv2d(np.int64(4), (np.int64(5), 3), depth_multiplier=np.int32(2))
+    assert layer.weight.shape == (8, 1, 5, 3) and layer.depth_multiplier == 2
 
 
 @pytest.mark.parametrize("in_channels", [0, -2, 2.0, True, None])

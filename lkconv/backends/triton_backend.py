@@ -265,13 +265,14 @@ def _whole_map_config(p: ConvPass, interpret: bool) -> WholeMapConfig:
 def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
     """Rows or whole map, whichever multiplies less (padding of each block included), with its blocks; channels_last
     maps (a channel block) always take the channel-block rows kernel."""
+    if p.batch == 0:  # an empty batch launches nothing; plan as for one image, so that explain can say what runs
+        p = p._replace(batch=1)
     if p.channel_block:
         # Predicted faster than the per-channel whole-map form too, which reads a channels_last map a line per element
         # (benchmarks/NOTES.md, Triton version 3).
         return ConvPlan("rows_channels_last", _rows_channels_last_config(p, interpret))
     rows = _rows_config(p, interpret)
-    batch = max(p.batch, 1)  # an empty batch launches nothing; plan as for one image, so explain can say what
-    dst_rows = batch * p.dst_h
+    dst_rows = p.batch * p.dst_h
     rows_cost = (
         _kernel_rows_reached(p) * _cdiv(_source_span(p, rows.block_w), rows.block_j) * rows.block_j
         * _cdiv(dst_rows, rows.block_m) * rows.block_m / dst_rows
@@ -279,7 +280,7 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
     src_pixels = p.src_h * p.src_w
     if src_pixels <= 4096:
         whole = _whole_map_config(p, interpret)
-        whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(batch, whole.block_n) * whole.block_n / batch
+        whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(p.batch, whole.block_n) * whole.block_n / p.batch
         if whole_cost < rows_cost:
             return ConvPlan("whole_map", whole)
     if p.stride == (1, 1) and p.dilation == (1, 1) and (interpret or _shifted_filter_pays(p, rows)):

@@ -310,7 +310,8 @@ def main_choices(argv) -> int:
                                 description="Write which GPU backend auto should pick per shape class, from a run that "
                                             "timed both (--backends triton cuda): the faster forward+backward wins.")
     p.add_argument("folder", type=Path)
-    p.add_argument("--to", type=Path, default=measured.TABLE, help=f"the table to write (default: {measured.TABLE})")
+    p.add_argument("--to", type=Path, default=measured.table_path(),
+                   help=f"the table to write (default: ${measured.CHOICES_VARIABLE} if set, else {measured.TABLE})")
     args = p.parse_args(argv)
     try:
         rows, metas = report.load(args.folder)

@@ -1,6 +1,7 @@
 """Backend control (set_backend, use_backend, LKCONV_BACKEND), dispatch, explain, and the forced triton backend."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -571,6 +572,24 @@ def test_auto_follows_the_measured_table_when_both_gpu_backends_can_run(monkeypa
         assert other.module is triton_backend and "no measurement" in other.reason
     finally:
         backends._choose.cache_clear()
+
+
+def test_lkconv_choices_names_a_table_of_ones_own(monkeypatch, tmp_path):
+    from lkconv.backends import measured
+
+    table = {"device": "GPU Z", "choices": [{"dtype": "bfloat16", "kernel": [31, 31], "stride": [1, 1],
+                                             "dilation": [1, 1], "size": [56, 56], "backend": "cuda"}]}
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("LKCONV_CHOICES", str(path))
+    assert measured.table_path() == path and measured.load() == table
+    shape = measured.ShapeClass.of((31, 31), (1, 1), (1, 1), (56, 56))
+    assert measured.lookup(measured.load(), "GPU Z", torch.bfloat16, shape) == "cuda"
+    monkeypatch.setenv("LKCONV_CHOICES", str(tmp_path / "missing.json"))
+    with pytest.raises(RuntimeError, match="LKCONV_CHOICES.*missing.json"):
+        measured.load()
+    monkeypatch.delenv("LKCONV_CHOICES")
+    assert measured.table_path() == measured.TABLE
 
 
 def test_the_committed_table_is_valid():

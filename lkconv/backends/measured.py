@@ -3,17 +3,21 @@
 `python -m benchmarks choices RESULTS_DIR` writes the file from a benchmark run that timed both `triton` and
 `cuda`: for each (dtype, kernel, stride, dilation, map size, layout) the backend with the faster forward+backward.
 A table applies only on the GPU model it was measured on; without a matching entry `auto` keeps its default order.
+On other GPUs, run the benchmark with both backends, write a table of your own with `choices --to PATH`, and point
+LKCONV_CHOICES at it: it then stands in for the committed one.
 """
 
 import functools
 import json
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 TABLE = Path(__file__).with_name("measured_choices.json")
+CHOICES_VARIABLE = "LKCONV_CHOICES"
 # A measured map size stands for maps up to this factor larger or smaller (per side).
 NEAREST_FACTOR = 2.0
 
@@ -43,13 +47,25 @@ def layout_of(tensor: torch.Tensor) -> str:
     return "channels_last" if tensor.shape[1] > 1 and tensor.stride(1) == 1 else "nchw"
 
 
+def table_path() -> Path:
+    """The table auto reads: $LKCONV_CHOICES where set, else the committed one."""
+    return Path(os.environ[CHOICES_VARIABLE]) if os.environ.get(CHOICES_VARIABLE) else TABLE
+
+
+def load(path: Optional[Path] = None) -> dict:
+    """The table at `path` (default: table_path()): {"device": GPU name or None, "choices": [{dtype, kernel, stride,
+    dilation, size, backend, ...}]}. A LKCONV_CHOICES that names no file is an error, not a silent default order."""
+    return _read(path or table_path())
+
+
 @functools.lru_cache(maxsize=None)
-def load(path: Path = TABLE) -> dict:
-    """The committed table: {"device": GPU name or None, "choices": [{dtype, kernel, stride, dilation, size,
-    backend, ...}]}."""
-    if not path.exists():
+def _read(path: Path) -> dict:
+    if path == TABLE and not path.exists():
         return {"device": None, "choices": []}
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"{CHOICES_VARIABLE}: cannot read the backend table {path}: {error}") from error
 
 
 def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass) -> Optional[str]:

@@ -16,12 +16,13 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import arguments, backends
+from .backends import autotune
 
 
-def _backend(tensor: Tensor, kernel, stride, dilation, input_hw):
+def _backend(tensor: Tensor, kernel, stride, dilation, input_hw, problem: Optional[autotune.Problem] = None):
     """The backend for one pass; every pass of a conv sees the same shape class (dy takes x's layout), so all three
-    pick alike."""
-    return backends.choose_for_conv(tensor, kernel, stride, dilation, input_hw).module
+    pick alike. The forward hands in its `problem`, for LKCONV_AUTOTUNE to time."""
+    return backends.choose_for_conv(tensor, kernel, stride, dilation, input_hw, problem).module
 
 
 def _in_layout_of(output: Tensor, like: Tensor) -> Tensor:
@@ -44,7 +45,8 @@ def depthwise_conv2d_op(
 ) -> Tensor:
     """y = conv2d(input, weight, bias, groups=C) on a validated (N, C, H, W) input."""
     _check_forward(input, weight, bias, stride, padding, dilation)
-    output = _backend(input, weight.shape[2:], stride, dilation, input.shape[2:]).forward(
+    problem = autotune.Problem(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+    output = _backend(input, weight.shape[2:], stride, dilation, input.shape[2:], problem).forward(
         input, weight, bias, stride, padding, dilation)
     return _in_layout_of(output, input)
 

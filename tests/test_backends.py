@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import time
 
 import pytest
 import torch
@@ -599,3 +600,119 @@ def test_the_committed_table_is_valid():
     assert set(table) >= {"device", "choices"}
     for entry in table["choices"]:
         assert entry["backend"] in ("triton", "cuda") and len(entry["kernel"]) == len(entry["size"]) == 2
+
+
+# --- LKCONV_AUTOTUNE: run-time measurement where nothing is committed ----------------------------------------------
+
+
+@pytest.fixture
+def two_gpu_backends(monkeypatch):
+    """Both GPU backends look usable on "GPU X", and their passes are PyTorch's plus a delay per forward that the
+    test sets: autotune's timing runs on the CPU."""
+    from lkconv.backends import autotune, cuda_backend
+
+    delays = {"triton": 0.0, "cuda": 0.0}
+    for name, module in (("triton", triton_backend), ("cuda", cuda_backend)):
+        monkeypatch.setattr(module, "unavailable_reason", lambda: None)
+        monkeypatch.setattr(module, "unsupported_reason", lambda device, dtype: None)
+
+        def forward(*args, name=name):
+            time.sleep(delays[name])
+            return torch_backend.forward(*args)
+
+        monkeypatch.setattr(module, "forward", forward)
+        monkeypatch.setattr(module, "input_grad", torch_backend.input_grad)
+        monkeypatch.setattr(module, "weight_grad", torch_backend.weight_grad)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    monkeypatch.setattr(autotune, "can_measure", lambda tensor: True)
+    monkeypatch.setenv("LKCONV_AUTOTUNE", "1")
+    backends._choose.cache_clear()
+    autotune.forget()
+    yield delays
+    backends._choose.cache_clear()
+    autotune.forget()
+
+
+def _autotune_call(shape_size=(12, 12)):
+    from lkconv.backends import autotune, measured
+
+    x = torch.randn(2, 3, *shape_size)
+    w = torch.randn(3, 1, 5, 5)
+    problem = autotune.Problem(x, w, None, (1, 1), (2, 2, 2, 2), (1, 1))
+    shape = measured.ShapeClass.of((5, 5), (1, 1), (1, 1), shape_size)
+    device = torch.device("cuda", 0)
+    return device, x, shape, problem
+
+
+@pytest.mark.parametrize("slow,fast", [("cuda", "triton"), ("triton", "cuda")])
+def test_autotune_times_the_candidates_once_and_keeps_the_faster(two_gpu_backends, slow, fast):
+    from lkconv.backends import autotune
+
+    two_gpu_backends[slow] = 0.02
+    device, x, shape, problem = _autotune_call()
+    default = backends.choose(device, torch.float32, shape)
+    assert default.candidates == ("triton", "cuda") and "no measurement" in default.reason
+    choice = backends.autotuned(default, device, x, shape, problem)
+    assert choice.module is backends._MODULES[fast], choice.reason
+    assert "measured faster at run time on GPU X" in choice.reason and f"{slow} " in choice.reason
+    found = autotune.remembered(("GPU X", torch.float32, shape))
+    assert found.name == fast and found.times_ms[slow] > found.times_ms[fast] + 10
+    # Later passes (no problem to time) and later calls take the remembered choice without timing again.
+    two_gpu_backends[slow], two_gpu_backends[fast] = 0.0, 0.02
+    assert backends.autotuned(default, device, x, shape, None).module is backends._MODULES[fast]
+    assert backends.autotuned(default, device, x, shape, problem).module is backends._MODULES[fast]
+
+
+def test_autotune_keeps_the_default_order_where_it_cannot_time(two_gpu_backends, monkeypatch):
+    from lkconv.backends import autotune
+
+    monkeypatch.setattr(autotune, "can_measure", lambda tensor: False)  # e.g. during CUDA-graph capture
+    device, x, shape, problem = _autotune_call()
+    default = backends.choose(device, torch.float32, shape)
+    choice = backends.autotuned(default, device, x, shape, problem)
+    assert choice.module is default.module and "LKCONV_AUTOTUNE=1 times the candidates" in choice.reason
+    assert autotune.remembered(("GPU X", torch.float32, shape)) is None
+
+
+def test_autotune_is_off_unless_asked_and_rejects_other_values(monkeypatch):
+    from lkconv.backends import autotune
+
+    monkeypatch.delenv("LKCONV_AUTOTUNE", raising=False)
+    assert not autotune.enabled()
+    monkeypatch.setenv("LKCONV_AUTOTUNE", "0")
+    assert not autotune.enabled()
+    monkeypatch.setenv("LKCONV_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match=r"LKCONV_AUTOTUNE must be 0 or 1; got 'yes'"):
+        autotune.enabled()
+
+
+def test_the_forward_op_hands_its_call_to_autotune(monkeypatch):
+    """The forward is the pass with every tensor a timing needs; it passes them as the autotune Problem."""
+    from lkconv.backends import autotune
+
+    seen = []
+    original = backends.choose_for_conv
+
+    def spy(map_tensor, kernel, stride, dilation, input_hw, problem=None):
+        seen.append(problem)
+        return original(map_tensor, kernel, stride, dilation, input_hw, problem)
+
+    monkeypatch.setattr(backends, "choose_for_conv", spy)
+    x, w, b = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3), torch.randn(2)
+    with lkconv.use_backend("torch"):
+        lkconv.depthwise_conv2d(x, w, b, 1, 1, 1)
+    problem = seen[0]
+    assert isinstance(problem, autotune.Problem) and problem.input is x and problem.weight is w and problem.bias is b
+    assert problem.padding == (1, 1, 1, 1) and problem.stride == (1, 1) and problem.dilation == (1, 1)
+
+
+def test_autotune_never_times_cpu_or_fake_tensors():
+    """Fake tensors (torch.compile's tracing) have no data to time; CPU tensors never reach the GPU backends."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lkconv.backends import autotune
+
+    assert not autotune.can_measure(torch.randn(2))
+    with FakeTensorMode():
+        fake = torch.empty(2, device="cuda")
+    assert fake.device.type == "cuda" and not autotune.can_measure(fake)

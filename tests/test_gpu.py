@@ -55,6 +55,29 @@ def test_matches_float64_at_realistic_shapes(backend, shape, kernel, dtype, chan
         assert y.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_autotune_times_both_gpu_backends_and_answers_with_the_faster(monkeypatch):
+    from lkconv import backends
+    from lkconv.backends import autotune
+
+    assert "cuda" in lkconv.available_backends(), "lkconv._C is built wherever nvcc is (test_cuda_extension.py)"
+    monkeypatch.setenv("LKCONV_AUTOTUNE", "1")
+    autotune.forget()
+    backends._choose.cache_clear()
+    try:
+        x, w, b = _inputs((8, 64, 32, 32), 13, torch.bfloat16, False)
+        y = lkconv.depthwise_conv2d(x, w, b, padding=6)
+        plan = lkconv.explain(x, w, b, padding=6)
+        assert plan.backend in ("triton", "cuda") and "measured faster at run time" in plan.reason, plan.reason
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+        expected = reference(x, w, b, 1, 6, 1, dy)
+        for name, actual, wanted in zip(("output", "grad_input", "grad_weight", "grad_bias"), (y, *grads), expected):
+            assert_close(actual, wanted, TOLERANCE[torch.bfloat16], f"autotuned {plan.backend} {name}")
+    finally:
+        autotune.forget()
+        backends._choose.cache_clear()
+
+
 def test_auto_picks_triton_on_cuda():
     x, w, b = _inputs((2, 8, 16, 16), 7, torch.bfloat16, False)
     assert lkconv.explain(x, w, b, padding=3).backend == "triton"

@@ -3,7 +3,9 @@
 A backend module has `name`, `unavailable_reason()`, `unsupported_reason(device, dtype)`, `describe(...)` and the
 passes `forward`, `input_grad` and `weight_grad`. The request comes from `set_backend` / `use_backend`, else
 the LKCONV_BACKEND environment variable, else 'auto'. 'auto' takes the fastest backend that can run the call
-and falls back to `torch`; a forced backend that cannot run the call raises instead of falling back.
+and falls back to `torch`; a forced backend that cannot run the call raises instead of falling back. Which GPU
+backend is fastest comes from the committed table (measured.py) or, with LKCONV_AUTOTUNE=1, from timing the first
+call of each shape class (autotune.py); otherwise from the default order.
 """
 
 import contextlib
@@ -14,7 +16,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from . import cuda_backend, measured, torch_backend, triton_backend
+from . import autotune, cuda_backend, measured, torch_backend, triton_backend
 
 NAMES = ("auto", "torch", "triton", "cuda")
 _MODULES = {"torch": torch_backend, "triton": triton_backend, "cuda": cuda_backend}
@@ -31,10 +33,12 @@ class BackendUnavailableError(RuntimeError):
 
 
 class Choice(NamedTuple):
-    """The backend that runs a call, and why it was picked."""
+    """The backend that runs a call, and why it was picked; `candidates` are the GPU backends `auto` chose among by
+    the default order alone (nothing measured), which run-time measurement may choose among instead."""
 
     module: object
     reason: str
+    candidates: tuple = ()
 
 
 def _check_name(name: object, source: str) -> str:
@@ -114,13 +118,35 @@ def choose(device: torch.device, dtype: torch.dtype, shape: Optional[measured.Sh
     return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting(), shape)
 
 
-def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, dilation, input_hw) -> Choice:
+def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, dilation, input_hw,
+                    problem: Optional[autotune.Problem] = None) -> Choice:
     """`choose` for one pass of a conv that reads `map_tensor` (x, or dy in the backward). Only CUDA tensors can pick
-    by shape class (measured.py), so only they build one: other calls share one cache entry per device and dtype."""
+    by shape class (measured.py), so only they build one: other calls share one cache entry per device and dtype.
+    `problem` (the forward call's tensors) lets LKCONV_AUTOTUNE time the candidates where nothing was measured."""
     device = map_tensor.device
     shape = (measured.ShapeClass.of(kernel, stride, dilation, input_hw, measured.layout_of(map_tensor))
              if device.type == "cuda" else None)
-    return choose(device, map_tensor.dtype, shape)
+    choice = choose(device, map_tensor.dtype, shape)
+    if choice.candidates and shape is not None and autotune.enabled():
+        return autotuned(choice, device, map_tensor, shape, problem)
+    return choice
+
+
+def autotuned(choice: Choice, device: torch.device, map_tensor: torch.Tensor, shape: measured.ShapeClass,
+              problem: Optional[autotune.Problem]) -> Choice:
+    """The candidate measured faster at run time for this GPU, dtype and shape class: remembered from an earlier
+    call, or timed now on `problem` where it may be; else `choice` (the default order) until a call measures."""
+    gpu = torch.cuda.get_device_name(device)
+    key = (gpu, map_tensor.dtype, shape)
+    found = autotune.remembered(key)
+    if found is None and problem is not None and autotune.can_measure(map_tensor):
+        found = autotune.measure(key, {name: _MODULES[name] for name in choice.candidates}, problem)
+    if found is None:
+        return choice._replace(reason=f"{choice.reason}; {autotune.VARIABLE}=1 times the candidates at the first "
+                                      "forward call it can")
+    times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in found.times_ms.items())
+    return Choice(_MODULES[found.name], f"auto: {found.name} measured faster at run time on {gpu} (forward and "
+                                        f"backward: {times})")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -151,4 +177,5 @@ def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch
                                             f"shape class on {gpu}")
     tried = f" ({'; '.join(skipped)})" if skipped else ""
     unmeasured = " (no measurement for this shape class: the default order)" if len(usable) > 1 else ""
-    return Choice(_MODULES[usable[0]], f"auto: {usable[0]} kernels{tried}{unmeasured}")
+    candidates = tuple(usable) if len(usable) > 1 and shape is not None else ()
+    return Choice(_MODULES[usable[0]], f"auto: {usable[0]} kernels{tried}{unmeasured}", candidates)

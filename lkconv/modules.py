@@ -14,11 +14,32 @@ from .ops import depthwise_conv2d
 _size_2_t = Union[int, tuple[int, int]]
 
 
-def _positive_int(value) -> bool:
-    """An integer >= 1: a Python or NumPy int (anything with __index__), not a bool."""
-    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
-        return False
-    return operator.index(value) >= 1
+def _positive_int(value, name: str) -> int:
+    """`value` as a Python int >= 1: ints and NumPy or integer-tensor scalars (anything with __index__), not bools;
+    else a ValueError naming the argument."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return number
+
+
+def _kernel_pair(kernel_size) -> tuple[int, int]:
+    """kernel_size as two Python ints >= 1, from an int or a sequence of two (tuple, list, array)."""
+    try:
+        try:
+            sizes = [operator.index(kernel_size)] * 2
+        except TypeError:
+            sizes = list(kernel_size)
+        if len(sizes) != 2 or any(isinstance(size, bool) for size in sizes + [kernel_size]):
+            raise ValueError
+        return tuple(_positive_int(size, "kernel_size") for size in sizes)
+    except (TypeError, ValueError):
+        raise ValueError(f"kernel_size must be an int >= 1 or a pair of them; got {kernel_size!r}") from None
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -42,13 +63,10 @@ class DepthwiseConv2d(nn.Conv2d):
         device=None,
         dtype=None,
     ) -> None:
-        if not _positive_int(in_channels):
-            raise ValueError(f"in_channels must be an int >= 1; got {in_channels!r}")
-        sizes = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size, kernel_size)
-        if len(sizes) != 2 or not all(_positive_int(size) for size in sizes):
-            raise ValueError(f"kernel_size must be an int >= 1 or a pair of them; got {kernel_size!r}")
-        if not _positive_int(depth_multiplier):
-            raise ValueError(f"depth_multiplier must be an int >= 1; got {depth_multiplier!r}")
+        # Plain ints from here on: NumPy scalars would multiply in their own (overflowing) types.
+        in_channels = _positive_int(in_channels, "in_channels")
+        kernel_size = _kernel_pair(kernel_size)
+        depth_multiplier = _positive_int(depth_multiplier, "depth_multiplier")
         super().__init__(
             in_channels, in_channels * depth_multiplier, kernel_size, stride, padding, dilation,
             groups=in_channels, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import time
 
 import pytest
@@ -586,8 +587,19 @@ def test_lkconv_choices_names_a_table_of_ones_own(monkeypatch, tmp_path):
     assert measured.table_path() == path and measured.load() == table
     shape = measured.ShapeClass.of((31, 31), (1, 1), (1, 1), (56, 56))
     assert measured.lookup(measured.load(), "GPU Z", torch.bfloat16, shape) == "cuda"
+    table["choices"][0]["backend"] = "triton"  # an edited table is read again
+    path.write_text(json.dumps(table))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert measured.lookup(measured.load(), "GPU Z", torch.bfloat16, shape) == "triton"
+    monkeypatch.chdir(tmp_path)  # a relative path is resolved when read
+    monkeypatch.setenv("LKCONV_CHOICES", "choices.json")
+    assert measured.load() == table
     monkeypatch.setenv("LKCONV_CHOICES", str(tmp_path / "missing.json"))
-    with pytest.raises(RuntimeError, match="LKCONV_CHOICES.*missing.json"):
+    with pytest.raises(RuntimeError, match="LKCONV_CHOICES=.*missing.json"):
+        measured.load()
+    (tmp_path / "list.json").write_text("[]")
+    monkeypatch.setenv("LKCONV_CHOICES", str(tmp_path / "list.json"))
+    with pytest.raises(RuntimeError, match="LKCONV_CHOICES=.*list.json is not a backend table"):
         measured.load()
     monkeypatch.delenv("LKCONV_CHOICES")
     assert measured.table_path() == measured.TABLE
@@ -655,12 +667,33 @@ def test_autotune_times_the_candidates_once_and_keeps_the_faster(two_gpu_backend
     choice = backends.autotuned(default, device, x, shape, problem)
     assert choice.module is backends._MODULES[fast], choice.reason
     assert "measured faster at run time on GPU X" in choice.reason and f"{slow} " in choice.reason
-    found = autotune.remembered(("GPU X", torch.float32, shape))
+    found = autotune.remembered(autotune.key_of("GPU X", torch.float32, shape))
     assert found.name == fast and found.times_ms[slow] > found.times_ms[fast] + 10
     # Later passes (no problem to time) and later calls take the remembered choice without timing again.
     two_gpu_backends[slow], two_gpu_backends[fast] = 0.0, 0.02
     assert backends.autotuned(default, device, x, shape, None).module is backends._MODULES[fast]
     assert backends.autotuned(default, device, x, shape, problem).module is backends._MODULES[fast]
+
+
+def test_autotune_leaves_out_a_candidate_that_fails_and_keys_by_rounded_size_and_fp32_rule(two_gpu_backends,
+                                                                                              monkeypatch):
+    from lkconv.backends import autotune, cuda_backend
+
+    def broken(*args):
+        raise RuntimeError("too many resources requested for launch")
+
+    monkeypatch.setattr(cuda_backend, "forward", broken)
+    device, x, shape, problem = _autotune_call((12, 12))
+    default = backends.choose(device, torch.float32, shape)
+    choice = backends.autotuned(default, device, x, shape, problem)
+    assert choice.module is triton_backend and "cuda" not in choice.reason.split("backward:")[1]
+    # 12x12 and 15x16 maps share a key (16x16); 17x16 does not; nor does the same map under the other fp32 rule.
+    key, bf16_key = autotune.key_of("GPU X", torch.float32, shape), autotune.key_of("GPU X", torch.bfloat16, shape)
+    assert autotune.key_of("GPU X", torch.float32, shape._replace(size=(15, 16))) == key
+    assert autotune.key_of("GPU X", torch.float32, shape._replace(size=(17, 16))) != key
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # the autouse fixture restores "ieee"
+    assert autotune.key_of("GPU X", torch.float32, shape) != key
+    assert autotune.key_of("GPU X", torch.bfloat16, shape) == bf16_key  # the fp32 rule does not touch bf16
 
 
 def test_autotune_keeps_the_default_order_where_it_cannot_time(two_gpu_backends, monkeypatch):
@@ -671,7 +704,7 @@ def test_autotune_keeps_the_default_order_where_it_cannot_time(two_gpu_backends,
     default = backends.choose(device, torch.float32, shape)
     choice = backends.autotuned(default, device, x, shape, problem)
     assert choice.module is default.module and "LKCONV_AUTOTUNE=1 times the candidates" in choice.reason
-    assert autotune.remembered(("GPU X", torch.float32, shape)) is None
+    assert autotune.remembered(autotune.key_of("GPU X", torch.float32, shape)) is None
 
 
 def test_autotune_is_off_unless_asked_and_rejects_other_values(monkeypatch):

@@ -146,12 +146,16 @@ def test_bad_depth_multiplier_raises_value_error_naming_it(depth_multiplier):
         lkconv.DepthwiseConv2d(4, 7, depth_multiplier=depth_multiplier)
 
 
-def test_numpy_integers_are_accepted_like_nn_conv2d():
+def test_numpy_integers_are_accepted_like_nn_conv2d_and_stored_as_ints():
     layer = lkconv.DepthwiseConv2d(np.int64(4), (np.int64(5), 3), depth_multiplier=np.int32(2))
     assert layer.weight.shape == (8, 1, 5, 3) and layer.depth_multiplier == 2
+    assert type(layer.in_channels) is int and all(type(k) is int for k in layer.kernel_size)
+    # uint8 arithmetic would wrap 128 * 2 to 0 channels: the sizes are converted before they multiply.
+    assert lkconv.DepthwiseConv2d(np.uint8(128), 3, depth_multiplier=np.uint8(2)).weight.shape == (256, 1, 3, 3)
+    assert lkconv.DepthwiseConv2d(4, np.array([5, 3])).kernel_size == (5, 3)
 
 
-@pytest.mark.parametrize("in_channels", [0, -2, 2.0, True, None])
+@pytest.mark.parametrize("in_channels", [0, -2, 2.0, True, None, torch.tensor(4.0)])
 def test_bad_in_channels_raises_value_error_naming_it(in_channels):
     """nn.Conv2d would blame `groups`, which the caller never passed."""
     with pytest.raises(ValueError, match=r"in_channels.*" + re.escape(repr(in_channels))):

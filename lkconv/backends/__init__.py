@@ -137,7 +137,7 @@ def autotuned(choice: Choice, device: torch.device, map_tensor: torch.Tensor, sh
     """The candidate measured faster at run time for this GPU, dtype and shape class: remembered from an earlier
     call, or timed now on `problem` where it may be; else `choice` (the default order) until a call measures."""
     gpu = torch.cuda.get_device_name(device)
-    key = (gpu, map_tensor.dtype, shape)
+    key = autotune.key_of(gpu, map_tensor.dtype, shape)
     found = autotune.remembered(key)
     if found is None and problem is not None and autotune.can_measure(map_tensor):
         found = autotune.measure(key, {name: _MODULES[name] for name in choice.candidates}, problem)

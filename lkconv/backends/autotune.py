@@ -2,17 +2,25 @@
 shape class on this GPU and both GPU backends can run it, the first forward call times each backend's forward and
 backward on that call's shapes and remembers the faster one for the rest of the process.
 
-It is opt-in, as cudnn.benchmark is: the first call of each shape class pays for the timing (and for compiling the
-Triton kernels it might not use), the choice may differ between processes whose timings are close, and the backends'
-results differ in rounding. Calls that cannot be timed (during CUDA-graph capture or torch.compile tracing) keep the
-default order until a later call has measured.
+It is opt-in, as cudnn.benchmark is:
+- the first call of each key pays for the timing (and for compiling the Triton kernels it might not use), inference
+  included, since the choice is for forward and backward together, as the committed table's is;
+- the key is the GPU, dtype, fp32 rule (TF32 or exact), kernel, stride, dilation, layout and the map size rounded up
+  to powers of two: the first call's batch and channels decide for the others;
+- the choice may differ between processes whose timings are close, and the backends' results differ in rounding.
+A candidate that fails while timed is left out. Calls that cannot be timed (during CUDA-graph capture or torch.compile
+tracing) keep the default order until a later call has measured; a graph captured before then keeps it in replays.
 """
 
 import os
+import threading
 import time
 from typing import NamedTuple, Optional
 
 import torch
+
+from ..arguments import output_memory_format
+from .gpu import conv_allows_tf32
 
 VARIABLE = "LKCONV_AUTOTUNE"
 REPEATS = 3  # timed runs per backend, after one untimed run (compilation, caches); the fastest counts
@@ -37,6 +45,7 @@ class Measured(NamedTuple):
 
 
 _remembered: dict[tuple, Measured] = {}
+_lock = threading.Lock()  # one thread measures a key; others wait for its answer
 
 
 def enabled() -> bool:
@@ -47,8 +56,15 @@ def enabled() -> bool:
     return value == "1"
 
 
+def key_of(gpu: str, dtype: torch.dtype, shape) -> tuple:
+    """What a measurement stands for: the GPU model, dtype, fp32 rule and shape class, its map size rounded up to
+    powers of two."""
+    size = tuple(1 << max(int(side) - 1, 0).bit_length() for side in shape.size)
+    return gpu, dtype, dtype == torch.float32 and conv_allows_tf32(), shape._replace(size=size)
+
+
 def remembered(key: tuple) -> Optional[Measured]:
-    """What an earlier call measured for `key` (GPU name, dtype, shape class), if any."""
+    """What an earlier call measured for `key` (key_of), if any."""
     return _remembered.get(key)
 
 
@@ -67,20 +83,35 @@ def can_measure(tensor: torch.Tensor) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
-def measure(key: tuple, candidates: dict, problem: Problem) -> Measured:
-    """Times each candidate backend (name -> module) on `problem`, remembers the fastest under `key`, returns it."""
-    times = {name: _time_ms(module, problem) for name, module in candidates.items()}
-    found = Measured(min(times, key=times.get), times)
-    _remembered[key] = found
-    return found
+def measure(key: tuple, candidates: dict, problem: Problem) -> Optional[Measured]:
+    """Times each candidate backend (name -> module) on `problem`, remembers the fastest under `key` and returns it;
+    None where every candidate failed (the call then runs as if nothing had been measured)."""
+    with _lock:
+        if (found := _remembered.get(key)) is not None:  # another thread measured it meanwhile
+            return found
+        times = {}
+        for name, module in candidates.items():
+            try:
+                times[name] = _time_ms(module, problem)
+            except Exception:  # noqa: BLE001 - a backend that fails here is simply not chosen
+                continue
+        if not times:
+            return None
+        found = _remembered[key] = Measured(min(times, key=times.get), times)
+        return found
 
 
 def _time_ms(module, p: Problem) -> float:
-    """The fastest of REPEATS runs of `module`'s forward, input grad and weight grad, in ms (synchronised)."""
+    """The fastest of REPEATS runs of `module`'s forward, input grad and weight grad, in ms (synchronised), with the
+    layout copies the ops make around them (their outputs in the input's layout)."""
+    layout = output_memory_format(p.input)
+
     def run() -> None:
         output = module.forward(p.input, p.weight, p.bias, p.stride, p.padding, p.dilation)
-        # The output stands in for dy: it has dy's shape and layout, and the values do not change the time.
-        module.input_grad(output, p.weight, tuple(p.input.shape), p.stride, p.padding, p.dilation)
+        # The output, in the layout autograd hands dy in, stands in for dy: the values do not change the time.
+        output = output.contiguous(memory_format=layout)
+        grad_input = module.input_grad(output, p.weight, tuple(p.input.shape), p.stride, p.padding, p.dilation)
+        grad_input.contiguous(memory_format=layout)
         module.weight_grad(output, p.input, tuple(p.weight.shape[2:]), p.stride, p.padding, p.dilation,
                            p.bias is not None)
 

@@ -54,18 +54,27 @@ def table_path() -> Path:
 
 def load(path: Optional[Path] = None) -> dict:
     """The table at `path` (default: table_path()): {"device": GPU name or None, "choices": [{dtype, kernel, stride,
-    dilation, size, backend, ...}]}. A LKCONV_CHOICES that names no file is an error, not a silent default order."""
-    return _read(path or table_path())
-
-
-@functools.lru_cache(maxsize=None)
-def _read(path: Path) -> dict:
-    if path == TABLE and not path.exists():
+    dilation, size, backend, ...}]}, read again when the file changes. A LKCONV_CHOICES that names no readable table is
+    an error, not a silent default order."""
+    path = (path or table_path()).resolve()
+    if path == TABLE.resolve() and not path.exists():
         return {"device": None, "choices": []}
+    source = f"{CHOICES_VARIABLE}={path}" if path != TABLE.resolve() else f"the committed table {path}"
     try:
-        return json.loads(path.read_text())
+        return _read(path, path.stat().st_mtime_ns, source)
+    except OSError as error:
+        raise RuntimeError(f"cannot read {source}: {error}") from error
+
+
+@functools.lru_cache(maxsize=16)
+def _read(path: Path, _mtime_ns: int, source: str) -> dict:
+    try:
+        table = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise RuntimeError(f"{CHOICES_VARIABLE}: cannot read the backend table {path}: {error}") from error
+        raise RuntimeError(f"cannot read {source}: {error}") from error
+    if not isinstance(table, dict) or not isinstance(table.get("choices"), list):
+        raise RuntimeError(f"{source} is not a backend table: it needs a 'device' and a list of 'choices'")
+    return table
 
 
 def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass) -> Optional[str]:

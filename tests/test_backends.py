@@ -686,7 +686,7 @@ def test_autotune_leaves_out_a_candidate_that_fails_and_keys_by_rounded_size_and
     device, x, shape, problem = _autotune_call((12, 12))
     default = backends.choose(device, torch.float32, shape)
     choice = backends.autotuned(default, device, x, shape, problem)
-    assert choice.module is triton_backend and "cuda" not in choice.reason.split("backward:")[1]
+    assert choice.module is triton_backend and "cuda failed while timed (RuntimeError: too many resources" in choice.reason
     # 12x12 and 15x16 maps share a key (16x16); 17x16 does not; nor does the same map under the other fp32 rule.
     key, bf16_key = autotune.key_of("GPU X", torch.float32, shape), autotune.key_of("GPU X", torch.bfloat16, shape)
     assert autotune.key_of("GPU X", torch.float32, shape._replace(size=(15, 16))) == key

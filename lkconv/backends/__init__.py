@@ -145,8 +145,9 @@ def autotuned(choice: Choice, device: torch.device, map_tensor: torch.Tensor, sh
         return choice._replace(reason=f"{choice.reason}; {autotune.VARIABLE}=1 times the candidates at the first "
                                       "forward call it can")
     times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in found.times_ms.items())
+    failed = "".join(f"; {name} failed while timed ({error})" for name, error in found.failures.items())
     return Choice(_MODULES[found.name], f"auto: {found.name} measured faster at run time on {gpu} (forward and "
-                                        f"backward: {times})")
+                                        f"backward: {times}){failed}")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -38,10 +38,12 @@ class Problem(NamedTuple):
 
 
 class Measured(NamedTuple):
-    """The faster backend and every backend's time for one forward and backward, in ms."""
+    """The faster backend, every timed backend's time for one forward and backward in ms, and the error of each
+    candidate that failed while timed."""
 
     name: str
     times_ms: dict
+    failures: dict
 
 
 _remembered: dict[tuple, Measured] = {}
@@ -89,15 +91,15 @@ def measure(key: tuple, candidates: dict, problem: Problem) -> Optional[Measured
     with _lock:
         if (found := _remembered.get(key)) is not None:  # another thread measured it meanwhile
             return found
-        times = {}
+        times, failures = {}, {}
         for name, module in candidates.items():
             try:
                 times[name] = _time_ms(module, problem)
-            except Exception:  # noqa: BLE001 - a backend that fails here is simply not chosen
-                continue
+            except Exception as error:  # noqa: BLE001 - a backend that fails here is not chosen; explain says why
+                failures[name] = f"{type(error).__name__}: {error}"
         if not times:
             return None
-        found = _remembered[key] = Measured(min(times, key=times.get), times)
+        found = _remembered[key] = Measured(min(times, key=times.get), times, failures)
         return found
 
 

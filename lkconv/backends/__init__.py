@@ -127,7 +127,7 @@ def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, dilation, input_hw
     shape = (measured.ShapeClass.of(kernel, stride, dilation, input_hw, measured.layout_of(map_tensor))
              if device.type == "cuda" else None)
     choice = choose(device, map_tensor.dtype, shape)
-    if choice.candidates and shape is not None and autotune.enabled():
+    if choice.candidates and autotune.enabled():  # candidates come only with a shape class
         return autotuned(choice, device, map_tensor, shape, problem)
     return choice
 

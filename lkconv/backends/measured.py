@@ -56,10 +56,10 @@ def load(path: Optional[Path] = None) -> dict:
     """The table at `path` (default: table_path()): {"device": GPU name or None, "choices": [{dtype, kernel, stride,
     dilation, size, backend, ...}]}, read again when the file changes. A LKCONV_CHOICES that names no readable table is
     an error, not a silent default order."""
-    path = (path or table_path()).resolve()
-    if path == TABLE.resolve() and not path.exists():
+    path, committed = (path or table_path()).resolve(), TABLE.resolve()
+    if path == committed and not path.exists():
         return {"device": None, "choices": []}
-    source = f"{CHOICES_VARIABLE}={path}" if path != TABLE.resolve() else f"the committed table {path}"
+    source = f"the committed table {path}" if path == committed else f"{CHOICES_VARIABLE}={path}"
     try:
         return _read(path, path.stat().st_mtime_ns, source)
     except OSError as error:

@@ -1,5 +1,7 @@
 """The torch.ops.lkconv custom ops as the framework sees them: opcheck, gradcheck, double backward, torch.compile,
-autocast and the deterministic weight grad."""
+autocast, torch.export and the deterministic weight grad."""
+
+import io
 
 import pytest
 import torch
@@ -148,6 +150,26 @@ def test_torch_compile_with_inductor():
     for actual, expected, what in zip((y, x.grad, module.weight.grad, module.bias.grad), wanted,
                                       ("output", "input grad", "weight grad", "bias grad")):
         assert_close(actual, expected, TOLERANCE[torch.float32], f"inductor {what}")
+
+
+def test_torch_export_keeps_the_op_with_dynamic_shapes_and_survives_save_and_load():
+    model = torch.nn.Sequential(lkconv.DepthwiseConv2d(4, 7, padding=3), torch.nn.ReLU(),
+                                lkconv.DepthwiseConv2d(4, (5, 3), stride=2, padding=1, depth_multiplier=2))
+    dims = {0: torch.export.Dim("n"), 2: torch.export.Dim("h", min=8), 3: torch.export.Dim("w", min=8)}
+    # torch.export reads cuDNN's legacy TF32 flag, which PyTorch 2.13 answers only while the conv and RNN settings
+    # are both at their default, "tf32" (this suite's fixture sets the conv's to "ieee"). A CPU conv never uses TF32.
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    exported = torch.export.export(model, (torch.randn(2, 4, 12, 12),), dynamic_shapes=(dims,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.lkconv.depthwise_conv2d.default) == 2, targets
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    x = torch.randn(3, 4, 20, 9)  # another batch and map size than the one exported with
+    hidden = torch.relu(reference(x, model[0].weight, model[0].bias, 1, 3, 1)[0])
+    expected = reference(hidden, model[2].weight, model[2].bias, 2, 1, 1)[0]
+    assert_close(loaded(x), expected, TOLERANCE[torch.float32], "exported model")
 
 
 def test_autocast_computes_in_the_autocast_dtype_like_nn_conv2d():

@@ -21,7 +21,9 @@ from . import autotune, cuda_backend, measured, torch_backend, triton_backend
 NAMES = ("auto", "torch", "triton", "cuda")
 _MODULES = {"torch": torch_backend, "triton": triton_backend, "cuda": cuda_backend}
 # What `auto` tries, in order, before falling back to torch, where measured_choices.json has no entry for the shape
-# class (see measured.py); triton first, as the kernels with tensor-core paths.
+# class (see measured.py). Triton first although instruction counts predict the cuda kernels faster at K=31
+# (benchmarks/NOTES.md): Triton's compiler generates its tensor-core code, while the cuda kernels' mma fragment
+# layouts have been checked only against our emulation of them until a GPU run confirms them.
 AUTO_ORDER = ("triton", "cuda")
 
 _override: Optional[str] = None  # set_backend: the whole process

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +44,28 @@ def build_emulator(source: str, directory: Path, sanitizers: str = "address,unde
     return binary
 
 
+# Elements between the images of a FarImages map: every offset into its second image needs more than 32 bits.
+FAR = 2**31 + 64
+
+
+class FarImages(NamedTuple):
+    """A contiguous map described to an emulator with its images FAR elements apart. Only the images travel; the
+    emulator places them in a reservation of the whole span whose other pages fault (host_harness.h). This tests the
+    kernels' int64 offsets without tensors of 2^31 elements."""
+
+    images: torch.Tensor
+
+
+def as_map(t: torch.Tensor, layout: str):
+    """`t` as a test case hands it to an emulator: FarImages for the layout "far", else the tensor itself."""
+    return FarImages(t.contiguous()) if layout == "far" else t
+
+
+def tensor_of(m) -> torch.Tensor:
+    """The tensor behind what `as_map` or `nan_buffer` returned."""
+    return m.images if isinstance(m, FarImages) else m
+
+
 def span(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
 
@@ -53,14 +76,26 @@ def _raw(t: torch.Tensor) -> bytes:
     return flat.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def map_fields(t: torch.Tensor) -> list[int]:
-    """A tensor as the emulators read a map: sizes, element strides and span."""
-    return [*t.shape, *t.stride(), span(t)]
+def _payload(m) -> bytes:
+    """What follows the header for a map or tensor: its span, or for FarImages the segment table and the images."""
+    if not isinstance(m, FarImages):
+        return _raw(m)
+    n, image = m.images.shape[0], m.images[0].numel()
+    table = [value for i in range(n) for value in (i * FAR, image)]
+    return np.asarray(table, dtype=np.int64).tobytes() + m.images.view(torch.uint8).numpy().tobytes()
+
+
+def map_fields(m) -> list[int]:
+    """A tensor (or FarImages) as the emulators read a map: sizes, element strides, span and segment count."""
+    if isinstance(m, FarImages):
+        n, c, h, w = m.images.shape
+        return [n, c, h, w, FAR, h * w, w, 1, (n - 1) * FAR + c * h * w, n]
+    return [*m.shape, *m.stride(), span(m), 0]
 
 
 def emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensors) -> bytes:
-    """Runs the emulator in `mode` on the header fields and tensors; returns what it wrote."""
-    payload = np.asarray(header, dtype=np.int64).tobytes() + b"".join(_raw(t) for t in tensors)
+    """Runs the emulator in `mode` on the header fields and tensors (or FarImages); returns what it wrote."""
+    payload = np.asarray(header, dtype=np.int64).tobytes() + b"".join(_payload(t) for t in tensors)
     (tmp_path / "in").write_bytes(payload)
     result = subprocess.run([str(emulator), mode, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
                             text=True, timeout=600)
@@ -68,10 +103,12 @@ def emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensor
     return (tmp_path / "out").read_bytes()
 
 
-def written_view(raw: bytes, like: torch.Tensor) -> torch.Tensor:
+def written_view(raw: bytes, like) -> torch.Tensor:
     """The span `raw` the emulator wrote back for the NaN-filled buffer `like`, viewed with like's sizes and strides.
     Elements of the span outside the view (the gaps of a sliced buffer) must still be NaN: a kernel writes its view
-    only."""
+    only. For FarImages, `raw` is the images, and whatever lies between them faulted if written."""
+    if isinstance(like, FarImages):
+        return torch.from_numpy(np.frombuffer(raw, np.uint8).copy()).view(like.images.dtype).view(like.images.shape)
     flat = torch.from_numpy(np.frombuffer(raw, np.uint8).copy()).view(like.dtype)
     covered = torch.zeros(flat.numel(), dtype=torch.bool)
     torch.as_strided(covered, like.shape, like.stride()).fill_(True)
@@ -99,7 +136,10 @@ def random_tensor(shape, dtype, channels_last=False):
 
 
 def nan_buffer(shape, dtype, layout):
-    """Uninitialised-looking output: NaN everywhere, so an unwritten element fails the comparison."""
+    """Uninitialised-looking output: NaN everywhere, so an unwritten element fails the comparison. The layouts:
+    "nchw", "channels_last", "sliced" and "far" (FarImages)."""
+    if layout == "far":
+        return FarImages(torch.full(shape, float("nan"), dtype=dtype))
     if layout == "sliced":  # every other column of a wider buffer: a non-unit stride along W
         wide = torch.full((*shape[:3], 2 * shape[3]), float("nan"), dtype=dtype)
         return wide[..., ::2]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOLERANCE, assert_close
-from emulation import (DTYPE_CODES, SANITIZERS, build_emulator, emulate, map_fields, nan_buffer, random_tensor,
-                       read_weight_grad, written_view)
+from emulation import (DTYPE_CODES, SANITIZERS, as_map, build_emulator, emulate, map_fields, nan_buffer,
+                       random_tensor, read_weight_grad, written_view)
 
 CONV_FORMS = {"blocked": 0, "tiled": 1, "general": 2}
 WEIGHT_GRAD_FORMS = {"blocked": 0, "per_tap": 1}
@@ -53,6 +53,8 @@ FORWARD_CASES = {
             (1, 1, 12, 72), (31, 31), 1, (1, 1), (15, 15, 15, 15), (1, 1), torch.float32, True, "nchw", "nchw"),
         "16-byte bf16 rows: shift 7 takes an 8-wide filter into a second chunk": (
             (1, 2, 10, 16), (5, 8), 1, (1, 1), (2, 2, 1, 6), (1, 1), torch.bfloat16, True, "nchw", "sliced"),
+        "int64 offsets: images 2^31 elements apart, in and out": ((2, 2, 9, 12), (7, 7), 1, (1, 1), (3, 3, 3, 3),
+                                                                  (1, 1), torch.float32, True, "far", "far"),
     },
     "tiled": {
         "stride 2, asymmetric padding, two column tiles": ((1, 2, 21, 70), (7, 7), 1, (2, 2), (3, 1, 2, 3), (1, 1),
@@ -71,12 +73,17 @@ FORWARD_CASES = {
         "stride 1, deep top padding: leading kernel rows skipped": ((1, 1, 20, 9), (41, 3), 1, (1, 1),
                                                                     (36, 4, 1, 1), (1, 1), torch.float32, True,
                                                                     "nchw", "nchw"),
+        "int64 offsets: stride 2, images 2^31 elements apart, bf16": ((2, 2, 11, 10), (5, 5), 1, (2, 2),
+                                                                      (2, 2, 2, 2), (1, 1), torch.bfloat16, True,
+                                                                      "far", "far"),
     },
     "general": {
         "dilation 30: the tile would not fit": ((1, 1, 12, 10), (5, 5), 1, (1, 1), (60, 60, 60, 60), (30, 30),
                                                 torch.float32, True, "nchw", "nchw"),
         "stride (2, 3), dilation (25, 3), multiplier 3, channels_last, fp16": (
             (1, 2, 9, 8), (3, 6), 3, (2, 3), (25, 25, 7, 8), (25, 3), torch.float16, False, "channels_last", "sliced"),
+        "int64 offsets: dilation 30, images 2^31 elements apart": ((2, 1, 7, 6), (3, 3), 2, (1, 1), (30, 30, 30, 30),
+                                                                    (30, 30), torch.float32, True, "far", "far"),
     },
 }
 
@@ -94,8 +101,10 @@ def test_forward_matches_float64(emulator, tmp_path, form, case):
     bias = random_tensor((c * multiplier,), dtype) if with_bias else None
     y = nan_buffer((n, c * multiplier, *_output_hw(shape, kernel, stride, padding, dilation)), dtype, dst_layout)
 
-    header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, int(with_bias), CONV_FORMS[form], x, y)
-    tensors = [x, y, weight] + ([bias] if with_bias else [])
+    source = as_map(x, src_layout)
+    header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, int(with_bias), CONV_FORMS[form], source,
+                     y)
+    tensors = [source, y, weight] + ([bias] if with_bias else [])
     actual = written_view(emulate(emulator, tmp_path, "forward", header, tensors), y)
     taps_only = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(), stride=stride,
                          dilation=dilation, groups=c)
@@ -118,6 +127,8 @@ INPUT_GRAD_CASES = {
                                               "nchw", "nchw"),
         "16-byte fp16 grad_output rows: shift 5, multiplier 2": ((1, 2, 9, 16), (7, 7), 2, (1, 1), (3, 3, 3, 3),
                                                                   (1, 1), torch.float16, "nchw", "nchw"),
+        "int64 offsets: images 2^31 elements apart, multiplier 2": ((2, 2, 10, 9), (5, 5), 2, (1, 1), (2, 2, 2, 2),
+                                                                     (1, 1), torch.float32, "far", "far"),
     },
     "tiled": {
         "dilation 2, multiplier 3": ((1, 2, 15, 20), (5, 3), 3, (1, 1), (4, 4, 2, 2), (2, 2), torch.float32, "nchw",
@@ -131,6 +142,8 @@ INPUT_GRAD_CASES = {
                                             "nchw", "sliced"),
         "stride (3, 2), dilation 2, bf16": ((2, 1, 14, 9), (3, 4), 1, (3, 2), (2, 3, 3, 2), (2, 2), torch.bfloat16,
                                             "channels_last", "nchw"),
+        "int64 offsets: stride 2, images 2^31 elements apart": ((2, 2, 9, 8), (3, 3), 1, (2, 2), (1, 1, 1, 1), (1, 1),
+                                                                torch.float32, "far", "far"),
     },
 }
 
@@ -149,8 +162,9 @@ def test_input_grad_matches_float64(emulator, tmp_path, form, case):
     y.backward(grad_output.double())
     dx = nan_buffer(shape, dtype, dx_layout)
 
-    header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, 0, CONV_FORMS[form], grad_output, dx)
-    actual = written_view(emulate(emulator, tmp_path, "input_grad", header, [grad_output, dx, weight]), dx)
+    dy = as_map(grad_output, dy_layout)
+    header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, 0, CONV_FORMS[form], dy, dx)
+    actual = written_view(emulate(emulator, tmp_path, "input_grad", header, [dy, dx, weight]), dx)
     assert_close(actual, x.grad, TOLERANCE[dtype], f"emulated CUDA-core input grad ({form}), {case}")
 
 
@@ -179,6 +193,9 @@ WEIGHT_GRAD_CASES = {
         "20x32: 16 taps per thread in 3 groups, two column pieces": ((1, 1, 24, 64), (20, 32), 1, (1, 1),
                                                                      (10, 9, 16, 16), (1, 1), torch.float32, 2,
                                                                      "nchw"),
+        "int64 offsets: images 2^31 elements apart, a split per image": ((2, 2, 9, 12), (7, 7), 1, (1, 1),
+                                                                         (3, 3, 3, 3), (1, 1), torch.float32, 2,
+                                                                         "far"),
     },
     "per_tap": {
         "stride 2, dilation 2, multiplier 2": ((2, 2, 13, 15), (3, 5), 2, (2, 2), (2, 2, 4, 4), (2, 2), torch.float32,
@@ -190,6 +207,8 @@ WEIGHT_GRAD_CASES = {
                                                torch.bfloat16, 2, "channels_last"),
         "dy rows longer than a staged chunk, stride (1, 2), fp16": ((1, 1, 3, 2200), (3, 3), 1, (1, 2),
                                                                     (1, 1, 1, 1), (1, 1), torch.float16, 2, "nchw"),
+        "int64 offsets: stride 2, images 2^31 elements apart, bf16": ((2, 2, 9, 10), (3, 5), 1, (2, 2),
+                                                                      (1, 1, 2, 2), (1, 1), torch.bfloat16, 3, "far"),
     },
 }
 
@@ -211,9 +230,9 @@ def test_weight_grad_matches_float64(emulator, tmp_path, form, case):
     grad_output = random_tensor(tuple(y.shape), dtype, layout == "channels_last")
     y.backward(grad_output.double())
 
-    header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, splits, WEIGHT_GRAD_FORMS[form],
-                     grad_output, x)
-    raw = emulate(emulator, tmp_path, "weight_grad", header, [grad_output, x])
+    maps = [as_map(grad_output, layout), as_map(x, layout)]
+    header = _header(dtype, kernel, multiplier, stride, (top, left), dilation, splits, WEIGHT_GRAD_FORMS[form], *maps)
+    raw = emulate(emulator, tmp_path, "weight_grad", header, maps)
     used, _, grad_weight, grad_bias = read_weight_grad(raw, splits, c * multiplier, kernel[0] * kernel[1], dtype)
     assert used == splits
     grad_weight = grad_weight.view(weight.shape)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TF32_TOLERANCE, TOLERANCE, assert_close
-from emulation import (DTYPE_CODES, SANITIZERS, build_emulator, emulate, map_fields, nan_buffer, random_tensor,
-                       read_weight_grad, written_view)
+from emulation import (DTYPE_CODES, SANITIZERS, as_map, build_emulator, emulate, map_fields, nan_buffer,
+                       random_tensor, read_weight_grad, tensor_of, written_view)
 
 
 @pytest.fixture(scope="module", params=SANITIZERS)
@@ -18,9 +18,9 @@ def emulator(request, tmp_path_factory):
 
 
 def run_conv(emulator, tmp_path, src, dst, weight, bias, origin, flip, multiplier, form) -> torch.Tensor:
-    """Runs the conv kernel of `form` ("rows" or "whole_map") on (src -> dst) as tensor_core_conv would launch it;
-    returns dst as the kernel left it."""
-    header = [DTYPE_CODES[src.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
+    """Runs the conv kernel of `form` ("rows" or "whole_map") on (src -> dst; tensors or FarImages) as
+    tensor_core_conv would launch it; returns dst as the kernel left it."""
+    header = [DTYPE_CODES[weight.dtype], weight.shape[2], weight.shape[3], multiplier, *origin, int(flip),
               int(bias is not None), int(form == "whole_map"), *map_fields(src), *map_fields(dst)]
     tensors = [src, dst, weight] + ([bias] if bias is not None else [])
     return written_view(emulate(emulator, tmp_path, "conv", header, tensors), dst)
@@ -28,11 +28,13 @@ def run_conv(emulator, tmp_path, src, dst, weight, bias, origin, flip, multiplie
 
 def run_weight_grad(emulator, tmp_path, grad_output, input, kernel, padding, multiplier, splits, form):
     """Runs the weight-grad partials kernel of `form` ("rows" or "whole_map") with a workspace for `splits`, as
-    weight_grad.cu launches it, then the reduce; returns read_weight_grad's (splits used, partials, dW, db)."""
-    header = [DTYPE_CODES[input.dtype], *kernel, multiplier, *padding, splits, int(form == "whole_map"),
+    weight_grad.cu launches it, then the reduce, on grad_output and input (tensors or FarImages); returns
+    read_weight_grad's (splits used, partials, dW, db)."""
+    dtype, channels = tensor_of(input).dtype, tensor_of(grad_output).shape[1]
+    header = [DTYPE_CODES[dtype], *kernel, multiplier, *padding, splits, int(form == "whole_map"),
               *map_fields(grad_output), *map_fields(input)]
     raw = emulate(emulator, tmp_path, "weight_grad", header, [grad_output, input])
-    return read_weight_grad(raw, splits, grad_output.shape[1], kernel[0] * kernel[1], input.dtype)
+    return read_weight_grad(raw, splits, channels, kernel[0] * kernel[1], dtype)
 
 
 def _tolerance(dtype):
@@ -76,6 +78,8 @@ FORWARD_CASES = {
         (1, 1, 6, 72), (3, 17), 1, (1, 1, 3, 13), torch.bfloat16, False, "nchw", "nchw"),
     "TF32, 16-byte rows: shift 2, multiplier 2": ((1, 2, 20, 68), (9, 13), 2, (4, 4, 6, 6), torch.float32, False,
                                                  "nchw", "sliced"),
+    "int64 offsets: images 2^31 elements apart, in and out": ((2, 2, 12, 24), (7, 7), 1, (3, 3, 3, 3),
+                                                              torch.float16, True, "far", "far"),
 }
 
 
@@ -94,6 +98,8 @@ WHOLE_MAP_FORWARD_CASES = {
     "TF32: odd width, multiplier 2": ((3, 2, 7, 9), (11, 11), 2, (5, 5, 5, 5), torch.float32, True, "channels_last",
                                       "sliced"),
     "TF32: two chunks": ((2, 1, 9, 9), (17, 17), 1, (8, 8, 8, 8), torch.float32, False, "nchw", "nchw"),
+    "int64 offsets: images 2^31 elements apart, in and out": ((2, 2, 7, 7), (13, 13), 1, (6, 6, 6, 6),
+                                                              torch.bfloat16, True, "far", "far"),
 }
 
 FORWARD_RUNS = [("rows", case) for case in FORWARD_CASES] + [("whole_map", case) for case in WHOLE_MAP_FORWARD_CASES]
@@ -110,7 +116,8 @@ def test_forward_matches_float64(emulator, tmp_path, form, case):
     out_hw = (h + top + bottom - kernel[0] + 1, w + left + right - kernel[1] + 1)
     dst = nan_buffer((n, c * multiplier, *out_hw), dtype, dst_layout)
 
-    actual = run_conv(emulator, tmp_path, x, dst, weight, bias, (-top, -left), False, multiplier, form)
+    actual = run_conv(emulator, tmp_path, as_map(x, src_layout), dst, weight, bias, (-top, -left), False, multiplier,
+                      form)
     expected = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), weight.double(),
                         None if bias is None else bias.double(), groups=c)
     assert_close(actual, expected, _tolerance(dtype), f"emulated tensor-core forward ({form}), {case}")
@@ -126,6 +133,8 @@ INPUT_GRAD_CASES = {
     "TF32: 13x13, multiplier 2": ((1, 2, 15, 17), (13, 13), 2, (6, 6, 6, 6), torch.float32, "nchw"),
     "16-byte grad_output rows: shift 5, multiplier 2": ((1, 2, 12, 40), (5, 7), 2, (2, 2, 3, 3), torch.float16,
                                                        "nchw"),
+    "int64 offsets: images 2^31 elements apart, in and out": ((2, 2, 10, 24), (7, 7), 1, (3, 3, 3, 3),
+                                                              torch.bfloat16, "far"),
 }
 
 
@@ -134,6 +143,8 @@ WHOLE_MAP_INPUT_GRAD_CASES = {
     "channels_last grad_output, asymmetric padding": ((3, 1, 9, 7), (9, 5), 1, (2, 6, 4, 0), torch.bfloat16,
                                                       "channels_last"),
     "TF32: 7x7 with 13x13": ((2, 2, 7, 7), (13, 13), 1, (6, 6, 6, 6), torch.float32, "nchw"),
+    "int64 offsets: images 2^31 elements apart, in and out": ((2, 1, 7, 7), (13, 13), 2, (6, 6, 6, 6),
+                                                              torch.float16, "far"),
 }
 
 INPUT_GRAD_RUNS = [("rows", case) for case in INPUT_GRAD_CASES] + \
@@ -150,10 +161,11 @@ def test_input_grad_matches_float64(emulator, tmp_path, form, case):
     y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight.double(), groups=c)
     grad_output = random_tensor(tuple(y.shape), dtype, layout == "channels_last")
     y.backward(grad_output.double())
-    dst = nan_buffer(shape, dtype, "nchw")
+    dst = nan_buffer(shape, dtype, "far" if layout == "far" else "nchw")
 
     origin = (top - (kernel[0] - 1), left - (kernel[1] - 1))
-    actual = run_conv(emulator, tmp_path, grad_output, dst, weight, None, origin, True, multiplier, form)
+    actual = run_conv(emulator, tmp_path, as_map(grad_output, layout), dst, weight, None, origin, True, multiplier,
+                      form)
     assert_close(actual, x.grad, _tolerance(dtype), f"emulated tensor-core input grad ({form}), {case}")
 
 
@@ -175,6 +187,8 @@ WEIGHT_GRAD_CASES = {
         (1, 2, 5, 80), (29, 29), 1, (14, 14, 14, 14), torch.bfloat16, 2, "nchw"),
     "TF32, 16-byte rows: shift 2, partial tap tile": ((2, 1, 6, 36), (9, 13), 1, (4, 4, 6, 6), torch.float32, 1,
                                                       "nchw"),
+    "int64 offsets: images 2^31 elements apart, a split per image": ((2, 2, 6, 16), (7, 7), 1, (3, 3, 3, 3),
+                                                                     torch.bfloat16, 2, "far"),
 }
 
 
@@ -201,6 +215,7 @@ WHOLE_MAP_WEIGHT_GRAD_CASES = {
                                                               2, "nchw"),
     "TF32: two dy passes, multiplier 2, channels_last": ((2, 2, 9, 33), (3, 5), 2, (1, 1, 2, 2), torch.float32, 1,
                                                          "channels_last"),
+    "int64 offsets: images 2^31 elements apart": ((2, 2, 7, 7), (13, 13), 1, (6, 6, 6, 6), torch.float16, 1, "far"),
 }
 
 WEIGHT_GRAD_RUNS = [("rows", case) for case in WEIGHT_GRAD_CASES] + \
@@ -221,8 +236,9 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, form, case):
     grad_output = random_tensor(tuple(y.shape), dtype, layout == "channels_last")
     y.backward(grad_output.double())
 
-    used, partials, grad_weight, grad_bias = run_weight_grad(emulator, tmp_path, grad_output, x, kernel, (top, left),
-                                                             multiplier, splits, form)
+    used, partials, grad_weight, grad_bias = run_weight_grad(emulator, tmp_path, as_map(grad_output, layout),
+                                                             as_map(x, layout), kernel, (top, left), multiplier,
+                                                             splits, form)
     # The Gram-matrix form takes no more splits than it has image chunks (64 images, 32 in TF32).
     chunk = 32 if dtype == torch.float32 else 64
     assert used == (min(splits, -(-n // chunk)) if form == "whole_map" else splits)

@@ -4,9 +4,9 @@
 //
 // Usage: cuda_core_host forward|input_grad|weight_grad IN OUT. IN starts with 12 int64 fields: dtype, kernel_h,
 // kernel_w, multiplier, stride_h, stride_w, pad_top, pad_left, dilation_h, dilation_w, `extra` and the form; then two
-// maps and the raw tensors:
-//   forward:     extra = has_bias; form 0 blocked, 1 tiled, 2 general. Maps: input, output. Tensors: the input span,
-//                the output span, the (C*m, 1, kh, kw) weight, the optional bias. OUT: the output span as the
+// maps and the raw tensors (a map's span, or its segments: host_harness.h):
+//   forward:     extra = has_bias; form 0 blocked, 1 tiled, 2 general. Maps: input, output. Tensors: the input,
+//                the output, the (C*m, 1, kh, kw) weight, the optional bias. OUT: the output span as the
 //                kernel left it.
 //   input_grad:  extra unused; forms as the forward. Maps: grad_output, grad_input. Tensors: both spans and the
 //                weight. OUT: the grad_input span.
@@ -69,31 +69,26 @@ void run_general(const Args& args, int64_t total, void (*kernel)(Args, int64_t))
 
 bool unit(const Geometry& g) { return lkconv::unit_stride_and_dilation(g); }
 
-// What every mode reads first: the fields, then both maps' spans.
+// What every mode reads first: the fields, then both maps' storage.
 struct Request {
+  explicit Request(std::ifstream& in)
+      : fields(read_fields(in, kFields + 2 * kMapFields)),
+        dtype(static_cast<DType>(fields[0])),
+        conv(geometry_from(fields)),
+        first(in, dtype, fields.data() + kFields),
+        second(in, dtype, fields.data() + kFields + kMapFields),
+        first_map(map_from(fields.data() + kFields, first.data())),
+        second_map(map_from(fields.data() + kFields + kMapFields, second.data())) {}
+
   std::vector<int64_t> fields;
   DType dtype;
   Geometry conv;
-  std::vector<unsigned char> first, second;
+  MapStorage first, second;
   lkconv::Map first_map, second_map;
 };
 
-Request read_request(std::ifstream& in) {
-  Request r;
-  r.fields = read_fields(in, kFields + 2 * kMapFields);
-  const int64_t* first_fields = r.fields.data() + kFields;
-  const int64_t* second_fields = first_fields + kMapFields;
-  r.dtype = static_cast<DType>(r.fields[0]);
-  r.conv = geometry_from(r.fields);
-  r.first = read_elements(in, r.dtype, first_fields[8]);
-  r.second = read_elements(in, r.dtype, second_fields[8]);
-  r.first_map = map_from(first_fields, r.first.data());
-  r.second_map = map_from(second_fields, r.second.data());
-  return r;
-}
-
 int forward(std::ifstream& in, const char* out_path) {
-  Request r = read_request(in);
+  Request r(in);
   const std::vector<int64_t>& h = r.fields;
   const DType dtype = r.dtype;
   const bool has_bias = h[10] != 0;
@@ -112,11 +107,11 @@ int forward(std::ifstream& in, const char* out_path) {
       default: run_general(args, lkconv::direct_conv::numel(args.output), lkconv::direct_conv::forward_general<T>);
     }
   });
-  return write_all(out_path, r.second.data(), r.second.size()) ? 0 : 4;
+  return r.second.write(out_path) ? 0 : 4;
 }
 
 int input_grad(std::ifstream& in, const char* out_path) {
-  Request r = read_request(in);
+  Request r(in);
   const std::vector<int64_t>& h = r.fields;
   const DType dtype = r.dtype;
   std::vector<unsigned char> weight = read_elements(in, dtype, r.first_map.c * h[1] * h[2]);
@@ -135,12 +130,12 @@ int input_grad(std::ifstream& in, const char* out_path) {
         run_general(args, lkconv::direct_conv::numel(args.grad_input), lkconv::direct_conv::input_grad_general<T>);
     }
   });
-  return write_all(out_path, r.second.data(), r.second.size()) ? 0 : 4;
+  return r.second.write(out_path) ? 0 : 4;
 }
 
 int weight_grad(std::ifstream& in, const char* out_path) {
   namespace dw = lkconv::direct_weight_grad;
-  Request r = read_request(in);
+  Request r(in);
   const std::vector<int64_t>& h = r.fields;
   const DType dtype = r.dtype;
   const int64_t channels = r.first_map.c, taps = h[1] * h[2], splits = h[10];

@@ -2,14 +2,22 @@
 // fields, then raw tensors, each allocated with its exact span so AddressSanitizer sees any access outside it),
 // running a grid block after block with one std::thread per CUDA thread, and writing the results back.
 //
-// Every tensor is given as n, c, h, w, four element strides and its span (elements from the first to the last one).
+// Every map is given as n, c, h, w, four element strides, its span (elements from the first to the last one) and a
+// segment count. With no segments its whole span follows in the file. Otherwise (a map whose images lie 2^31
+// elements apart, to test int64 offsets) a table of (first element, elements) pairs follows, then those elements
+// only: they are placed in a reservation of the whole span whose other pages fault on any access.
 #pragma once
 
 #include "emulated_primitives.h"  // first: it stands in for csrc/primitives.cuh
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,7 +28,7 @@
 namespace lkconv {
 namespace emulation {
 
-inline constexpr int kMapFields = 9;
+inline constexpr int kMapFields = 10;
 
 inline std::vector<int64_t> read_fields(std::ifstream& in, int count) {
   std::vector<int64_t> fields(static_cast<size_t>(count));
@@ -42,6 +50,57 @@ inline std::vector<unsigned char> read_elements(std::ifstream& in, DType dtype, 
 inline Map map_from(const int64_t* fields, void* data) {
   return {data, fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], fields[6], fields[7]};
 }
+
+// A map's storage as the file gives it (see the top of this file): its whole span, or its segments placed in a
+// reservation of the span (PROT_NONE but for the pages the segments touch).
+class MapStorage {
+ public:
+  MapStorage(std::ifstream& in, DType dtype, const int64_t* fields) : bytes_(element_bytes(dtype)) {
+    const int64_t span = fields[8], segments = fields[9];
+    if (segments == 0) {
+      dense_ = read_elements(in, dtype, span);
+      return;
+    }
+    segments_ = read_fields(in, static_cast<int>(2 * segments));
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t reserved = (static_cast<size_t>(span * bytes_) + page - 1) / page * page;
+    void* base = mmap(nullptr, reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (base == MAP_FAILED) fail("cannot reserve the span of a map with segments");
+    reservation_.reset(static_cast<unsigned char*>(base), [reserved](unsigned char* p) { munmap(p, reserved); });
+    for (size_t i = 0; i < segments_.size(); i += 2) {
+      const size_t begin = static_cast<size_t>(segments_[i] * bytes_);
+      const size_t end = begin + static_cast<size_t>(segments_[i + 1] * bytes_);
+      if (segments_[i] < 0 || segments_[i + 1] < 0 || end > reserved) fail("a segment lies outside its map's span");
+      const size_t first_page = begin / page * page, last_page = (end + page - 1) / page * page;
+      if (mprotect(reservation_.get() + first_page, last_page - first_page, PROT_READ | PROT_WRITE) != 0) {
+        fail("cannot map a segment's pages");
+      }
+      in.read(reinterpret_cast<char*>(reservation_.get() + begin), static_cast<std::streamsize>(end - begin));
+      if (!in) fail("input file too short");
+    }
+  }
+
+  unsigned char* data() { return reservation_ ? reservation_.get() : dense_.data(); }
+
+  // What the kernel left in the map: the whole span, or the segments in order.
+  bool write(const char* path) const {
+    std::ofstream out(path, std::ios::binary);
+    if (!reservation_) {
+      out.write(reinterpret_cast<const char*>(dense_.data()), static_cast<std::streamsize>(dense_.size()));
+    }
+    for (size_t i = 0; i < segments_.size(); i += 2) {
+      out.write(reinterpret_cast<const char*>(reservation_.get() + segments_[i] * bytes_),
+                static_cast<std::streamsize>(segments_[i + 1] * bytes_));
+    }
+    return static_cast<bool>(out);
+  }
+
+ private:
+  int64_t bytes_;
+  std::vector<unsigned char> dense_;
+  std::vector<int64_t> segments_;  // (first element, elements) pairs
+  std::shared_ptr<unsigned char> reservation_;
+};
 
 // Runs `kernel` (one CUDA thread's body) over `blocks` blocks of `threads` threads with `shared_bytes` of shared
 // memory, filled with garbage as on a GPU.
@@ -93,12 +152,6 @@ inline bool write_weight_grad(const char* path, int64_t splits_used, const std::
             static_cast<std::streamsize>(workspace.size() * sizeof(float)));
   out.write(reinterpret_cast<const char*>(grad_weight.data()), static_cast<std::streamsize>(grad_weight.size()));
   out.write(reinterpret_cast<const char*>(grad_bias.data()), static_cast<std::streamsize>(grad_bias.size()));
-  return static_cast<bool>(out);
-}
-
-inline bool write_all(const char* path, const void* data, size_t bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
   return static_cast<bool>(out);
 }
 

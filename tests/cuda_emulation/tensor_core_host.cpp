@@ -2,8 +2,8 @@
 // tensor_core_whole_map_weight_grad.cuh) on the host, block after block, each block with one std::thread per CUDA
 // thread (host_harness.h).
 //
-// Usage: tensor_core_host conv|weight_grad IN OUT. IN starts with int64 fields, then the raw tensors (fp32 runs the
-// TF32 path; fp16 and bf16 their own):
+// Usage: tensor_core_host conv|weight_grad IN OUT. IN starts with int64 fields, then the raw tensors (a map's span,
+// or its segments: host_harness.h; fp32 runs the TF32 path, fp16 and bf16 their own):
 //   conv:        dtype, kernel_h, kernel_w, multiplier, origin_h, origin_w, flip, has_bias, whole_map (the form:
 //                0 rows, 1 whole map), src map, dst map; then the src span, the dst span, the (C*m, 1, kh, kw)
 //                weight and the optional bias.
@@ -83,8 +83,7 @@ int conv(std::ifstream& in, const char* out_path) {
   const int64_t* src_fields = h.data() + 9;
   const int64_t* dst_fields = src_fields + kMapFields;
   const auto dtype = static_cast<DType>(h[0]);
-  std::vector<unsigned char> src = read_elements(in, dtype, src_fields[8]);
-  std::vector<unsigned char> dst = read_elements(in, dtype, dst_fields[8]);
+  MapStorage src(in, dtype, src_fields), dst(in, dtype, dst_fields);
   const int64_t filters = h[6] ? src_fields[1] : dst_fields[1];  // C*m: the input grad's src, the forward's dst
   std::vector<unsigned char> weight = read_elements(in, dtype, filters * h[1] * h[2]);
   std::vector<unsigned char> bias = h[7] ? read_elements(in, dtype, filters) : std::vector<unsigned char>();
@@ -92,7 +91,7 @@ int conv(std::ifstream& in, const char* out_path) {
                                     map_from(dst_fields, dst.data()), weight.data(), h[7] ? bias.data() : nullptr,
                                     static_cast<int>(h[1]), static_cast<int>(h[2]), h[3], h[4], h[5], h[6] != 0};
   with_type(args.dtype, [&]<typename T>() { h[8] ? run_whole_map<T>(args) : run_rows<T>(args); });
-  return write_all(out_path, dst.data(), dst.size()) ? 0 : 4;
+  return dst.write(out_path) ? 0 : 4;
 }
 
 int weight_grad(std::ifstream& in, const char* out_path) {
@@ -100,8 +99,7 @@ int weight_grad(std::ifstream& in, const char* out_path) {
   const int64_t* dy_fields = h.data() + 8;
   const int64_t* x_fields = dy_fields + kMapFields;
   const auto dtype = static_cast<DType>(h[0]);
-  std::vector<unsigned char> dy = read_elements(in, dtype, dy_fields[8]);
-  std::vector<unsigned char> x = read_elements(in, dtype, x_fields[8]);
+  MapStorage dy(in, dtype, dy_fields), x(in, dtype, x_fields);
   const int kernel_h = static_cast<int>(h[1]), kernel_w = static_cast<int>(h[2]);
   const int64_t splits = h[6], channels = dy_fields[1], taps = int64_t{kernel_h} * kernel_w;
   std::vector<float> workspace(static_cast<size_t>(splits * channels * (taps + 1)), std::nanf(""));

@@ -382,6 +382,38 @@ def test_output_layout_follows_f_conv2d(view, backend):
     assert_close(y, reference(x, w, None, 1, 1, 1)[0], TOLERANCE[torch.float32], view)
 
 
+def far_images(images: torch.Tensor) -> torch.Tensor:
+    """`images` (3 or more) copied into a view whose images lie far enough apart that the last one starts past 2**31
+    elements, while the batch stride still fits in int32. Its storage spans 2.1e9 elements, but only the images' pages
+    are ever touched (on a CPU), so a test of int64 offsets needs no 8 GB tensor."""
+    count = images.shape[0]
+    assert count >= 3, "with 2 images the batch stride itself would pass 2**31"
+    apart = -(-2**31 // (count - 1)) + 64
+    storage = torch.empty((count - 1) * apart + images[0].numel(), dtype=images.dtype, device=images.device)
+    view = storage.as_strided(images.shape, (apart, *images[0].stride()))
+    return view.copy_(images)
+
+
+@pytest.mark.parametrize("shape,kernel,memory_format", [
+    ((3, 2, 9, 12), 5, torch.contiguous_format),  # the rows kernels
+    ((16, 2, 5, 5), 7, torch.contiguous_format),  # the whole-map kernel: a map smaller than the kernel
+    ((3, 4, 9, 12), 5, torch.channels_last),  # the channel-block kernels
+], ids=["rows", "whole_map", "channels_last"])
+def test_triton_offsets_past_2_to_the_31_elements(shape, kernel, memory_format):
+    """Every triton pass reads x and dy whose last image starts past 2**31 elements, with int32 strides. An offset
+    computed in int32 wraps: on a GPU it reads elsewhere, and under the interpreter it crashes the test process."""
+    x = far_images(torch.randn(shape, device=TRITON_DEVICE).contiguous(memory_format=memory_format)).requires_grad_()
+    w = torch.randn(shape[1], 1, kernel, kernel, device=TRITON_DEVICE, requires_grad=True)
+    b = torch.randn(shape[1], device=TRITON_DEVICE, requires_grad=True)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, b, padding=kernel // 2)
+        dy = far_images(torch.randn(y.shape, device=TRITON_DEVICE).contiguous(memory_format=memory_format))
+        grads = torch.autograd.grad(y, (x, w, b), dy)
+    for actual, expected, what in zip((y, *grads), reference(x, w, b, 1, kernel // 2, 1, dy),
+                                      ("output", "input grad", "weight grad", "bias grad")):
+        assert_close(actual, expected, TOLERANCE[torch.float32], what)
+
+
 def test_channel_block_keeps_each_row_offset_below_2_to_the_31():
     """The row kernel adds channel and column offsets in int32: a row of W*C >= 2**31 elements goes per channel."""
     def block(channels, width):

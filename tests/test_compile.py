@@ -10,7 +10,9 @@ from pathlib import Path
 from lkconv.backends.triton_backend import kernel_configs
 
 SCRIPT = Path(__file__).with_name("compile_kernels.py")
-SHARED_MEMORY_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+# What a block may use: sm_80 code runs on sm_86 and sm_89 too (RTX 30 and 40 series, A10, L4, L40S), which give a
+# block 99 KB, not the A100's 163 KB; the csrc/ kernels keep to 99 KB as well.
+SHARED_MEMORY_LIMIT = {"sm_80": 99 * 1024, "sm_90": 227 * 1024}
 
 
 def test_every_kernel_configuration_and_the_gpu_sessions_launches_compile_for_sm80_and_sm90(tmp_path):

@@ -22,7 +22,7 @@ bool blocked_fits(DType dtype, int kernel_h, int kernel_w) {
   // independent of the map width and of the source's alignment.
   if (kernel_h > 4096 || kernel_w > 4096) return false;
   return dispatch_dtype(dtype, [&]<typename T>() {
-    const int widest = blocked::padded_kernel_w(kernel_w, kVectorElements<T> - 1);
+    const int widest = shifted_filter_columns(kernel_w, kVectorElements<T> - 1);
     return static_cast<int>(blocked::shared_floats<8, 8>(kernel_h, widest) * static_cast<int64_t>(sizeof(float)) <=
                             blocked::kSharedLimit);
   }) != 0;

@@ -28,13 +28,8 @@ namespace blocked {
 
 constexpr int kRows = 4;    // output rows per thread
 constexpr int kCols = 8;    // output columns per thread
-constexpr int kChunk = 8;   // filter columns per register window
+constexpr int kChunk = 8;   // filter columns per register window (shifted_filter_columns pads to them)
 constexpr int kSharedLimit = 48 * 1024;
-
-// Filter columns with `shift` leading zeros, padded to whole chunks.
-__host__ __device__ inline int padded_kernel_w(int kernel_w, int shift) {
-  return (shift + kernel_w + kChunk - 1) / kChunk * kChunk;
-}
 
 __device__ __forceinline__ int64_t clamp(int64_t value, int64_t low, int64_t high) {
   return value < low ? low : (value > high ? high : value);
@@ -67,7 +62,7 @@ Tiling plan(const UnitStrideArgs& a) {
   t.blocks = a.dst.n * a.dst.c * t.tiles_h * t.tiles_w;
   t.vectors = rows_are_vectors<T>(a.src);
   t.shift = vector_shift<T>(a.origin_w, t.vectors);
-  t.kw_pad = padded_kernel_w(a.kernel_w, t.shift);
+  t.kw_pad = shifted_filter_columns(a.kernel_w, t.shift);
   t.shared_bytes = static_cast<int64_t>(sizeof(float)) * shared_floats<TX, TY>(a.kernel_h, t.kw_pad);
   return t;
 }

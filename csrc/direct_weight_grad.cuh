@@ -129,7 +129,7 @@ __host__ __device__ inline int64_t taps_cost(int kernel_h, int kw_pad, int taps,
 
 __host__ __device__ inline BlockedLayout blocked_layout(int kernel_h, int kernel_w, bool vectors, int shift,
                                                         int64_t dy_width) {
-  BlockedLayout l{vectors, shift, (shift + kernel_w + 7) / 8 * 8, 8, 0, 0};
+  BlockedLayout l{vectors, shift, shifted_filter_columns(kernel_w, shift), 8, 0, 0};
   if (l.kw_pad % 16 == 0 && taps_cost(kernel_h, l.kw_pad, 16, dy_width) < taps_cost(kernel_h, l.kw_pad, 8, dy_width)) {
     l.taps_per_thread = 16;
   }

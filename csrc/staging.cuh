@@ -54,6 +54,12 @@ __host__ __device__ inline int vector_shift(int64_t first_col, bool vectors) {
   return vectors ? static_cast<int>(((first_col % v) + v) % v) : 0;
 }
 
+// The filter (or tap) columns of a row once `shift` leading zeros align it with a tile staged `shift` columns early,
+// padded to whole windows of 8 columns, the CUDA-core kernels' register windows.
+__host__ __device__ inline int shifted_filter_columns(int kernel_w, int shift) {
+  return (shift + kernel_w + 7) / 8 * 8;
+}
+
 // Rows row0 .. row0 + rows - 1 and columns col0 .. col0 + cols - 1 of channel `channel` of image n of `src` into a
 // shared tile (`pitch` elements a row), zero outside the map; a block of kWarps warps. With `vectors`
 // (rows_are_vectors, col0 and cols multiples of kVector, the tile's rows 16-byte aligned) lanes take 16-byte vectors,

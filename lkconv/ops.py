@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from . import arguments, backends
-from .backends import autotune
+from .backends import autotune, torch_backend
 
 
 def _backend(tensor: Tensor, kernel, stride, dilation, input_hw, problem: Optional[autotune.Problem] = None):
@@ -319,6 +319,51 @@ def _complex_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
     return _complex_from_real(output, input.shape[1], bias).contiguous(memory_format=arguments.output_memory_format(input))
 
 
+# The torch.func transforms that differentiate, by what they are called.
+_DIFFERENTIATING_TRANSFORMS = {
+    "Grad": "a torch.func grad transform (grad, vjp, jacrev, hessian)",
+    "Jvp": "a torch.func jvp transform (jvp, jacfwd, hessian)",
+}
+
+
+def _differentiated_outside_autograd(tensors) -> Optional[str]:
+    """What differentiates this call without PyTorch's ordinary autograd, and so cannot see through lkconv's ops, or
+    None.
+
+    PyTorch runs a custom op's autograd formula as an autograd.Function with neither setup_context nor jvp. So
+    torch.func's grad transform raises on it, and its jvp transform and forward-mode AD (dual tensors) get no
+    derivative at all: jvp silently returns a zero tangent. Such calls are computed with PyTorch's own conv instead.
+    vmap alone, and torch.compile, which traces the ops, see lkconv's ops as usual.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    for interpreter in torch._C._functorch.get_interpreter_stack() or ():
+        if (name := interpreter.key().name) in _DIFFERENTIATING_TRANSFORMS:
+            return _DIFFERENTIATING_TRANSFORMS[name]
+    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0 and any(
+            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return "forward-mode AD (a dual tensor)"
+    return None
+
+
+def _check_pytorch_may_answer(differentiator: str) -> None:
+    """A forced triton or cuda backend cannot answer a call that `differentiator` differentiates: say so."""
+    requested = backends.requested_backend()
+    if requested in ("triton", "cuda"):
+        raise backends.BackendUnavailableError(
+            f"backend {requested!r} was forced, but {differentiator} cannot differentiate lkconv's custom ops (PyTorch "
+            "runs their autograd formulas as an autograd.Function without setup_context or jvp); use 'auto' or "
+            "'torch', which compute such calls with PyTorch's own conv"
+        )
+
+
+def _pytorch_conv(differentiator: str, input, weight, bias, stride, padding, dilation) -> Tensor:
+    """The conv as PyTorch's own differentiable ops, for `differentiator` to see through."""
+    _check_pytorch_may_answer(differentiator)
+    output = torch_backend.forward(input, weight, bias, stride, padding, dilation)
+    return output.contiguous(memory_format=arguments.output_memory_format(input))
+
+
 def depthwise_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -343,7 +388,10 @@ def depthwise_conv2d(
         sliced from one). Differentiable to any order; the backend is chosen per call (see ``lkconv.explain``).
     """
     unbatched, op_args = _prepare(input, weight, bias, stride, padding, dilation)
-    output = (_complex_conv if op_args[0].is_complex() else depthwise_conv2d_op)(*op_args)
+    if (differentiator := _differentiated_outside_autograd(op_args[:3])) is not None:
+        output = _pytorch_conv(differentiator, *op_args)
+    else:
+        output = (_complex_conv if op_args[0].is_complex() else depthwise_conv2d_op)(*op_args)
     return output.squeeze(0) if unbatched else output
 
 
@@ -379,6 +427,11 @@ def explain(
     backend that cannot run the call raises here as it would in the call.
     """
     _, (input, weight, bias, stride, padding, dilation) = _prepare(input, weight, bias, stride, padding, dilation)
+    if (differentiator := _differentiated_outside_autograd((input, weight, bias))) is not None:
+        _check_pytorch_may_answer(differentiator)
+        return Explanation("torch", f"{differentiator} cannot differentiate lkconv's custom ops: PyTorch's own conv "
+                                    "answers", forward="F.conv2d", input_grad="PyTorch's derivative of F.conv2d",
+                           weight_grad="PyTorch's derivative of F.conv2d")
     is_complex = input.is_complex()
     if is_complex:
         input, weight = _complex_as_real(input, weight)

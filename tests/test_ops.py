@@ -1,5 +1,5 @@
 """The torch.ops.lkconv custom ops as the framework sees them: opcheck, gradcheck, double backward, torch.compile,
-autocast, torch.export and the deterministic weight grad."""
+autocast, torch.export, torch.func and forward-mode AD, and the deterministic weight grad."""
 
 import io
 
@@ -138,6 +138,23 @@ def test_torch_compile_fullgraph_forward_and_backward(backend):
         assert_close(actual, expected, TOLERANCE[torch.float32], "compiled grad")
 
 
+def test_torch_compile_traces_lkconvs_op_not_pytorchs_conv():
+    """What torch.compile captures is lkconv's op, so the kernels run in compiled code too (the torch.func check in
+    depthwise_conv2d stands aside while tracing)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module
+
+    module = lkconv.DepthwiseConv2d(4, 5, padding=2)
+    torch.compile(module, backend=recording_backend, fullgraph=True)(torch.randn(2, 4, 8, 8))
+    targets = [node.target for graph in graphs for node in graph.graph.nodes if node.op == "call_function"]
+    assert torch.ops.lkconv.depthwise_conv2d.default in targets or torch.ops.lkconv.depthwise_conv2d in targets, targets
+    assert F.conv2d not in targets, targets
+
+
 def test_torch_compile_with_inductor():
     torch._dynamo.reset()
     module = lkconv.DepthwiseConv2d(4, 7, padding=3)
@@ -170,6 +187,68 @@ def test_torch_export_keeps_the_op_with_dynamic_shapes_and_survives_save_and_loa
     hidden = torch.relu(reference(x, model[0].weight, model[0].bias, 1, 3, 1)[0])
     expected = reference(hidden, model[2].weight, model[2].bias, 2, 1, 1)[0]
     assert_close(loaded(x), expected, TOLERANCE[torch.float32], "exported model")
+
+
+def _float64_conv(x, w, b=None):
+    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), (2, 1), (1, 2), (1, 2), groups=x.shape[1])
+
+
+def test_torch_func_per_sample_gradients_match_float64_autograd_sample_by_sample():
+    """torch.func's grad cannot differentiate custom ops, so lkconv answers it with PyTorch's conv (and explain says
+    so); vmap of grad, as per-sample-gradient code computes them, matches float64 autograd for each sample."""
+    module = lkconv.DepthwiseConv2d(3, (3, 4), stride=(2, 1), padding=(1, 2), dilation=(1, 2), depth_multiplier=2)
+    x = torch.randn(4, 3, 7, 8)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    explained = []
+
+    def loss(p, sample):
+        explained.append(lkconv.explain(sample.unsqueeze(0), p["weight"], p["bias"], (2, 1), (1, 2), (1, 2)).backend)
+        return (torch.func.functional_call(module, p, (sample.unsqueeze(0),)) ** 2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    assert explained == ["torch"]
+    for i in range(x.shape[0]):
+        w, b = (t.detach().double().requires_grad_() for t in (module.weight, module.bias))
+        expected = torch.autograd.grad((_float64_conv(x[i:i + 1], w, b) ** 2).sum(), (w, b))
+        assert_close(per_sample["weight"][i], expected[0], TOLERANCE[torch.float32], f"sample {i} weight grad")
+        assert_close(per_sample["bias"][i], expected[1], TOLERANCE[torch.float32], f"sample {i} bias grad")
+
+
+@pytest.mark.parametrize("mode", ["torch.func.jvp", "forward_ad"])
+def test_forward_mode_derivatives_are_the_directional_derivative(mode):
+    """A custom op gives forward-mode AD no derivative (torch.func.jvp would return a zero tangent), so lkconv
+    answers these calls with PyTorch's conv: the tangent is conv(tx, w) + conv(x, tw) + tb."""
+    x, w, b = op_inputs(torch.float32, requires_grad=False)
+    tx, tw, tb = (torch.randn_like(t) for t in (x, w, b))
+
+    def conv(x, w, b):
+        return lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+
+    if mode == "torch.func.jvp":
+        output, tangent = torch.func.jvp(conv, (x, w, b), (tx, tw, tb))
+    else:
+        with torch.autograd.forward_ad.dual_level():
+            dual = conv(*(torch.autograd.forward_ad.make_dual(p, t) for p, t in ((x, tx), (w, tw), (b, tb))))
+            output, tangent = torch.autograd.forward_ad.unpack_dual(dual)
+    assert_close(output, _float64_conv(x, w, b), TOLERANCE[torch.float32], f"{mode} output")
+    expected = _float64_conv(tx, w) + _float64_conv(x, tw) + tb.double().view(1, -1, 1, 1)
+    assert_close(tangent, expected, TOLERANCE[torch.float32], f"{mode} tangent")
+
+
+def test_a_forced_gpu_backend_refuses_what_only_pytorch_can_differentiate_but_runs_under_vmap():
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE, requires_grad=False)
+    with lkconv.use_backend("triton"):
+        with pytest.raises(lkconv.BackendUnavailableError, match="'triton' was forced, but a torch.func grad"):
+            torch.func.grad(lambda x: conv_sum(x, w, b))(x)
+        with pytest.raises(lkconv.BackendUnavailableError, match="forward-mode AD"):
+            with torch.autograd.forward_ad.dual_level():
+                conv_sum(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), w, b)
+        batched = torch.func.vmap(lambda x: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)))(x.unsqueeze(1))
+    assert_close(batched.squeeze(1), _float64_conv(x, w, b), TOLERANCE[torch.float32], "vmap on the triton kernels")
+
+
+def conv_sum(x, w, b):
+    return lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)).sum()
 
 
 def test_autocast_computes_in_the_autocast_dtype_like_nn_conv2d():

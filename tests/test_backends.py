@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -749,3 +750,54 @@ def test_autotune_never_times_cpu_or_fake_tensors():
     with FakeTensorMode():
         fake = torch.empty(2, device="cuda")
     assert fake.device.type == "cuda" and not autotune.can_measure(fake)
+
+
+# --- auto steps around a GPU backend that fails --------------------------------------------------------------------
+
+
+@pytest.fixture
+def failing_triton(monkeypatch):
+    """auto picks triton for CPU tensors here (as it would for CUDA ones), and triton's forward raises what the test
+    sets; its backward passes are PyTorch's."""
+    failure = {"error": RuntimeError("stand-in: the kernel does not compile on this GPU")}
+    original_choose = backends._choose.__wrapped__
+
+    def choose_as_on_a_gpu(requested, device_type, index, dtype, interpreting, shape):
+        return original_choose(requested, "cuda", 0, dtype, interpreting, shape)
+
+    def forward(*args):
+        raise failure["error"]
+
+    monkeypatch.setattr(backends, "_choose", choose_as_on_a_gpu)
+    monkeypatch.setattr(backends, "_failures", {})
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("triton",))
+    monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(triton_backend, "unsupported_reason", lambda device, dtype: None)
+    monkeypatch.setattr(triton_backend, "forward", forward)
+    monkeypatch.setattr(triton_backend, "input_grad", torch_backend.input_grad)
+    monkeypatch.setattr(triton_backend, "weight_grad", torch_backend.weight_grad)
+    return failure
+
+
+def test_auto_answers_with_pytorch_where_a_gpu_backend_fails_and_says_so_once(failing_triton):
+    x, w, b = torch.randn(2, 3, 9, 8, requires_grad=True), torch.randn(3, 1, 5, 3), torch.randn(3)
+    assert lkconv.explain(x, w, b, padding=2).backend == "triton"
+    with pytest.warns(RuntimeWarning, match="the triton backend failed .*stand-in: the kernel does not compile"):
+        y = lkconv.depthwise_conv2d(x, w, b, padding=(2, 1))
+    assert_close(y, reference(x, w, b, 1, (2, 1), 1)[0], TOLERANCE[torch.float32], "fallback output")
+    explained = lkconv.explain(x, w, b, padding=(2, 1))
+    assert explained.backend == "torch" and "triton failed on this shape class earlier" in explained.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure is remembered: no second warning, no second try
+        again = lkconv.depthwise_conv2d(x, w, b, padding=(2, 1))
+    assert torch.equal(again, y)
+
+
+def test_a_forced_backends_failure_and_running_out_of_memory_are_not_stepped_around(failing_triton):
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 1, 3, 3)
+    with lkconv.use_backend("triton"), pytest.raises(RuntimeError, match="stand-in: the kernel does not compile"):
+        lkconv.depthwise_conv2d(x, w, padding=1)
+    failing_triton["error"] = torch.cuda.OutOfMemoryError("stand-in: out of memory")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        lkconv.depthwise_conv2d(x, w, padding=1)
+    assert lkconv.explain(x, w, padding=1).backend == "triton"

@@ -5,13 +5,15 @@ passes `forward`, `input_grad` and `weight_grad`. The request comes from `set_ba
 the LKCONV_BACKEND environment variable, else 'auto'. 'auto' takes the fastest backend that can run the call
 and falls back to `torch`; a forced backend that cannot run the call raises instead of falling back. Which GPU
 backend is fastest comes from the committed table (measured.py) or, with LKCONV_AUTOTUNE=1, from timing the first
-call of each shape class (autotune.py); otherwise from the default order.
+call of each shape class (autotune.py); otherwise from the default order. A GPU backend that fails under 'auto' is
+stepped around: PyTorch answers that shape class from then on (`run_pass`).
 """
 
 import contextlib
 import contextvars
 import functools
 import os
+import warnings
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -36,11 +38,18 @@ class BackendUnavailableError(RuntimeError):
 
 class Choice(NamedTuple):
     """The backend that runs a call, and why it was picked; `candidates` are the GPU backends `auto` chose among by
-    the default order alone (nothing measured), which run-time measurement may choose among instead."""
+    the default order alone (nothing measured), which run-time measurement may choose among instead. `failure_key`
+    is set where `auto` picked a GPU backend: if that backend fails, PyTorch answers instead (`run_pass`)."""
 
     module: object
     reason: str
     candidates: tuple = ()
+    failure_key: Optional[tuple] = None
+
+
+# GPU backends that failed under `auto`, by (backend, device type, index, dtype, shape class): the error, so that
+# later calls of the shape class go to PyTorch at once and `explain` can say why.
+_failures: dict[tuple, str] = {}
 
 
 def _check_name(name: object, source: str) -> str:
@@ -130,8 +139,33 @@ def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, dilation, input_hw
              if device.type == "cuda" else None)
     choice = choose(device, map_tensor.dtype, shape)
     if choice.candidates and autotune.enabled():  # candidates come only with a shape class
-        return autotuned(choice, device, map_tensor, shape, problem)
+        choice = autotuned(choice, device, map_tensor, shape, problem)
+    if (error := _failures.get(choice.failure_key)) is not None:
+        return Choice(torch_backend, f"auto: {choice.module.name} failed on this shape class earlier in this process "
+                                     f"({error}); PyTorch answers")
     return choice
+
+
+def run_pass(choice: Choice, pass_name: str, *args):
+    """Runs one pass ("forward", "input_grad" or "weight_grad") on the chosen backend.
+
+    Where `auto` chose a GPU backend and it fails (a kernel that does not compile or launch on this GPU, driver or
+    triton version, say), lkconv warns once and PyTorch answers, now and for the rest of the process for that shape
+    class, as `auto` promises an answer wherever F.conv2d gives one. Out-of-memory errors, and every error of a
+    forced backend, propagate.
+    """
+    try:
+        return getattr(choice.module, pass_name)(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:
+        if choice.failure_key is None:
+            raise
+        _failures[choice.failure_key] = f"{type(error).__name__}: {error}"
+        warnings.warn(f"lkconv: the {choice.module.name} backend failed ({type(error).__name__}: {error}); PyTorch "
+                      "answers this shape class from now on in this process. Please report it with "
+                      "lkconv.explain(...) of the call.", RuntimeWarning, stacklevel=2)
+        return getattr(torch_backend, pass_name)(*args)
 
 
 def autotuned(choice: Choice, device: torch.device, map_tensor: torch.Tensor, shape: measured.ShapeClass,
@@ -149,7 +183,8 @@ def autotuned(choice: Choice, device: torch.device, map_tensor: torch.Tensor, sh
     times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in found.times_ms.items())
     failed = "".join(f"; {name} failed while timed ({error})" for name, error in found.failures.items())
     return Choice(_MODULES[found.name], f"auto: {found.name} measured faster at run time on {gpu} (forward and "
-                                        f"backward: {times}){failed}")
+                                        f"backward: {times}){failed}",
+                  failure_key=(found.name, *choice.failure_key[1:]) if choice.failure_key else None)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -163,6 +198,7 @@ def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch
         return Choice(_MODULES[requested], f"forced ({requested!r})")
     if device_type != "cuda":
         return Choice(torch_backend, f"auto: lkconv's kernels run on CUDA tensors; PyTorch answers for {device_type}")
+    failure_key = (device_type, index, dtype, shape)
     usable, skipped = [], []
     for name in AUTO_ORDER:
         module = _MODULES[name]
@@ -177,8 +213,9 @@ def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch
         gpu = torch.cuda.get_device_name(device)
         if (faster := measured.lookup(measured.load(), gpu, dtype, shape)) in usable:
             return Choice(_MODULES[faster], f"auto: {faster} measured faster than the other GPU backend for this "
-                                            f"shape class on {gpu}")
+                                            f"shape class on {gpu}", failure_key=(faster, *failure_key))
     tried = f" ({'; '.join(skipped)})" if skipped else ""
     unmeasured = " (no measurement for this shape class: the default order)" if len(usable) > 1 else ""
     candidates = tuple(usable) if len(usable) > 1 and shape is not None else ()
-    return Choice(_MODULES[usable[0]], f"auto: {usable[0]} kernels{tried}{unmeasured}", candidates)
+    return Choice(_MODULES[usable[0]], f"auto: {usable[0]} kernels{tried}{unmeasured}", candidates,
+                  failure_key=(usable[0], *failure_key))

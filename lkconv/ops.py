@@ -217,6 +217,28 @@ depthwise_conv2d_weight_grad_op.register_autograd(_in_forward_scope(_weight_grad
                                                   setup_context=_save_weight_grad)
 
 
+def _batched_forward(info, in_dims, input, weight, bias, stride, padding, dilation):
+    """vmap of the forward op as one call rather than one per sample: maps batched alone fold into the images;
+    batched filters (an ensemble's members, say) fold into the channels, member b's channels after member b - 1's."""
+    input_dim, weight_dim, bias_dim = in_dims[:3]
+    if weight_dim is None and bias_dim is None:
+        maps = input.movedim(input_dim, 0)
+        output = depthwise_conv2d_op(maps.flatten(0, 1), weight, bias, stride, padding, dilation)
+        return output.unflatten(0, maps.shape[:2]), 0
+
+    def per_member(tensor: Tensor, dim: Optional[int]) -> Tensor:
+        return tensor.movedim(dim, 0) if dim is not None else tensor.expand(info.batch_size, *tensor.shape)
+
+    maps, filters = per_member(input, input_dim), per_member(weight, weight_dim)  # (B, N, C, H, W), (B, C*m, 1, kh, kw)
+    biases = None if bias is None else per_member(bias, bias_dim).flatten()
+    output = depthwise_conv2d_op(maps.transpose(0, 1).flatten(1, 2), filters.flatten(0, 1), biases, stride, padding,
+                                 dilation)
+    return output.unflatten(1, (info.batch_size, -1)), 1
+
+
+depthwise_conv2d_op.register_vmap(_batched_forward)
+
+
 def _register_autocast(name: str, device_type: str) -> None:
     """Under torch.autocast the op computes as nn.Conv2d would: floating tensors (float64 excepted) in the autocast
     dtype, whatever that region set, with autocast off inside, so the backend's own PyTorch calls compute in the
@@ -334,7 +356,8 @@ def _differentiated_outside_autograd(tensors) -> Optional[str]:
     PyTorch runs a custom op's autograd formula as an autograd.Function with neither setup_context nor jvp. So
     torch.func's grad transform raises on it, and its jvp transform and forward-mode AD (dual tensors) get no
     derivative at all: jvp silently returns a zero tangent. Such calls are computed with PyTorch's own conv instead.
-    vmap alone, and torch.compile, which traces the ops, see lkconv's ops as usual.
+    vmap alone (the forward op has a batching rule, `_batched_forward`), and torch.compile, which traces the ops, see
+    lkconv's ops as usual.
     """
     if torch.compiler.is_compiling():
         return None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lkconv
-from lkconv.backends import triton_backend
+from lkconv.backends import torch_backend, triton_backend
 
 from conftest import TOLERANCE, TRITON_DEVICE, assert_close, reference
 
@@ -245,6 +245,35 @@ def test_a_forced_gpu_backend_refuses_what_only_pytorch_can_differentiate_but_ru
                 conv_sum(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), w, b)
         batched = torch.func.vmap(lambda x: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)))(x.unsqueeze(1))
     assert_close(batched.squeeze(1), _float64_conv(x, w, b), TOLERANCE[torch.float32], "vmap on the triton kernels")
+
+
+@pytest.mark.parametrize("batched", ["maps", "filters", "both"])
+def test_vmap_runs_the_op_once_for_the_whole_batch(batched, monkeypatch):
+    """vmap over maps (folded into the images) or over filters, as an ensemble of models runs (folded into the
+    channels): one forward call, each member's output and its grads through the vmap as float64 autograd gives."""
+    calls = []
+    original = torch_backend.forward
+    monkeypatch.setattr(torch_backend, "forward", lambda *args: calls.append(1) or original(*args))
+    members = 3
+    x = torch.randn(members if batched != "filters" else 1, 2, 3, 7, 8, requires_grad=True)
+    w = torch.randn(members if batched != "maps" else 1, 6, 1, 3, 4, requires_grad=True)
+    b = torch.randn(members if batched != "maps" else 1, 6, requires_grad=True)
+    in_dims = (0 if batched != "filters" else None, 0 if batched != "maps" else None, 0 if batched != "maps" else None)
+    args = [t if dim == 0 else t[0] for t, dim in zip((x, w, b), in_dims)]
+    output = torch.func.vmap(lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)),
+                             in_dims=in_dims)(*args)
+    assert len(calls) == 1
+    dy = torch.randn_like(output)
+    grads = torch.autograd.grad(output, (x, w, b), dy)
+    for i in range(members):
+        member = [t[i if dim == 0 else 0] for t, dim in zip((x, w, b), in_dims)]
+        expected = reference(*member, (2, 1), (1, 2), (1, 2), dy[i])
+        assert_close(output[i], expected[0], TOLERANCE[torch.float32], f"member {i} output")
+        if batched != "filters":
+            assert_close(grads[0][i], expected[1], TOLERANCE[torch.float32], f"member {i} input grad")
+        if batched != "maps":
+            assert_close(grads[1][i], expected[2], TOLERANCE[torch.float32], f"member {i} weight grad")
+            assert_close(grads[2][i], expected[3], TOLERANCE[torch.float32], f"member {i} bias grad")
 
 
 def conv_sum(x, w, b):

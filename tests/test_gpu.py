@@ -318,3 +318,18 @@ def test_cuda_ops_reject_bad_arguments_by_name():
     for call, message in calls:
         with pytest.raises(RuntimeError, match=message):
             call()
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_an_ensemble_under_vmap_runs_on_the_gpu_kernels(backend):
+    """torch.func.stack_module_state + vmap, as model ensembles run: the batching rule folds the members' filters
+    into the channels of one call on the backend's kernels."""
+    members = [lkconv.DepthwiseConv2d(64, 31, padding=15).cuda() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(members)
+    template = lkconv.DepthwiseConv2d(64, 31, padding=15, device="meta")
+    x = torch.randn(8, 64, 32, 32, device="cuda")
+    with lkconv.use_backend(backend), torch.no_grad():
+        outputs = torch.func.vmap(lambda p, b: torch.func.functional_call(template, (p, b), (x,)))(params, buffers)
+    for i, member in enumerate(members):
+        expected = reference(x, member.weight, member.bias, 1, 15, 1)[0]
+        assert_close(outputs[i], expected, TOLERANCE[torch.float32], f"member {i}")

@@ -93,12 +93,17 @@ def map_fields(m) -> list[int]:
     return [*m.shape, *m.stride(), span(m), 0]
 
 
-def emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensors) -> bytes:
-    """Runs the emulator in `mode` on the header fields and tensors (or FarImages); returns what it wrote."""
+def run_emulator(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensors) -> subprocess.CompletedProcess:
+    """Runs the emulator in `mode` on the header fields and tensors (or FarImages); its output goes to tmp_path/out."""
     payload = np.asarray(header, dtype=np.int64).tobytes() + b"".join(_payload(t) for t in tensors)
     (tmp_path / "in").write_bytes(payload)
-    result = subprocess.run([str(emulator), mode, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
-                            text=True, timeout=600)
+    return subprocess.run([str(emulator), mode, str(tmp_path / "in"), str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=600)
+
+
+def emulate(emulator: Path, tmp_path: Path, mode: str, header: list[int], tensors) -> bytes:
+    """Runs the emulator in `mode` on the header fields and tensors (or FarImages); returns what it wrote."""
+    result = run_emulator(emulator, tmp_path, mode, header, tensors)
     assert result.returncode == 0, f"the emulated kernel failed:\n{result.stderr[-4000:]}"
     return (tmp_path / "out").read_bytes()
 

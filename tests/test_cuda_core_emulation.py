@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conftest import TOLERANCE, assert_close
 from emulation import (DTYPE_CODES, SANITIZERS, as_map, build_emulator, emulate, map_fields, nan_buffer,
-                       random_tensor, read_weight_grad, written_view)
+                       random_tensor, read_weight_grad, run_emulator, written_view)
 
 CONV_FORMS = {"blocked": 0, "tiled": 1, "general": 2}
 WEIGHT_GRAD_FORMS = {"blocked": 0, "per_tap": 1}
@@ -241,3 +241,12 @@ def test_weight_grad_matches_float64(emulator, tmp_path, form, case):
     magnitude = grad_output.double().abs().sum(dim=(0, 2, 3))
     error = (grad_bias.double() - bias.grad).abs() / magnitude
     assert error.max() <= TOLERANCE[dtype], f"emulated CUDA-core bias grad ({form}), {case}: error {error.max():.2e}"
+
+
+def test_an_unmet_precondition_stops_the_emulator_with_its_message(emulator, tmp_path):
+    """The hosts' own checks run before any block: they must name what is wrong (exit code 3), not crash."""
+    x, y = random_tensor((1, 1, 8, 8), torch.float32), nan_buffer((1, 1, 4, 4), torch.float32, "nchw")
+    header = _header(torch.float32, (3, 3), 1, (2, 2), (1, 1), (1, 1), 0, CONV_FORMS["blocked"], x, y)
+    result = run_emulator(emulator, tmp_path, "forward", header, [x, y, random_tensor((1, 1, 3, 3), torch.float32)])
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "emulation: the blocked kernel runs at stride 1 and dilation 1 only" in result.stderr

@@ -46,9 +46,15 @@ struct Block {
 inline thread_local Block* current_block = nullptr;
 inline thread_local int current_thread = 0;
 
+// Stops the emulator with exit code 3, naming the block and thread where a kernel is running (the host's own checks
+// run outside any block).
 [[noreturn]] inline void fail(const char* what) {
-  std::fprintf(stderr, "emulation: %s (block %lld, thread %d)\n", what,
-               static_cast<long long>(current_block->index), current_thread);
+  if (current_block == nullptr) {
+    std::fprintf(stderr, "emulation: %s\n", what);
+  } else {
+    std::fprintf(stderr, "emulation: %s (block %lld, thread %d)\n", what,
+                 static_cast<long long>(current_block->index), current_thread);
+  }
   std::exit(3);
 }
 

@@ -217,6 +217,11 @@ depthwise_conv2d_weight_grad_op.register_autograd(_in_forward_scope(_weight_grad
                                                   setup_context=_save_weight_grad)
 
 
+def _per_member(info, tensor: Tensor, dim: Optional[int]) -> Tensor:
+    """A vmapped argument with its members first (an unbatched one repeated for each)."""
+    return tensor.movedim(dim, 0) if dim is not None else tensor.expand(info.batch_size, *tensor.shape)
+
+
 def _batched_forward(info, in_dims, input, weight, bias, stride, padding, dilation):
     """vmap of the forward op as one call rather than one per sample: maps batched alone fold into the images;
     batched filters (an ensemble's members, say) fold into the channels, member b's channels after member b - 1's."""
@@ -226,11 +231,9 @@ def _batched_forward(info, in_dims, input, weight, bias, stride, padding, dilati
         output = depthwise_conv2d_op(maps.flatten(0, 1), weight, bias, stride, padding, dilation)
         return output.unflatten(0, maps.shape[:2]), 0
 
-    def per_member(tensor: Tensor, dim: Optional[int]) -> Tensor:
-        return tensor.movedim(dim, 0) if dim is not None else tensor.expand(info.batch_size, *tensor.shape)
-
-    maps, filters = per_member(input, input_dim), per_member(weight, weight_dim)  # (B, N, C, H, W), (B, C*m, 1, kh, kw)
-    biases = None if bias is None else per_member(bias, bias_dim).flatten()
+    maps = _per_member(info, input, input_dim)  # (B, N, C, H, W)
+    filters = _per_member(info, weight, weight_dim)  # (B, C*m, 1, kh, kw)
+    biases = None if bias is None else _per_member(info, bias, bias_dim).flatten()
     output = depthwise_conv2d_op(maps.transpose(0, 1).flatten(1, 2), filters.flatten(0, 1), biases, stride, padding,
                                  dilation)
     return output.unflatten(1, (info.batch_size, -1)), 1

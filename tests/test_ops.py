@@ -55,6 +55,30 @@ def test_gradcheck_and_gradgradcheck_in_float64():
     assert torch.autograd.gradgradcheck(conv, (x, w, b))
 
 
+def test_batched_gradcheck_and_forward_mode_gradcheck_in_float64():
+    """Batched grads (PyTorch's legacy vmap over the backward ops) and forward-mode AD (PyTorch's conv, see
+    depthwise_conv2d) agree with finite differences too."""
+    x, w, b = op_inputs(torch.float64)
+
+    def conv(x, w, b):
+        return lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+
+    assert torch.autograd.gradcheck(conv, (x, w, b), check_batched_grad=True, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(conv, (x, w, b), check_batched_grad=True)
+
+
+def test_batched_grads_match_float64():
+    """autograd.grad with is_grads_batched (PyTorch's legacy vmap over the backward ops, one call per grad_output)."""
+    x, w, b = op_inputs(torch.float32)
+    y = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    grad_outputs = torch.randn(4, *y.shape)
+    grads = torch.autograd.grad(y, (x, w, b), grad_outputs, is_grads_batched=True)
+    for i in range(4):
+        expected = reference(x, w, b, (2, 1), (1, 2), (1, 2), grad_outputs[i])[1:]
+        for actual, wanted, what in zip(grads, expected, ("input", "weight", "bias")):
+            assert_close(actual[i], wanted, TOLERANCE[torch.float32], f"batched {what} grad {i}")
+
+
 def test_gradcheck_and_gradgradcheck_of_the_backward_ops():
     x, w, _ = op_inputs(torch.float64)
     dy = grad_output_for(x, w, torch.float64).requires_grad_()

@@ -359,22 +359,29 @@ def _differentiated_outside_autograd(tensors) -> Optional[str]:
     PyTorch runs a custom op's autograd formula as an autograd.Function with neither setup_context nor jvp. So
     torch.func's grad transform raises on it, and its jvp transform and forward-mode AD (dual tensors) get no
     derivative at all: jvp silently returns a zero tangent. Such calls are computed with PyTorch's own conv instead.
-    vmap alone (the forward op has a batching rule, `_batched_forward`), and torch.compile, which traces the ops, see
-    lkconv's ops as usual.
+    vmap alone (the forward op has a batching rule, `_batched_forward`) and torch.compile see lkconv's ops as usual.
     """
     if torch.compiler.is_compiling():
-        return None
-    for interpreter in torch._C._functorch.get_interpreter_stack() or ():
-        if (name := interpreter.key().name) in _DIFFERENTIATING_TRANSFORMS:
-            return _DIFFERENTIATING_TRANSFORMS[name]
-    if getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0 and any(
+        # Dynamo can read whether a torch.func transform is active, but not which: inside torch.compile, any
+        # transform (vmap too) takes PyTorch's conv.
+        if torch._C._functorch.maybe_current_level() is not None:
+            return "a torch.func transform inside torch.compile"
+    else:
+        for interpreter in torch._C._functorch.get_interpreter_stack() or ():
+            if (name := interpreter.key().name) in _DIFFERENTIATING_TRANSFORMS:
+                return _DIFFERENTIATING_TRANSFORMS[name]
+    if torch.autograd.forward_ad._current_level >= 0 and any(
             t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return "forward-mode AD (a dual tensor)"
     return None
 
 
 def _check_pytorch_may_answer(differentiator: str) -> None:
-    """A forced triton or cuda backend cannot answer a call that `differentiator` differentiates: say so."""
+    """A forced triton or cuda backend cannot answer a call that `differentiator` differentiates: say so. (Not
+    inside torch.compile, which cannot read the forced backend without breaking the graph, and with it forward-mode
+    AD: there PyTorch's conv answers whatever was forced.)"""
+    if torch.compiler.is_compiling():
+        return
     requested = backends.requested_backend()
     if requested in ("triton", "cuda"):
         raise backends.BackendUnavailableError(

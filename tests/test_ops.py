@@ -259,6 +259,35 @@ def test_forward_mode_derivatives_are_the_directional_derivative(mode):
     assert_close(tangent, expected, TOLERANCE[torch.float32], f"{mode} tangent")
 
 
+@pytest.mark.parametrize("mode", ["grad", "jvp", "forward_ad", "vmap"])
+def test_torch_func_and_forward_mode_ad_inside_torch_compile(mode):
+    """Compiled, the same calls must not lose their derivative either (jvp and dual tensors silently did): inside
+    torch.compile any torch.func transform, and forward-mode AD, take PyTorch's conv."""
+    torch._dynamo.reset()
+    x, w, b = op_inputs(torch.float32, requires_grad=False)
+    tx = torch.randn_like(x)
+
+    def conv(x):
+        return lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+
+    def dual_tangent(x, tx):
+        with torch.autograd.forward_ad.dual_level():
+            return torch.autograd.forward_ad.unpack_dual(conv(torch.autograd.forward_ad.make_dual(x, tx))).tangent
+
+    if mode == "grad":
+        actual = torch.compile(torch.func.grad(lambda x: (conv(x) ** 2).sum()), backend="aot_eager")(x)
+        x64 = x.double().requires_grad_()
+        expected = torch.autograd.grad((_float64_conv(x64, w, b) ** 2).sum(), x64)[0]
+    elif mode == "vmap":
+        actual = torch.compile(torch.func.vmap(conv), backend="aot_eager")(x.unsqueeze(1)).squeeze(1)
+        expected = _float64_conv(x, w, b)
+    else:
+        compiled = torch.compile((lambda x, tx: torch.func.jvp(conv, (x,), (tx,))[1]) if mode == "jvp" else dual_tangent,
+                                 backend="aot_eager")
+        actual, expected = compiled(x, tx), _float64_conv(tx, w)
+    assert_close(actual, expected, TOLERANCE[torch.float32], f"compiled {mode}")
+
+
 def test_a_forced_gpu_backend_refuses_what_only_pytorch_can_differentiate_but_runs_under_vmap():
     x, w, b = op_inputs(torch.float32, TRITON_DEVICE, requires_grad=False)
     with lkconv.use_backend("triton"):

@@ -28,7 +28,8 @@ namespace blocked {
 
 constexpr int kRows = 4;    // output rows per thread
 constexpr int kCols = 8;    // output columns per thread
-constexpr int kChunk = 8;   // filter columns per register window (shifted_filter_columns pads to them)
+constexpr int kChunk = 8;   // filter columns per register window
+static_assert(kChunk == 8, "shifted_filter_columns (staging.cuh) pads filter rows to windows of 8 columns");
 constexpr int kSharedLimit = 48 * 1024;
 
 __device__ __forceinline__ int64_t clamp(int64_t value, int64_t low, int64_t high) {

@@ -129,6 +129,26 @@ def _(grad_output, input, kernel_size, stride, padding, dilation, with_bias):
 # --- autograd: every backward is made of the ops above -----------------------------------------------------------
 
 
+def _has_tangent(*tensors) -> bool:
+    """Whether forward-mode AD carries a tangent on any of `tensors` (None entries allowed)."""
+    return torch.autograd.forward_ad._current_level >= 0 and any(
+        t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+class _Passes(NamedTuple):
+    forward: object
+    input_grad: object
+    weight_grad: object
+
+
+def _passes_for(*tensors) -> _Passes:
+    """The passes a backward formula computes with: the ops; or, where forward-mode AD differentiates the backward
+    itself (forward-over-reverse: dual grads), PyTorch's own, which carry the tangents that the ops would drop."""
+    if _has_tangent(*tensors):
+        return _Passes(torch_backend.forward, torch_backend.input_grad, torch_backend.weight_grad)
+    return _Passes(depthwise_conv2d_op, depthwise_conv2d_input_grad_op, depthwise_conv2d_weight_grad_op)
+
+
 def _save_forward(ctx, inputs, output):
     ctx.backend_scope = backends.scoped_request()
     input, weight, bias, stride, padding, dilation = inputs
@@ -140,12 +160,13 @@ def _save_forward(ctx, inputs, output):
 def _forward_backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
+    passes = _passes_for(grad_output, input, weight)
     needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_input = grad_weight = grad_bias = None
     if needs_input:
-        grad_input = depthwise_conv2d_input_grad_op(grad_output, weight, list(input.shape), stride, padding, dilation)
+        grad_input = passes.input_grad(grad_output, weight, list(input.shape), stride, padding, dilation)
     if needs_weight:
-        grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
+        grad_weight, grad_bias = passes.weight_grad(
             grad_output, input, list(weight.shape[2:]), stride, padding, dilation, bool(needs_bias and ctx.has_bias)
         )
     if needs_bias and ctx.has_bias and not needs_weight:
@@ -165,13 +186,12 @@ def _input_grad_backward(ctx, grad):
     # the weight grad with `grad` playing the input.
     grad_output, weight = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
+    passes = _passes_for(grad, grad_output, weight)
     grad_grad_output = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_grad_output = depthwise_conv2d_op(grad, weight, None, stride, padding, dilation)
+        grad_grad_output = passes.forward(grad, weight, None, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
-        grad_weight = depthwise_conv2d_weight_grad_op(
-            grad_output, grad, list(weight.shape[2:]), stride, padding, dilation, False
-        )[0]
+        grad_weight = passes.weight_grad(grad_output, grad, list(weight.shape[2:]), stride, padding, dilation, False)[0]
     return grad_grad_output, grad_weight, None, None, None, None
 
 
@@ -191,11 +211,12 @@ def _weight_grad_backward(ctx, grad_weight, grad_bias):
     if grad_weight is None:
         grad_weight = grad_output.new_zeros((grad_output.shape[1], 1, *kernel_size))
     bias = grad_bias if ctx.has_bias and grad_bias is not None else None
+    passes = _passes_for(grad_weight, bias, grad_output, input)
     grad_grad_output = grad_input = None
     if ctx.needs_input_grad[0]:
-        grad_grad_output = depthwise_conv2d_op(input, grad_weight, bias, stride, padding, dilation)
+        grad_grad_output = passes.forward(input, grad_weight, bias, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
-        grad_input = depthwise_conv2d_input_grad_op(grad_output, grad_weight, list(input.shape), stride, padding, dilation)
+        grad_input = passes.input_grad(grad_output, grad_weight, list(input.shape), stride, padding, dilation)
     return grad_grad_output, grad_input, None, None, None, None, None
 
 
@@ -359,7 +380,8 @@ def _differentiated_outside_autograd(tensors) -> Optional[str]:
     PyTorch runs a custom op's autograd formula as an autograd.Function with neither setup_context nor jvp. So
     torch.func's grad transform raises on it, and its jvp transform and forward-mode AD (dual tensors) get no
     derivative at all: jvp silently returns a zero tangent. Such calls are computed with PyTorch's own conv instead.
-    vmap alone (the forward op has a batching rule, `_batched_forward`) and torch.compile see lkconv's ops as usual.
+    Outside torch.compile, vmap alone sees lkconv's op (it has a batching rule, `_batched_forward`); so does a
+    compiled call under no transform.
     """
     if torch.compiler.is_compiling():
         # Dynamo can read whether a torch.func transform is active, but not which: inside torch.compile, any
@@ -370,16 +392,15 @@ def _differentiated_outside_autograd(tensors) -> Optional[str]:
         for interpreter in torch._C._functorch.get_interpreter_stack() or ():
             if (name := interpreter.key().name) in _DIFFERENTIATING_TRANSFORMS:
                 return _DIFFERENTIATING_TRANSFORMS[name]
-    if torch.autograd.forward_ad._current_level >= 0 and any(
-            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    if _has_tangent(*tensors):
         return "forward-mode AD (a dual tensor)"
     return None
 
 
 def _check_pytorch_may_answer(differentiator: str) -> None:
-    """A forced triton or cuda backend cannot answer a call that `differentiator` differentiates: say so. (Not
-    inside torch.compile, which cannot read the forced backend without breaking the graph, and with it forward-mode
-    AD: there PyTorch's conv answers whatever was forced.)"""
+    """A forced triton or cuda backend cannot answer a call that `differentiator` differentiates: say so. Inside
+    torch.compile the check is skipped and PyTorch's conv answers whatever was forced: reading the forced backend
+    there breaks the graph, and a graph break loses forward-mode tangents."""
     if torch.compiler.is_compiling():
         return
     requested = backends.requested_backend()
@@ -392,9 +413,12 @@ def _check_pytorch_may_answer(differentiator: str) -> None:
 
 
 def _pytorch_conv(differentiator: str, input, weight, bias, stride, padding, dilation) -> Tensor:
-    """The conv as PyTorch's own differentiable ops, for `differentiator` to see through."""
+    """The conv as PyTorch's own differentiable ops, for `differentiator` to see through. The operands are already
+    in the autocast dtype (`_prepare`); autocast is off inside, as in the ops, so that the torch backend's own casts
+    (CPU bfloat16 in float32) stand."""
     _check_pytorch_may_answer(differentiator)
-    output = torch_backend.forward(input, weight, bias, stride, padding, dilation)
+    with _autocast_off(input.device.type):
+        output = torch_backend.forward(input, weight, bias, stride, padding, dilation)
     return output.contiguous(memory_format=arguments.output_memory_format(input))
 
 

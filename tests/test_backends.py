@@ -793,11 +793,12 @@ def test_auto_answers_with_pytorch_where_a_gpu_backend_fails_and_says_so_once(fa
     assert torch.equal(again, y)
 
 
-def test_a_forced_backends_failure_and_running_out_of_memory_are_not_stepped_around(failing_triton):
+def test_a_forced_backends_failure_and_memory_and_cuda_errors_are_not_stepped_around(failing_triton):
     x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 1, 3, 3)
     with lkconv.use_backend("triton"), pytest.raises(RuntimeError, match="stand-in: the kernel does not compile"):
         lkconv.depthwise_conv2d(x, w, padding=1)
-    failing_triton["error"] = torch.cuda.OutOfMemoryError("stand-in: out of memory")
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        lkconv.depthwise_conv2d(x, w, padding=1)
+    for error in (torch.cuda.OutOfMemoryError("stand-in: out of memory"), torch.AcceleratorError("stand-in: CUDA")):
+        failing_triton["error"] = error
+        with pytest.raises(type(error), match="stand-in"):
+            lkconv.depthwise_conv2d(x, w, padding=1)
     assert lkconv.explain(x, w, padding=1).backend == "triton"

@@ -394,18 +394,20 @@ def far_images(images: torch.Tensor) -> torch.Tensor:
     return view.copy_(images)
 
 
-@pytest.mark.parametrize("shape,kernel,memory_format", [
-    ((3, 2, 9, 12), 5, torch.contiguous_format),  # the rows kernels
-    ((16, 2, 5, 5), 7, torch.contiguous_format),  # the whole-map kernel: a map smaller than the kernel
-    ((3, 4, 9, 12), 5, torch.channels_last),  # the channel-block kernels
+@pytest.mark.parametrize("shape,kernel,memory_format,forms", [
+    ((3, 2, 9, 12), 5, torch.contiguous_format, ("rows_shifted_filter", "weight_grad ")),
+    ((16, 2, 5, 5), 7, torch.contiguous_format, ("whole_map", "weight_grad ")),  # a map smaller than the kernel
+    ((3, 4, 9, 12), 5, torch.channels_last, ("rows_channels_last", "weight_grad_channels_last")),
 ], ids=["rows", "whole_map", "channels_last"])
-def test_triton_offsets_past_2_to_the_31_elements(shape, kernel, memory_format):
+def test_triton_offsets_past_2_to_the_31_elements(shape, kernel, memory_format, forms):
     """Every triton pass reads x and dy whose last image starts past 2**31 elements, with int32 strides. An offset
     computed in int32 wraps: on a GPU it reads elsewhere, and under the interpreter it crashes the test process."""
     x = far_images(torch.randn(shape, device=TRITON_DEVICE).contiguous(memory_format=memory_format)).requires_grad_()
     w = torch.randn(shape[1], 1, kernel, kernel, device=TRITON_DEVICE, requires_grad=True)
     b = torch.randn(shape[1], device=TRITON_DEVICE, requires_grad=True)
     with lkconv.use_backend("triton"):
+        explained = lkconv.explain(x, w, b, padding=kernel // 2)
+        assert explained.forward.startswith(forms[0]) and explained.weight_grad.startswith(forms[1]), explained
         y = lkconv.depthwise_conv2d(x, w, b, padding=kernel // 2)
         dy = far_images(torch.randn(y.shape, device=TRITON_DEVICE).contiguous(memory_format=memory_format))
         grads = torch.autograd.grad(y, (x, w, b), dy)

@@ -226,11 +226,11 @@ def test_torch_func_per_sample_gradients_match_float64_autograd_sample_by_sample
     explained = []
 
     def loss(p, sample):
-        explained.append(lkconv.explain(sample.unsqueeze(0), p["weight"], p["bias"], (2, 1), (1, 2), (1, 2)).backend)
+        explained.append(lkconv.explain(sample.unsqueeze(0), p["weight"], p["bias"], (2, 1), (1, 2), (1, 2)).reason)
         return (torch.func.functional_call(module, p, (sample.unsqueeze(0),)) ** 2).sum()
 
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
-    assert explained == ["torch"]
+    assert len(explained) == 1 and "a torch.func grad transform" in explained[0], explained
     for i in range(x.shape[0]):
         w, b = (t.detach().double().requires_grad_() for t in (module.weight, module.bias))
         expected = torch.autograd.grad((_float64_conv(x[i:i + 1], w, b) ** 2).sum(), (w, b))
@@ -257,6 +257,35 @@ def test_forward_mode_derivatives_are_the_directional_derivative(mode):
     assert_close(output, _float64_conv(x, w, b), TOLERANCE[torch.float32], f"{mode} output")
     expected = _float64_conv(tx, w) + _float64_conv(x, tw) + tb.double().view(1, -1, 1, 1)
     assert_close(tangent, expected, TOLERANCE[torch.float32], f"{mode} tangent")
+
+
+def test_forward_over_reverse_carries_the_tangents_of_dual_grads():
+    """Forward-mode AD through a backward (dual grad_outputs): the backward formulas then compute with PyTorch's own
+    passes, which carry the tangents (the ops would return none): the tangent of each grad is the grad of the
+    tangent."""
+    x, w, b = op_inputs(torch.float32)
+    y = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    dy, tangent = torch.randn_like(y), torch.randn_like(y)
+    with torch.autograd.forward_ad.dual_level():
+        grads = torch.autograd.grad(y, (x, w, b), torch.autograd.forward_ad.make_dual(dy, tangent))
+        tangents = [torch.autograd.forward_ad.unpack_dual(grad).tangent for grad in grads]
+    for actual, expected, what in zip(tangents, reference(x, w, b, (2, 1), (1, 2), (1, 2), tangent)[1:],
+                                      ("input", "weight", "bias")):
+        assert actual is not None, f"the {what} grad lost its tangent"
+        assert_close(actual, expected, TOLERANCE[torch.float32], f"tangent of the {what} grad")
+
+
+def test_forward_mode_ad_under_cpu_bfloat16_autocast_keeps_the_float32_workaround():
+    """Under autocast, PyTorch's conv answers dual tensors with autocast off, so the torch backend's CPU bfloat16
+    workaround (float32, then rounding) holds: with autocast on, it would run PyTorch's broken CPU bf16 conv."""
+    x, w = torch.randn(1, 1, 9, 1), torch.randn(1, 1, 9, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.forward_ad.dual_level():
+        dual = lkconv.depthwise_conv2d(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), w, stride=2,
+                                       padding=(4, 1))
+        output = torch.autograd.forward_ad.unpack_dual(dual).primal
+    expected = F.conv2d(x.bfloat16().double(), w.bfloat16().double(), stride=2, padding=(4, 1))
+    assert output.dtype == torch.bfloat16
+    assert_close(output, expected, TOLERANCE[torch.bfloat16], "bf16 autocast output under forward-mode AD")
 
 
 @pytest.mark.parametrize("mode", ["grad", "jvp", "forward_ad", "vmap"])

@@ -151,15 +151,16 @@ def run_pass(choice: Choice, pass_name: str, *args):
 
     Where `auto` chose a GPU backend and it fails (a kernel that does not compile or launch on this GPU, driver or
     triton version, say), lkconv warns once and PyTorch answers, now and for the rest of the process for that shape
-    class, as `auto` promises an answer wherever F.conv2d gives one. Out-of-memory errors, and every error of a
-    forced backend, propagate.
+    class, as `auto` promises an answer wherever F.conv2d gives one. These propagate: every error of a forced
+    backend; out-of-memory errors; CUDA errors (`torch.AcceleratorError`: a sticky one, from an earlier kernel, too,
+    which PyTorch's kernels would meet as well); and any error during CUDA-graph capture, which it invalidates.
     """
     try:
         return getattr(choice.module, pass_name)(*args)
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, torch.AcceleratorError):
         raise
     except Exception as error:
-        if choice.failure_key is None:
+        if choice.failure_key is None or (args[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             raise
         _failures[choice.failure_key] = f"{type(error).__name__}: {error}"
         warnings.warn(f"lkconv: the {choice.module.name} backend failed ({type(error).__name__}: {error}); PyTorch "

@@ -352,7 +352,8 @@ def _complex_from_real(output: Tensor, channels: int, bias: Optional[Tensor]) ->
 
 
 def _autocast_off(device_type: str):
-    """No autocast inside a complex conv: F.conv2d leaves complex tensors alone, so its real parts stay as they are."""
+    """No autocast inside calls whose operands are already as they must be: a complex conv's real parts (F.conv2d
+    leaves complex tensors alone) and PyTorch's conv under a transform (`_pytorch_conv`)."""
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

@@ -802,3 +802,19 @@ def test_a_forced_backends_failure_and_memory_and_cuda_errors_are_not_stepped_ar
         with pytest.raises(type(error), match="stand-in"):
             lkconv.depthwise_conv2d(x, w, padding=1)
     assert lkconv.explain(x, w, padding=1).backend == "triton"
+
+
+def test_a_failure_is_remembered_for_its_shape_class_only(failing_triton):
+    """Shape classes exist for CUDA tensors only: fake CUDA tensors (no GPU needed) give two classes, and a failure
+    in one leaves auto's choice for the other alone."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 12, 12, device="cuda")
+        w = torch.empty(3, 1, 5, 5, device="cuda")
+        first = backends.choose_for_conv(x, (5, 5), (1, 1), (1, 1), (12, 12))
+        assert first.module is triton_backend and first.failure_key[-1] is not None
+        with pytest.warns(RuntimeWarning, match="the triton backend failed"):
+            backends.run_pass(first, "forward", x, w, None, [1, 1], [2, 2, 2, 2], [1, 1])
+        assert backends.choose_for_conv(x, (5, 5), (1, 1), (1, 1), (12, 12)).module is torch_backend
+        assert backends.choose_for_conv(x, (7, 7), (1, 1), (1, 1), (12, 12)).module is triton_backend

@@ -146,6 +146,11 @@ def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, dilation, input_hw
     return choice
 
 
+def _capturing(tensor: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the stream `tensor`'s kernels go to."""
+    return tensor.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def run_pass(choice: Choice, pass_name: str, *args):
     """Runs one pass ("forward", "input_grad" or "weight_grad") on the chosen backend.
 
@@ -160,7 +165,7 @@ def run_pass(choice: Choice, pass_name: str, *args):
     except (torch.cuda.OutOfMemoryError, torch.AcceleratorError):
         raise
     except Exception as error:
-        if choice.failure_key is None or (args[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+        if choice.failure_key is None or _capturing(args[0]):
             raise
         _failures[choice.failure_key] = f"{type(error).__name__}: {error}"
         warnings.warn(f"lkconv: the {choice.module.name} backend failed ({type(error).__name__}: {error}); PyTorch "

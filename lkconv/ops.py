@@ -141,12 +141,14 @@ class _Passes(NamedTuple):
     weight_grad: object
 
 
+_OP_PASSES = _Passes(depthwise_conv2d_op, depthwise_conv2d_input_grad_op, depthwise_conv2d_weight_grad_op)
+_PYTORCH_PASSES = _Passes(torch_backend.forward, torch_backend.input_grad, torch_backend.weight_grad)
+
+
 def _passes_for(*tensors) -> _Passes:
     """The passes a backward formula computes with: the ops; or, where forward-mode AD differentiates the backward
     itself (forward-over-reverse: dual grads), PyTorch's own, which carry the tangents that the ops would drop."""
-    if _has_tangent(*tensors):
-        return _Passes(torch_backend.forward, torch_backend.input_grad, torch_backend.weight_grad)
-    return _Passes(depthwise_conv2d_op, depthwise_conv2d_input_grad_op, depthwise_conv2d_weight_grad_op)
+    return _PYTORCH_PASSES if _has_tangent(*tensors) else _OP_PASSES
 
 
 def _save_forward(ctx, inputs, output):

@@ -190,7 +190,7 @@ def autotuned(choice: Choice, device: torch.device, map_tensor: torch.Tensor, sh
     failed = "".join(f"; {name} failed while timed ({error})" for name, error in found.failures.items())
     return Choice(_MODULES[found.name], f"auto: {found.name} measured faster at run time on {gpu} (forward and "
                                         f"backward: {times}){failed}",
-                  failure_key=(found.name, *choice.failure_key[1:]) if choice.failure_key else None)
+                  failure_key=(found.name, *choice.failure_key[1:]))
 
 
 @functools.lru_cache(maxsize=1024)

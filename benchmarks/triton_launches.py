@@ -14,7 +14,7 @@ import contextlib
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -57,23 +57,24 @@ class Launch(NamedTuple):
 
 
 @contextlib.contextmanager
-def _recording(launches: list, multiprocessors: int) -> Iterator[None]:
-    """The triton backend as it runs on a GPU, recording its launches instead of making them."""
+def planned_as_on_a_gpu(on_launch: Callable[[Launch], None], multiprocessors: int) -> Iterator[None]:
+    """The triton backend planning as it does on a GPU with `multiprocessors` SMs, handing each launch it makes to
+    `on_launch` instead of making it."""
     from lkconv import kernels
     from lkconv.backends import triton_backend
 
-    class Recorder:
+    class Launcher:
         def __getattr__(self, name):
             kernel = getattr(kernels, name)
 
             class Grid:
                 def __getitem__(self, grid):
-                    return lambda *args, **kwargs: launches.append(Launch(kernel, grid, args, kwargs))
+                    return lambda *args, **kwargs: on_launch(Launch(kernel, grid, args, kwargs))
 
             return Grid()
 
     saved = {name: getattr(triton_backend, name) for name in ("_kernels", "interpreting", "_multiprocessors")}
-    triton_backend._kernels = Recorder
+    triton_backend._kernels = Launcher
     triton_backend.interpreting = lambda: False
     triton_backend._multiprocessors = lambda index: multiprocessors
     try:
@@ -89,7 +90,7 @@ def record(cases=SESSION_CASES, multiprocessors: int = 132) -> list[Launch]:
     from lkconv.backends import triton_backend
 
     launches = []
-    with _recording(launches, multiprocessors):
+    with planned_as_on_a_gpu(launches.append, multiprocessors):
         for case in cases:
             stride, dilation = (case.stride,) * 2, (case.dilation,) * 2
             padding = (*case.padding, *case.padding)

@@ -47,6 +47,8 @@ CASES = [
     Case((1, 2, 20, 36), (21, 3), padding=(10, 1)),  # 32 x 16 over 32 columns
     Case((1, 2, 20, 12), (21, 21), padding=(10, 10)),  # 32 x 32 over 16 columns
     Case((1, 2, 20, 36), (17, 17), padding=(8, 8)),  # 32 x 32 over 32 columns
+    Case((2, 2, 6, 64), (3, 31), padding=(1, 15), shifted=True),  # RepLKNet's 31-wide band on a 64-wide map
+    Case((17, 2, 14, 14), (27, 27), padding=(13, 13)),  # RepLKNet-31B stage 3 (whole map, 32 x 32 taps)
     Case((2, 2, 9, 40), (7, 7), stride=2, padding=(3, 3)),
     Case((2, 3, 11, 24), (5, 5), padding=(4, 4), dilation=2),
     Case((2, 2, 9, 24), (5, 5), padding=(2, 2), multiplier=2, shifted=True),  # channels_last maps go per channel

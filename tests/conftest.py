@@ -1,7 +1,9 @@
-"""Shared test setup: the Triton interpreter on CPU-only machines, the float64 reference and per-dtype tolerances."""
+"""Shared test setup: the Triton interpreter on CPU-only machines (every launch checked for false alignment hints,
+stray memory accesses and racing stores), the float64 reference and per-dtype tolerances."""
 
 import os
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,3 +89,89 @@ def poisoned_outputs(monkeypatch):
             return _original(*args, **kwargs).fill_(float("nan"))
 
         monkeypatch.setattr(module, "new_buffer", nan_buffer)
+
+
+def _check_hints(monkeypatch, interpreter) -> None:
+    """Every `tl.multiple_of` promise the kernels make to the compiler must hold on the data. The interpreter
+    otherwise ignores the hints; a GPU trusts them, so a false one means misaligned vector loads there."""
+    patch_core = interpreter._patch_lang_core  # re-applied by the interpreter at every launch
+
+    def patch_with_checks(lang, scope):
+        patch_core(lang, scope)
+        hint = lang.multiple_of
+
+        def multiple_of(input, values):
+            data = input.handle.data if hasattr(input, "handle") else input
+            for value in values if isinstance(values, (list, tuple)) else [values]:
+                value = getattr(value, "value", value)
+                assert (numpy.asarray(data) % value == 0).all(), f"tl.multiple_of({value}) is false for {data}"
+            return hint(input, values)
+
+        scope.set_attr(lang, "multiple_of", multiple_of)
+
+    monkeypatch.setattr(interpreter, "_patch_lang_core", patch_with_checks)
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The addresses [first, end) a tensor's elements occupy (a strided view's, not its whole storage's)."""
+    if tensor.numel() == 0:
+        return (0, 0)
+    extents = [(size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())]
+    first = tensor.data_ptr() + sum(min(0, e) for e in extents) * tensor.element_size()
+    return first, tensor.data_ptr() + (sum(max(0, e) for e in extents) + 1) * tensor.element_size()
+
+
+def _check_memory(monkeypatch, interpreter) -> None:
+    """Every load and store must fall inside one of the tensors the launch was given (the view's span, not its
+    whole storage): compute-sanitizer's memcheck, on a CPU. The interpreter itself reads and writes raw addresses, so
+    a stray access would otherwise pass unseen or corrupt memory. And no address may be stored twice in one launch:
+    the interpreter runs programs one after another, where a GPU runs them at once and two writes would race."""
+    spans, stored = [], []
+    run_launch = interpreter.GridExecutor.__call__
+    load, store = interpreter.InterpreterBuilder.create_masked_load, interpreter.InterpreterBuilder.create_masked_store
+
+    def launch(self, *args, **kwargs):
+        spans[:] = [_span(arg) for arg in (*args, *kwargs.values()) if isinstance(arg, torch.Tensor)]
+        stored.clear()
+        result = run_launch(self, *args, **kwargs)
+        if stored:
+            addresses, counts = numpy.unique(numpy.concatenate(stored), return_counts=True)
+            assert (counts == 1).all(), (f"{hex(int(addresses[counts > 1][0]))} was stored {counts.max()} times in one "
+                                         "launch: on a GPU, a race between programs")
+        return result
+
+    def check(ptrs, mask, access):
+        addresses = ptrs.data.astype(numpy.uint64)
+        addresses = addresses[numpy.broadcast_to(mask.data, addresses.shape)]
+        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        inside = numpy.zeros(addresses.shape, dtype=bool)
+        for first, end in spans:
+            inside |= (addresses >= first) & (addresses + size <= end)
+        assert inside.all(), f"a {access} outside every tensor of the launch, at {hex(int(addresses[~inside][0]))}"
+        return addresses
+
+    def checked_load(self, ptrs, mask, *args):
+        check(ptrs, mask, "load")
+        return load(self, ptrs, mask, *args)
+
+    def checked_store(self, ptrs, value, mask, *args):
+        stored.append(check(ptrs, mask, "store"))
+        return store(self, ptrs, value, mask, *args)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", checked_load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", checked_store)
+
+
+@pytest.fixture(autouse=True)
+def checked_triton_launches(monkeypatch):
+    """In the interpreter, every triton launch of every test is checked for what only a GPU would otherwise show:
+    false alignment hints, accesses outside the launch's tensors and racing stores."""
+    if HAS_CUDA:
+        yield
+        return
+    from triton.runtime import interpreter
+
+    _check_hints(monkeypatch, interpreter)
+    _check_memory(monkeypatch, interpreter)
+    yield

@@ -4,7 +4,8 @@ Elsewhere on a CPU the triton backend plans for the interpreter (`interpret=True
 weight-grad split), so the GPU's block sizes, vector widths, shifted filter rows and split reductions would first meet
 data on a GPU. Here the backend plans exactly as on a GPU with 2 SMs, and each launch it makes runs in the
 interpreter. The one change is the interpreter's own need: bfloat16 dot operands widened to fp32 (kernels/common.py).
-Together the cases launch every configuration in `kernel_configs()`, which the test asserts.
+Together the cases launch every configuration in `kernel_configs()`, which the test asserts. As in every CPU test,
+conftest's `checked_triton_launches` also checks each launch's alignment hints and memory accesses.
 """
 
 from typing import NamedTuple

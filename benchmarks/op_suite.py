@@ -14,7 +14,7 @@ import lkconv
 
 from .progress import Progress
 from .roofline import FLOORS_NOTE, PASSES, ConvCase, floor, useful_flops
-from .timing import Budget, failure, measure, release_memory
+from .timing import Budget, failure, host_us, measure, release_memory
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 BASELINES = ("nchw", "channels_last", "compile")  # PyTorch's conv in NCHW, in channels_last, and compiled (NCHW)
@@ -175,6 +175,7 @@ def _timed(row: dict, case: ConvCase, fn: Callable, settings: OpSettings) -> dic
     """`row` with the timing of `fn`, or the error it raised (a benchmark run never stops at one failure)."""
     try:
         timing = measure(fn, settings.budget)
+        host = host_us(fn) if torch.cuda.is_available() else None
     except Exception as error:  # noqa: BLE001 - reported in the row and at the end
         fields = failure(error)
     else:
@@ -182,7 +183,7 @@ def _timed(row: dict, case: ConvCase, fn: Callable, settings: OpSettings) -> dic
     if fields is not None:
         release_memory()  # here, once the traceback no longer holds the failed call's tensors
         return {**row, **fields}
-    row.update(timing._asdict())
+    row.update(timing._asdict(), host_us=host)
     row["tflops"] = useful_flops(case, row["pass"]) / (timing.median_ms * 1e-3) / 1e12
     if torch.cuda.is_available():
         bound = floor(case, row["pass"], settings.tf32)
@@ -271,4 +272,6 @@ def notes(settings: OpSettings) -> dict:
         "op_fp32_math": "tf32 allowed" if settings.tf32 else "exact (ieee)",
         "op_floors": FLOORS_NOTE,
         "op_flops": "useful taps only (taps that land inside the image), 2 FLOPs per multiply-add",
+        "op_host_us": "GPU only: CPU time per call, 10 calls issued back to back without waiting for the GPU; where "
+                      "it exceeds the median, consecutive calls are host-bound unless captured in a CUDA graph",
     }

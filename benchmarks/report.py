@@ -20,9 +20,9 @@ def markdown(header: list[str], lines: list[list[str]]) -> str:
 
 
 def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
-    """Op rows: time, spread, speed-up over each PyTorch baseline, TFLOP/s, % of the H100 floor, peak memory, and
-    the relative error against PyTorch in exact fp32 (lkconv rows)."""
-    header = ["shape", "K", "dtype", "pass", "impl", "layout", "runs on", "median ms", "p20–p80 ms (n)",
+    """Op rows: time, spread, host time per call, speed-up over each PyTorch baseline, TFLOP/s, % of the H100 floor,
+    peak memory, and the relative error against PyTorch in exact fp32 (lkconv rows)."""
+    header = ["shape", "K", "dtype", "pass", "impl", "layout", "runs on", "median ms", "p20–p80 ms (n)", "host µs",
               "vs NCHW", "vs CL", "vs compile", "TFLOP/s", "% floor", "% fp32 FMA", "peak MiB", "rel. error"]
     lines = []
     for r in rows:
@@ -34,6 +34,7 @@ def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
             r["shape"], r["kernel"], r["dtype"], r["pass"], r["impl"], r["layout"], r["runs_on"],
             ("skipped" if r.get("skipped") else "error") if failed else ms(r["median_ms"]),
             "—" if failed else f"{ms(r['p20_ms'])}–{ms(r['p80_ms'])} ({r.get('samples', '?')})",
+            "—" if r.get("host_us") is None else f"{r['host_us']:.0f}",
             ratio(r.get("speedup_vs_nchw")), ratio(r.get("speedup_vs_channels_last")),
             ratio(r.get("speedup_vs_compile")),
             "—" if failed else f"{r['tflops']:.3g}", percent(r.get("floor_fraction")),

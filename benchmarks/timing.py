@@ -84,6 +84,19 @@ def time_cpu(fn: Callable, budget: Budget) -> Timing:
     return _quantiles(times, len(times))
 
 
+def host_us(fn: Callable, calls: int = 10) -> float:
+    """CPU time per call, in µs, with `calls` calls issued back to back and the GPU not awaited: what a call costs the
+    host (Python, dispatch, launches). Where it exceeds the GPU time, a loop of such calls runs at the host's pace
+    unless captured in a CUDA graph; the GPU timings above hide it behind do_bench's cache flushes."""
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - begin
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def set_fp32_math(tf32: bool) -> None:
     """One fp32 rule for every implementation; lkconv follows the same PyTorch setting cuDNN does."""
     torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"

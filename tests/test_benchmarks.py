@@ -3,6 +3,7 @@ into chunks that add up to the whole, merges them again, and counts work and flo
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -334,3 +335,23 @@ def test_the_pytest_benchmark_subset_runs():
                              "no:cacheprovider"], cwd=repository, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+def test_the_op_table_shows_each_calls_host_time():
+    row = {"suite": "op", "shape": "1x8x16x16", "kernel": "7x7", "dtype": "float32", "pass": "forward",
+           "impl": "lkconv[auto]", "layout": "nchw", "runs_on": "triton", "median_ms": 0.01, "p20_ms": 0.009,
+           "p80_ms": 0.011, "samples": 100, "tflops": 1.0, "host_us": 42.4}
+    header, _, measured, unmeasured = report.op_table([row, {**row, "host_us": None}]).splitlines()
+    column = header.split(" | ").index("host µs")
+    assert measured.split(" | ")[column] == "42"
+    assert unmeasured.split(" | ")[column] == "—"
+
+
+@pytest.mark.gpu
+def test_host_time_counts_the_cpu_not_the_gpu():
+    from lkconv.benchmarks.timing import host_us
+
+    long_kernel = host_us(lambda: torch.cuda._sleep(20_000_000), calls=5)  # ≈10 ms on the GPU each
+    assert long_kernel < 2000, f"{long_kernel:.0f} µs: the host waited for the GPU"
+    sleeping_host = host_us(lambda: time.sleep(0.002), calls=5)
+    assert sleeping_host >= 2000, f"{sleeping_host:.0f} µs for calls that sleep 2 ms each"

@@ -1,8 +1,9 @@
 """Shared test setup: the Triton interpreter on CPU-only machines (every launch checked for false alignment hints,
-stray memory accesses and racing stores), the float64 reference and per-dtype tolerances."""
+stray memory accesses and races between programs), the float64 reference and per-dtype tolerances."""
 
 import os
 import warnings
+from typing import Optional
 
 import numpy
 import pytest
@@ -92,6 +93,24 @@ def poisoned_outputs(monkeypatch):
         monkeypatch.setattr(module, "new_buffer", nan_buffer)
 
 
+def _hint_is_false(data, values) -> Optional[int]:
+    """The first value `tl.multiple_of(data, values)` is wrong about, or None. Per axis, the hint speaks of the first
+    element of each run of consecutive values (so `multiple_of(pid * B + arange(B), B)` is right)."""
+    data = numpy.asarray(data)
+    if data.ndim == 0:
+        data = data.reshape(1)
+    values = list(values) * data.ndim if len(values) == 1 else list(values)
+    for axis, value in enumerate(values):
+        run_start = numpy.ones(data.shape, dtype=bool)
+        later = [slice(None)] * data.ndim
+        later[axis] = slice(1, None)
+        run_start[tuple(later)] = numpy.diff(data.astype(numpy.int64), axis=axis) != 1
+        wrong = data[run_start & (data % value != 0)]
+        if wrong.size:
+            return int(wrong[0])
+    return None
+
+
 def _check_hints(monkeypatch, interpreter) -> None:
     """Every `tl.multiple_of` promise the kernels make to the compiler must hold on the data. The interpreter
     otherwise ignores the hints; a GPU trusts them, so a false one means misaligned vector loads there."""
@@ -103,9 +122,9 @@ def _check_hints(monkeypatch, interpreter) -> None:
 
         def multiple_of(input, values):
             data = input.handle.data if hasattr(input, "handle") else input
-            for value in values if isinstance(values, (list, tuple)) else [values]:
-                value = getattr(value, "value", value)
-                assert (numpy.asarray(data) % value == 0).all(), f"tl.multiple_of({value}) is false for {data}"
+            values = [getattr(v, "value", v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+            wrong = _hint_is_false(data, values)
+            assert wrong is None, f"tl.multiple_of(..., {values}) is false: {wrong} starts a run"
             return hint(input, values)
 
         scope.set_attr(lang, "multiple_of", multiple_of)
@@ -122,41 +141,59 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return first, tensor.data_ptr() + (sum(max(0, e) for e in extents) + 1) * tensor.element_size()
 
 
+def _check_races(stores: list, loads: list) -> None:
+    """Within one tensor and launch, no element stored by one program is stored or loaded by another: the
+    interpreter runs programs one after another, a GPU at once. Each entry is (addresses, program)."""
+    stored = numpy.concatenate([addresses for addresses, _ in stores])
+    stored_by = numpy.concatenate([numpy.full(addresses.size, program) for addresses, program in stores])
+    order = numpy.lexsort((stored_by, stored))
+    stored, stored_by = stored[order], stored_by[order]
+    distinct = numpy.ones(stored.size, dtype=bool)  # one entry per (address, program)
+    distinct[1:] = (stored[1:] != stored[:-1]) | (stored_by[1:] != stored_by[:-1])
+    stored, stored_by = stored[distinct], stored_by[distinct]
+    shared = stored[1:][stored[1:] == stored[:-1]]
+    assert not shared.size, f"{hex(int(shared[0]))} was stored by several programs of one launch: on a GPU they race"
+    for addresses, program in loads:
+        at = numpy.minimum(numpy.searchsorted(stored, addresses), stored.size - 1)
+        raced = addresses[(stored[at] == addresses) & (stored_by[at] != program)]
+        assert not raced.size, (f"{hex(int(raced[0]))} was loaded by one program and stored by another in one launch: "
+                                "on a GPU they race")
+
+
 def _check_memory(monkeypatch, interpreter) -> None:
-    """Every load and store must fall inside one of the tensors the launch was given (the view's span, not its
-    whole storage): compute-sanitizer's memcheck, on a CPU. The interpreter itself reads and writes raw addresses, so
-    a stray access would otherwise pass unseen or corrupt memory. And no address may be stored twice in one launch:
-    the interpreter runs programs one after another, where a GPU runs them at once and two writes would race."""
-    spans, stored = [], []
+    """Every load and store must fall, all its active lanes together, inside one tensor the launch was given (that
+    view's span, not its whole storage): compute-sanitizer's memcheck, on a CPU. The interpreter itself reads and
+    writes raw addresses, so a stray access would otherwise pass unseen or corrupt memory. Then `_check_races`."""
+    spans, accesses = [], {}  # accesses[(argument index, "load" or "store")]: [(addresses, program), ...]
     run_launch = interpreter.GridExecutor.__call__
     load, store = interpreter.InterpreterBuilder.create_masked_load, interpreter.InterpreterBuilder.create_masked_store
 
     def launch(self, *args, **kwargs):
-        spans[:] = [_span(arg) for arg in (*args, *kwargs.values()) if isinstance(arg, torch.Tensor)]
-        stored.clear()
+        spans[:] = [_span(arg) if isinstance(arg, torch.Tensor) else (0, 0) for arg in (*args, *kwargs.values())]
+        accesses.clear()
         result = run_launch(self, *args, **kwargs)
-        if stored:
-            addresses, counts = numpy.unique(numpy.concatenate(stored), return_counts=True)
-            assert (counts == 1).all(), (f"{hex(int(addresses[counts > 1][0]))} was stored {counts.max()} times in one "
-                                         "launch: on a GPU, a race between programs")
+        for (index, access), entries in accesses.items():
+            if access == "store":
+                _check_races(entries, accesses.get((index, "load"), []))
         return result
 
-    def check(ptrs, mask, access):
+    def check(builder, ptrs, mask, access):
         addresses = ptrs.data.astype(numpy.uint64)
         addresses = addresses[numpy.broadcast_to(mask.data, addresses.shape)]
-        size = ptrs.get_element_ty().primitive_bitwidth // 8
-        inside = numpy.zeros(addresses.shape, dtype=bool)
-        for first, end in spans:
-            inside |= (addresses >= first) & (addresses + size <= end)
-        assert inside.all(), f"a {access} outside every tensor of the launch, at {hex(int(addresses[~inside][0]))}"
-        return addresses
+        if not addresses.size:
+            return
+        first, last = int(addresses.min()), int(addresses.max()) + max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        index = next((i for i, (begin, end) in enumerate(spans) if begin <= first and last <= end), None)
+        assert index is not None, f"a {access} of {hex(first)}..{hex(last)} lies in no one tensor of the launch"
+        x, y, z = builder.grid_idx
+        accesses.setdefault((index, access), []).append((addresses, (z * 65536 + y) * 65536 + x))
 
     def checked_load(self, ptrs, mask, *args):
-        check(ptrs, mask, "load")
+        check(self, ptrs, mask, "load")
         return load(self, ptrs, mask, *args)
 
     def checked_store(self, ptrs, value, mask, *args):
-        stored.append(check(ptrs, mask, "store"))
+        check(self, ptrs, mask, "store")
         return store(self, ptrs, value, mask, *args)
 
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", launch)
@@ -167,18 +204,20 @@ def _check_memory(monkeypatch, interpreter) -> None:
 @pytest.fixture(autouse=True)
 def checked_triton_launches(monkeypatch):
     """In the interpreter, every triton launch of every test is checked for what only a GPU would otherwise show:
-    false alignment hints, accesses outside the launch's tensors and racing stores. The checks hook the interpreter's
+    false alignment hints, accesses outside the launch's tensors and races between programs. The checks hook the interpreter's
     internals as triton 3.6 (what CI installs) has them; another version without them warns and runs unchecked."""
     if HAS_CUDA:
         yield
         return
     from triton.runtime import interpreter
 
+    builder = getattr(interpreter, "InterpreterBuilder", None)
     hooks = (getattr(interpreter, "_patch_lang_core", None), getattr(interpreter, "GridExecutor", None),
-             getattr(getattr(interpreter, "InterpreterBuilder", None), "create_masked_load", None))
+             getattr(builder, "create_masked_load", None), getattr(builder, "create_masked_store", None),
+             getattr(builder, "set_grid_idx", None))
     if None in hooks:
         warnings.warn("this triton's interpreter lacks the internals the launch checks hook (triton 3.6 has them): "
-                      "alignment hints, memory accesses and racing stores go unchecked")
+                      "alignment hints, memory accesses and races go unchecked")
     else:
         _check_hints(monkeypatch, interpreter)
         _check_memory(monkeypatch, interpreter)

@@ -2,10 +2,11 @@
 
 Elsewhere on a CPU the triton backend plans for the interpreter (`interpret=True`: its own block sizes, one
 weight-grad split), so the GPU's block sizes, vector widths, shifted filter rows and split reductions would first meet
-data on a GPU. Here the backend plans exactly as on a GPU with 2 SMs, and each launch it makes runs in the
-interpreter. The one change is the interpreter's own need: bfloat16 dot operands widened to fp32 (kernels/common.py).
-Together the cases launch every configuration in `kernel_configs()`, which the test asserts. As in every CPU test,
-conftest's `checked_triton_launches` also checks each launch's alignment hints and memory accesses.
+data on a GPU. Here the backend plans as on a GPU with 2 SMs, and each launch it makes runs in the interpreter,
+changed only where the interpreter needs it: bfloat16 dot operands widened to fp32 (kernels/common.py). Cases that
+name `shifted` lower the threshold for the shifted filter rows, which a GPU takes from about 12 images. Together the
+cases launch every configuration in `kernel_configs()` and every vector width, which the test asserts. As in every
+CPU test, conftest's `checked_triton_launches` also checks each launch's alignment hints, memory accesses and races.
 """
 
 from typing import NamedTuple
@@ -53,6 +54,8 @@ CASES = [
     Case((2, 2, 9, 40), (7, 7), stride=2, padding=(3, 3)),
     Case((2, 3, 11, 24), (5, 5), padding=(4, 4), dilation=2),
     Case((2, 2, 9, 24), (5, 5), padding=(2, 2), multiplier=2, shifted=True),  # channels_last maps go per channel
+    Case((2, 2, 7, 10), (3, 5), padding=(1, 2), shifted=True),  # 10 wide: 2-element vectors
+    Case((2, 2, 7, 13), (3, 5), padding=(1, 2)),  # 13 wide: no vectors
 ]
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -69,7 +72,8 @@ def gpu_plans(monkeypatch):
         launch.kernel[launch.grid](*launch.args, **{**launch.kwargs,
                                                     "OPERANDS_FP32": launch.args[0].dtype == torch.bfloat16})
 
-    monkeypatch.setattr(triton_backend, "plan_conv", triton_backend.plan_conv.__wrapped__)  # no cached plans left
+    # Uncached: the shifted-rows threshold the cases set is not part of plan_conv's cache key.
+    monkeypatch.setattr(triton_backend, "plan_conv", triton_backend.plan_conv.__wrapped__)
     with triton_launches.planned_as_on_a_gpu(run, multiprocessors=2):
         yield launched
 
@@ -119,6 +123,10 @@ def test_every_gpu_launch_computes_the_conv_and_its_grads(gpu_plans, layout, dty
             "depthwise_whole_map_kernel": {_blocks(c) for c in configs["whole_map"]},
             "depthwise_weight_grad_kernel": {_blocks(c) for c in configs["weight_grad"]},
         }
+        vector_widths = {width for width in (1, 2, 4, 8) if width * element_size <= 16}
+        for kernel in ("depthwise_rows_kernel", "depthwise_weight_grad_kernel"):
+            widths = {launch.kwargs["ALIGN"] for launch in gpu_plans if launch.kernel.__name__ == kernel}
+            assert widths == vector_widths, f"{kernel}: vector widths {widths}, not {vector_widths}"
     else:
         expected = {
             "depthwise_rows_channels_last_kernel": {

@@ -204,8 +204,9 @@ def _check_memory(monkeypatch, interpreter) -> None:
 @pytest.fixture(autouse=True)
 def checked_triton_launches(monkeypatch):
     """In the interpreter, every triton launch of every test is checked for what only a GPU would otherwise show:
-    false alignment hints, accesses outside the launch's tensors and races between programs. The checks hook the interpreter's
-    internals as triton 3.6 (what CI installs) has them; another version without them warns and runs unchecked."""
+    false alignment hints, accesses outside the launch's tensors and races between programs. The checks hook the
+    interpreter's internals as triton 3.6 (what CI installs) has them; another version without them warns and runs
+    unchecked. (Pointer alignment needs no check: Triton tests each pointer's alignment at launch.)"""
     if HAS_CUDA:
         yield
         return

@@ -16,6 +16,7 @@ import torch
 
 from lkconv.backends import triton_backend
 from lkconv.benchmarks import triton_launches
+from lkconv.benchmarks.op_suite import LAYOUTS
 
 from conftest import HAS_CUDA, TOLERANCE, assert_close, reference
 
@@ -57,9 +58,6 @@ CASES = [
     Case((2, 2, 7, 10), (3, 5), padding=(1, 2), shifted=True),  # 10 wide: 2-element vectors
     Case((2, 2, 7, 13), (3, 5), padding=(1, 2)),  # 13 wide: no vectors
 ]
-
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-
 
 @pytest.fixture
 def gpu_plans(monkeypatch):

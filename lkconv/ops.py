@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import arguments, backends
+from . import arguments, backends, op_registration
 from .backends import autotune, torch_backend
 
 
@@ -39,8 +39,7 @@ def _empty_in_layout_of(shape, like: Tensor) -> Tensor:
                        memory_format=arguments.output_memory_format(like))
 
 
-@torch.library.custom_op("lkconv::depthwise_conv2d", mutates_args=())
-def depthwise_conv2d_op(
+def _forward(
     input: Tensor, weight: Tensor, bias: Optional[Tensor],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
 ) -> Tensor:
@@ -62,14 +61,12 @@ def _check_forward(input, weight, bias, stride, padding, dilation) -> tuple:
     return shape
 
 
-@depthwise_conv2d_op.register_fake
-def _(input, weight, bias, stride, padding, dilation):
+def _forward_fake(input, weight, bias, stride, padding, dilation):
     shape = _check_forward(input, weight, bias, stride, padding, dilation)
     return _empty_in_layout_of(shape, input)
 
 
-@torch.library.custom_op("lkconv::depthwise_conv2d_input_grad", mutates_args=())
-def depthwise_conv2d_input_grad_op(
+def _input_grad(
     grad_output: Tensor, weight: Tensor, input_shape: Sequence[int],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
 ) -> Tensor:
@@ -86,14 +83,12 @@ def _check_input_grad(grad_output, weight, input_shape, stride, padding, dilatio
     arguments.check_operands(op, ("grad_output", grad_output), ("weight", weight))
 
 
-@depthwise_conv2d_input_grad_op.register_fake
-def _(grad_output, weight, input_shape, stride, padding, dilation):
+def _input_grad_fake(grad_output, weight, input_shape, stride, padding, dilation):
     _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation)
     return _empty_in_layout_of(input_shape, grad_output)
 
 
-@torch.library.custom_op("lkconv::depthwise_conv2d_weight_grad", mutates_args=())
-def depthwise_conv2d_weight_grad_op(
+def _weight_grad(
     grad_output: Tensor, input: Tensor, kernel_size: Sequence[int],
     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], with_bias: bool,
 ) -> tuple[Tensor, Tensor]:
@@ -116,8 +111,7 @@ def _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilatio
     arguments.check_operands(op, ("grad_output", grad_output), ("input", input))
 
 
-@depthwise_conv2d_weight_grad_op.register_fake
-def _(grad_output, input, kernel_size, stride, padding, dilation, with_bias):
+def _weight_grad_fake(grad_output, input, kernel_size, stride, padding, dilation, with_bias):
     _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilation)
     out_channels = grad_output.shape[1]
     return (
@@ -141,7 +135,6 @@ class _Passes(NamedTuple):
     weight_grad: object
 
 
-_OP_PASSES = _Passes(depthwise_conv2d_op, depthwise_conv2d_input_grad_op, depthwise_conv2d_weight_grad_op)
 _PYTORCH_PASSES = _Passes(torch_backend.forward, torch_backend.input_grad, torch_backend.weight_grad)
 
 
@@ -223,21 +216,32 @@ def _weight_grad_backward(ctx, grad_weight, grad_bias):
 
 
 def _in_forward_scope(backward):
-    """Runs `backward` under the use_backend request its forward saw (autograd may run it on another thread)."""
+    """Runs `backward` under the use_backend request its forward saw, if any (autograd may run it on another
+    thread)."""
 
     @functools.wraps(backward)
     def run(ctx, *grads):
+        if ctx.backend_scope is None:
+            return backward(ctx, *grads)
         with backends.scope(ctx.backend_scope):
             return backward(ctx, *grads)
 
     return run
 
 
-depthwise_conv2d_op.register_autograd(_in_forward_scope(_forward_backward), setup_context=_save_forward)
-depthwise_conv2d_input_grad_op.register_autograd(_in_forward_scope(_input_grad_backward),
-                                                 setup_context=_save_input_grad)
-depthwise_conv2d_weight_grad_op.register_autograd(_in_forward_scope(_weight_grad_backward),
-                                                  setup_context=_save_weight_grad)
+depthwise_conv2d_op = op_registration.define(
+    "depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
+    "SymInt[] dilation) -> Tensor",
+    _forward, _forward_fake, _save_forward, _in_forward_scope(_forward_backward))
+depthwise_conv2d_input_grad_op = op_registration.define(
+    "depthwise_conv2d_input_grad(Tensor grad_output, Tensor weight, SymInt[] input_shape, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation) -> Tensor",
+    _input_grad, _input_grad_fake, _save_input_grad, _in_forward_scope(_input_grad_backward))
+depthwise_conv2d_weight_grad_op = op_registration.define(
+    "depthwise_conv2d_weight_grad(Tensor grad_output, Tensor input, SymInt[] kernel_size, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation, bool with_bias) -> (Tensor, Tensor)",
+    _weight_grad, _weight_grad_fake, _save_weight_grad, _in_forward_scope(_weight_grad_backward))
+_OP_PASSES = _Passes(depthwise_conv2d_op, depthwise_conv2d_input_grad_op, depthwise_conv2d_weight_grad_op)
 
 
 def _per_member(info, tensor: Tensor, dim: Optional[int]) -> Tensor:
@@ -262,7 +266,7 @@ def _batched_forward(info, in_dims, input, weight, bias, stride, padding, dilati
     return output.unflatten(1, (info.batch_size, -1)), 1
 
 
-depthwise_conv2d_op.register_vmap(_batched_forward)
+torch.library.register_vmap(depthwise_conv2d_op, _batched_forward, lib=op_registration.LIBRARY)
 
 
 def _register_autocast(name: str, device_type: str) -> None:
@@ -278,10 +282,9 @@ def _register_autocast(name: str, device_type: str) -> None:
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             return op(*args)
 
-    _AUTOCAST_LIBRARY.impl(name, kernel, key, with_keyset=True)
+    op_registration.LIBRARY.impl(name, kernel, key, with_keyset=True)
 
 
-_AUTOCAST_LIBRARY = torch.library.Library("lkconv", "FRAGMENT")
 for _device_type in ("cpu", "cuda"):
     for _name in ("depthwise_conv2d", "depthwise_conv2d_input_grad", "depthwise_conv2d_weight_grad"):
         _register_autocast(_name, _device_type)
@@ -380,8 +383,8 @@ def _differentiated_outside_autograd(tensors) -> Optional[str]:
     """What differentiates this call without PyTorch's ordinary autograd, and so cannot see through lkconv's ops, or
     None.
 
-    PyTorch runs a custom op's autograd formula as an autograd.Function with neither setup_context nor jvp. So
-    torch.func's grad transform raises on it, and its jvp transform and forward-mode AD (dual tensors) get no
+    lkconv's ops record their backward as an autograd.Function with neither setup_context nor jvp, as the ops of
+    torch.library.custom_op do (op_registration.py). So torch.func's grad transform raises on it, and its jvp transform and forward-mode AD (dual tensors) get no
     derivative at all: jvp silently returns a zero tangent. Such calls are computed with PyTorch's own conv instead.
     Outside torch.compile, vmap alone sees lkconv's op (it has a batching rule, `_batched_forward`); so does a
     compiled call under no transform.
@@ -409,8 +412,8 @@ def _check_pytorch_may_answer(differentiator: str) -> None:
     requested = backends.requested_backend()
     if requested in ("triton", "cuda"):
         raise backends.BackendUnavailableError(
-            f"backend {requested!r} was forced, but {differentiator} cannot differentiate lkconv's custom ops (PyTorch "
-            "runs their autograd formulas as an autograd.Function without setup_context or jvp); use 'auto' or "
+            f"backend {requested!r} was forced, but {differentiator} cannot differentiate lkconv's custom ops (their "
+            "autograd formulas run as an autograd.Function without setup_context or jvp); use 'auto' or "
             "'torch', which compute such calls with PyTorch's own conv"
         )
 

@@ -107,15 +107,12 @@ def scoped_request() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def scope(name: Optional[str]) -> Iterator[None]:
-    """Re-enters a use_backend request saved by `scoped_request` (no-op for None).
+def scope(name: str) -> Iterator[None]:
+    """Re-enters a use_backend request saved by `scoped_request`.
 
     Autograd runs the backward of CUDA tensors on its own threads, which do not see the caller's use_backend; the
     ops save the request in their forward and re-enter it here, so a forced backend answers every pass.
     """
-    if name is None:
-        yield
-        return
     token = _scoped.set(name)
     try:
         yield

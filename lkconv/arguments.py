@@ -5,6 +5,7 @@ ops take, and rejects everything else with an error that names the argument, the
 value.
 """
 
+import functools
 import operator
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -36,6 +37,10 @@ def _int(value) -> int:
 
 def pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
     """An int or a 1- or 2-element sequence of ints as (h, w), as F.conv2d reads stride/padding/dilation."""
+    if type(value) is int:  # the common case, first: an exact int (bool, a subclass, falls through to _int)
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum} in both dimensions; got {value!r}")
+        return (value, value)
     try:
         if isinstance(value, (tuple, list, torch.Size)):
             if len(value) not in (1, 2):
@@ -135,9 +140,8 @@ def check(
     kernel_size = (kernel_h, kernel_w)
     pads = conv_padding(padding, kernel_size, stride_pair, dilation_pair)
     in_size = (input.shape[2], input.shape[3])
-    out_size = tuple(
-        output_size(in_size[i], kernel_size[i], stride_pair[i], pads[i], pads[i + 2], dilation_pair[i]) for i in range(2)
-    )
+    out_size = (output_size(in_size[0], kernel_h, stride_pair[0], pads[0], pads[2], dilation_pair[0]),
+                output_size(in_size[1], kernel_w, stride_pair[1], pads[1], pads[3], dilation_pair[1]))
     if min(in_size) < 1:
         raise ValueError(f"input must have H, W >= 1; got shape {tuple(input.shape)}")
     if min(out_size) < 1:
@@ -205,9 +209,9 @@ def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_
         raise ValueError(
             f"{op}: input must be (N, C, H, W) and weight (C*m, 1, kh, kw); got input {in_shape}, weight {weight_shape}"
         )
-    expected = (in_shape[0], weight_shape[0], *(
-        output_size(in_shape[2 + i], weight_shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i]) for i in range(2)
-    ))
+    expected = (in_shape[0], weight_shape[0],
+                output_size(in_shape[2], weight_shape[2], stride[0], padding[0], padding[2], dilation[0]),
+                output_size(in_shape[3], weight_shape[3], stride[1], padding[1], padding[3], dilation[1]))
     if min(expected[2:]) < 1 or (out_shape is not None and tuple(out_shape) != expected):
         raise ValueError(
             f"{op}: input {in_shape} and weight {weight_shape} with stride {list(stride)}, padding {list(padding)} and "
@@ -216,8 +220,10 @@ def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_
     return expected
 
 
+@functools.lru_cache(maxsize=4096)
 def layout_strides(shape: Sequence[int], memory_format: torch.memory_format) -> tuple[int, ...]:
-    """The strides torch.empty gives a non-empty `shape` in `memory_format`, size-1 dimensions included.
+    """The strides torch.empty gives a non-empty `shape` in `memory_format`, size-1 dimensions included (cached:
+    every call checks its output's strides).
 
     The ops return exactly these strides and their fake kernels promise them, so compiled graphs never disagree.
     """

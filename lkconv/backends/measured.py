@@ -39,7 +39,8 @@ class ShapeClass(NamedTuple):
     def of(cls, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], size: Sequence[int],
            layout: str = "nchw"):
         """The shape class of a call, from any int sequences."""
-        return cls(*(tuple(int(v) for v in pair) for pair in (kernel, stride, dilation, size)), layout)
+        return cls((int(kernel[0]), int(kernel[1])), (int(stride[0]), int(stride[1])),
+                   (int(dilation[0]), int(dilation[1])), (int(size[0]), int(size[1])), layout)
 
 
 def layout_of(tensor: torch.Tensor) -> str:

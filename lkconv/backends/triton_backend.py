@@ -245,10 +245,9 @@ def channel_block(shape, strides, other_shape, other_strides, multiplier: int, e
     """Channels per program for the channels_last kernels, or 0 where the per-channel kernels run: both maps a pass
     reads or writes must have unit channel stride (channels_last) and every channel and column offset within a row
     below 2**31 (the row kernel adds them in int32), the map more than one channel, and the depth multiplier 1."""
-    def fits(shape, strides):
-        return strides[1] == 1 and (shape[3] - 1) * strides[3] + shape[1] - 1 < _INT32_LIMIT
-
-    if multiplier != 1 or shape[1] < 2 or not fits(shape, strides) or not fits(other_shape, other_strides):
+    if strides[1] != 1 or other_strides[1] != 1 or multiplier != 1 or shape[1] < 2:
+        return 0
+    if max((s[3] - 1) * t[3] + s[1] - 1 for s, t in ((shape, strides), (other_shape, other_strides))) >= _INT32_LIMIT:
         return 0
     return _next_pow2(shape[1], 1, 16) if interpret else CHANNEL_BYTES // element_size
 
@@ -371,8 +370,15 @@ def _map_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(stride if size > 1 else 0 for size, stride in zip(tensor.shape, tensor.stride()))
 
 
-def _tensor_align(tensor: torch.Tensor) -> int:
-    return vector_align(tensor.shape, _map_strides(tensor), tensor.element_size(), tensor.data_ptr())
+@functools.lru_cache(maxsize=4096)
+def _cached_vector_align(shape, strides, element_size: int, pointer_offset: int) -> int:
+    return vector_align(shape, strides, element_size, pointer_offset)
+
+
+def _tensor_align(tensor: torch.Tensor, strides: tuple[int, ...]) -> int:
+    """vector_align of a map with its `_map_strides`, cached per shape (only the pointer's offset within 16 bytes
+    matters: every vector is at most 16 bytes)."""
+    return _cached_vector_align(tensor.shape, strides, tensor.element_size(), tensor.data_ptr() % VECTOR_BYTES)
 
 
 def _forward_pass(input_shape, out_hw, kernel, stride, dilation, pad_left, align, block) -> ConvPass:
@@ -407,11 +413,12 @@ def describe(pass_name: str, input, weight, output_hw, stride, padding, dilation
             name = "weight_grad_channels_last"
         else:
             config = weight_grad_config(kernel, input.shape[3], total_rows, interpret)
-            loads, name = _vectors_label(_tensor_align(input), input), "weight_grad"
+            loads, name = _vectors_label(_tensor_align(input, _map_strides(input)), input), "weight_grad"
         return f"{name} (deterministic split reduction) {config}, {loads}, {_dot_label(input.dtype)}"
     if pass_name == "forward":
-        align = _tensor_align(input)
-        block = block_for(input.shape, _map_strides(input), output_shape, output_strides)
+        strides = _map_strides(input)
+        align = _tensor_align(input, strides)
+        block = block_for(input.shape, strides, output_shape, output_strides)
         p = _forward_pass(input.shape, output_hw, kernel, stride, dilation, padding[1], align, block)
     else:
         align = vector_align(output_shape, output_strides, input.element_size())
@@ -466,7 +473,7 @@ def _device_guard(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier):
+def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier, src_strides):
     plan = plan_conv(p, interpreting())
     kernels = _kernels()
     precision, operands_fp32 = _dot_options(src.dtype)
@@ -483,7 +490,7 @@ def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier):
         p.batch, p.dst_h, p.dst_w, p.src_h, p.src_w,
         p.kernel[0], p.kernel[1], p.stride[0], p.stride[1], padding[0], padding[1], p.dilation[0], p.dilation[1],
         multiplier,
-        *_map_strides(src), *filter_strides, *dst.stride(),
+        *src_strides, *filter_strides, *dst.stride(),
     )
     flags = dict(TRANSPOSED=p.transposed, HAS_BIAS=bias is not None, PRECISION=precision, OPERANDS_FP32=operands_fp32)
     with _device_guard(dst):
@@ -538,13 +545,14 @@ def forward(input, weight, bias, stride, padding, dilation):
     if output.numel() == 0:
         return output
     input = _int32_safe_map(input)
-    block = channel_block(input.shape, _map_strides(input), output.shape, output.stride(), out_channels // channels,
+    strides = _map_strides(input)
+    block = channel_block(input.shape, strides, output.shape, output.stride(), out_channels // channels,
                           input.element_size(), interpreting())
-    p = _forward_pass(input.shape, out_hw, (kernel_h, kernel_w), stride, dilation, padding[1], _tensor_align(input),
-                      block)
+    p = _forward_pass(input.shape, out_hw, (kernel_h, kernel_w), stride, dilation, padding[1],
+                      _tensor_align(input, strides), block)
     # The kernel reads bias[channel] at unit stride; autograd may hand in an expanded (stride-0) bias.
     bias = bias.contiguous() if bias is not None else None
-    return _launch_conv(p, input, _int32_safe_filter(weight), bias, output, padding, out_channels // channels)
+    return _launch_conv(p, input, _int32_safe_filter(weight), bias, output, padding, out_channels // channels, strides)
 
 
 def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
@@ -555,12 +563,13 @@ def input_grad(grad_output, weight, input_shape, stride, padding, dilation):
     if grad_input.numel() == 0:
         return grad_input
     grad_output = _int32_safe_map(grad_output)
-    block = channel_block(grad_output.shape, _map_strides(grad_output), grad_input.shape, grad_input.stride(),
+    strides = _map_strides(grad_output)
+    block = channel_block(grad_output.shape, strides, grad_input.shape, grad_input.stride(),
                           weight.shape[0] // channels, grad_output.element_size(), interpreting())
     p = _input_grad_pass(grad_output.shape, (height, width), weight.shape[2:], stride, dilation, padding[1],
-                         _tensor_align(grad_output), block)
+                         _tensor_align(grad_output, strides), block)
     return _launch_conv(p, grad_output, _int32_safe_filter(weight), None, grad_input, padding,
-                        weight.shape[0] // channels)
+                        weight.shape[0] // channels, strides)
 
 
 @functools.lru_cache(maxsize=None)
@@ -582,7 +591,8 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
         grad_weight = grad_output.new_zeros(out_channels, 1, kernel_h, kernel_w)
         return grad_weight, grad_output.new_zeros(out_channels if with_bias else 0)
     grad_output, input = _int32_safe_map(grad_output), _int32_safe_map(input)
-    block = channel_block(input.shape, _map_strides(input), grad_output.shape, _map_strides(grad_output),
+    input_strides = _map_strides(input)
+    block = channel_block(input.shape, input_strides, grad_output.shape, _map_strides(grad_output),
                           out_channels // channels, input.element_size(), interpreting())
     if block:
         c = weight_grad_channels_last_config(tuple(kernel_size), input.shape[3], total_rows, block, interpreting())
@@ -617,7 +627,7 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
         else:
             _kernels().depthwise_weight_grad_kernel[(tiles * splits,)](
                 grad_output, input, weight_partials, bias_partials, *shape_args, out_channels // channels,
-                rows_per_split, *grad_output.stride(), *_map_strides(input), **flags, ALIGN=_tensor_align(input),
+                rows_per_split, *grad_output.stride(), *input_strides, **flags, ALIGN=_tensor_align(input, input_strides),
             )
     # Sum the splits in a fixed order (nothing to sum when there is one).
     grad_weight = (weight_partials[0] if splits == 1 else weight_partials.sum(0)).unsqueeze(1).to(input.dtype)

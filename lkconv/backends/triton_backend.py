@@ -367,7 +367,8 @@ def vector_align(shape: Sequence[int], strides: Sequence[int], element_size: int
 def _map_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     """A map's strides as the kernels take them: 0 for a size-1 dimension, whose index is always 0. Then every
     stride vector_align vouches for is a multiple of it, and none of them is the 1 Triton would make a constant."""
-    return tuple(stride if size > 1 else 0 for size, stride in zip(tensor.shape, tensor.stride()))
+    (n, c, h, w), (sn, sc, sh, sw) = tensor.shape, tensor.stride()
+    return (sn if n > 1 else 0, sc if c > 1 else 0, sh if h > 1 else 0, sw if w > 1 else 0)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -448,19 +449,16 @@ def _channels_label(block_c: int, input: torch.Tensor) -> str:
 _INT32_LIMIT = 2**31
 
 
-def _fits_int32(tensor: torch.Tensor, dims: Sequence[int]) -> bool:
-    """Whether offsets along `dims` stay below 2**31: the kernels index within a map row (and within a filter)
-    in int32, while image, channel and row offsets are int64."""
-    return sum((tensor.shape[d] - 1) * tensor.stride(d) for d in dims) < _INT32_LIMIT
-
-
+# The kernels index within a map row (and within a filter) in int32, while image, channel and row offsets are int64.
+# Only exotic views (a row spanning 2**31 elements) need these copies.
 def _int32_safe_map(tensor: torch.Tensor) -> torch.Tensor:
-    # Only exotic views (a row spanning 2**31 elements) need the copy.
-    return tensor if _fits_int32(tensor, (3,)) else tensor.contiguous()
+    return tensor if (tensor.shape[3] - 1) * tensor.stride(3) < _INT32_LIMIT else tensor.contiguous()
 
 
 def _int32_safe_filter(weight: torch.Tensor) -> torch.Tensor:
-    return weight if _fits_int32(weight, (2, 3)) else weight.contiguous()
+    shape, strides = weight.shape, weight.stride()
+    fits = (shape[2] - 1) * strides[2] + (shape[3] - 1) * strides[3] < _INT32_LIMIT
+    return weight if fits else weight.contiguous()
 
 
 def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:

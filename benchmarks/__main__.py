@@ -6,6 +6,7 @@
     python -m benchmarks report results/h100           # merge chunks, redo tables and plots from the JSON
     python -m benchmarks choices results/h100          # auto's triton-vs-cuda table from a run timing both
     python -m benchmarks precompile                    # compile a GPU session's Triton kernels on every core first
+    python -m benchmarks host                          # the host's µs per call of lkconv's Python layers, on a CPU
 """
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 
 from lkconv.backends import measured
 
-from . import model_suite, op_suite, paper_table, plots, presets, report, triton_launches
+from . import host_time, model_suite, op_suite, paper_table, plots, presets, report, triton_launches
 from .progress import Progress
 from .provenance import provenance
 from .roofline import PASSES, ConvCase
@@ -346,10 +347,25 @@ def main_precompile(argv) -> int:
     return 0
 
 
+def main_host(argv) -> int:
+    """`python -m benchmarks host`: the host's time per call of lkconv's layers, launches skipped."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks host",
+                                description="Time what a call costs the host in lkconv's Python layers (checks, "
+                                            "dispatch, autograd, backend choice, Triton launch planning) on this "
+                                            "machine's CPU, with the triton backend planning as on an H100 and its "
+                                            "launches skipped (benchmarks/host_time.py).")
+    p.add_argument("--calls", type=int, default=2000, help="calls per timed run (the fastest of 5 runs counts)")
+    args = p.parse_args(argv)
+    if args.calls < 1:
+        p.error(f"--calls must be >= 1; got {args.calls}")
+    print(host_time.table(host_time.measure(args.calls)))
+    return 0
+
+
 def main(argv=None) -> int:
     """The `python -m benchmarks` and `lkconv-bench` entry point: a subcommand, or a benchmark run."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"report": main_report, "choices": main_choices, "precompile": main_precompile}
+    commands = {"report": main_report, "choices": main_choices, "precompile": main_precompile, "host": main_host}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return main_run(argv)

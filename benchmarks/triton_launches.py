@@ -63,18 +63,20 @@ def planned_as_on_a_gpu(on_launch: Callable[[Launch], None], multiprocessors: in
     from lkconv import kernels
     from lkconv.backends import triton_backend
 
-    class Launcher:
+    class Grid:  # what kernel[grid] returns
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: on_launch(Launch(self.kernel, grid, args, kwargs))
+
+    class Launcher:  # stands in for the kernels module
         def __getattr__(self, name):
-            kernel = getattr(kernels, name)
+            return Grid(getattr(kernels, name))
 
-            class Grid:
-                def __getitem__(self, grid):
-                    return lambda *args, **kwargs: on_launch(Launch(kernel, grid, args, kwargs))
-
-            return Grid()
-
+    launcher = Launcher()
     saved = {name: getattr(triton_backend, name) for name in ("_kernels", "interpreting", "_multiprocessors")}
-    triton_backend._kernels = Launcher
+    triton_backend._kernels = lambda: launcher
     triton_backend.interpreting = lambda: False
     triton_backend._multiprocessors = lambda index: multiprocessors
     try:

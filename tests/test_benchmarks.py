@@ -355,3 +355,27 @@ def test_host_time_counts_the_cpu_not_the_gpu():
     assert long_kernel < 2000, f"{long_kernel:.0f} µs: the host waited for the GPU"
     sleeping_host = host_us(lambda: time.sleep(0.002), calls=5)
     assert sleeping_host >= 2000, f"{sleeping_host:.0f} µs for calls that sleep 2 ms each"
+
+
+def test_host_time_plans_every_lkconv_call_on_triton_and_restores_the_backend(capsys):
+    """`python -m benchmarks host` times lkconv's layers with the triton backend planning as on a GPU: each lkconv
+    call planned its Triton launches (PyTorch's conv would plan none), and the stand-ins end with the command."""
+    from lkconv.backends import triton_backend
+
+    interpreting = triton_backend.interpreting()
+    assert cli.main(["host", "--calls", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in lines if line.startswith("| ")}
+    assert {call: launches.rstrip(" |") for call, (_, launches) in rows.items() if call != "call"} == {
+        "F.conv2d on meta tensors (for scale: dispatch and shape checks), no grad": "0",
+        "lkconv.depthwise_conv2d, no grad": "1",
+        "lkconv.DepthwiseConv2d, no grad": "1",
+        "of which the op, torch.ops.lkconv.depthwise_conv2d, no grad": "1",
+        "of which the triton backend's forward (planning, packing), no grad": "1",
+        "lkconv.depthwise_conv2d, recording autograd": "1",
+        "forward and backward (three ops)": "3",
+    }
+    assert all(float(us) > 0 for call, (us, _) in rows.items() if call != "call")
+    assert triton_backend.interpreting() == interpreting
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+    assert lkconv.explain(x, w).backend == "torch"  # auto on a CPU, as before the command

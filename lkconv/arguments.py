@@ -37,19 +37,22 @@ def _int(value) -> int:
 
 def pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
     """An int or a 1- or 2-element sequence of ints as (h, w), as F.conv2d reads stride/padding/dilation."""
-    if type(value) is int:  # the common case, first: an exact int (bool, a subclass, falls through to _int)
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum} in both dimensions; got {value!r}")
-        return (value, value)
-    try:
-        if isinstance(value, (tuple, list, torch.Size)):
-            if len(value) not in (1, 2):
-                raise TypeError
-            pair = (_int(value[0]), _int(value[-1]))
-        else:
-            pair = (_int(value), _int(value))
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints; got {value!r}") from None
+    # The common cases first, cheaply: an exact int, or a tuple of two (nn.Conv2d's attributes). A bool, an int
+    # subclass, takes the general path.
+    if type(value) is int:
+        pair = (value, value)
+    elif type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        pair = value
+    else:
+        try:
+            if isinstance(value, (tuple, list, torch.Size)):
+                if len(value) not in (1, 2):
+                    raise TypeError
+                pair = (_int(value[0]), _int(value[-1]))
+            else:
+                pair = (_int(value), _int(value))
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a pair of ints; got {value!r}") from None
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum} in both dimensions; got {value!r}")
     return pair

@@ -193,6 +193,47 @@ def test_torch_compile_with_inductor():
         assert_close(actual, expected, TOLERANCE[torch.float32], f"inductor {what}")
 
 
+def test_compiled_autograd_runs_the_backward_ops(monkeypatch):
+    """Compiled autograd (what FSDP2 training often enables) traces the ops' backward, an autograd.Function of
+    lkconv's own (op_registration.py), into a graph: the grads it computes match float64."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(torch._dynamo.config, "compiled_autograd", True)
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE)
+    calls = []
+    original = torch_backend.weight_grad
+    monkeypatch.setattr(torch_backend, "weight_grad", lambda *args: calls.append(args) or original(*args))
+
+    @torch.compile(backend="aot_eager")
+    def step(x, w, b):
+        y = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+        y.square().sum().backward()
+        return y
+
+    with lkconv.use_backend("torch"):
+        y = step(x, w, b)
+    assert counters["compiled_autograd"]["captures"] >= 1, "compiled autograd did not capture the backward"
+    assert calls, "the weight-grad op did not run"
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = F.conv2d(x64, w64, b64, (2, 1), (1, 2), (1, 2), groups=3)
+    ref.square().sum().backward()
+    assert_close(y, ref, TOLERANCE[torch.float32], "output")
+    for actual, expected, what in ((x.grad, x64.grad, "input"), (w.grad, w64.grad, "weight"), (b.grad, b64.grad, "bias")):
+        assert_close(actual, expected, TOLERANCE[torch.float32], f"compiled-autograd {what} grad")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inference_mode_computes_without_recording_autograd(backend):
+    """Under torch.inference_mode the ops' Autograd kernel is skipped: the output is an inference tensor, and right."""
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE if backend == "triton" else "cpu")
+    with lkconv.use_backend(backend), torch.inference_mode():
+        y = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    assert y.is_inference() and not y.requires_grad
+    assert_close(y, reference(x, w, b, (2, 1), (1, 2), (1, 2))[0], TOLERANCE[torch.float32], "output")
+
+
 def test_torch_export_keeps_the_op_with_dynamic_shapes_and_survives_save_and_load():
     model = torch.nn.Sequential(lkconv.DepthwiseConv2d(4, 7, padding=3), torch.nn.ReLU(),
                                 lkconv.DepthwiseConv2d(4, (5, 3), stride=2, padding=1, depth_multiplier=2))

@@ -200,20 +200,20 @@ def test_compiled_autograd_runs_the_backward_ops(monkeypatch):
 
     torch._dynamo.reset()
     counters.clear()
-    monkeypatch.setattr(torch._dynamo.config, "compiled_autograd", True)
     x, w, b = op_inputs(torch.float32, TRITON_DEVICE)
     calls = []
     original = torch_backend.weight_grad
     monkeypatch.setattr(torch_backend, "weight_grad", lambda *args: calls.append(args) or original(*args))
 
-    @torch.compile(backend="aot_eager")
     def step(x, w, b):
         y = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
         y.square().sum().backward()
         return y
 
-    with lkconv.use_backend("torch"):
-        y = step(x, w, b)
+    # config.patch, not monkeypatch: undoing a monkeypatched config entry hides it from every later compile. And
+    # torch.compile reads the config when it wraps the function.
+    with lkconv.use_backend("torch"), torch._dynamo.config.patch(compiled_autograd=True):
+        y = torch.compile(step, backend="aot_eager")(x, w, b)
     assert counters["compiled_autograd"]["captures"] >= 1, "compiled autograd did not capture the backward"
     assert calls, "the weight-grad op did not run"
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))

@@ -20,7 +20,11 @@ def define(schema: str, kernel: Callable, fake: Callable, setup_context: Callabl
            backward: Callable) -> torch._ops.OpOverload:
     """Defines `lkconv::<schema>` with `kernel` for every device, `fake` for tracing, and autograd: when a gradient
     is needed, `setup_context(ctx, inputs, output)` runs after the kernel and `backward(ctx, *grads)` returns one
-    gradient (or None) per input, as for custom_op's register_autograd."""
+    gradient (or None) per input, as for custom_op's register_autograd (`ctx.needs_input_grad` has one more entry,
+    last, for the key set).
+
+    `kernel` must return fresh tensors: custom_op checked at run time that no output aliases an input or another
+    output, and this registration does not (opcheck does, in the tests)."""
     name = schema.partition("(")[0]
     LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
     op = getattr(torch.ops.lkconv, name).default

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import lkconv
 
+from conftest import assert_close
 from lkconv.benchmarks import __main__ as cli
 from lkconv.benchmarks import report
 from lkconv.benchmarks.progress import Progress
@@ -358,14 +359,18 @@ def test_host_time_counts_the_cpu_not_the_gpu():
 
 
 def test_host_time_plans_every_lkconv_call_on_triton_and_restores_the_backend(capsys):
-    """`python -m benchmarks host` times lkconv's layers with the triton backend planning as on a GPU: each lkconv
-    call planned its Triton launches (PyTorch's conv would plan none), and the stand-ins end with the command."""
+    """`python -m benchmarks host` times lkconv's layers with the triton backend planning as on a GPU: every timed
+    lkconv call planned its Triton launches (PyTorch's conv would plan none), and the stand-ins end with the command:
+    the triton backend computes again afterwards."""
     from lkconv.backends import triton_backend
 
-    interpreting = triton_backend.interpreting()
+    patched = ("_kernels", "interpreting", "_multiprocessors", "unavailable_reason", "unsupported_reason")
+    before = {name: getattr(triton_backend, name) for name in patched}
+    threads = torch.get_num_threads()
     assert cli.main(["host", "--calls", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in lines if line.startswith("| ")}
+    # Launches per call over every call made, warm-up and timed runs included.
     assert {call: launches.rstrip(" |") for call, (_, launches) in rows.items() if call != "call"} == {
         "F.conv2d on meta tensors (for scale: dispatch and shape checks), no grad": "0",
         "lkconv.depthwise_conv2d, no grad": "1",
@@ -376,6 +381,10 @@ def test_host_time_plans_every_lkconv_call_on_triton_and_restores_the_backend(ca
         "forward and backward (three ops)": "3",
     }
     assert all(float(us) > 0 for call, (us, _) in rows.items() if call != "call")
-    assert triton_backend.interpreting() == interpreting
+    assert {name: getattr(triton_backend, name) for name in patched} == before
+    assert torch.get_num_threads() == threads
     x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
     assert lkconv.explain(x, w).backend == "torch"  # auto on a CPU, as before the command
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, padding=1)
+    assert_close(y, F.conv2d(x.double(), w.double(), None, 1, 1, 1, 2), 1e-5, "triton after the host command")

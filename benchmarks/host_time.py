@@ -11,7 +11,6 @@ tensors (its dispatch and shape checks, without cuDNN) is timed beside it for sc
 """
 
 import contextlib
-import time
 from typing import Callable, Iterator, NamedTuple
 
 import torch
@@ -22,6 +21,7 @@ from lkconv import backends, ops
 from lkconv.backends import triton_backend
 
 from . import triton_launches
+from .timing import host_us
 
 SHAPE, KERNEL = (1, 8, 32, 32), 31  # few channels: little CPU work in PyTorch's own ops; planning ignores them
 
@@ -61,20 +61,6 @@ def triton_as_on_a_gpu(on_launch: Callable = lambda launch: None) -> Iterator[No
             backends._choose.cache_clear()
 
 
-def _us_per_call(fn: Callable, calls: int, repeats: int) -> tuple[float, int]:
-    """The fastest of `repeats` runs of `calls` calls, in µs per call, and how many calls were made in all."""
-    warmups = max(1, calls // 10)  # caches, first-call imports
-    for _ in range(warmups):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, time.perf_counter() - begin)
-    return best / calls * 1e6, warmups + repeats * calls
-
-
 def measure(calls: int = 2000, repeats: int = 5) -> list[HostTime]:
     """The host's µs per call for an fp32 map of SHAPE with a KERNEL x KERNEL filter, layer by layer."""
     channels, padding = SHAPE[1], KERNEL // 2
@@ -107,8 +93,12 @@ def measure(calls: int = 2000, repeats: int = 5) -> list[HostTime]:
         for grad_mode, calls_by_name in ((False, no_grad), (True, with_grad)):
             for name, fn in calls_by_name.items():
                 launches = _LaunchCounter()
+                warmups = max(1, calls // 10)  # caches, first-call imports
                 with torch.set_grad_enabled(grad_mode), triton_as_on_a_gpu(launches):
-                    us, made = _us_per_call(fn, calls, repeats)
+                    for _ in range(warmups):
+                        fn()
+                    us = host_us(fn, calls, repeats)
+                made = warmups + calls * repeats
                 results.append(HostTime(name + ("" if grad_mode else ", no grad"), us, launches.count / made))
     finally:
         torch.set_num_threads(threads)

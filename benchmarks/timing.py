@@ -85,18 +85,22 @@ def time_cpu(fn: Callable, budget: Budget) -> Timing:
 
 
 def host_us(fn: Callable, calls: int = 10, repeats: int = 3) -> float:
-    """The host's wall time per call, in µs, with `calls` calls issued back to back and the GPU not awaited (the
-    fastest of `repeats` tries): what a call costs the host in Python, dispatch and launches, plus any wait inside
-    it. Where it exceeds the GPU time, a loop of such calls runs at the host's pace unless captured in a CUDA graph.
-    The GPU timings above hide host time shorter than do_bench's cache flush, except between a call's own kernels."""
+    """The host's wall time per call, in µs, with `calls` calls issued back to back and the GPU, if any, not awaited
+    (the fastest of `repeats` tries): what a call costs the host in Python, dispatch and launches, plus any wait
+    inside it. Where it exceeds the GPU time, a loop of such calls runs at the host's pace unless captured in a CUDA
+    graph. The GPU timings above hide host time shorter than do_bench's cache flush, except between a call's own
+    kernels."""
+    gpu = torch.cuda.is_available()
     best = float("inf")
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        if gpu:
+            torch.cuda.synchronize()
         begin = time.perf_counter()
         for _ in range(calls):
             fn()
         best = min(best, time.perf_counter() - begin)
-    torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
     return best / calls * 1e6
 
 

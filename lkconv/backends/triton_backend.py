@@ -247,7 +247,8 @@ def channel_block(shape, strides, other_shape, other_strides, multiplier: int, e
     below 2**31 (the row kernel adds them in int32), the map more than one channel, and the depth multiplier 1."""
     if strides[1] != 1 or other_strides[1] != 1 or multiplier != 1 or shape[1] < 2:
         return 0
-    if max((s[3] - 1) * t[3] + s[1] - 1 for s, t in ((shape, strides), (other_shape, other_strides))) >= _INT32_LIMIT:
+    if (max((shape[3] - 1) * strides[3] + shape[1], (other_shape[3] - 1) * other_strides[3] + other_shape[1])
+            > _INT32_LIMIT):
         return 0
     return _next_pow2(shape[1], 1, 16) if interpret else CHANNEL_BYTES // element_size
 

@@ -1,7 +1,8 @@
 """The lkconv custom ops (forward, input grad, weight grad) with fake kernels and autograd, and the functional API.
 
-Whichever backend runs, autograd, torch.compile and opcheck see these three `torch.ops.lkconv` ops. Autograd
-of each op calls the other ops, so backward passes dispatch to a backend too and can be differentiated again.
+Whichever backend runs, autograd, torch.func, torch.compile and opcheck see these three `torch.ops.lkconv` ops.
+The derivatives of each op, reverse and forward mode, call the ops again, so backward passes and tangents dispatch
+to a backend too and can be differentiated again.
 Op arguments are ints, padding as (top, left, bottom, right). `depthwise_conv2d` turns user input into them with
 full error messages; the ops themselves re-check shapes cheaply, since they can be called directly.
 """
@@ -120,48 +121,26 @@ def _weight_grad_fake(grad_output, input, kernel_size, stride, padding, dilation
     )
 
 
-# --- autograd: every backward is made of the ops above -----------------------------------------------------------
-
-
-def _has_tangent(*tensors) -> bool:
-    """Whether forward-mode AD carries a tangent on any of `tensors` (None entries allowed)."""
-    return torch.autograd.forward_ad._current_level >= 0 and any(
-        t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
-class _Passes(NamedTuple):
-    forward: object
-    input_grad: object
-    weight_grad: object
-
-
-_PYTORCH_PASSES = _Passes(torch_backend.forward, torch_backend.input_grad, torch_backend.weight_grad)
-
-
-def _passes_for(*tensors) -> _Passes:
-    """The passes a backward formula computes with: the ops; or, where forward-mode AD differentiates the backward
-    itself (forward-over-reverse: dual grads), PyTorch's own, which carry the tangents that the ops would drop."""
-    return _PYTORCH_PASSES if _has_tangent(*tensors) else _OP_PASSES
+# --- derivatives: every backward and jvp is made of the ops above -----------------------------------------------------
 
 
 def _save_forward(ctx, inputs, output):
     ctx.backend_scope = backends.scoped_request()
     input, weight, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(input, weight)
     ctx.has_bias = bias is not None
     ctx.conv = (stride, padding, dilation)
+    return input, weight
 
 
 def _forward_backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
-    passes = _passes_for(grad_output, input, weight)
     needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_input = grad_weight = grad_bias = None
     if needs_input:
-        grad_input = passes.input_grad(grad_output, weight, list(input.shape), stride, padding, dilation)
+        grad_input = depthwise_conv2d_input_grad_op(grad_output, weight, list(input.shape), stride, padding, dilation)
     if needs_weight:
-        grad_weight, grad_bias = passes.weight_grad(
+        grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
             grad_output, input, list(weight.shape[2:]), stride, padding, dilation, bool(needs_bias and ctx.has_bias)
         )
     if needs_bias and ctx.has_bias and not needs_weight:
@@ -172,8 +151,9 @@ def _forward_backward(ctx, grad_output):
 def _save_input_grad(ctx, inputs, output):
     ctx.backend_scope = backends.scoped_request()
     grad_output, weight, input_shape, stride, padding, dilation = inputs
-    ctx.save_for_backward(grad_output, weight)
     ctx.conv = (stride, padding, dilation)
+    ctx.input_shape = input_shape
+    return grad_output, weight
 
 
 def _input_grad_backward(ctx, grad):
@@ -181,21 +161,20 @@ def _input_grad_backward(ctx, grad):
     # the weight grad with `grad` playing the input.
     grad_output, weight = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
-    passes = _passes_for(grad, grad_output, weight)
     grad_grad_output = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_grad_output = passes.forward(grad, weight, None, stride, padding, dilation)
+        grad_grad_output = depthwise_conv2d_op(grad, weight, None, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
-        grad_weight = passes.weight_grad(grad_output, grad, list(weight.shape[2:]), stride, padding, dilation, False)[0]
+        grad_weight = depthwise_conv2d_weight_grad_op(grad_output, grad, list(weight.shape[2:]), stride, padding, dilation, False)[0]
     return grad_grad_output, grad_weight, None, None, None, None
 
 
 def _save_weight_grad(ctx, inputs, output):
     ctx.backend_scope = backends.scoped_request()
     grad_output, input, kernel_size, stride, padding, dilation, with_bias = inputs
-    ctx.save_for_backward(grad_output, input)
     ctx.conv = (kernel_size, stride, padding, dilation)
     ctx.has_bias = with_bias
+    return grad_output, input
 
 
 def _weight_grad_backward(ctx, grad_weight, grad_bias):
@@ -206,13 +185,57 @@ def _weight_grad_backward(ctx, grad_weight, grad_bias):
     if grad_weight is None:
         grad_weight = grad_output.new_zeros((grad_output.shape[1], 1, *kernel_size))
     bias = grad_bias if ctx.has_bias and grad_bias is not None else None
-    passes = _passes_for(grad_weight, bias, grad_output, input)
     grad_grad_output = grad_input = None
     if ctx.needs_input_grad[0]:
-        grad_grad_output = passes.forward(input, grad_weight, bias, stride, padding, dilation)
+        grad_grad_output = depthwise_conv2d_op(input, grad_weight, bias, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
-        grad_input = passes.input_grad(grad_output, grad_weight, list(input.shape), stride, padding, dilation)
+        grad_input = depthwise_conv2d_input_grad_op(grad_output, grad_weight, list(input.shape), stride, padding, dilation)
     return grad_grad_output, grad_input, None, None, None, None, None
+
+
+def _sum(*terms: Optional[Tensor]) -> Optional[Tensor]:
+    """The sum of the terms that are not None (None if all are)."""
+    present = [term for term in terms if term is not None]
+    return None if not present else present[0] if len(present) == 1 else sum(present[1:], present[0])
+
+
+def _forward_jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
+    # The conv is linear in the input and in (weight, bias) together: the tangent is conv(tx, w) + conv(x, tw) + tb.
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv
+    from_input = from_filter = None
+    if input_tangent is not None:
+        from_input = depthwise_conv2d_op(input_tangent, weight, None, stride, padding, dilation)
+    if weight_tangent is not None or bias_tangent is not None:
+        filter_tangent = weight_tangent if weight_tangent is not None else torch.zeros_like(weight)
+        from_filter = depthwise_conv2d_op(input, filter_tangent, bias_tangent, stride, padding, dilation)
+    return _sum(from_input, from_filter)
+
+
+def _input_grad_jvp(ctx, grad_output_tangent, weight_tangent, *_):
+    # Bilinear in (grad_output, weight).
+    grad_output, weight = ctx.saved_tensors
+    stride, padding, dilation = ctx.conv
+    terms = [depthwise_conv2d_input_grad_op(dy, w, ctx.input_shape, stride, padding, dilation)
+             for dy, w in ((grad_output_tangent, weight), (grad_output, weight_tangent)) if dy is not None and w is not None]
+    return _sum(*terms)
+
+
+def _weight_grad_jvp(ctx, grad_output_tangent, input_tangent, *_):
+    # Bilinear in (grad_output, input); the bias grad, a sum of grad_output, is linear in grad_output alone.
+    grad_output, input = ctx.saved_tensors
+    kernel_size, stride, padding, dilation = ctx.conv
+    weight_terms, bias_tangent = [], None
+    if grad_output_tangent is not None:
+        weight_tangent, bias_tangent = depthwise_conv2d_weight_grad_op(
+            grad_output_tangent, input, kernel_size, stride, padding, dilation, ctx.has_bias)
+        weight_terms.append(weight_tangent)
+    if input_tangent is not None:
+        weight_terms.append(depthwise_conv2d_weight_grad_op(grad_output, input_tangent, kernel_size, stride, padding,
+                                                            dilation, False)[0])
+    if bias_tangent is None:
+        bias_tangent = grad_output.new_zeros((grad_output.shape[1],) if ctx.has_bias else (0,))
+    return _sum(*weight_terms), bias_tangent
 
 
 def _in_forward_scope(backward):
@@ -232,16 +255,21 @@ def _in_forward_scope(backward):
 depthwise_conv2d_op = op_registration.define(
     "depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
     "SymInt[] dilation) -> Tensor",
-    _forward, _forward_fake, _save_forward, _in_forward_scope(_forward_backward))
+    _forward, _forward_fake, _save_forward, _in_forward_scope(_forward_backward), _forward_jvp)
 depthwise_conv2d_input_grad_op = op_registration.define(
     "depthwise_conv2d_input_grad(Tensor grad_output, Tensor weight, SymInt[] input_shape, SymInt[] stride, "
     "SymInt[] padding, SymInt[] dilation) -> Tensor",
-    _input_grad, _input_grad_fake, _save_input_grad, _in_forward_scope(_input_grad_backward))
+    _input_grad, _input_grad_fake, _save_input_grad, _in_forward_scope(_input_grad_backward), _input_grad_jvp)
 depthwise_conv2d_weight_grad_op = op_registration.define(
     "depthwise_conv2d_weight_grad(Tensor grad_output, Tensor input, SymInt[] kernel_size, SymInt[] stride, "
     "SymInt[] padding, SymInt[] dilation, bool with_bias) -> (Tensor, Tensor)",
-    _weight_grad, _weight_grad_fake, _save_weight_grad, _in_forward_scope(_weight_grad_backward))
-_OP_PASSES = _Passes(depthwise_conv2d_op, depthwise_conv2d_input_grad_op, depthwise_conv2d_weight_grad_op)
+    _weight_grad, _weight_grad_fake, _save_weight_grad, _in_forward_scope(_weight_grad_backward), _weight_grad_jvp)
+
+
+# --- vmap: each op runs once for the whole vmapped batch -----------------------------------------------------------
+# Members of a batch that share the filter fold into the images; otherwise (an ensemble's filters, or per-sample
+# weight grads) members fold into the channels, member b's channels after member b - 1's, which is again a depthwise
+# conv because channel c of member b only ever meets filter c of member b.
 
 
 def _per_member(info, tensor: Tensor, dim: Optional[int]) -> Tensor:
@@ -249,24 +277,54 @@ def _per_member(info, tensor: Tensor, dim: Optional[int]) -> Tensor:
     return tensor.movedim(dim, 0) if dim is not None else tensor.expand(info.batch_size, *tensor.shape)
 
 
+def _members_in_channels(info, maps: Tensor, dim: Optional[int]) -> Tensor:
+    """Vmapped (N, C, H, W) maps as (N, B·C, H, W), member b's channels after member b - 1's."""
+    return _per_member(info, maps, dim).transpose(0, 1).flatten(1, 2)
+
+
 def _batched_forward(info, in_dims, input, weight, bias, stride, padding, dilation):
-    """vmap of the forward op as one call rather than one per sample: maps batched alone fold into the images;
-    batched filters (an ensemble's members, say) fold into the channels, member b's channels after member b - 1's."""
     input_dim, weight_dim, bias_dim = in_dims[:3]
     if weight_dim is None and bias_dim is None:
         maps = input.movedim(input_dim, 0)
         output = depthwise_conv2d_op(maps.flatten(0, 1), weight, bias, stride, padding, dilation)
         return output.unflatten(0, maps.shape[:2]), 0
 
-    maps = _per_member(info, input, input_dim)  # (B, N, C, H, W)
-    filters = _per_member(info, weight, weight_dim)  # (B, C*m, 1, kh, kw)
+    filters = _per_member(info, weight, weight_dim).flatten(0, 1)  # (B·C·m, 1, kh, kw)
     biases = None if bias is None else _per_member(info, bias, bias_dim).flatten()
-    output = depthwise_conv2d_op(maps.transpose(0, 1).flatten(1, 2), filters.flatten(0, 1), biases, stride, padding,
+    output = depthwise_conv2d_op(_members_in_channels(info, input, input_dim), filters, biases, stride, padding,
                                  dilation)
     return output.unflatten(1, (info.batch_size, -1)), 1
 
 
+def _batched_input_grad(info, in_dims, grad_output, weight, input_shape, stride, padding, dilation):
+    grad_output_dim, weight_dim = in_dims[:2]
+    images, channels, height, width = input_shape
+    if weight_dim is None:
+        grads = grad_output.movedim(grad_output_dim, 0)
+        grad_input = depthwise_conv2d_input_grad_op(grads.flatten(0, 1), weight,
+                                                    [info.batch_size * images, channels, height, width], stride,
+                                                    padding, dilation)
+        return grad_input.unflatten(0, grads.shape[:2]), 0
+
+    filters = _per_member(info, weight, weight_dim).flatten(0, 1)
+    grad_input = depthwise_conv2d_input_grad_op(_members_in_channels(info, grad_output, grad_output_dim), filters,
+                                                [images, info.batch_size * channels, height, width], stride, padding,
+                                                dilation)
+    return grad_input.unflatten(1, (info.batch_size, channels)), 1
+
+
+def _batched_weight_grad(info, in_dims, grad_output, input, kernel_size, stride, padding, dilation, with_bias):
+    # The weight grad sums over the images, so members always fold into the channels (per-sample grads, say).
+    grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
+        _members_in_channels(info, grad_output, in_dims[0]), _members_in_channels(info, input, in_dims[1]),
+        kernel_size, stride, padding, dilation, with_bias)
+    members = info.batch_size
+    return (grad_weight.unflatten(0, (members, -1)), grad_bias.reshape(members, grad_bias.shape[0] // members)), (0, 0)
+
+
 torch.library.register_vmap(depthwise_conv2d_op, _batched_forward, lib=op_registration.LIBRARY)
+torch.library.register_vmap(depthwise_conv2d_input_grad_op, _batched_input_grad, lib=op_registration.LIBRARY)
+torch.library.register_vmap(depthwise_conv2d_weight_grad_op, _batched_weight_grad, lib=op_registration.LIBRARY)
 
 
 def _register_autocast(name: str, device_type: str) -> None:
@@ -358,7 +416,7 @@ def _complex_from_real(output: Tensor, channels: int, bias: Optional[Tensor]) ->
 
 def _autocast_off(device_type: str):
     """No autocast inside calls whose operands are already as they must be: a complex conv's real parts (F.conv2d
-    leaves complex tensors alone) and PyTorch's conv under a transform (`_pytorch_conv`)."""
+    leaves complex tensors alone) and PyTorch's conv for compiled transforms (`_pytorch_conv`)."""
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -372,57 +430,28 @@ def _complex_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
     return _complex_from_real(output, input.shape[1], bias).contiguous(memory_format=arguments.output_memory_format(input))
 
 
-# The torch.func transforms that differentiate, by what they are called.
-_DIFFERENTIATING_TRANSFORMS = {
-    "Grad": "a torch.func grad transform (grad, vjp, jacrev, hessian)",
-    "Jvp": "a torch.func jvp transform (jvp, jacfwd, hessian)",
-}
+def _pytorch_answers_compiled(tensors) -> Optional[str]:
+    """Why PyTorch's own conv must answer this call inside torch.compile, or None.
 
-
-def _differentiated_outside_autograd(tensors) -> Optional[str]:
-    """What differentiates this call without PyTorch's ordinary autograd, and so cannot see through lkconv's ops, or
-    None.
-
-    lkconv's ops record their backward as an autograd.Function with neither setup_context nor jvp, as the ops of
-    torch.library.custom_op do (op_registration.py). So torch.func's grad transform raises on it, and its jvp transform and forward-mode AD (dual tensors) get no
-    derivative at all: jvp silently returns a zero tangent. Such calls are computed with PyTorch's own conv instead.
-    Outside torch.compile, vmap alone sees lkconv's op (it has a batching rule, `_batched_forward`); so does a
-    compiled call under no transform.
+    Outside torch.compile, torch.func's transforms and forward-mode AD run lkconv's ops like any autograd
+    (op_registration.py). Compiled, forward-mode AD through the ops fails to trace (torch.func.jvp, or dual tensors),
+    and Dynamo can read whether a torch.func transform is active but not which: so there, any transform (vmap too)
+    and any forward-mode tangent take PyTorch's conv, whatever backend is forced.
     """
-    if torch.compiler.is_compiling():
-        # Dynamo can read whether a torch.func transform is active, but not which: inside torch.compile, any
-        # transform (vmap too) takes PyTorch's conv.
-        if torch._C._functorch.maybe_current_level() is not None:
-            return "a torch.func transform inside torch.compile"
-    else:
-        for interpreter in torch._C._functorch.get_interpreter_stack() or ():
-            if (name := interpreter.key().name) in _DIFFERENTIATING_TRANSFORMS:
-                return _DIFFERENTIATING_TRANSFORMS[name]
-    if _has_tangent(*tensors):
-        return "forward-mode AD (a dual tensor)"
+    if not torch.compiler.is_compiling():
+        return None
+    if torch._C._functorch.maybe_current_level() is not None:
+        return "a torch.func transform inside torch.compile"
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return "forward-mode AD (a dual tensor) inside torch.compile"
     return None
 
 
-def _check_pytorch_may_answer(differentiator: str) -> None:
-    """A forced triton or cuda backend cannot answer a call that `differentiator` differentiates: say so. Inside
-    torch.compile the check is skipped and PyTorch's conv answers whatever was forced: reading the forced backend
-    there breaks the graph, and a graph break loses forward-mode tangents."""
-    if torch.compiler.is_compiling():
-        return
-    requested = backends.requested_backend()
-    if requested in ("triton", "cuda"):
-        raise backends.BackendUnavailableError(
-            f"backend {requested!r} was forced, but {differentiator} cannot differentiate lkconv's custom ops (their "
-            "autograd formulas run as an autograd.Function without setup_context or jvp); use 'auto' or "
-            "'torch', which compute such calls with PyTorch's own conv"
-        )
-
-
-def _pytorch_conv(differentiator: str, input, weight, bias, stride, padding, dilation) -> Tensor:
-    """The conv as PyTorch's own differentiable ops, for `differentiator` to see through. The operands are already
+def _pytorch_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
+    """The conv as PyTorch's own differentiable ops, for compiled transforms to see through. The operands are already
     in the autocast dtype (`_prepare`); autocast is off inside, as in the ops, so that the torch backend's own casts
     (CPU bfloat16 in float32) stand."""
-    _check_pytorch_may_answer(differentiator)
     with _autocast_off(input.device.type):
         output = torch_backend.forward(input, weight, bias, stride, padding, dilation)
     return output.contiguous(memory_format=arguments.output_memory_format(input))
@@ -452,8 +481,8 @@ def depthwise_conv2d(
         sliced from one). Differentiable to any order; the backend is chosen per call (see ``lkconv.explain``).
     """
     unbatched, op_args = _prepare(input, weight, bias, stride, padding, dilation)
-    if (differentiator := _differentiated_outside_autograd(op_args[:3])) is not None:
-        output = _pytorch_conv(differentiator, *op_args)
+    if _pytorch_answers_compiled(op_args[:3]) is not None:
+        output = _pytorch_conv(*op_args)
     else:
         output = (_complex_conv if op_args[0].is_complex() else depthwise_conv2d_op)(*op_args)
     return output.squeeze(0) if unbatched else output
@@ -491,11 +520,9 @@ def explain(
     backend that cannot run the call raises here as it would in the call.
     """
     _, (input, weight, bias, stride, padding, dilation) = _prepare(input, weight, bias, stride, padding, dilation)
-    if (differentiator := _differentiated_outside_autograd((input, weight, bias))) is not None:
-        _check_pytorch_may_answer(differentiator)
-        return Explanation("torch", f"{differentiator} cannot differentiate lkconv's custom ops: PyTorch's own conv "
-                                    "answers", forward="F.conv2d", input_grad="PyTorch's derivative of F.conv2d",
-                           weight_grad="PyTorch's derivative of F.conv2d")
+    if (why := _pytorch_answers_compiled((input, weight, bias))) is not None:
+        return Explanation("torch", f"{why}: PyTorch's own conv answers", forward="F.conv2d",
+                           input_grad="PyTorch's derivative of F.conv2d", weight_grad="PyTorch's derivative of F.conv2d")
     is_complex = input.is_complex()
     if is_complex:
         input, weight = _complex_as_real(input, weight)

@@ -333,3 +333,26 @@ def test_an_ensemble_under_vmap_runs_on_the_gpu_kernels(backend):
     for i, member in enumerate(members):
         expected = reference(x, member.weight, member.bias, 1, 15, 1)[0]
         assert_close(outputs[i], expected, TOLERANCE[torch.float32], f"member {i}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_per_sample_grads_and_jvp_run_on_the_gpu_kernels(backend):
+    """torch.func on a K=31 layer: vmap(grad) folds the samples into the channels of one weight-grad call, and jvp
+    runs the forward's jvp on the backend's kernels; both against float64 PyTorch."""
+    layer = lkconv.DepthwiseConv2d(64, 31, padding=15).cuda()
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    x, tangent = torch.randn(8, 64, 32, 32, device="cuda"), torch.randn(8, 64, 32, 32, device="cuda")
+
+    def loss(p, sample):
+        return (torch.func.functional_call(layer, p, (sample.unsqueeze(0),)) ** 2).sum()
+
+    with lkconv.use_backend(backend):
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+        _, output_tangent = torch.func.jvp(layer, (x,), (tangent,))
+    for i in range(0, x.shape[0], 3):
+        output = reference(x[i:i + 1], layer.weight, layer.bias, 1, 15, 1)[0]
+        _, _, grad_weight, grad_bias = reference(x[i:i + 1], layer.weight, layer.bias, 1, 15, 1, 2 * output)
+        assert_close(per_sample["weight"][i], grad_weight, TOLERANCE[torch.float32], f"{backend} sample {i} weight grad")
+        assert_close(per_sample["bias"][i], grad_bias, TOLERANCE[torch.float32], f"{backend} sample {i} bias grad")
+    expected = reference(tangent, layer.weight, None, 1, 15, 1)[0]
+    assert_close(output_tangent, expected, TOLERANCE[torch.float32], f"{backend} jvp")

@@ -55,18 +55,6 @@ def test_gradcheck_and_gradgradcheck_in_float64():
     assert torch.autograd.gradgradcheck(conv, (x, w, b))
 
 
-def test_batched_gradcheck_and_forward_mode_gradcheck_in_float64():
-    """Batched grads (PyTorch's legacy vmap over the backward ops) and forward-mode AD (PyTorch's conv, see
-    depthwise_conv2d) agree with finite differences too."""
-    x, w, b = op_inputs(torch.float64)
-
-    def conv(x, w, b):
-        return lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
-
-    assert torch.autograd.gradcheck(conv, (x, w, b), check_batched_grad=True, check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(conv, (x, w, b), check_batched_grad=True)
-
-
 def test_batched_grads_match_float64():
     """autograd.grad with is_grads_batched (PyTorch's legacy vmap over the backward ops, one call per grad_output)."""
     x, w, b = op_inputs(torch.float32)
@@ -258,20 +246,34 @@ def _float64_conv(x, w, b=None):
     return F.conv2d(x.double(), w.double(), None if b is None else b.double(), (2, 1), (1, 2), (1, 2), groups=x.shape[1])
 
 
-def test_torch_func_per_sample_gradients_match_float64_autograd_sample_by_sample():
-    """torch.func's grad cannot differentiate custom ops, so lkconv answers it with PyTorch's conv (and explain says
-    so); vmap of grad, as per-sample-gradient code computes them, matches float64 autograd for each sample."""
+def _counted_passes(monkeypatch, module=triton_backend):
+    """Counts the calls of each pass of a backend, to show which computed a result."""
+    counts = {"forward": 0, "input_grad": 0, "weight_grad": 0}
+    for name in counts:
+        def counted(*args, _name=name, _original=getattr(module, name)):
+            counts[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    return counts
+
+
+def test_torch_func_per_sample_gradients_run_the_kernels_once_per_batch(monkeypatch):
+    """vmap of grad, as per-sample-gradient code computes them: the backward ops' batching rules fold the samples
+    into the channels, so one weight-grad launch answers the whole batch, and each sample's grads match float64
+    autograd on that sample alone (triton forced: no PyTorch conv may answer)."""
     module = lkconv.DepthwiseConv2d(3, (3, 4), stride=(2, 1), padding=(1, 2), dilation=(1, 2), depth_multiplier=2)
-    x = torch.randn(4, 3, 7, 8)
+    module.to(TRITON_DEVICE)
+    x = torch.randn(4, 3, 7, 8, device=TRITON_DEVICE)
     params = {name: p.detach() for name, p in module.named_parameters()}
-    explained = []
 
     def loss(p, sample):
-        explained.append(lkconv.explain(sample.unsqueeze(0), p["weight"], p["bias"], (2, 1), (1, 2), (1, 2)).reason)
         return (torch.func.functional_call(module, p, (sample.unsqueeze(0),)) ** 2).sum()
 
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
-    assert len(explained) == 1 and "a torch.func grad transform" in explained[0], explained
+    counts = _counted_passes(monkeypatch)
+    with lkconv.use_backend("triton"):
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    assert counts == {"forward": 1, "input_grad": 0, "weight_grad": 1}, counts
     for i in range(x.shape[0]):
         w, b = (t.detach().double().requires_grad_() for t in (module.weight, module.bias))
         expected = torch.autograd.grad((_float64_conv(x[i:i + 1], w, b) ** 2).sum(), (w, b))
@@ -280,59 +282,134 @@ def test_torch_func_per_sample_gradients_match_float64_autograd_sample_by_sample
 
 
 @pytest.mark.parametrize("mode", ["torch.func.jvp", "forward_ad"])
-def test_forward_mode_derivatives_are_the_directional_derivative(mode):
-    """A custom op gives forward-mode AD no derivative (torch.func.jvp would return a zero tangent), so lkconv
-    answers these calls with PyTorch's conv: the tangent is conv(tx, w) + conv(x, tw) + tb."""
-    x, w, b = op_inputs(torch.float32, requires_grad=False)
-    tx, tw, tb = (torch.randn_like(t) for t in (x, w, b))
+@pytest.mark.parametrize("tangents", ["all", "input", "weight", "bias"])
+def test_forward_mode_derivatives_are_the_directional_derivative_on_the_kernels(mode, tangents, monkeypatch):
+    """The forward op's jvp: the tangent is conv(tx, w) + conv(x, tw) + tb, computed by the ops, for any subset of
+    inputs carrying a tangent (triton forced)."""
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE, requires_grad=False)
+    tx, tw, tb = (torch.randn_like(t) if tangents in ("all", name) else None
+                  for t, name in ((x, "input"), (w, "weight"), (b, "bias")))
 
     def conv(x, w, b):
         return lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
 
-    if mode == "torch.func.jvp":
-        output, tangent = torch.func.jvp(conv, (x, w, b), (tx, tw, tb))
-    else:
-        with torch.autograd.forward_ad.dual_level():
-            dual = conv(*(torch.autograd.forward_ad.make_dual(p, t) for p, t in ((x, tx), (w, tw), (b, tb))))
-            output, tangent = torch.autograd.forward_ad.unpack_dual(dual)
+    counts = _counted_passes(monkeypatch)
+    with lkconv.use_backend("triton"):
+        if mode == "torch.func.jvp":
+            primals = tuple(p for p, t in ((x, tx), (w, tw), (b, tb)) if t is not None)
+            def partial(*varying):
+                it = iter(varying)
+                return conv(*(next(it) if t is not None else p for p, t in ((x, tx), (w, tw), (b, tb))))
+            output, tangent = torch.func.jvp(partial, primals, tuple(t for t in (tx, tw, tb) if t is not None))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                dual = conv(*(p if t is None else torch.autograd.forward_ad.make_dual(p, t)
+                              for p, t in ((x, tx), (w, tw), (b, tb))))
+                output, tangent = torch.autograd.forward_ad.unpack_dual(dual)
+    assert counts["forward"] >= 2 and counts["input_grad"] == counts["weight_grad"] == 0, counts
     assert_close(output, _float64_conv(x, w, b), TOLERANCE[torch.float32], f"{mode} output")
-    expected = _float64_conv(tx, w) + _float64_conv(x, tw) + tb.double().view(1, -1, 1, 1)
+    expected = torch.zeros_like(_float64_conv(x, w))
+    if tx is not None:
+        expected += _float64_conv(tx, w)
+    if tw is not None:
+        expected += _float64_conv(x, tw)
+    if tb is not None:
+        expected += tb.double().view(1, -1, 1, 1)
     assert_close(tangent, expected, TOLERANCE[torch.float32], f"{mode} tangent")
 
 
-def test_forward_over_reverse_carries_the_tangents_of_dual_grads():
-    """Forward-mode AD through a backward (dual grad_outputs): the backward formulas then compute with PyTorch's own
-    passes, which carry the tangents (the ops would return none): the tangent of each grad is the grad of the
-    tangent."""
-    x, w, b = op_inputs(torch.float32)
-    y = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
-    dy, tangent = torch.randn_like(y), torch.randn_like(y)
-    with torch.autograd.forward_ad.dual_level():
-        grads = torch.autograd.grad(y, (x, w, b), torch.autograd.forward_ad.make_dual(dy, tangent))
-        tangents = [torch.autograd.forward_ad.unpack_dual(grad).tangent for grad in grads]
+def test_forward_over_reverse_carries_the_tangents_of_dual_grads(monkeypatch):
+    """Forward-mode AD through a backward (dual grad_outputs): the backward ops' own jvps carry the tangents, so
+    the tangent of each grad is the grad of the tangent, computed by the kernels."""
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE)
+    counts = _counted_passes(monkeypatch)
+    with lkconv.use_backend("triton"):
+        y = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+        dy, tangent = torch.randn_like(y), torch.randn_like(y)
+        with torch.autograd.forward_ad.dual_level():
+            grads = torch.autograd.grad(y, (x, w, b), torch.autograd.forward_ad.make_dual(dy, tangent))
+            tangents = [torch.autograd.forward_ad.unpack_dual(grad).tangent for grad in grads]
+    assert counts == {"forward": 1, "input_grad": 2, "weight_grad": 2}, counts
     for actual, expected, what in zip(tangents, reference(x, w, b, (2, 1), (1, 2), (1, 2), tangent)[1:],
                                       ("input", "weight", "bias")):
         assert actual is not None, f"the {what} grad lost its tangent"
         assert_close(actual, expected, TOLERANCE[torch.float32], f"tangent of the {what} grad")
 
 
-def test_forward_mode_ad_under_cpu_bfloat16_autocast_keeps_the_float32_workaround():
-    """Under autocast, PyTorch's conv answers dual tensors with autocast off, so the torch backend's CPU bfloat16
-    workaround (float32, then rounding) holds: with autocast on, it would run PyTorch's broken CPU bf16 conv."""
-    x, w = torch.randn(1, 1, 9, 1), torch.randn(1, 1, 9, 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.forward_ad.dual_level():
-        dual = lkconv.depthwise_conv2d(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), w, stride=2,
-                                       padding=(4, 1))
-        output = torch.autograd.forward_ad.unpack_dual(dual).primal
-    expected = F.conv2d(x.bfloat16().double(), w.bfloat16().double(), stride=2, padding=(4, 1))
-    assert output.dtype == torch.bfloat16
-    assert_close(output, expected, TOLERANCE[torch.bfloat16], "bf16 autocast output under forward-mode AD")
+@pytest.mark.parametrize("transform", ["hessian", "jacfwd", "jacrev", "jvp of grad"])
+@pytest.mark.parametrize("argument", ["input", "weight"])
+def test_torch_func_second_order_and_jacobians_match_float64(transform, argument):
+    """Nested transforms mix the ops' backward, jvp and batching rules at several levels; every result must be
+    PyTorch's derivative of the float64 conv (triton forced)."""
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE, requires_grad=False)
+    x, w = x[:1, :, :5, :5].contiguous(), w[:, :, :2, :3].contiguous()
+
+    def scalar(conv):
+        def f(t):
+            args = (t, w, b) if argument == "input" else (x, t, b)
+            return (conv(*args) ** 3).sum()
+        return f
+
+    def vector(conv):
+        return lambda t: conv(*((t, w, b) if argument == "input" else (x, t, b)))
+
+    lk = lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    ref = lambda x, w, b: _float64_conv(x, w, b)
+    primal = x if argument == "input" else w
+    if transform == "hessian":
+        compute = lambda conv, p: torch.func.hessian(scalar(conv))(p)
+    elif transform == "jvp of grad":
+        direction = torch.randn_like(primal)
+        compute = lambda conv, p: torch.func.jvp(torch.func.grad(scalar(conv)), (p,), (direction.to(p.dtype),))[1]
+    else:
+        compute = lambda conv, p: getattr(torch.func, transform)(vector(conv))(p)
+    with lkconv.use_backend("triton"):
+        actual = compute(lk, primal)
+    expected = compute(ref, primal.double())
+    assert_close(actual, expected, TOLERANCE[torch.float32], f"{transform} in the {argument}")
+
+
+@pytest.mark.parametrize("differentiated,direction", [("input", "weight"), ("weight", "input")])
+def test_mixed_second_derivatives_use_each_backward_op_s_jvp_in_both_operands(differentiated, direction):
+    """d/d(direction) of the gradient in `differentiated`: the tangent reaches the input grad through its weight
+    and the weight grad through its input, the terms the other tests leave at zero (triton forced)."""
+    x, w, b = op_inputs(torch.float32, TRITON_DEVICE, requires_grad=False)
+    tangent = torch.randn_like(w if direction == "weight" else x)
+
+    def gradient(conv, x, w):
+        def loss(x, w):
+            return (conv(x, w) ** 3).sum()
+        return torch.func.grad(loss, argnums=0 if differentiated == "input" else 1)(x, w)
+
+    def directional(conv, x, w, tangent):
+        if direction == "weight":
+            return torch.func.jvp(lambda w: gradient(conv, x, w), (w,), (tangent,))[1]
+        return torch.func.jvp(lambda x: gradient(conv, x, w), (x,), (tangent,))[1]
+
+    with lkconv.use_backend("triton"):
+        actual = directional(lambda x, w: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)), x, w, tangent)
+    expected = directional(lambda x, w: _float64_conv(x, w, b), x.double(), w.double(), tangent.double())
+    assert_close(actual, expected, TOLERANCE[torch.float32], f"d/d{direction} of the {differentiated} grad")
+
+
+def test_gradcheck_in_every_mode_in_float64():
+    """Finite differences agree with reverse mode, forward mode, their batched forms, and with forward-over-reverse
+    and reverse-over-reverse second derivatives, all through the ops."""
+    x, w, b = op_inputs(torch.float64)
+
+    def conv(x, w, b):
+        return lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+
+    assert torch.autograd.gradcheck(conv, (x, w, b), check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+    assert torch.autograd.gradgradcheck(conv, (x, w, b), check_fwd_over_rev=True, check_batched_grad=True)
 
 
 @pytest.mark.parametrize("mode", ["grad", "jvp", "forward_ad", "vmap"])
 def test_torch_func_and_forward_mode_ad_inside_torch_compile(mode):
-    """Compiled, the same calls must not lose their derivative either (jvp and dual tensors silently did): inside
-    torch.compile any torch.func transform, and forward-mode AD, take PyTorch's conv."""
+    """Compiled, forward-mode AD through lkconv's ops fails to trace, and Dynamo cannot tell which transform is
+    active: so inside torch.compile any torch.func transform, and forward-mode AD, take PyTorch's conv, and their
+    derivatives must not be lost (jvp and dual tensors once silently were)."""
     torch._dynamo.reset()
     x, w, b = op_inputs(torch.float32, requires_grad=False)
     tx = torch.randn_like(x)
@@ -356,18 +433,6 @@ def test_torch_func_and_forward_mode_ad_inside_torch_compile(mode):
                                  backend="aot_eager")
         actual, expected = compiled(x, tx), _float64_conv(tx, w)
     assert_close(actual, expected, TOLERANCE[torch.float32], f"compiled {mode}")
-
-
-def test_a_forced_gpu_backend_refuses_what_only_pytorch_can_differentiate_but_runs_under_vmap():
-    x, w, b = op_inputs(torch.float32, TRITON_DEVICE, requires_grad=False)
-    with lkconv.use_backend("triton"):
-        with pytest.raises(lkconv.BackendUnavailableError, match="'triton' was forced, but a torch.func grad"):
-            torch.func.grad(lambda x: conv_sum(x, w, b))(x)
-        with pytest.raises(lkconv.BackendUnavailableError, match="forward-mode AD"):
-            with torch.autograd.forward_ad.dual_level():
-                conv_sum(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), w, b)
-        batched = torch.func.vmap(lambda x: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)))(x.unsqueeze(1))
-    assert_close(batched.squeeze(1), _float64_conv(x, w, b), TOLERANCE[torch.float32], "vmap on the triton kernels")
 
 
 @pytest.mark.parametrize("batched", ["maps", "filters", "both"])
@@ -399,8 +464,30 @@ def test_vmap_runs_the_op_once_for_the_whole_batch(batched, monkeypatch):
             assert_close(grads[2][i], expected[3], TOLERANCE[torch.float32], f"member {i} bias grad")
 
 
-def conv_sum(x, w, b):
-    return lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)).sum()
+@pytest.mark.parametrize("op_name", ["input_grad", "weight_grad"])
+@pytest.mark.parametrize("in_dims", [(0, None), (None, 0), (0, 0)])
+def test_the_backward_ops_batching_rules_match_a_loop_over_members(op_name, in_dims, monkeypatch):
+    """vmap of each backward op (what torch.func's nested transforms call) is one call for the whole batch, and
+    each member's result is the op's result on that member alone."""
+    members, kernel_size = 3, [3, 4]
+    x = torch.randn(members, 2, 3, 7, 8)
+    w = torch.randn(members, 6, 1, *kernel_size)
+    dy = torch.randn(members, 2, 6, 4, 4)
+    if op_name == "input_grad":
+        op = lambda dy, w: ops.depthwise_conv2d_input_grad(dy, w, [2, 3, 7, 8], STRIDE, PADDING, DILATION)
+        operands = (dy, w)
+    else:
+        op = lambda dy, x: ops.depthwise_conv2d_weight_grad(dy, x, kernel_size, STRIDE, PADDING, DILATION, True)
+        operands = (dy, x)
+    args = [t if dim == 0 else t[0] for t, dim in zip(operands, in_dims)]
+    counts = _counted_passes(monkeypatch, torch_backend)
+    batched = torch.func.vmap(op, in_dims=in_dims)(*args)
+    assert counts[op_name] == 1, counts
+    for i in range(members):
+        expected = op(*(t[i] if dim == 0 else t for t, dim in zip(args, in_dims)))
+        for actual, wanted in zip(batched if op_name == "weight_grad" else [batched],
+                                  expected if op_name == "weight_grad" else [expected]):
+            assert_close(actual[i], wanted.double(), TOLERANCE[torch.float32], f"member {i} of vmap({op_name})")
 
 
 def test_autocast_computes_in_the_autocast_dtype_like_nn_conv2d():

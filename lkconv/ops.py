@@ -165,7 +165,8 @@ def _input_grad_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_grad_output = depthwise_conv2d_op(grad, weight, None, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
-        grad_weight = depthwise_conv2d_weight_grad_op(grad_output, grad, list(weight.shape[2:]), stride, padding, dilation, False)[0]
+        grad_weight = depthwise_conv2d_weight_grad_op(grad_output, grad, list(weight.shape[2:]), stride, padding,
+                                                      dilation, False)[0]
     return grad_grad_output, grad_weight, None, None, None, None
 
 
@@ -189,7 +190,8 @@ def _weight_grad_backward(ctx, grad_weight, grad_bias):
     if ctx.needs_input_grad[0]:
         grad_grad_output = depthwise_conv2d_op(input, grad_weight, bias, stride, padding, dilation)
     if ctx.needs_input_grad[1]:
-        grad_input = depthwise_conv2d_input_grad_op(grad_output, grad_weight, list(input.shape), stride, padding, dilation)
+        grad_input = depthwise_conv2d_input_grad_op(grad_output, grad_weight, list(input.shape), stride, padding,
+                                                    dilation)
     return grad_grad_output, grad_input, None, None, None, None, None
 
 
@@ -216,8 +218,9 @@ def _input_grad_jvp(ctx, grad_output_tangent, weight_tangent, *_):
     # Bilinear in (grad_output, weight).
     grad_output, weight = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
+    pairs = ((grad_output_tangent, weight), (grad_output, weight_tangent))
     terms = [depthwise_conv2d_input_grad_op(dy, w, ctx.input_shape, stride, padding, dilation)
-             for dy, w in ((grad_output_tangent, weight), (grad_output, weight_tangent)) if dy is not None and w is not None]
+             for dy, w in pairs if dy is not None and w is not None]
     return _sum(*terms)
 
 

@@ -352,7 +352,8 @@ def test_per_sample_grads_and_jvp_run_on_the_gpu_kernels(backend):
     for i in range(0, x.shape[0], 3):
         output = reference(x[i:i + 1], layer.weight, layer.bias, 1, 15, 1)[0]
         _, _, grad_weight, grad_bias = reference(x[i:i + 1], layer.weight, layer.bias, 1, 15, 1, 2 * output)
-        assert_close(per_sample["weight"][i], grad_weight, TOLERANCE[torch.float32], f"{backend} sample {i} weight grad")
+        assert_close(per_sample["weight"][i], grad_weight, TOLERANCE[torch.float32],
+                     f"{backend} sample {i} weight grad")
         assert_close(per_sample["bias"][i], grad_bias, TOLERANCE[torch.float32], f"{backend} sample {i} bias grad")
     expected = reference(tangent, layer.weight, None, 1, 15, 1)[0]
     assert_close(output_tangent, expected, TOLERANCE[torch.float32], f"{backend} jvp")

@@ -336,6 +336,23 @@ def test_forward_over_reverse_carries_the_tangents_of_dual_grads(monkeypatch):
         assert_close(actual, expected, TOLERANCE[torch.float32], f"tangent of the {what} grad")
 
 
+def test_forward_mode_ad_under_cpu_bfloat16_autocast_keeps_the_float32_workaround():
+    """Under autocast, dual tensors pass the ops' autocast kernels like any others, so the torch backend's CPU
+    bfloat16 workaround (float32, then rounding) holds for the output and its tangent: with autocast on inside, they
+    would come from PyTorch's broken CPU bf16 conv."""
+    x, w = torch.randn(1, 1, 9, 1), torch.randn(1, 1, 9, 2)
+    tangent = torch.randn_like(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.forward_ad.dual_level():
+        dual = lkconv.depthwise_conv2d(torch.autograd.forward_ad.make_dual(x, tangent), w, stride=2, padding=(4, 1))
+        output, output_tangent = torch.autograd.forward_ad.unpack_dual(dual)
+    w = w.bfloat16().double()
+    expected = F.conv2d(x.bfloat16().double(), w, stride=2, padding=(4, 1))
+    assert output.dtype == output_tangent.dtype == torch.bfloat16
+    assert_close(output, expected, TOLERANCE[torch.bfloat16], "bf16 autocast output under forward-mode AD")
+    expected_tangent = F.conv2d(tangent.bfloat16().double(), w, stride=2, padding=(4, 1))
+    assert_close(output_tangent, expected_tangent, TOLERANCE[torch.bfloat16], "its tangent")
+
+
 @pytest.mark.parametrize("transform", ["hessian", "jacfwd", "jacrev", "jvp of grad"])
 @pytest.mark.parametrize("argument", ["input", "weight"])
 def test_torch_func_second_order_and_jacobians_match_float64(transform, argument):

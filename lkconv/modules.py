@@ -80,8 +80,10 @@ class DepthwiseConv2d(nn.Conv2d):
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.padding_mode != "zeros":
             # As nn.Conv2d does: pad explicitly in the requested mode, then convolve without padding. The input is
-            # checked first, so that a bad one gets lkconv's message rather than F.pad's.
-            check_input(input)
+            # checked first, so that a bad one gets lkconv's message rather than F.pad's (a tracer's proxy is not
+            # a tensor to check).
+            if not torch.overrides.has_torch_function_unary(input):
+                check_input(input)
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return depthwise_conv2d(input, weight, bias, self.stride, 0, self.dilation)
         return depthwise_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)

@@ -483,6 +483,10 @@ def depthwise_conv2d(
         (N, C*m, OH, OW), in the layout F.conv2d would give it (channels_last for a channels_last map or a view
         sliced from one). Differentiable to any order; the backend is chosen per call (see ``lkconv.explain``).
     """
+    if torch.overrides.has_torch_function_variadic(input, weight, bias):
+        # Tensor subclasses, torch function modes and tracers (torch.fx's Proxy) see one call, as they see F.conv2d.
+        return torch.overrides.handle_torch_function(depthwise_conv2d, (input, weight, bias), input, weight, bias,
+                                                     stride=stride, padding=padding, dilation=dilation)
     unbatched, op_args = _prepare(input, weight, bias, stride, padding, dilation)
     if _pytorch_answers_compiled(op_args[:3]) is not None:
         output = _pytorch_conv(*op_args)

@@ -121,6 +121,17 @@ def test_large_kernels_run_on_lkconv_before_and_after_the_merge(name):
         ([13, 27, 29, 31] if name == "replknet_31b" else [13, 27])
 
 
+def test_torch_fx_traces_replknet_with_lkconv_layers():
+    """Feature extraction and graph tools trace models with torch.fx: every lkconv layer becomes one call in the
+    graph, and the traced model gives the model's outputs."""
+    model = randomize_batchnorm(tiny("replknet_31b")).eval()
+    traced = torch.fx.symbolic_trace(model)
+    calls = [node for node in traced.graph.nodes if node.target is lkconv.depthwise_conv2d]
+    assert len(calls) == sum(isinstance(m, lkconv.DepthwiseConv2d) for m in model.modules()) > 0
+    x = torch.randn(2, 3, 64, 64)
+    assert_close(traced(x), model(x), TOLERANCE[torch.float32], "traced RepLKNet output")
+
+
 @pytest.mark.parametrize("name", REPLKNETS + REPVGGS)
 def test_gradients_flow_to_every_parameter_in_training(name):
     torch.manual_seed(0)

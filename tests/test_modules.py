@@ -255,6 +255,28 @@ def test_forward_runs_lkconv_depthwise_conv2d_in_every_padding_mode(padding_mode
     assert len(calls) == 2  # one for the shape, one for the checked forward
 
 
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_torch_fx_symbolic_trace_records_each_layer_as_one_call(padding_mode):
+    """torch.fx traces into the module (it is not in torch.nn) and records lkconv.depthwise_conv2d as one call per
+    layer, as it records F.conv2d; the traced graph computes what float64 PyTorch does, forward and backward."""
+    model = nn.Sequential(
+        lkconv.DepthwiseConv2d(3, 5, padding=2, padding_mode=padding_mode, dtype=torch.float64), nn.GELU(),
+        lkconv.DepthwiseConv2d(3, (3, 4), stride=2, padding=1, padding_mode=padding_mode, depth_multiplier=2,
+                               dtype=torch.float64),
+    )
+    traced = torch.fx.symbolic_trace(model)
+    assert [node.target for node in traced.graph.nodes if node.target is lkconv.depthwise_conv2d] == \
+        [lkconv.depthwise_conv2d] * 2
+    plain = lkconv.revert(model)
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)
+    actual, expected = traced(x), plain(x)
+    assert_close(actual, expected, TOLERANCE[torch.float64], "traced output")
+    grads = torch.autograd.grad(actual.sum(), (x, traced.get_submodule("2").weight))
+    wanted = torch.autograd.grad(expected.sum(), (x, plain[2].weight))
+    for got, want, what in zip(grads, wanted, ("input", "weight")):
+        assert_close(got, want, TOLERANCE[torch.float64], f"traced {what} grad")
+
+
 # --- from_conv2d ----------------------------------------------------------------------------------------------------
 
 

@@ -507,6 +507,31 @@ def test_the_backward_ops_batching_rules_match_a_loop_over_members(op_name, in_d
             assert_close(actual[i], wanted.double(), TOLERANCE[torch.float32], f"member {i} of vmap({op_name})")
 
 
+def test_torch_function_modes_and_tensor_subclasses_see_one_call():
+    """Like F.conv2d, the public function takes part in __torch_function__: a mode or subclass sees one call of
+    lkconv.depthwise_conv2d with the caller's arguments (not its inner ops), and the result is still the conv."""
+    x, w, b = op_inputs(torch.float32, requires_grad=False)
+    seen = []
+
+    class Recording(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append((func, kwargs))
+            return func(*args, **(kwargs or {}))
+
+    class Subclass(torch.Tensor):
+        pass
+
+    with Recording():
+        output = lkconv.depthwise_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    assert seen[0] == (lkconv.depthwise_conv2d, {"stride": (2, 1), "padding": (1, 2), "dilation": (1, 2)}), seen[0]
+    assert sum(func is lkconv.depthwise_conv2d for func, _ in seen) == 1, seen
+    expected = reference(x, w, b, (2, 1), (1, 2), (1, 2))[0]
+    assert_close(output, expected, TOLERANCE[torch.float32], "output under a torch function mode")
+    subclassed = lkconv.depthwise_conv2d(x.as_subclass(Subclass), w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    assert type(subclassed) is Subclass
+    assert_close(subclassed.as_subclass(torch.Tensor), expected, TOLERANCE[torch.float32], "subclass output")
+
+
 def test_autocast_computes_in_the_autocast_dtype_like_nn_conv2d():
     module = lkconv.DepthwiseConv2d(3, 5, padding=2)
     plain = torch.nn.Conv2d(3, 3, 5, padding=2, groups=3)

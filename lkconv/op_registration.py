@@ -47,23 +47,40 @@ def _carries_tangent(inputs) -> bool:
         isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in inputs)
 
 
+def nested_forward_levels() -> int:
+    """How many torch.func forward-mode transforms (jvp, jacfwd) are active, one inside another."""
+    return sum(interpreter.key() == torch._C._functorch.TransformType.Jvp
+               for interpreter in torch._C._functorch.get_interpreter_stack() or ())
+
+
+def _refuse_nested_forward_mode(op: torch._ops.OpOverload) -> None:
+    """A jvp formula runs with forward mode off (as for any autograd.Function), so under two nested forward-mode
+    transforms the outer one would get no tangent through it: a silently wrong derivative. Refuse instead."""
+    if nested_forward_levels() >= 2:
+        raise RuntimeError(
+            f"{op}: a torch.func forward-mode transform (jvp, jacfwd) inside another cannot differentiate lkconv's "
+            "ops; call lkconv.depthwise_conv2d, which computes such calls with PyTorch's own conv")
+
+
 def _autograd_kernel(op: torch._ops.OpOverload, setup_context: Callable, backward: Callable,
                      jvp: Callable) -> Callable:
     """The Autograd kernel of `op`: the op below autograd, recorded by an autograd.Function when a derivative is
     needed.
 
-    The Function takes two inputs beyond the op's, and returns no gradient for them: the dispatch key set, so that
-    its forward can redispatch below autograd, and whether any input carries a forward-mode tangent (only then does
-    it keep its tensors for `jvp`). It is applied as a C++ autograd kernel would record its node: under a torch.func
+    The Function takes three inputs beyond the op's, and returns no gradient for them: the dispatch key set, so that
+    its forward can redispatch below autograd; whether any input carries a forward-mode tangent (only then does it
+    keep its tensors for `jvp`); and, under a torch.func transform, the grad and forward-grad modes of the call. It is applied as a C++ autograd kernel would record its node: under a torch.func
     transform this kernel runs at the transform's level, on that level's tensors, so the Python-level check of
     `Function.apply` (which refuses a Function without setup_context under torch.func) does not apply."""
 
     def forward(ctx, *args):
-        *inputs, keyset, has_tangent = args
-        if torch._C._are_functorch_transforms_active():
-            # The levels below this transform's differentiate for themselves: apply turned both modes off, so turn
-            # them back on for the redispatch, as torch.func does around the forward of an autograd.Function.
-            with torch.enable_grad(), forward_ad._set_fwd_grad_enabled(True), torch._C._AutoDispatchBelowAutograd():
+        *inputs, keyset, has_tangent, outer_modes = args
+        if outer_modes is not None:
+            # Under a torch.func transform the levels below this one differentiate for themselves, in the grad and
+            # forward-grad modes the call was made in: apply turned both off, so restore them for the redispatch.
+            grad_mode, forward_grad_mode = outer_modes
+            with torch.set_grad_enabled(grad_mode), forward_ad._set_fwd_grad_enabled(forward_grad_mode), \
+                    torch._C._AutoDispatchBelowAutograd():
                 output = op.redispatch(keyset, *inputs)
         else:
             with torch._C._AutoDispatchBelowAutograd():
@@ -76,10 +93,10 @@ def _autograd_kernel(op: torch._ops.OpOverload, setup_context: Callable, backwar
         return output
 
     def backward_without_extras(ctx, *grads):
-        return (*backward(ctx, *grads), None, None)
+        return (*backward(ctx, *grads), None, None, None)
 
     def jvp_without_extras(ctx, *tangents):
-        return jvp(ctx, *tangents[:-2])
+        return jvp(ctx, *tangents[:-3])
 
     function = type(f"{op._opname}_autograd", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
@@ -93,9 +110,12 @@ def _autograd_kernel(op: torch._ops.OpOverload, setup_context: Callable, backwar
         has_tangent = _carries_tangent(inputs)
         if has_tangent or (torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs)):
             if torch._C._are_functorch_transforms_active():
+                if has_tangent:
+                    _refuse_nested_forward_mode(op)
+                outer_modes = (torch.is_grad_enabled(), torch._C._is_fwd_grad_enabled())
                 with enable_single_level_autograd_function():
-                    return record(*inputs, keyset, has_tangent)
-            return record(*inputs, keyset, has_tangent)
+                    return record(*inputs, keyset, has_tangent, outer_modes)
+            return record(*inputs, keyset, has_tangent, None)
         with torch._C._AutoDispatchBelowAutograd():
             return op.redispatch(keyset, *inputs)
 

@@ -129,6 +129,7 @@ def _save_forward(ctx, inputs, output):
     input, weight, bias, stride, padding, dilation = inputs
     ctx.has_bias = bias is not None
     ctx.conv = (stride, padding, dilation)
+    ctx.output_shape = output.shape
     return input, weight
 
 
@@ -208,9 +209,11 @@ def _forward_jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
     from_input = from_filter = None
     if input_tangent is not None:
         from_input = depthwise_conv2d_op(input_tangent, weight, None, stride, padding, dilation)
-    if weight_tangent is not None or bias_tangent is not None:
-        filter_tangent = weight_tangent if weight_tangent is not None else torch.zeros_like(weight)
-        from_filter = depthwise_conv2d_op(input, filter_tangent, bias_tangent, stride, padding, dilation)
+    if weight_tangent is not None:
+        from_filter = depthwise_conv2d_op(input, weight_tangent, bias_tangent, stride, padding, dilation)
+    elif bias_tangent is not None:
+        from_filter = bias_tangent.view(-1, 1, 1).expand(ctx.output_shape).clone(
+            memory_format=arguments.output_memory_format(input))
     return _sum(from_input, from_filter)
 
 
@@ -419,7 +422,7 @@ def _complex_from_real(output: Tensor, channels: int, bias: Optional[Tensor]) ->
 
 def _autocast_off(device_type: str):
     """No autocast inside calls whose operands are already as they must be: a complex conv's real parts (F.conv2d
-    leaves complex tensors alone) and PyTorch's conv for compiled transforms (`_pytorch_conv`)."""
+    leaves complex tensors alone) and PyTorch's conv where transforms need it (`_pytorch_conv`)."""
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -433,15 +436,19 @@ def _complex_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
     return _complex_from_real(output, input.shape[1], bias).contiguous(memory_format=arguments.output_memory_format(input))
 
 
-def _pytorch_answers_compiled(tensors) -> Optional[str]:
-    """Why PyTorch's own conv must answer this call inside torch.compile, or None.
+def _pytorch_must_answer(tensors) -> Optional[str]:
+    """Why PyTorch's own conv must answer this call, or None.
 
-    Outside torch.compile, torch.func's transforms and forward-mode AD run lkconv's ops like any autograd
-    (op_registration.py). Compiled, forward-mode AD through the ops fails to trace (torch.func.jvp, or dual tensors),
-    and Dynamo can read whether a torch.func transform is active but not which: so there, any transform (vmap too)
-    and any forward-mode tangent take PyTorch's conv, whatever backend is forced.
+    torch.func's transforms and forward-mode AD run lkconv's ops like any autograd (op_registration.py), except:
+    - one forward-mode transform inside another (jvp of jvp, jacfwd of jacfwd): a jvp formula runs with forward
+      mode off, so the outer transform would get no derivative through the ops (they refuse);
+    - inside torch.compile, where forward-mode AD through the ops fails to trace (torch.func.jvp, or dual tensors),
+      and Dynamo can read whether a torch.func transform is active but not which: there any transform (vmap too)
+      and any forward-mode tangent take PyTorch's conv, whatever backend is forced.
     """
     if not torch.compiler.is_compiling():
+        if torch._C._are_functorch_transforms_active() and op_registration.nested_forward_levels() >= 2:
+            return "a torch.func forward-mode transform inside another"
         return None
     if torch._C._functorch.maybe_current_level() is not None:
         return "a torch.func transform inside torch.compile"
@@ -452,7 +459,7 @@ def _pytorch_answers_compiled(tensors) -> Optional[str]:
 
 
 def _pytorch_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
-    """The conv as PyTorch's own differentiable ops, for compiled transforms to see through. The operands are already
+    """The conv as PyTorch's own differentiable ops, for transforms that cannot see through lkconv's ops. The operands are already
     in the autocast dtype (`_prepare`); autocast is off inside, as in the ops, so that the torch backend's own casts
     (CPU bfloat16 in float32) stand."""
     with _autocast_off(input.device.type):
@@ -488,7 +495,7 @@ def depthwise_conv2d(
         return torch.overrides.handle_torch_function(depthwise_conv2d, (input, weight, bias), input, weight, bias,
                                                      stride=stride, padding=padding, dilation=dilation)
     unbatched, op_args = _prepare(input, weight, bias, stride, padding, dilation)
-    if _pytorch_answers_compiled(op_args[:3]) is not None:
+    if _pytorch_must_answer(op_args[:3]) is not None:
         output = _pytorch_conv(*op_args)
     else:
         output = (_complex_conv if op_args[0].is_complex() else depthwise_conv2d_op)(*op_args)
@@ -527,7 +534,7 @@ def explain(
     backend that cannot run the call raises here as it would in the call.
     """
     _, (input, weight, bias, stride, padding, dilation) = _prepare(input, weight, bias, stride, padding, dilation)
-    if (why := _pytorch_answers_compiled((input, weight, bias))) is not None:
+    if (why := _pytorch_must_answer((input, weight, bias))) is not None:
         return Explanation("torch", f"{why}: PyTorch's own conv answers", forward="F.conv2d",
                            input_grad="PyTorch's derivative of F.conv2d", weight_grad="PyTorch's derivative of F.conv2d")
     is_complex = input.is_complex()

@@ -1,7 +1,9 @@
 """The torch.ops.lkconv custom ops as the framework sees them: opcheck, gradcheck, double backward, torch.compile,
 autocast, torch.export, torch.func and forward-mode AD, and the deterministic weight grad."""
 
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -306,7 +308,9 @@ def test_forward_mode_derivatives_are_the_directional_derivative_on_the_kernels(
                 dual = conv(*(p if t is None else torch.autograd.forward_ad.make_dual(p, t)
                               for p, t in ((x, tx), (w, tw), (b, tb))))
                 output, tangent = torch.autograd.forward_ad.unpack_dual(dual)
-    assert counts["forward"] >= 2 and counts["input_grad"] == counts["weight_grad"] == 0, counts
+    # The primal, plus one conv per tangent term (a bias tangent alone is only added).
+    convs = {"all": 3, "input": 2, "weight": 2, "bias": 1}[tangents]
+    assert counts == {"forward": convs, "input_grad": 0, "weight_grad": 0}, counts
     assert_close(output, _float64_conv(x, w, b), TOLERANCE[torch.float32], f"{mode} output")
     expected = torch.zeros_like(_float64_conv(x, w))
     if tx is not None:
@@ -407,6 +411,44 @@ def test_mixed_second_derivatives_use_each_backward_op_s_jvp_in_both_operands(di
         actual = directional(lambda x, w: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)), x, w, tangent)
     expected = directional(lambda x, w: _float64_conv(x, w, b), x.double(), w.double(), tangent.double())
     assert_close(actual, expected, TOLERANCE[torch.float32], f"d/d{direction} of the {differentiated} grad")
+
+
+def test_one_forward_mode_transform_inside_another_takes_pytorch_s_conv():
+    """A jvp formula runs with forward mode off, so an outer jvp would get no derivative through the ops (silently
+    zero): the public function answers such calls with PyTorch's conv (explain says so), and the op itself
+    refuses them."""
+    x, w, b = op_inputs(torch.float64, requires_grad=False)
+    tx, tw = torch.randn_like(x), torch.randn_like(w)
+    lk = lambda x, w: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2))
+    ref = lambda x, w: _float64_conv(x, w, b)
+    # d/dw (d/dx conv(x, w) . tx) . tw = conv(tx, tw), without the bias
+    actual = torch.func.jvp(lambda w: torch.func.jvp(lambda x: lk(x, w), (x,), (tx,))[1], (w,), (tw,))[1]
+    assert_close(actual, _float64_conv(tx, tw), TOLERANCE[torch.float64], "jvp of jvp")
+    jacobian = torch.func.jacfwd(torch.func.jacfwd(lambda x: (lk(x, w) ** 2).sum()))(x[:1, :, :4, :4])
+    expected = torch.func.jacfwd(torch.func.jacfwd(lambda x: (ref(x, w) ** 2).sum()))(x[:1, :, :4, :4])
+    assert_close(jacobian, expected, TOLERANCE[torch.float64], "jacfwd of jacfwd")
+    reasons = []
+    torch.func.jvp(lambda w: torch.func.jvp(lambda x: reasons.append(lkconv.explain(x, w).reason) or lk(x, w),
+                                            (x,), (tx,))[1], (w,), (tw,))
+    assert "forward-mode transform inside another" in reasons[0], reasons
+    op = lambda x: ops.depthwise_conv2d(x, w, b, STRIDE, PADDING, DILATION)
+    with pytest.raises(RuntimeError, match="forward-mode transform .* inside another"):
+        torch.func.jvp(lambda x: torch.func.jvp(op, (x,), (tx,))[1], (x,), (tx,))
+
+
+def test_a_transform_under_no_grad_records_no_graph_and_keeps_nothing_alive():
+    """torch.func.jvp under no_grad, with parameters that require grad: the lower levels keep the caller's grad
+    mode, so the output records no graph and holds on to no input, as nn.Conv2d's does."""
+    layer = lkconv.DepthwiseConv2d(3, (3, 4), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    x, direction = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    alive = weakref.ref(x)
+    with torch.no_grad():
+        output, tangent = torch.func.jvp(layer, (x,), (direction,))
+    assert not output.requires_grad and not tangent.requires_grad
+    assert_close(tangent, _float64_conv(direction, layer.weight), TOLERANCE[torch.float32], "tangent under no_grad")
+    del x
+    gc.collect()
+    assert alive() is None, "the output keeps its input alive"
 
 
 def test_gradcheck_in_every_mode_in_float64():

@@ -88,6 +88,15 @@ class DepthwiseConv2d(nn.Conv2d):
             return depthwise_conv2d(input, weight, bias, self.stride, 0, self.dilation)
         return depthwise_conv2d(input, weight, bias, self.stride, self.padding, self.dilation)
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script asks this first: refuse with a clear error. TorchScript cannot compile lkconv's Python,
+        and swapping in the nn.Conv2d this layer replaces would also swap it in the caller's own model (torch.jit
+        writes what this returns back into the parent module)."""
+        raise RuntimeError(
+            f"torch.jit.script cannot compile lkconv.DepthwiseConv2d ({self.extra_repr()}): TorchScript cannot call "
+            "lkconv's Python. Script lkconv.revert(model) instead (plain nn.Conv2d layers sharing the parameters, "
+            "on PyTorch's conv), or use torch.compile or torch.export, which keep lkconv's op")
+
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
         """Builds a DepthwiseConv2d that shares `conv`'s parameters (so optimiser state stays valid).

@@ -277,6 +277,20 @@ def test_torch_fx_symbolic_trace_records_each_layer_as_one_call(padding_mode):
         assert_close(got, want, TOLERANCE[torch.float64], f"traced {what} grad")
 
 
+def test_torch_jit_script_refuses_clearly_and_leaves_the_model_alone():
+    """TorchScript cannot compile lkconv's Python: scripting a model names the layer and the way out (revert),
+    before anything in the model is touched; the reverted model scripts and computes the same conv."""
+    model = nn.Sequential(nn.GELU(), lkconv.DepthwiseConv2d(3, (3, 4), stride=2, padding=1, depth_multiplier=2,
+                                                            dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile lkconv.DepthwiseConv2d \(3, 6, "
+                                           r"kernel_size=\(3, 4\).*lkconv.revert\(model\)"):
+        torch.jit.script(model)
+    assert isinstance(model[1], lkconv.DepthwiseConv2d)
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    scripted = torch.jit.script(lkconv.revert(model))
+    assert_close(scripted(x), model(x), TOLERANCE[torch.float64], "scripted reverted model")
+
+
 # --- from_conv2d ----------------------------------------------------------------------------------------------------
 
 

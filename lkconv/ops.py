@@ -320,11 +320,25 @@ def _batched_input_grad(info, in_dims, grad_output, weight, input_shape, stride,
 
 
 def _batched_weight_grad(info, in_dims, grad_output, input, kernel_size, stride, padding, dilation, with_bias):
-    # The weight grad sums over the images, so members always fold into the channels (per-sample grads, say).
+    # The weight grad sums over the images, so members fold into the channels (per-sample grads, say); or, where
+    # only grad_output is batched (jacrev in the weight, batched grads), into the depth multiplier, so that the
+    # input is not copied once per member: member b's grads of channel c sit between c's other members'.
+    members = info.batch_size
+    if in_dims[1] is None:
+        grads = grad_output.movedim(in_dims[0], 0)  # (B, N, C·m, OH, OW)
+        channels = input.shape[1]
+        per_channel = grads.unflatten(2, (channels, -1)).permute(1, 2, 0, 3, 4, 5).flatten(1, 3)  # (N, C·B·m, ...)
+        grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(per_channel, input, kernel_size, stride, padding,
+                                                                 dilation, with_bias)
+        grad_weight = grad_weight.unflatten(0, (channels, members, -1)).transpose(0, 1).flatten(1, 2)
+        if with_bias:
+            grad_bias = grad_bias.unflatten(0, (channels, members, -1)).transpose(0, 1).flatten(1, 2)
+        else:
+            grad_bias = grad_bias.new_empty(members, 0)
+        return (grad_weight, grad_bias), (0, 0)
     grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
         _members_in_channels(info, grad_output, in_dims[0]), _members_in_channels(info, input, in_dims[1]),
         kernel_size, stride, padding, dilation, with_bias)
-    members = info.batch_size
     return (grad_weight.unflatten(0, (members, -1)), grad_bias.reshape(members, grad_bias.shape[0] // members)), (0, 0)
 
 

@@ -523,11 +523,12 @@ def test_vmap_runs_the_op_once_for_the_whole_batch(batched, monkeypatch):
             assert_close(grads[2][i], expected[3], TOLERANCE[torch.float32], f"member {i} bias grad")
 
 
-@pytest.mark.parametrize("op_name", ["input_grad", "weight_grad"])
+@pytest.mark.parametrize("op_name,with_bias", [("input_grad", False), ("weight_grad", True), ("weight_grad", False)])
 @pytest.mark.parametrize("in_dims", [(0, None), (None, 0), (0, 0)])
-def test_the_backward_ops_batching_rules_match_a_loop_over_members(op_name, in_dims, monkeypatch):
+def test_the_backward_ops_batching_rules_match_a_loop_over_members(op_name, with_bias, in_dims, monkeypatch):
     """vmap of each backward op (what torch.func's nested transforms call) is one call for the whole batch, and
-    each member's result is the op's result on that member alone."""
+    each member's result is the op's result on that member alone. (in_dims (0, None) is jacrev in the weight: the
+    weight grad folds the members into the depth multiplier there, the others into the channels.)"""
     members, kernel_size = 3, [3, 4]
     x = torch.randn(members, 2, 3, 7, 8)
     w = torch.randn(members, 6, 1, *kernel_size)
@@ -536,7 +537,7 @@ def test_the_backward_ops_batching_rules_match_a_loop_over_members(op_name, in_d
         op = lambda dy, w: ops.depthwise_conv2d_input_grad(dy, w, [2, 3, 7, 8], STRIDE, PADDING, DILATION)
         operands = (dy, w)
     else:
-        op = lambda dy, x: ops.depthwise_conv2d_weight_grad(dy, x, kernel_size, STRIDE, PADDING, DILATION, True)
+        op = lambda dy, x: ops.depthwise_conv2d_weight_grad(dy, x, kernel_size, STRIDE, PADDING, DILATION, with_bias)
         operands = (dy, x)
     args = [t if dim == 0 else t[0] for t, dim in zip(operands, in_dims)]
     counts = _counted_passes(monkeypatch, torch_backend)
@@ -546,6 +547,7 @@ def test_the_backward_ops_batching_rules_match_a_loop_over_members(op_name, in_d
         expected = op(*(t[i] if dim == 0 else t for t, dim in zip(args, in_dims)))
         for actual, wanted in zip(batched if op_name == "weight_grad" else [batched],
                                   expected if op_name == "weight_grad" else [expected]):
+            assert actual[i].shape == wanted.shape, (actual.shape, wanted.shape)
             assert_close(actual[i], wanted.double(), TOLERANCE[torch.float32], f"member {i} of vmap({op_name})")
 
 

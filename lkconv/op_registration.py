@@ -41,7 +41,7 @@ def define(schema: str, kernel: Callable, fake: Callable, setup_context: Callabl
     return op
 
 
-def _carries_tangent(inputs) -> bool:
+def carries_tangent(inputs) -> bool:
     """Whether forward-mode AD is on and any tensor in `inputs` carries a tangent."""
     return forward_ad._current_level >= 0 and torch._C._is_fwd_grad_enabled() and any(
         isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in inputs)
@@ -69,9 +69,10 @@ def _autograd_kernel(op: torch._ops.OpOverload, setup_context: Callable, backwar
 
     The Function takes three inputs beyond the op's, and returns no gradient for them: the dispatch key set, so that
     its forward can redispatch below autograd; whether any input carries a forward-mode tangent (only then does it
-    keep its tensors for `jvp`); and, under a torch.func transform, the grad and forward-grad modes of the call. It is applied as a C++ autograd kernel would record its node: under a torch.func
-    transform this kernel runs at the transform's level, on that level's tensors, so the Python-level check of
-    `Function.apply` (which refuses a Function without setup_context under torch.func) does not apply."""
+    keep its tensors for `jvp`); and, under a torch.func transform, the grad and forward-grad modes of the call.
+    It is applied as a C++ autograd kernel would record its node: under a torch.func transform this kernel runs at
+    the transform's level, on that level's tensors, so the Python-level check of `Function.apply` (which refuses a
+    Function without setup_context under torch.func) does not apply."""
 
     def forward(ctx, *args):
         *inputs, keyset, has_tangent, outer_modes = args
@@ -107,7 +108,7 @@ def _autograd_kernel(op: torch._ops.OpOverload, setup_context: Callable, backwar
 
     def kernel(keyset, *inputs):
         keyset = keyset & _AFTER_AUTOGRAD
-        has_tangent = _carries_tangent(inputs)
+        has_tangent = carries_tangent(inputs)
         if has_tangent or (torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs)):
             if torch._C._are_functorch_transforms_active():
                 if has_tangent:

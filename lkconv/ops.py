@@ -10,6 +10,7 @@ full error messages; the ops themselves re-check shapes cheaply, since they can 
 import contextlib
 import functools
 import math
+import operator
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -199,7 +200,7 @@ def _weight_grad_backward(ctx, grad_weight, grad_bias):
 def _sum(*terms: Optional[Tensor]) -> Optional[Tensor]:
     """The sum of the terms that are not None (None if all are)."""
     present = [term for term in terms if term is not None]
-    return None if not present else present[0] if len(present) == 1 else sum(present[1:], present[0])
+    return functools.reduce(operator.add, present) if present else None
 
 
 def _forward_jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
@@ -330,12 +331,11 @@ def _batched_weight_grad(info, in_dims, grad_output, input, kernel_size, stride,
         per_channel = grads.unflatten(2, (channels, -1)).permute(1, 2, 0, 3, 4, 5).flatten(1, 3)  # (N, C·B·m, ...)
         grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(per_channel, input, kernel_size, stride, padding,
                                                                  dilation, with_bias)
-        grad_weight = grad_weight.unflatten(0, (channels, members, -1)).transpose(0, 1).flatten(1, 2)
-        if with_bias:
-            grad_bias = grad_bias.unflatten(0, (channels, members, -1)).transpose(0, 1).flatten(1, 2)
-        else:
-            grad_bias = grad_bias.new_empty(members, 0)
-        return (grad_weight, grad_bias), (0, 0)
+        def per_member(grads):  # (C·B·m, ...) -> (B, C·m, ...)
+            return grads.unflatten(0, (channels, members, -1)).transpose(0, 1).flatten(1, 2)
+
+        grad_bias = per_member(grad_bias) if with_bias else grad_bias.new_empty(members, 0)
+        return (per_member(grad_weight), grad_bias), (0, 0)
     grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
         _members_in_channels(info, grad_output, in_dims[0]), _members_in_channels(info, input, in_dims[1]),
         kernel_size, stride, padding, dilation, with_bias)
@@ -466,16 +466,15 @@ def _pytorch_must_answer(tensors) -> Optional[str]:
         return None
     if torch._C._functorch.maybe_current_level() is not None:
         return "a torch.func transform inside torch.compile"
-    if torch.autograd.forward_ad._current_level >= 0 and any(
-            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    if op_registration.carries_tangent(tensors):
         return "forward-mode AD (a dual tensor) inside torch.compile"
     return None
 
 
 def _pytorch_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
-    """The conv as PyTorch's own differentiable ops, for transforms that cannot see through lkconv's ops. The operands are already
-    in the autocast dtype (`_prepare`); autocast is off inside, as in the ops, so that the torch backend's own casts
-    (CPU bfloat16 in float32) stand."""
+    """The conv as PyTorch's own differentiable ops, for transforms that cannot see through lkconv's ops. The
+    operands are already in the autocast dtype (`_prepare`); autocast is off inside, as in the ops, so that the torch
+    backend's own casts (CPU bfloat16 in float32) stand."""
     with _autocast_off(input.device.type):
         output = torch_backend.forward(input, weight, bias, stride, padding, dilation)
     return output.contiguous(memory_format=arguments.output_memory_format(input))

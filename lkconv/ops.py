@@ -274,9 +274,10 @@ depthwise_conv2d_weight_grad_op = op_registration.define(
 
 
 # --- vmap: each op runs once for the whole vmapped batch -----------------------------------------------------------
-# Members of a batch that share the filter fold into the images; otherwise (an ensemble's filters, or per-sample
-# weight grads) members fold into the channels, member b's channels after member b - 1's, which is again a depthwise
-# conv because channel c of member b only ever meets filter c of member b.
+# Members of a batch that share the filter fold into the images; members that share the map fold into the depth
+# multiplier (forward); otherwise (an ensemble's filters on their own maps, or per-sample weight grads) members fold
+# into the channels, member b's channels after member b - 1's, which is again a depthwise conv because channel c of
+# member b only ever meets filter c of member b.
 
 
 def _per_member(info, tensor: Tensor, dim: Optional[int]) -> Tensor:
@@ -295,6 +296,19 @@ def _batched_forward(info, in_dims, input, weight, bias, stride, padding, dilati
         maps = input.movedim(input_dim, 0)
         output = depthwise_conv2d_op(maps.flatten(0, 1), weight, bias, stride, padding, dilation)
         return output.unflatten(0, maps.shape[:2]), 0
+
+    if input_dim is None:
+        # One map through each member's filters (an ensemble on one batch, jacfwd in the weight): the members fold
+        # into the depth multiplier, so the map is read once instead of copied per member.
+        channels = input.shape[1]
+
+        def per_channel(tensor, dim):  # (B, C·m, ...) -> (C·B·m, ...)
+            return _per_member(info, tensor, dim).unflatten(1, (channels, -1)).transpose(0, 1).flatten(0, 2)
+
+        biases = None if bias is None else per_channel(bias, bias_dim)
+        output = depthwise_conv2d_op(input, per_channel(weight, weight_dim), biases, stride, padding, dilation)
+        # (N, C·B·m, OH, OW) -> (B, N, C·m, OH, OW): a view for m = 1, a copy of the output otherwise.
+        return output.unflatten(1, (channels, info.batch_size, -1)).movedim(2, 0).flatten(2, 3), 0
 
     filters = _per_member(info, weight, weight_dim).flatten(0, 1)  # (B·C·m, 1, kh, kw)
     biases = None if bias is None else _per_member(info, bias, bias_dim).flatten()

@@ -322,8 +322,8 @@ def test_cuda_ops_reject_bad_arguments_by_name():
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_an_ensemble_under_vmap_runs_on_the_gpu_kernels(backend):
-    """torch.func.stack_module_state + vmap, as model ensembles run: the batching rule folds the members' filters
-    into the channels of one call on the backend's kernels."""
+    """torch.func.stack_module_state + vmap, as model ensembles run on one batch: the batching rule folds the
+    members' filters into the depth multiplier of one call on the backend's kernels."""
     members = [lkconv.DepthwiseConv2d(64, 31, padding=15).cuda() for _ in range(3)]
     params, buffers = torch.func.stack_module_state(members)
     template = lkconv.DepthwiseConv2d(64, 31, padding=15, device="meta")

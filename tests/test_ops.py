@@ -494,22 +494,26 @@ def test_torch_func_and_forward_mode_ad_inside_torch_compile(mode):
     assert_close(actual, expected, TOLERANCE[torch.float32], f"compiled {mode}")
 
 
+@pytest.mark.parametrize("multiplier", [1, 2])
 @pytest.mark.parametrize("batched", ["maps", "filters", "both"])
-def test_vmap_runs_the_op_once_for_the_whole_batch(batched, monkeypatch):
-    """vmap over maps (folded into the images) or over filters, as an ensemble of models runs (folded into the
-    channels): one forward call, each member's output and its grads through the vmap as float64 autograd gives."""
+def test_vmap_runs_the_op_once_for_the_whole_batch(batched, multiplier, monkeypatch):
+    """vmap over maps (folded into the images), over filters on one map, as an ensemble of models runs on one batch
+    (folded into the depth multiplier: the map itself goes to the kernel), or over both (folded into the channels):
+    one forward call, each member's output and its grads through the vmap as float64 autograd gives."""
     calls = []
     original = torch_backend.forward
-    monkeypatch.setattr(torch_backend, "forward", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(torch_backend, "forward", lambda *args: calls.append(args) or original(*args))
     members = 3
     x = torch.randn(members if batched != "filters" else 1, 2, 3, 7, 8, requires_grad=True)
-    w = torch.randn(members if batched != "maps" else 1, 6, 1, 3, 4, requires_grad=True)
-    b = torch.randn(members if batched != "maps" else 1, 6, requires_grad=True)
+    w = torch.randn(members if batched != "maps" else 1, 3 * multiplier, 1, 3, 4, requires_grad=True)
+    b = torch.randn(members if batched != "maps" else 1, 3 * multiplier, requires_grad=True)
     in_dims = (0 if batched != "filters" else None, 0 if batched != "maps" else None, 0 if batched != "maps" else None)
     args = [t if dim == 0 else t[0] for t, dim in zip((x, w, b), in_dims)]
     output = torch.func.vmap(lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)),
                              in_dims=in_dims)(*args)
     assert len(calls) == 1
+    if batched == "filters":
+        assert calls[0][0].data_ptr() == x.data_ptr() and calls[0][0].shape == x.shape[1:], "the map was copied"
     dy = torch.randn_like(output)
     grads = torch.autograd.grad(output, (x, w, b), dy)
     for i in range(members):

@@ -2,7 +2,7 @@
 
 import copy
 import operator
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -94,17 +94,20 @@ class DepthwiseConv2d(nn.Conv2d):
         writes what this returns back into the parent module)."""
         raise RuntimeError(
             f"torch.jit.script cannot compile lkconv.DepthwiseConv2d ({self.extra_repr()}): TorchScript cannot call "
-            "lkconv's Python. Script lkconv.revert(model) instead (plain nn.Conv2d layers sharing the parameters, "
-            "on PyTorch's conv), or use torch.compile or torch.export, which keep lkconv's op")
+            "lkconv's Python. Script lkconv.revert(model) instead (a copy with plain nn.Conv2d layers, on PyTorch's "
+            "conv), or use torch.compile or torch.export, which keep lkconv's op")
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
         """Builds a DepthwiseConv2d that shares `conv`'s parameters (so optimiser state stays valid).
 
-        `conv` must be depthwise: groups == in_channels and out_channels a multiple of in_channels.
+        `conv` must be depthwise (groups == in_channels, out_channels a multiple of in_channels), and a plain
+        ``nn.Conv2d`` or DepthwiseConv2d: a subclass may compute something else, and a parametrized conv (weight_norm,
+        spectral_norm) keeps its weight in parametrizations a copy would not carry.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
+        _check_recastable(conv, (nn.Conv2d, DepthwiseConv2d), "conv")
         if not is_depthwise(conv):
             raise ValueError(
                 f"conv must be depthwise (groups == in_channels, out_channels a multiple of in_channels); got "
@@ -126,21 +129,58 @@ def _recast(module: nn.Module, cls: type) -> nn.Module:
     return recast
 
 
-def _replace(model: nn.Module, convert_one) -> nn.Module:
-    replacement = convert_one(model)
-    if replacement is not None:
-        return replacement
-    for name, child in model.named_children():
-        setattr(model, name, _replace(child, convert_one))
-    return model
+def _check_recastable(module: nn.Module, allowed: tuple[type, ...], name: str) -> None:
+    """Refuses what `_recast` cannot carry over: parametrizations, and subclasses of the `allowed` classes, whose
+    own code the recast module would drop."""
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        raise ValueError(
+            f"{name} ({type(module).__name__}({module.extra_repr()})) is parametrized (weight_norm, spectral_norm, "
+            f"...): its weight lives in parametrizations that a recast layer would not carry. Remove them first "
+            f"(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
+    if type(module) not in allowed:
+        raise TypeError(f"{name} must be exactly {' or '.join(cls.__name__ for cls in allowed)}, not the subclass "
+                        f"{type(module).__name__}, whose own code the recast layer would drop")
+
+
+def replace_modules(model: nn.Module, replace_one: Callable[[nn.Module], Optional[nn.Module]]) -> nn.Module:
+    """`model` with every module `replace_one` answers for (anything but None) replaced by that answer; returns the
+    new root.
+
+    Parents are visited before their children, and the walk goes on inside a replacement. A module reachable along
+    several paths (a shared or tied layer) is replaced once, and its replacement stays shared. (named_children()
+    would list it once, leaving the old module on the other paths.)"""
+    done: dict[int, tuple[nn.Module, nn.Module]] = {}
+
+    def visit(module: nn.Module) -> nn.Module:
+        # done maps id(original) to (original, result). Holding the original keeps it alive for the whole walk, so
+        # that its id cannot be reused by a module created later (a replacement).
+        if id(module) in done:
+            return done[id(module)][1]
+        result = replace_one(module)
+        result = module if result is None else result
+        done[id(module)] = (module, result)
+        done[id(result)] = (result, result)
+        for name, child in list(result._modules.items()):
+            if child is not None and (replacement := visit(child)) is not child:
+                setattr(result, name, replacement)
+        return result
+
+    return visit(model)
+
+
+def _check_model(model, name: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module; got {type(model).__name__}")
 
 
 def convert(model: nn.Module, min_kernel_size: int = 7, inplace: bool = False) -> nn.Module:
     """Replaces every depthwise ``nn.Conv2d`` whose larger kernel side is >= `min_kernel_size` by a DepthwiseConv2d.
 
-    Only exact ``nn.Conv2d`` instances are converted (not subclasses); parameters are shared, so outputs are
-    unchanged. With ``inplace=False`` the model is deep-copied first and the original is left untouched.
+    Only exact ``nn.Conv2d`` instances are converted (not subclasses, nor parametrized convs); parameters are
+    shared, so outputs are unchanged. A layer used at several places stays one shared layer. With
+    ``inplace=False`` the model is deep-copied first and the original is left untouched. Returns the new root.
     """
+    _check_model(model)
     if not isinstance(min_kernel_size, int) or isinstance(min_kernel_size, bool) or min_kernel_size < 1:
         raise ValueError(f"min_kernel_size must be an int >= 1; got {min_kernel_size!r}")
     if not inplace:
@@ -151,11 +191,19 @@ def convert(model: nn.Module, min_kernel_size: int = 7, inplace: bool = False) -
             return DepthwiseConv2d.from_conv2d(module)
         return None
 
-    return _replace(model, convert_one)
+    return replace_modules(model, convert_one)
 
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Turns every DepthwiseConv2d back into a plain ``nn.Conv2d`` (for export), sharing its parameters."""
+    """Turns every DepthwiseConv2d back into a plain ``nn.Conv2d`` (for export); returns the new root.
+
+    Each ``nn.Conv2d`` shares its DepthwiseConv2d's parameter tensors, which with ``inplace=False`` (the default)
+    belong to a deep copy of the model: the original is left untouched. A parametrized DepthwiseConv2d, or a
+    subclass of it, raises instead of losing what nn.Conv2d would not compute."""
+    _check_model(model)
+    for path, module in model.named_modules():
+        if isinstance(module, DepthwiseConv2d):
+            _check_recastable(module, (DepthwiseConv2d,), f"model.{path}" if path else "model")
     if not inplace:
         model = copy.deepcopy(model)
-    return _replace(model, lambda m: _recast(m, nn.Conv2d) if isinstance(m, DepthwiseConv2d) else None)
+    return replace_modules(model, lambda m: _recast(m, nn.Conv2d) if isinstance(m, DepthwiseConv2d) else None)

@@ -403,6 +403,31 @@ def test_conv_classes_repvgg():
         assert is_plain_conv(RepVGGBlock(8, 8, groups=groups, deploy=True).rbr_reparam)
 
 
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_a_reverted_block_merges_into_plain_convs_with_the_same_output(case):
+    """After lkconv.revert (for export), merging must not bring DepthwiseConv2d back: the merged conv keeps the
+    class of the conv it is built like (RefConv, not a conv itself, is not reverted and keeps its own rule)."""
+    block = case.build()
+    x = random_input(case)
+    expected = block(x)
+    merged = reparameterize_model(lkconv.revert(block))
+    if not isinstance(block, RefConv):
+        assert not [type(m).__name__ for m in merged.modules() if isinstance(m, lkconv.DepthwiseConv2d)]
+    assert_close(merged(x), expected, F64, f"{case} reverted, then merged")
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_merged_convs_take_the_blocks_mode_and_frozen_state(case, train, frozen):
+    """A merged conv is a new module: it takes its block's train/eval mode, and a frozen block merges into a
+    frozen conv (while a block with anything trainable merges into a trainable one)."""
+    block = case.build().train(train).requires_grad_(not frozen)
+    merged = reparameterize_model(block)
+    assert {m.training for m in merged.modules()} == {train}
+    assert {p.requires_grad for p in merged.parameters()} == {not frozen}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # padding in every form
 

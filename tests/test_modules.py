@@ -330,6 +330,27 @@ def test_from_conv2d_rejects_non_depthwise_with_value_error(conv):
         lkconv.DepthwiseConv2d.from_conv2d(conv)
 
 
+class _WeightStandardized(nn.Conv2d):
+    """A conv subclass with its own forward, as weight-standardized convs are written."""
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight - self.weight.mean((1, 2, 3), keepdim=True), self.bias)
+
+
+def test_from_conv2d_refuses_a_parametrized_conv_or_a_subclass_it_would_silently_change():
+    """A parametrized conv keeps its weight in parametrizations, and a subclass may compute something else: a
+    recast layer would drop both, so from_conv2d refuses them, naming the class."""
+    parametrized = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(4, 4, 7, padding=3, groups=4))
+    with pytest.raises(ValueError, match=r"conv \(ParametrizedConv2d.*is parametrized.*remove_parametrizations"):
+        lkconv.DepthwiseConv2d.from_conv2d(parametrized)
+    with pytest.raises(TypeError, match=r"conv must be exactly Conv2d or DepthwiseConv2d, not the subclass "
+                                        r"_WeightStandardized"):
+        lkconv.DepthwiseConv2d.from_conv2d(_WeightStandardized(4, 4, 7, padding=3, groups=4))
+    # An exact DepthwiseConv2d is fine: the copy shares its parameters.
+    layer = lkconv.DepthwiseConv2d(4, 7, padding=3)
+    assert lkconv.DepthwiseConv2d.from_conv2d(layer).weight is layer.weight
+
+
 # --- convert / revert -----------------------------------------------------------------------------------------------
 
 
@@ -511,6 +532,45 @@ def test_revert_turns_a_directly_built_depthwise_conv2d_into_nn_conv2d():
     assert type(reverted[0]) is nn.Conv2d
     assert isinstance(model[0], lkconv.DepthwiseConv2d)
     assert_close(reverted(x), expected, TOLERANCE[torch.float64], "reverted")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_convert_and_revert_every_use_of_a_shared_layer_and_keep_it_shared(inplace):
+    """A layer used at two places (tied weights) is one module listed once by named_children(): both uses are
+    converted, and stay one shared layer, both ways."""
+    conv = nn.Conv2d(4, 4, 7, padding=3, groups=4, dtype=torch.float64)
+    model = nn.Sequential(conv, nn.Tanh(), conv)
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    expected = model(x).detach()
+    converted = lkconv.convert(model, inplace=inplace)
+    assert [type(layer) for layer in converted] == [lkconv.DepthwiseConv2d, nn.Tanh, lkconv.DepthwiseConv2d]
+    assert converted[0] is converted[2]
+    assert (converted[0].weight is conv.weight) == inplace
+    assert_close(converted(x), expected, TOLERANCE[torch.float64], "converted")
+    reverted = lkconv.revert(converted, inplace=inplace)
+    assert [type(layer) for layer in reverted] == [nn.Conv2d, nn.Tanh, nn.Conv2d]
+    assert reverted[0] is reverted[2]
+    assert_close(reverted(x), expected, TOLERANCE[torch.float64], "reverted")
+
+
+def test_revert_refuses_a_parametrized_or_subclassed_layer_and_names_where_it_is():
+    class Recording(lkconv.DepthwiseConv2d):
+        pass
+
+    parametrized = torch.nn.utils.parametrizations.weight_norm(lkconv.DepthwiseConv2d(4, 7, padding=3))
+    with pytest.raises(ValueError, match=r"model\.1 \(ParametrizedDepthwiseConv2d.*is parametrized"):
+        lkconv.revert(nn.Sequential(nn.ReLU(), parametrized))
+    model = nn.Sequential(nn.Sequential(Recording(4, 7)))
+    with pytest.raises(TypeError, match=r"model\.0\.0 must be exactly DepthwiseConv2d, not the subclass Recording"):
+        lkconv.revert(model, inplace=True)
+    assert type(model[0][0]) is Recording, "a refused revert changed the model"
+
+
+@pytest.mark.parametrize("function", [lkconv.convert, lkconv.revert])
+@pytest.mark.parametrize("model", ["model", None, [nn.ReLU()]])
+def test_convert_and_revert_refuse_what_is_not_a_module(function, model):
+    with pytest.raises(TypeError, match=f"model must be an nn.Module; got {type(model).__name__}"):
+        function(model)
 
 
 @pytest.mark.parametrize("min_kernel_size", [0, -3, 2.5, "7", None, True])

@@ -98,9 +98,12 @@ class ReparamBlock(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Merges the branches into one conv in place (a no-op once merged)."""
+        """Merges the branches into one conv in place (a no-op once merged). The merged conv takes the block's
+        train/eval mode, and stays frozen where every parameter of the block was."""
         if not self.merged:
+            frozen = is_frozen(self)
             self._merge()
+            take_state(self, self, frozen)
 
     def deployed(self) -> nn.Module:
         """The module an inference model holds in this block's place: by default the block itself, merged."""
@@ -108,15 +111,32 @@ class ReparamBlock(nn.Module):
         return self
 
 
+def is_frozen(module: nn.Module) -> bool:
+    """Whether `module` has parameters and none of them requires grad (a frozen block merges into a frozen conv)."""
+    flags = [parameter.requires_grad for parameter in module.parameters()]
+    return bool(flags) and not any(flags)
+
+
+def take_state(module: nn.Module, like: nn.Module, frozen: bool) -> None:
+    """Gives a merged `module` the train/eval mode of `like`, the block it replaces, and freezes it if `frozen`."""
+    module.train(like.training)
+    if frozen:
+        module.requires_grad_(False)
+
+
 def merged_conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor,
                      padding: Optional[_size_2_t] = None) -> nn.Conv2d:
-    """A conv with `conv`'s configuration (and class), a bias, and the given merged weight and bias."""
+    """A conv with `conv`'s configuration and class (a DepthwiseConv2d, or nn.Conv2d in a model lkconv.revert has
+    turned back), a bias, and the given merged weight and bias."""
     kernel_size = tuple(weight.shape[-2:])
-    merged = make_conv(
-        conv.in_channels, conv.out_channels, kernel_size, conv.stride,
-        same_padding(kernel_size) if padding is None else padding, 1, conv.groups, bias=True,
-        device=weight.device, dtype=weight.dtype,
-    )
+    padding = same_padding(kernel_size) if padding is None else padding
+    factory = dict(device=weight.device, dtype=weight.dtype)
+    if isinstance(conv, DepthwiseConv2d):
+        merged = DepthwiseConv2d(conv.in_channels, kernel_size, conv.stride, padding, bias=True,
+                                 depth_multiplier=conv.depth_multiplier, **factory)
+    else:
+        merged = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size, conv.stride, padding,
+                           groups=conv.groups, bias=True, **factory)
     merged.weight.copy_(weight)
     merged.bias.copy_(bias)
     return merged

@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import nn
 
+from ..modules import replace_modules
 from .conv_bn import ReparamBlock
 
 # Merge methods of other re-param code, tried in this order: timm's (`reparameterize` in MobileOne, FastViT and
@@ -29,25 +30,7 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    return _merge(model, {})
-
-
-def _merge(module: nn.Module, done: dict[int, tuple[nn.Module, nn.Module]]) -> nn.Module:
-    # `done` maps id(original) to (original, merged). Holding the original keeps it alive for the whole walk, so
-    # its id cannot be reused by a module created later (a replacement from fuse() or to_conv()).
-    if id(module) in done:
-        return done[id(module)][1]
-    merged = _merge_one(module)
-    done[id(module)] = (module, merged)
-    done[id(merged)] = (merged, merged)
-    # Not named_children(): it skips a child already seen under another name, which would keep the old module there.
-    for name, child in list(merged._modules.items()):
-        if child is None:
-            continue
-        replacement = _merge(child, done)
-        if replacement is not child:
-            setattr(merged, name, replacement)
-    return merged
+    return replace_modules(model, _merge_one)
 
 
 def _merge_one(module: nn.Module) -> nn.Module:

@@ -9,7 +9,7 @@ from torch import nn
 from ..arguments import pair
 from ..ops import depthwise_conv2d
 from ..reparam import refocused_kernel
-from .conv_bn import LARGE_KERNEL, ReparamBlock, _size_2_t, make_conv
+from .conv_bn import LARGE_KERNEL, ReparamBlock, _size_2_t, is_frozen, make_conv, take_state
 
 
 class RefConv(ReparamBlock):
@@ -118,7 +118,8 @@ class RefConv(ReparamBlock):
         return self.to_conv()
 
     def to_conv(self) -> nn.Conv2d:
-        """The plain conv with W_t and the bias: an nn.Conv2d, or lkconv.DepthwiseConv2d for large depthwise."""
+        """The plain conv with W_t and the bias: an nn.Conv2d, or lkconv.DepthwiseConv2d for large depthwise; in this
+        layer's train/eval mode, and frozen if all of this layer is."""
         weight = self.refocused_weight().detach()
         conv = make_conv(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, device=weight.device, dtype=weight.dtype)
@@ -126,6 +127,7 @@ class RefConv(ReparamBlock):
             conv.weight.copy_(weight)
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
+        take_state(conv, self, is_frozen(self))
         return conv
 
     def extra_repr(self) -> str:

@@ -94,8 +94,8 @@ class DepthwiseConv2d(nn.Conv2d):
         writes what this returns back into the parent module)."""
         raise RuntimeError(
             f"torch.jit.script cannot compile lkconv.DepthwiseConv2d ({self.extra_repr()}): TorchScript cannot call "
-            "lkconv's Python. Script lkconv.revert(model) instead (a copy with plain nn.Conv2d layers, on PyTorch's "
-            "conv), or use torch.compile or torch.export, which keep lkconv's op")
+            "lkconv's Python. Script (or, for lkconv's model zoo, trace) lkconv.revert(model) instead (a copy with plain "
+            "nn.Conv2d layers, on PyTorch's conv), or use torch.compile or torch.export, which keep lkconv's op")
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":

@@ -132,6 +132,25 @@ def test_torch_fx_traces_replknet_with_lkconv_layers():
     assert_close(traced(x), model(x), TOLERANCE[torch.float32], "traced RepLKNet output")
 
 
+@pytest.mark.parametrize("name", ["replknet_31b", "repvgg_a0"])
+def test_the_export_route_traces_and_exports_the_merged_reverted_model_on_plain_convs(name):
+    """The README's route to runtimes that do not know lkconv's op: merge, revert, then torch.jit.trace or
+    torch.export. Both give the model's outputs from PyTorch's own convs only."""
+    model = randomize_batchnorm(tiny(name)).eval()
+    plain = lkconv.revert(lkconv.reparameterize_model(model))
+    assert not any(isinstance(m, lkconv.DepthwiseConv2d) for m in plain.modules())
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    with pytest.warns(DeprecationWarning, match="torch.jit"), torch.no_grad():
+        traced = torch.jit.trace(plain, x)
+    assert_close(traced(x), expected, TOLERANCE[torch.float32], f"traced {name}")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # what torch.export needs here: see test_ops' export test
+    exported = torch.export.export(plain, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert not [target for target in targets if "lkconv" in target], targets
+    assert_close(exported.module()(x), expected, TOLERANCE[torch.float32], f"exported {name}")
+
+
 @pytest.mark.parametrize("name", REPLKNETS + REPVGGS)
 def test_gradients_flow_to_every_parameter_in_training(name):
     torch.manual_seed(0)

@@ -58,6 +58,17 @@ def parse_chunk(text: str) -> tuple[int, int]:
     return index, count
 
 
+def positive_float(text: str) -> float:
+    """A time budget from the command line: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0; got {text!r}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of a benchmark run; its help is this module's docstring."""
     invoked_as = Path(sys.argv[0]).name
@@ -79,9 +90,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", choices=op_suite.BACKENDS, help="lkconv backends to time")
     p.add_argument("--baselines", nargs="+", choices=op_suite.BASELINES, help="PyTorch baselines to time")
     p.add_argument("--tf32", action="store_true", help="let fp32 convs use TF32 (PyTorch's default); off = exact fp32")
-    p.add_argument("--rep-ms", type=float, help="GPU timed repetitions per measurement (do_bench)")
-    p.add_argument("--warmup-ms", type=float, help="GPU warm-up per measurement (do_bench)")
-    p.add_argument("--cpu-seconds", type=float, help="CPU time budget per measurement")
+    p.add_argument("--rep-ms", type=positive_float, help="GPU timed repetitions per measurement (do_bench)")
+    p.add_argument("--warmup-ms", type=positive_float, help="GPU warm-up per measurement (do_bench)")
+    p.add_argument("--cpu-seconds", type=positive_float, help="CPU time budget per measurement")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--strict", action="store_true", help="exit 1 when any measurement failed")
     return p
@@ -115,6 +126,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     else:
         args.op_cases = presets.op_shapes(args.preset)
     square = [k for k, w in args.kernels or [] if k == w]
+    if args.kernels and not square and "table1" in args.suites:
+        raise ValueError(f"--kernels {' '.join(f'{h}x{w}' for h, w in args.kernels)} leaves the table1 suite nothing "
+                         "to run (the paper's table takes square kernels); add a square one, or leave table1 out of "
+                         "--suites")
     args.defaults = defaults
     args.table_kernels = tuple(square) or defaults["table_kernels"]
     _apply_to_table_and_model(args, explicit)
@@ -185,6 +200,9 @@ def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
         units += [("model", dataclasses.replace(model, resolutions=(r,))) for r in model.resolutions]
     if args.chunk:
         index, count = args.chunk
+        if count > len(units):
+            raise ValueError(f"--chunk {index}/{count}: these settings make {len(units)} work unit(s), so some of "
+                             f"{count} chunks would be empty; split into at most {len(units)}")
         units = units[index - 1::count]
     return units
 
@@ -249,8 +267,14 @@ def main_run(argv) -> int:
     p = parser()
     try:
         args = resolve(p.parse_args(argv))
+        units = work_units(args)
     except ValueError as error:
         p.error(str(error))
+    if args.out is not None:
+        try:  # before anything is measured, not after the first unit
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            p.error(f"--out {args.out}: cannot make it a folder for the results ({error.strerror or error})")
     if not torch.cuda.is_available():
         instead = "" if args.asked_preset == "cpu" else f" instead of '{args.asked_preset}'"
         print(f"No CUDA GPU here: running the CPU defaults (preset 'cpu'{instead}), small shapes on the torch "
@@ -263,7 +287,6 @@ def main_run(argv) -> int:
     meta = provenance(settings_note(args))
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
           f"commit {(meta['git_commit'] or 'unknown')[:12]} | preset {args.preset} | fp32 {meta['fp32_math']}")
-    units = work_units(args)
     progress = Progress(sum(measurements(suite, work) for suite, work in units))
     stem = f"results-chunk{args.chunk[0]}of{args.chunk[1]}" if args.chunk else "results"
 
@@ -299,7 +322,10 @@ def main_report(argv) -> int:
         rows, metas = report.load(args.folder)
     except (OSError, ValueError, KeyError) as error:
         p.error(f"cannot read results from {args.folder}: {error}")
-    meta = {"merged_from": [m["file"] for m in metas], **{k: v for k, v in metas[0].items() if k != "file"}}
+    meta = report.merged_provenance(metas)
+    if meta.get("missing_chunks"):
+        print(f"warning: chunks {', '.join(map(str, meta['missing_chunks']))} of {meta['chunks_of']} are missing "
+              f"from {args.folder}: the report covers part of the run")
     write_outputs(args.folder, "combined", rows, meta, True)
     print(report.short_table(rows))
     return 0

@@ -6,6 +6,7 @@
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -108,14 +109,46 @@ def write(out: Path, stem: str, rows: list[dict], meta: dict) -> list[Path]:
     return paths
 
 
-def load(directory: Path) -> tuple[list[dict], list[dict]]:
-    """Rows and provenance records of every results*.json in `directory` (chunks of one run, or one whole run)."""
-    files = sorted(directory.glob("results*.json"))
+CHUNK_FILE = re.compile(r"results-chunk(\d+)of(\d+)\.json")
+
+
+def _run_files(directory: Path) -> list[Path]:
+    """The results files of the one run in `directory`: results.json, or its chunks (results-chunkKofN.json) of
+    one N. Two runs' files would merge into duplicated or mixed rows, so that raises."""
+    files = sorted(directory.glob("results*.json"), key=lambda path: (len(path.name), path.name))
     if not files:
         raise FileNotFoundError(f"no results*.json in {directory}")
+    chunks = [path for path in files if CHUNK_FILE.fullmatch(path.name)]
+    others = [path.name for path in files if path not in chunks]
+    counts = {CHUNK_FILE.fullmatch(path.name)[2] for path in chunks}
+    if (others and chunks) or len(others) > 1 or len(counts) > 1:
+        raise ValueError(f"{directory} holds the results of more than one run ({', '.join(p.name for p in files)}): "
+                         "keep one run per folder, either results.json or the chunks results-chunkKofN.json of one N")
+    return files
+
+
+def load(directory: Path) -> tuple[list[dict], list[dict]]:
+    """Rows and provenance records of the results files of the one run in `directory` (its chunks, or the whole)."""
     rows, metas = [], []
-    for path in files:
+    for path in _run_files(directory):
         data = json.loads(path.read_text())
+        if not (isinstance(data, dict) and isinstance(data.get("provenance"), dict)
+                and isinstance(data.get("rows"), list) and all(isinstance(row, dict) for row in data["rows"])):
+            raise ValueError(f"{path.name} is not a results file of this benchmark (a JSON object with a "
+                             "'provenance' object and a list of 'rows' objects)")
         rows += data["rows"]
         metas.append({"file": path.name, **data["provenance"]})
     return rows, metas
+
+
+def merged_provenance(metas: list[dict]) -> dict:
+    """One provenance for the files `load` read: the first file's, with the files merged and, for a chunked run,
+    which chunks of how many it covers (`missing_chunks` lists the absent ones)."""
+    meta = {"merged_from": [m["file"] for m in metas], **{k: v for k, v in metas[0].items() if k != "file"}}
+    found = [CHUNK_FILE.fullmatch(m["file"]) for m in metas]
+    if all(found):
+        count = int(found[0][2])
+        present = sorted(int(match[1]) for match in found)
+        meta.update(chunk=None, command=[m.get("command") for m in metas], chunks_of=count, chunks_merged=present,
+                    missing_chunks=[k for k in range(1, count + 1) if k not in present])
+    return meta

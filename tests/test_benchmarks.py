@@ -222,11 +222,54 @@ def test_the_lkconv_bench_entry_point_is_installed():
     (["--suites", "table1", "--passes", "input_grad"], "--passes input_grad leaves the table1 suite nothing to run"),
     (["--suites", "model", "--dtypes", "float16"], "--dtypes float16 leaves the model suite nothing to run"),
     (["--suites", "table1", "--baselines", "compile", "--backends"], "expected at least one argument"),
+    (["--suites", "table1", "--kernels", "51x5", "5x51"], "--kernels 51x5 5x51 leaves the table1 suite nothing"),
+    (["--cpu-seconds", "-5"], "argument --cpu-seconds: must be a number > 0; got '-5'"),
+    (["--rep-ms", "0"], "argument --rep-ms: must be a number > 0"),
+    (["--warmup-ms", "inf"], "argument --warmup-ms: must be a number > 0"),
+    (["--suites", "op", "--shapes", "1x4x8x8", "--kernels", "7", "--dtypes", "float32", "--chunk", "2/5"],
+     "--chunk 2/5: these settings make 1 work unit(s), so some of 5 chunks would be empty"),
 ])
 def test_bad_options_name_the_problem(arguments, message, capsys):
     with pytest.raises(SystemExit):
         cli.main(arguments)
     assert message in capsys.readouterr().err
+
+
+def test_an_unusable_out_folder_is_refused_before_anything_is_measured(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "run", lambda *args: pytest.fail("measured before checking --out"))
+    (tmp_path / "a-file").touch()
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        with pytest.raises(SystemExit):
+            cli.main(TINY + ["--out", str(out)])
+        assert f"--out {out}: cannot make it a folder for the results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ['{"rows": 3}', "[]", '{"provenance": {}, "rows": [3]}'])
+def test_report_names_a_file_that_is_not_a_results_file(tmp_path, capsys, content):
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path)])
+    assert "results.json is not a results file of this benchmark" in capsys.readouterr().err
+
+
+def test_report_refuses_two_runs_in_one_folder_and_says_which_chunks_are_missing(tmp_path, capsys):
+    """Merging a whole run with chunks, or chunks of different splits, would duplicate or mix rows; a chunk left
+    out is named in the output and in the merged provenance."""
+    three_units = TINY + ["--kernels", "3", "5", "7", "--suites", "op", "--dtypes", "float32", "--no-plots"]
+    for index in (1, 3):
+        assert cli.main(three_units + ["--chunk", f"{index}/3", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert f"warning: chunks 2 of 3 are missing from {tmp_path}" in capsys.readouterr().out
+    meta, _ = read_results(tmp_path, "combined")
+    assert (meta["chunks_of"], meta["chunks_merged"], meta["missing_chunks"], meta["chunk"]) == (3, [1, 3], [2], None)
+    assert len(meta["command"]) == 2
+    for extra in ("results.json", "results-chunk1of2.json"):
+        (tmp_path / extra).write_text((tmp_path / "results-chunk1of3.json").read_text())
+        with pytest.raises(SystemExit):
+            cli.main(["report", str(tmp_path)])
+        assert "holds the results of more than one run" in capsys.readouterr().err
+        (tmp_path / extra).unlink()
 
 
 def test_report_without_results_names_the_folder(tmp_path, capsys):

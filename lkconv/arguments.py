@@ -35,6 +35,28 @@ def _int(value) -> int:
     return operator.index(value)
 
 
+def whole_number(value, name: str, minimum: int = 1) -> int:
+    """`value` as a Python int >= `minimum`: ints and NumPy or integer-tensor scalars (anything with __index__), not
+    bools or floats; else a ValueError naming the argument. (Plain ints, because NumPy scalars would multiply in
+    their own, overflowing, types.)"""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = minimum - 1
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return number
+
+
+def positive_number(value, name: str) -> float:
+    """`value` as a finite float > 0 (an int or a float, not a bool); else a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a number > 0; got {value!r}")
+    return float(value)
+
+
 def pair(value: IntPair, name: str, minimum: int) -> tuple[int, int]:
     """An int or a 1- or 2-element sequence of ints as (h, w), as F.conv2d reads stride/padding/dilation."""
     # The common cases first, cheaply: an exact int, or a tuple of two (nn.Conv2d's attributes). A bool, an int

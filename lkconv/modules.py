@@ -8,24 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arguments import check_input
+from .arguments import check_input, whole_number
 from .ops import depthwise_conv2d
 
 _size_2_t = Union[int, tuple[int, int]]
-
-
-def _positive_int(value, name: str) -> int:
-    """`value` as a Python int >= 1: ints and NumPy or integer-tensor scalars (anything with __index__), not bools;
-    else a ValueError naming the argument."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        number = 0
-    if number < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return number
 
 
 def _kernel_pair(kernel_size) -> tuple[int, int]:
@@ -37,7 +23,7 @@ def _kernel_pair(kernel_size) -> tuple[int, int]:
             sizes = list(kernel_size)
         if len(sizes) != 2 or any(isinstance(size, bool) for size in sizes + [kernel_size]):
             raise ValueError
-        return tuple(_positive_int(size, "kernel_size") for size in sizes)
+        return tuple(whole_number(size, "kernel_size") for size in sizes)
     except (TypeError, ValueError):
         raise ValueError(f"kernel_size must be an int >= 1 or a pair of them; got {kernel_size!r}") from None
 
@@ -63,10 +49,9 @@ class DepthwiseConv2d(nn.Conv2d):
         device=None,
         dtype=None,
     ) -> None:
-        # Plain ints from here on: NumPy scalars would multiply in their own (overflowing) types.
-        in_channels = _positive_int(in_channels, "in_channels")
+        in_channels = whole_number(in_channels, "in_channels")
         kernel_size = _kernel_pair(kernel_size)
-        depth_multiplier = _positive_int(depth_multiplier, "depth_multiplier")
+        depth_multiplier = whole_number(depth_multiplier, "depth_multiplier")
         super().__init__(
             in_channels, in_channels * depth_multiplier, kernel_size, stride, padding, dilation,
             groups=in_channels, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,

@@ -1093,6 +1093,15 @@ def test_reparameterize_model_inplace_on_mixed_model():
     (lambda: RepVGGBlock(8, 8, drop_path=1.0), r"drop path probability p must be in \[0, 1\)"),
     (lambda: RepVGGBlock(8, 8, drop_path=-0.5), r"drop path probability p must be in \[0, 1\)"),
     (lambda: DilatedReparamBlock(8, 9, kernel_sizes=(3,), dilations=(True,)), r"each dilation must be an int >= 1"),
+    (lambda: ReparamLargeKernelConv(0, 4, 7), r"in_channels must be an int >= 1; got 0"),
+    (lambda: ReparamLargeKernelConv(4, 6, 7),
+     r"in_channels and out_channels must be multiples of groups; got in_channels=4, out_channels=6, groups=4"),
+    (lambda: RepVGGBlock(4, 4, groups=3), r"multiples of groups; got in_channels=4, out_channels=4, groups=3"),
+    (lambda: RepVGGBlock(4, 4.0), r"out_channels must be an int >= 1; got 4.0"),
+    (lambda: ConvBN(4, 4, 3, groups=0), r"groups must be an int >= 1; got 0"),
+    (lambda: DecomposedLargeKernelConv(0, 13), r"channels must be an int >= 1; got 0"),
+    (lambda: DilatedReparamBlock(-8, 9), r"channels must be an int >= 1; got -8"),
+    (lambda: DropPath("a"), r"drop path probability p must be in \[0, 1\); got 'a'"),
 ], ids=lambda v: v if isinstance(v, str) else "make")
 def test_constructor_errors(make, match):
     with pytest.raises(ValueError, match=match):

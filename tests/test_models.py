@@ -5,6 +5,7 @@ on reduced widths and depths with the official kernel sizes.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 
 import lkconv
 from conftest import TOLERANCE, assert_close
-from lkconv.models import RepLKNet, RepVGG, clean_state_dict, create_model, list_models, load_checkpoint
+from lkconv.models import (RepLKNet, RepVGG, clean_state_dict, create_model, list_models, load_checkpoint,
+                           register_model)
 
 REPLKNETS = ["replknet_31b", "replknet_31l", "replknet_xl"]
 REPVGGS = [name for name in list_models() if name.startswith("repvgg")]
@@ -313,6 +315,35 @@ def test_replknet_intermediate_norms_are_batchnorms_when_asked():
 def test_repvgg_rejects_widths_of_zero_channels():
     with pytest.raises(ValueError, match=r"width_multiplier must give every stage at least one channel"):
         tiny("repvgg_a0", width_multiplier=(0.01, 1, 1, 1))
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("replknet_31b", dict(channels=(8, 0, 16, 16)), "every entry of channels must be an int >= 1; got 0"),
+    ("replknet_31b", dict(layers=(1, -1, 1, 1)), "every entry of layers must be an int >= 1; got -1"),
+    ("replknet_31b", dict(dw_ratio=0), "dw_ratio must be a number > 0; got 0"),
+    ("replknet_31b", dict(ffn_ratio=0.01), "ffn_ratio must give every stage at least one channel; got 0.01"),
+    ("replknet_31b", dict(num_classes=-1), "num_classes must be an int >= 0; got -1"),
+    ("replknet_31b", dict(num_classes=2.5), "num_classes must be an int >= 0; got 2.5"),
+    ("replknet_31b", dict(in_chans=0), "in_chans must be an int >= 1; got 0"),
+    ("repvgg_a0", dict(num_classes=-1), "num_classes must be an int >= 0; got -1"),
+    ("repvgg_a0", dict(num_blocks=(1, 0, 1, 1)), "every entry of num_blocks must be an int >= 1; got 0"),
+])
+def test_bad_model_options_name_the_option_and_the_value(name, options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny(name, **options)
+
+
+def test_register_model_takes_named_functions_and_never_replaces_another_model():
+    def replknet_31b(**kwargs):
+        return nn.Identity()
+
+    with pytest.raises(ValueError, match="a model named 'replknet_31b' is already registered"):
+        register_model(replknet_31b)
+    for builder in (lambda **kwargs: nn.Identity(), "my_model"):
+        with pytest.raises(TypeError, match="builder must be a named function"):
+            register_model(builder)
+    assert create_model("replknet_31b", **dict(layers=(1, 1, 1, 1), channels=(8, 8, 8, 8))).__class__.__name__ == \
+        "RepLKNet"
 
 
 def test_forward_features_feed_the_head():

@@ -6,7 +6,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..arguments import pair
+from ..arguments import pair, whole_number
 from ..modules import DepthwiseConv2d
 from ..reparam import fuse_conv_bn
 
@@ -30,6 +30,11 @@ def make_conv(
     dtype=None,
 ) -> nn.Conv2d:
     """An nn.Conv2d, or an lkconv.DepthwiseConv2d (same parameters and names) when it is depthwise and large."""
+    in_channels, out_channels, groups = (whole_number(in_channels, "in_channels"),
+                                         whole_number(out_channels, "out_channels"), whole_number(groups, "groups"))
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"in_channels and out_channels must be multiples of groups; got in_channels={in_channels}, "
+                         f"out_channels={out_channels}, groups={groups}")
     depthwise = groups == in_channels and out_channels % in_channels == 0
     if depthwise and max(pair(kernel_size, "kernel_size", 1)) >= LARGE_KERNEL:
         return DepthwiseConv2d(

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..arguments import pair
+from ..arguments import pair, whole_number
 from ..reparam import dilated_to_dense, fuse_conv_bn, merge_branches
 from .conv_bn import ConvBN, ReparamBlock, _size_2_t, make_conv, merged_conv_like, same_padding
 
@@ -124,6 +124,7 @@ class DecomposedLargeKernelConv(SummedConvBNBranches):
         dtype=None,
     ) -> None:
         super().__init__()
+        whole_number(channels, "channels")
         same_padding(kernel_size)
         same_padding(small_kernel, "small_kernel")
         if not isinstance(kernel_size, int) or not isinstance(small_kernel, int) or small_kernel > kernel_size:
@@ -180,6 +181,7 @@ class DilatedReparamBlock(ReparamBlock):
         dtype=None,
     ) -> None:
         super().__init__()
+        whole_number(channels, "channels")
         same_padding(kernel_size)
         if not isinstance(kernel_size, int):
             raise ValueError(f"kernel_size must be an odd int; got {kernel_size!r}")

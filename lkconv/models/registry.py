@@ -8,8 +8,16 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Registers `builder` under its function name; called with no arguments it builds the official config."""
-    _MODELS[builder.__name__] = builder
+    """Registers `builder` under its function name (a decorator); called with no arguments it builds the official
+    config. A name already taken by another builder raises, rather than silently replacing that model."""
+    name = getattr(builder, "__name__", None)
+    if not callable(builder) or not isinstance(name, str) or not name.isidentifier():
+        raise TypeError(f"builder must be a named function (its name is the model's name); got {builder!r}")
+    known = _MODELS.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (builder.__module__, builder.__qualname__):
+        raise ValueError(f"a model named {name!r} is already registered (by {known.__module__}); give the builder "
+                         "another name")
+    _MODELS[name] = builder
     return builder
 
 

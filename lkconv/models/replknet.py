@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..arguments import positive_number, whole_number
 from ..blocks import ConvBN, DropPath, ReparamLargeKernelConv, reparameterize_model
 from .common import batchnorm_class, run_block
 from .registry import register_model
@@ -117,6 +118,15 @@ class RepLKNet(nn.Module):
             raise ValueError(f"out_indices must index the {len(layers)} stages; got {tuple(out_indices)}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+        for name, values in (("channels", channels), ("layers", layers)):
+            for value in values:
+                whole_number(value, f"every entry of {name}")
+        for name, ratio in (("dw_ratio", dw_ratio), ("ffn_ratio", ffn_ratio)):
+            if min(int(width * positive_number(ratio, name)) for width in channels) < 1:
+                raise ValueError(f"{name} must give every stage at least one channel; got {ratio!r} for channels "
+                                 f"{tuple(channels)}")
+        whole_number(num_classes, "num_classes", 0)
+        whole_number(in_chans, "in_chans")
         if norm_intermediate_features and out_indices is None:
             raise ValueError("norm_intermediate_features=True normalises the out_indices stages' outputs; "
                              "pass out_indices too")

@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..arguments import whole_number
 from ..blocks import RepVGGBlock
 from .common import batchnorm_class, run_block
 from .registry import register_model
@@ -48,6 +49,10 @@ class RepVGG(nn.Module):
             raise ValueError(f"out_indices must index the 4 stages (0-3); got {tuple(out_indices)}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+        for value in num_blocks:
+            whole_number(value, "every entry of num_blocks")
+        whole_number(num_classes, "num_classes", 0)
+        whole_number(in_chans, "in_chans")
         widths = [int(base * m) for base, m in zip((64, 128, 256, 512), width_multiplier)]
         if min(widths) < 1:
             raise ValueError(f"width_multiplier must give every stage at least one channel (64a, 128a, 256a, 512b); "

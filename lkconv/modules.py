@@ -79,8 +79,8 @@ class DepthwiseConv2d(nn.Conv2d):
         writes what this returns back into the parent module)."""
         raise RuntimeError(
             f"torch.jit.script cannot compile lkconv.DepthwiseConv2d ({self.extra_repr()}): TorchScript cannot call "
-            "lkconv's Python. Script (or, for lkconv's model zoo, trace) lkconv.revert(model) instead (a copy with plain "
-            "nn.Conv2d layers, on PyTorch's conv), or use torch.compile or torch.export, which keep lkconv's op")
+            "lkconv's Python. Script (or, for lkconv's model zoo, trace) lkconv.revert(model) instead (a copy with "
+            "plain nn.Conv2d layers, on PyTorch's conv), or use torch.compile or torch.export, which keep lkconv's op")
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d) -> "DepthwiseConv2d":
@@ -153,7 +153,8 @@ def replace_modules(model: nn.Module, replace_one: Callable[[nn.Module], Optiona
     return visit(model)
 
 
-def _check_model(model, name: str = "model") -> None:
+def check_model(model, name: str = "model") -> None:
+    """A TypeError naming `name` unless `model` is an nn.Module (what the model-wide functions take)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name} must be an nn.Module; got {type(model).__name__}")
 
@@ -165,7 +166,7 @@ def convert(model: nn.Module, min_kernel_size: int = 7, inplace: bool = False) -
     shared, so outputs are unchanged. A layer used at several places stays one shared layer. With
     ``inplace=False`` the model is deep-copied first and the original is left untouched. Returns the new root.
     """
-    _check_model(model)
+    check_model(model)
     if not isinstance(min_kernel_size, int) or isinstance(min_kernel_size, bool) or min_kernel_size < 1:
         raise ValueError(f"min_kernel_size must be an int >= 1; got {min_kernel_size!r}")
     if not inplace:
@@ -185,7 +186,7 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     Each ``nn.Conv2d`` shares its DepthwiseConv2d's parameter tensors, which with ``inplace=False`` (the default)
     belong to a deep copy of the model: the original is left untouched. A parametrized DepthwiseConv2d, or a
     subclass of it, raises instead of losing what nn.Conv2d would not compute."""
-    _check_model(model)
+    check_model(model)
     for path, module in model.named_modules():
         if isinstance(module, DepthwiseConv2d):
             _check_recastable(module, (DepthwiseConv2d,), f"model.{path}" if path else "model")

@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..modules import replace_modules
+from ..modules import check_model, replace_modules
 from .conv_bn import ReparamBlock
 
 # Merge methods of other re-param code, tried in this order: timm's (`reparameterize` in MobileOne, FastViT and
@@ -26,8 +26,7 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     - With ``inplace=False`` the model is deep-copied first and left untouched.
     The merge uses BatchNorm running statistics: the result equals the original model in eval mode.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    check_model(model)
     if not inplace:
         model = copy.deepcopy(model)
     return replace_modules(model, _merge_one)

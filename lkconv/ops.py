@@ -137,6 +137,12 @@ def _save_forward(ctx, inputs, output):
 def _forward_backward(ctx, grad_output):
     input, weight = ctx.saved_tensors
     stride, padding, dilation = ctx.conv
+    # The backward kernels read dy best in x's layout (vector loads, channels_last channel blocks); autograd may hand
+    # in another one, e.g. the stride-0 expansion y.sum().backward() gives. One copy of dy puts it there, so each
+    # pass runs the kernel `lkconv.explain` names.
+    memory_format = arguments.output_memory_format(input)
+    if not grad_output.is_contiguous(memory_format=memory_format):
+        grad_output = grad_output.contiguous(memory_format=memory_format)
     needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_input = grad_weight = grad_bias = None
     if needs_input:

@@ -440,6 +440,57 @@ def test_explain_names_the_source_load_width(layout, dtype, width, vector):
         assert ("along channels" in plan) == (layout == "channels_last"), plan
 
 
+KERNEL_OF_FORM = {"rows": "depthwise_rows_kernel", "rows_shifted_filter": "depthwise_rows_kernel",
+                  "rows_channels_last": "depthwise_rows_channels_last_kernel",
+                  "whole_map": "depthwise_whole_map_kernel", "weight_grad": "depthwise_weight_grad_kernel",
+                  "weight_grad_channels_last": "depthwise_weight_grad_channels_last_kernel"}
+
+
+class _LaunchRecorder:
+    """Stands in for lkconv.kernels: launches each kernel as asked and records its name and ALIGN."""
+
+    def __init__(self, kernels, launched):
+        self._kernels, self._launched = kernels, launched
+
+    def __getattr__(self, name):
+        kernel, launched = getattr(self._kernels, name), self._launched
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launched.append((name, kwargs.get("ALIGN")))
+                    return kernel[grid](*args, **kwargs)
+                return launch
+        return Launcher()
+
+
+@needs_interpreter
+@needs_triton
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_explain_names_what_y_sum_backward_launches(layout, monkeypatch):
+    """y.sum().backward() hands the backward a stride-0 expansion of ones. The backward copies it into x's layout
+    once, so each pass launches the kernel and the vector width explain names (before, an expanded dy took the
+    per-channel weight grad on a channels_last x, and 4-byte loads on NCHW)."""
+    x = torch.randn(2, 4, 10, 32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    launched = []
+    kernels = triton_backend._kernels()
+    monkeypatch.setattr(triton_backend, "_kernels", lambda: _LaunchRecorder(kernels, launched))
+    with lkconv.use_backend("triton"):
+        explanation = lkconv.explain(x, w, None, 1, 1)
+        lkconv.depthwise_conv2d(x, w, None, 1, 1).sum().backward()
+    plans = (explanation.forward, explanation.input_grad, explanation.weight_grad)
+    assert [name for name, _ in launched] == [KERNEL_OF_FORM[plan.split()[0]] for plan in plans], (launched, plans)
+    for (name, align), plan in zip(launched, plans):
+        if align is not None:
+            assert f"{align * x.element_size()}-byte source loads" in plan, (name, align, plan)
+    assert_close(x.grad, reference(x, w, None, 1, 1, 1, torch.ones(2, 4, 10, 32))[1], TOLERANCE[torch.float32],
+                 "input grad")
+
+
 # --- the forced triton backend on CPU (interpreter) -----------------------------------------------------------------
 
 TRITON_CASES = [

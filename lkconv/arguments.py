@@ -106,6 +106,25 @@ def output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: in
     return (size + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
 
 
+GPU_GEOMETRY_LIMIT = 2**30  # the GPU kernels keep sizes, strides, paddings and dilations in 32-bit ints
+
+
+def beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw) -> Optional[str]:
+    """Why a conv's geometry is too large for the GPU kernels' 32-bit index math (kernel sizes, strides, paddings and
+    dilated kernel extents above 2**30, or a padded map of 2**31 rows or columns), or None. F.conv2d computes such
+    convs in 64 bits, so PyTorch answers them."""
+    for i, axis in enumerate(("height", "width")):
+        values = {"kernel size": kernel[i], "stride": stride[i], "padding": max(padding[i], padding[2 + i]),
+                  "dilation x (kernel size - 1)": dilation[i] * (kernel[i] - 1)}
+        for name, value in values.items():
+            if value > GPU_GEOMETRY_LIMIT:
+                return f"the {name} along the {axis}, {value}, is beyond the 2**30 the GPU kernels index in 32 bits"
+        if input_hw[i] + padding[i] + padding[2 + i] >= 2 * GPU_GEOMETRY_LIMIT:
+            return f"the padded {axis}, {input_hw[i] + padding[i] + padding[2 + i]}, is beyond the 2**31 the GPU " \
+                   "kernels index in 32 bits"
+    return None
+
+
 def check_tensor(name: str, tensor) -> None:
     """`tensor` is a tensor the public API takes: floating point or complex (integer and bool are refused)."""
     if not isinstance(tensor, torch.Tensor):

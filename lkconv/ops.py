@@ -21,11 +21,11 @@ from . import arguments, backends, op_registration
 from .backends import autotune, torch_backend
 
 
-def _backend(tensor: Tensor, kernel, stride, dilation, input_hw,
+def _backend(tensor: Tensor, kernel, stride, padding, dilation, input_hw,
              problem: Optional[autotune.Problem] = None) -> backends.Choice:
     """The backend for one pass; every pass of a conv sees the same shape class (dy takes x's layout), so all three
     pick alike. The forward hands in its `problem`, for LKCONV_AUTOTUNE to time."""
-    return backends.choose_for_conv(tensor, kernel, stride, dilation, input_hw, problem)
+    return backends.choose_for_conv(tensor, kernel, stride, padding, dilation, input_hw, problem)
 
 
 def _in_layout_of(output: Tensor, like: Tensor) -> Tensor:
@@ -48,7 +48,7 @@ def _forward(
     """y = conv2d(input, weight, bias, groups=C) on a validated (N, C, H, W) input."""
     _check_forward(input, weight, bias, stride, padding, dilation)
     problem = autotune.Problem(input, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
-    choice = _backend(input, weight.shape[2:], stride, dilation, input.shape[2:], problem)
+    choice = _backend(input, weight.shape[2:], stride, padding, dilation, input.shape[2:], problem)
     output = backends.run_pass(choice, "forward", input, weight, bias, stride, padding, dilation)
     return _in_layout_of(output, input)
 
@@ -74,7 +74,7 @@ def _input_grad(
 ) -> Tensor:
     """dL/dinput of the forward op, for an input of `input_shape` (N, C, H, W)."""
     _check_input_grad(grad_output, weight, input_shape, stride, padding, dilation)
-    choice = _backend(grad_output, weight.shape[2:], stride, dilation, input_shape[2:])
+    choice = _backend(grad_output, weight.shape[2:], stride, padding, dilation, input_shape[2:])
     grad_input = backends.run_pass(choice, "input_grad", grad_output, weight, input_shape, stride, padding, dilation)
     return _in_layout_of(grad_input, grad_output)
 
@@ -96,7 +96,7 @@ def _weight_grad(
 ) -> tuple[Tensor, Tensor]:
     """(dL/dweight, dL/dbias) of the forward op; dL/dbias is empty when `with_bias` is False."""
     _check_weight_grad(grad_output, input, kernel_size, stride, padding, dilation)
-    choice = _backend(grad_output, kernel_size, stride, dilation, input.shape[2:])
+    choice = _backend(grad_output, kernel_size, stride, padding, dilation, input.shape[2:])
     grad_weight, grad_bias = backends.run_pass(choice, "weight_grad", grad_output, input, kernel_size, stride, padding,
                                                dilation, with_bias)
     return grad_weight.contiguous(), grad_bias.contiguous()
@@ -573,7 +573,7 @@ def explain(
     is_complex = input.is_complex()
     if is_complex:
         input, weight = _complex_as_real(input, weight)
-    choice = backends.choose_for_conv(input, weight.shape[2:], stride, dilation, input.shape[2:])
+    choice = backends.choose_for_conv(input, weight.shape[2:], stride, padding, dilation, input.shape[2:])
     output_hw = tuple(
         arguments.output_size(input.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], padding[2 + i], dilation[i])
         for i in range(2)

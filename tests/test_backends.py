@@ -491,6 +491,31 @@ def test_explain_names_what_y_sum_backward_launches(layout, monkeypatch):
                  "input grad")
 
 
+@needs_interpreter
+@needs_triton
+def test_geometry_beyond_32_bit_indexing_is_refused_by_gpu_backends_and_huge_strides_plan_quickly():
+    """The GPU kernels index in 32 bits: a stride or padding past 2**30 raises under a forced GPU backend (it
+    returned zeros before) and goes to PyTorch under auto. A large stride that fits plans in constant time (it took
+    a minute at 10**7) and gives F.conv2d's result."""
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)
+    op = torch.ops.lkconv.depthwise_conv2d
+    with lkconv.use_backend("triton"):
+        with pytest.raises(lkconv.BackendUnavailableError, match=r"stride along the height, 2147483648, is beyond"):
+            op(x, w, None, [2**31, 1], [2**31 - 2, 1, 0, 1], [1, 1])
+        with pytest.raises(lkconv.BackendUnavailableError, match=r"padding along the width, 1073741825, is beyond"):
+            lkconv.explain(x, w, padding=(0, 2**30 + 1))
+        start = time.perf_counter()
+        lkconv.explain(x, w, stride=(1, 10**7), padding=1)
+        y = lkconv.depthwise_conv2d(x, w, None, (1, 10**7), 1)
+        assert time.perf_counter() - start < 5
+    assert_close(y, reference(x, w, None, (1, 10**7), 1, 1)[0], TOLERANCE[torch.float32], "stride 10**7")
+    choice = backends.Choice(triton_backend, "auto: triton kernels", failure_key=("triton", "cpu", None, None, None))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "_choose_for_shape", lambda *args: choice)
+        routed = backends.choose_for_conv(x, (3, 3), (2**31, 1), (0, 0, 0, 0), (1, 1), (8, 8))
+    assert routed.module is torch_backend and "beyond the 2**30" in routed.reason
+
+
 # --- the forced triton backend on CPU (interpreter) -----------------------------------------------------------------
 
 TRITON_CASES = [
@@ -778,9 +803,9 @@ def test_the_forward_op_hands_its_call_to_autotune(monkeypatch):
     seen = []
     original = backends.choose_for_conv
 
-    def spy(map_tensor, kernel, stride, dilation, input_hw, problem=None):
+    def spy(map_tensor, kernel, stride, padding, dilation, input_hw, problem=None):
         seen.append(problem)
-        return original(map_tensor, kernel, stride, dilation, input_hw, problem)
+        return original(map_tensor, kernel, stride, padding, dilation, input_hw, problem)
 
     monkeypatch.setattr(backends, "choose_for_conv", spy)
     x, w, b = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3), torch.randn(2)
@@ -863,9 +888,9 @@ def test_a_failure_is_remembered_for_its_shape_class_only(failing_triton):
     with FakeTensorMode():
         x = torch.empty(2, 3, 12, 12, device="cuda")
         w = torch.empty(3, 1, 5, 5, device="cuda")
-        first = backends.choose_for_conv(x, (5, 5), (1, 1), (1, 1), (12, 12))
+        first = backends.choose_for_conv(x, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), (12, 12))
         assert first.module is triton_backend and first.failure_key[-1] is not None
         with pytest.warns(RuntimeWarning, match="the triton backend failed"):
             backends.run_pass(first, "forward", x, w, None, [1, 1], [2, 2, 2, 2], [1, 1])
-        assert backends.choose_for_conv(x, (5, 5), (1, 1), (1, 1), (12, 12)).module is torch_backend
-        assert backends.choose_for_conv(x, (7, 7), (1, 1), (1, 1), (12, 12)).module is triton_backend
+        assert backends.choose_for_conv(x, (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), (12, 12)).module is torch_backend
+        assert backends.choose_for_conv(x, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1), (12, 12)).module is triton_backend

@@ -18,6 +18,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
+from ..arguments import beyond_gpu_geometry
 from . import autotune, cuda_backend, measured, torch_backend, triton_backend
 
 NAMES = ("auto", "torch", "triton", "cuda")
@@ -126,11 +127,24 @@ def choose(device: torch.device, dtype: torch.dtype, shape: Optional[measured.Sh
     return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting(), shape)
 
 
-def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, dilation, input_hw,
+def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, padding, dilation, input_hw,
                     problem: Optional[autotune.Problem] = None) -> Choice:
     """`choose` for one pass of a conv that reads `map_tensor` (x, or dy in the backward). Only CUDA tensors can pick
     by shape class (measured.py), so only they build one: other calls share one cache entry per device and dtype.
-    `problem` (the forward call's tensors) lets LKCONV_AUTOTUNE time the candidates where nothing was measured."""
+    `problem` (the forward call's tensors) lets LKCONV_AUTOTUNE time the candidates where nothing was measured.
+    A geometry too large for the GPU kernels' 32-bit indexing goes to PyTorch under `auto`, and raises where a GPU
+    backend is forced."""
+    choice = _choose_for_shape(map_tensor, kernel, stride, dilation, input_hw, problem)
+    if choice.module is torch_backend:
+        return choice
+    if (why := beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw)) is not None:
+        if requested_backend() != "auto":
+            raise BackendUnavailableError(f"backend {choice.module.name!r} was forced but cannot run this call: {why}")
+        return Choice(torch_backend, f"auto: {why}; PyTorch answers")
+    return choice
+
+
+def _choose_for_shape(map_tensor, kernel, stride, dilation, input_hw, problem) -> Choice:
     device = map_tensor.device
     shape = (measured.ShapeClass.of(kernel, stride, dilation, input_hw, measured.layout_of(map_tensor))
              if device.type == "cuda" else None)

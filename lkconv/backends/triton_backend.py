@@ -203,8 +203,13 @@ def _source_span(p: ConvPass, block_w: int) -> int:
     """Source columns one block of `block_w` destination columns reads, its run widened to whole vectors of
     `p.align` at both ends as the kernel widens it: the widest over the blocks of an unclipped (wide) map."""
     reach = (p.kernel[1] - 1) * p.dilation[1]
+    if p.transposed and p.stride[1] * p.align > 64:
+        # Runs repeat only after align x stride blocks: bound the span instead (any block size is correct; this
+        # only sizes it), as the columns reached plus a partial vector at each end.
+        return (block_w - 1 + reach) // p.stride[1] + 1 + 2 * (p.align - 1)
     widest = 0
-    for block in range(1, 1 + p.align * p.stride[1]):  # where a run starts, modulo align, repeats this often
+    # Where a run starts, modulo align, repeats after align blocks in the forward, align x stride in the input grad.
+    for block in range(1, 1 + p.align * (p.stride[1] if p.transposed else 1)):
         first, last = block * block_w, block * block_w + block_w - 1
         if p.transposed:
             begin = -(-(first + p.pad_left - reach) // p.stride[1])

@@ -682,6 +682,51 @@ def test_lkconv_choices_names_a_table_of_ones_own(monkeypatch, tmp_path):
     assert measured.table_path() == measured.TABLE
 
 
+def test_auto_reads_a_changed_lkconv_choices_and_says_when_a_table_is_for_another_gpu(monkeypatch, tmp_path):
+    """Choices are cached per table: pointing LKCONV_CHOICES elsewhere (or at nothing) takes effect at the next call,
+    and a table measured on another GPU model is named in the reason rather than silently unused."""
+    from lkconv.backends import cuda_backend, measured
+
+    for module in (triton_backend, cuda_backend):
+        monkeypatch.setattr(module, "unavailable_reason", lambda: None)
+        monkeypatch.setattr(module, "unsupported_reason", lambda device, dtype: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    entry = {"dtype": "float32", "kernel": [13, 13], "stride": [1, 1], "dilation": [1, 1], "size": [14, 14]}
+    for name, device, backend in (("cuda.json", "GPU X", "cuda"), ("triton.json", "GPU X", "triton"),
+                                  ("other.json", "GPU Y", "cuda")):
+        (tmp_path / name).write_text(json.dumps({"device": device, "choices": [{**entry, "backend": backend}]}))
+    device, shape = torch.device("cuda", 0), measured.ShapeClass.of((13, 13), (1, 1), (1, 1), (14, 14))
+    backends._choose.cache_clear()
+    try:
+        monkeypatch.setenv("LKCONV_CHOICES", str(tmp_path / "cuda.json"))
+        assert backends.choose(device, torch.float32, shape).module is cuda_backend
+        monkeypatch.setenv("LKCONV_CHOICES", str(tmp_path / "triton.json"))
+        assert backends.choose(device, torch.float32, shape).module is triton_backend
+        monkeypatch.setenv("LKCONV_CHOICES", str(tmp_path / "other.json"))
+        reason = backends.choose(device, torch.float32, shape).reason
+        assert f"the backend table {tmp_path / 'other.json'} was measured on GPU Y, not on GPU X" in reason
+        monkeypatch.setenv("LKCONV_CHOICES", str(tmp_path / "missing.json"))
+        with pytest.raises(RuntimeError, match="LKCONV_CHOICES=.*missing.json"):
+            backends.choose(device, torch.float32, shape)
+    finally:
+        backends._choose.cache_clear()
+
+
+@pytest.mark.parametrize("change", [dict(stride=None), dict(kernel=31), dict(kernel=[31, "31"]), dict(backend="Cuda"),
+                                    dict(layout="nhwc"), "x"], ids=repr)
+def test_lkconv_choices_entries_that_are_not_choices_are_named(change, monkeypatch, tmp_path):
+    from lkconv.backends import measured
+
+    entry = {"dtype": "float32", "kernel": [13, 13], "stride": [1, 1], "dilation": [1, 1], "size": [14, 14],
+             "backend": "cuda"}
+    entry = change if isinstance(change, str) else {k: v for k, v in {**entry, **change}.items() if v is not None}
+    (tmp_path / "table.json").write_text(json.dumps({"device": "GPU X", "choices": [entry]}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LKCONV_CHOICES", "~/table.json")  # ~ is the home folder
+    with pytest.raises(RuntimeError, match=r"LKCONV_CHOICES=.*table.json: choices\[0\] is not a choice"):
+        measured.load()
+
+
 def test_the_committed_table_is_valid():
     from lkconv.backends import measured
 
@@ -838,8 +883,8 @@ def failing_triton(monkeypatch):
     failure = {"error": RuntimeError("stand-in: the kernel does not compile on this GPU")}
     original_choose = backends._choose.__wrapped__
 
-    def choose_as_on_a_gpu(requested, device_type, index, dtype, interpreting, shape):
-        return original_choose(requested, "cuda", 0, dtype, interpreting, shape)
+    def choose_as_on_a_gpu(requested, device_type, index, dtype, interpreting, shape, table_version):
+        return original_choose(requested, "cuda", 0, dtype, interpreting, shape, table_version)
 
     def forward(*args):
         raise failure["error"]

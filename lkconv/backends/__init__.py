@@ -124,7 +124,8 @@ def scope(name: str) -> Iterator[None]:
 def choose(device: torch.device, dtype: torch.dtype, shape: Optional[measured.ShapeClass] = None) -> Choice:
     """The backend that answers a call on tensors of this device and dtype, for a conv of this shape class
     (cached per request, device, dtype and shape class)."""
-    return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting(), shape)
+    table = measured.version() if device.type == "cuda" else None
+    return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting(), shape, table)
 
 
 def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, padding, dilation, input_hw,
@@ -206,7 +207,8 @@ def autotuned(choice: Choice, device: torch.device, map_tensor: torch.Tensor, sh
 
 @functools.lru_cache(maxsize=1024)
 def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch.dtype, interpreting: bool,
-            shape: Optional[measured.ShapeClass]) -> Choice:
+            shape: Optional[measured.ShapeClass], table_version: Optional[tuple]) -> Choice:
+    # table_version (measured.version()) only keys the cache: a changed table is read again.
     device = torch.device(device_type, index)
     if requested != "auto":
         reason = unavailable_reason(requested) or _MODULES[requested].unsupported_reason(device, dtype)
@@ -226,13 +228,17 @@ def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch
             skipped.append(f"{name}: {reason}")
     if not usable:
         return Choice(torch_backend, "auto: falling back to PyTorch (" + "; ".join(skipped) + ")")
+    unmeasured = " (no measurement for this shape class: the default order)" if len(usable) > 1 else ""
     if len(usable) > 1 and shape is not None:
         gpu = torch.cuda.get_device_name(device)
-        if (faster := measured.lookup(measured.load(), gpu, dtype, shape)) in usable:
+        table = measured.load()
+        if (faster := measured.lookup(table, gpu, dtype, shape)) in usable:
             return Choice(_MODULES[faster], f"auto: {faster} measured faster than the other GPU backend for this "
                                             f"shape class on {gpu}", failure_key=(faster, *failure_key))
+        if table.get("device") not in (None, gpu):
+            unmeasured = (f" (the backend table {measured.table_path()} was measured on {table['device']}, not on "
+                          f"{gpu}: the default order)")
     tried = f" ({'; '.join(skipped)})" if skipped else ""
-    unmeasured = " (no measurement for this shape class: the default order)" if len(usable) > 1 else ""
     candidates = tuple(usable) if len(usable) > 1 and shape is not None else ()
     return Choice(_MODULES[usable[0]], f"auto: {usable[0]} kernels{tried}{unmeasured}", candidates,
                   failure_key=(usable[0], *failure_key))

@@ -49,8 +49,18 @@ def layout_of(tensor: torch.Tensor) -> str:
 
 
 def table_path() -> Path:
-    """The table auto reads: $LKCONV_CHOICES where set, else the committed one."""
-    return Path(os.environ[CHOICES_VARIABLE]) if os.environ.get(CHOICES_VARIABLE) else TABLE
+    """The table auto reads: $LKCONV_CHOICES where set (a leading ~ is the home folder), else the committed one."""
+    return Path(os.environ[CHOICES_VARIABLE]).expanduser() if os.environ.get(CHOICES_VARIABLE) else TABLE
+
+
+def version() -> tuple:
+    """What identifies the table auto would read now (its path and modification time), so that choices cached
+    from one table are not served after LKCONV_CHOICES or the file changes."""
+    path = table_path()
+    try:
+        return str(path), path.stat().st_mtime_ns
+    except OSError:
+        return str(path), None
 
 
 def load(path: Optional[Path] = None) -> dict:
@@ -75,7 +85,22 @@ def _read(path: Path, _mtime_ns: int, source: str) -> dict:
         raise RuntimeError(f"cannot read {source}: {error}") from error
     if not isinstance(table, dict) or not isinstance(table.get("choices"), list):
         raise RuntimeError(f"{source} is not a backend table: it needs a 'device' and a list of 'choices'")
+    for index, entry in enumerate(table["choices"]):
+        if not _valid_entry(entry):
+            raise RuntimeError(
+                f"{source}: choices[{index}] is not a choice: it needs 'dtype' (e.g. 'bfloat16'), 'kernel', 'stride', "
+                f"'dilation' and 'size' as pairs of ints, 'backend' ('triton' or 'cuda') and optionally 'layout' "
+                f"({' or '.join(LAYOUTS)}); got {entry!r}")
     return table
+
+
+def _valid_entry(entry) -> bool:
+    def is_pair(value):
+        return isinstance(value, list) and len(value) == 2 and all(type(v) is int and v >= 1 for v in value)
+
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+            and all(is_pair(entry.get(key)) for key in ("kernel", "stride", "dilation", "size"))
+            and entry.get("backend") in ("triton", "cuda") and entry.get("layout", "nchw") in LAYOUTS)
 
 
 def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass) -> Optional[str]:

@@ -8,7 +8,8 @@ No GPU is needed to build, and a CPU-only torch works too. Switches:
 - MAX_JOBS: parallel nvcc processes (default: CPU count).
 Without nvcc, when TORCH_CUDA_ARCH_LIST names no sm_80+ architecture, or when the CUDA build fails (and
 LKCONV_FORCE_CUDA is unset), the install is pure Python and says why in one line (pip shows it with -v). A malformed
-TORCH_CUDA_ARCH_LIST or MAX_JOBS fails the install instead.
+TORCH_CUDA_ARCH_LIST or MAX_JOBS, a switch other than 1 or 0 (or both switches at once), or a CUDA_HOME that holds
+no toolkit fails the install instead.
 """
 
 import os
@@ -27,32 +28,55 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 
 
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "0") == "1"
+    """An on/off switch: 1 on; 0, empty or unset off; anything else fails the install rather than being ignored."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 1 (on) or 0 (off); got {value!r}")
+    return value == "1"
 
 
 def _say(message: str) -> None:
     print(f"lkconv: {message}", file=sys.stderr)
 
 
+def _is_toolkit(home: Path) -> bool:
+    return (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists()
+
+
 def cuda_home():
-    """The CUDA toolkit holding nvcc, its headers and the static runtime (CUDA_HOME, CUDA_PATH, or nvcc's)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    """The CUDA toolkit holding nvcc, its headers and the static runtime: CUDA_HOME (or CUDA_PATH) where set, else
+    nvcc's on PATH, else /usr/local/cuda; None when there is none. A CUDA_HOME that holds no toolkit is an error,
+    not a reason to build with another one."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        if value := os.environ.get(variable, "").strip():
+            if not _is_toolkit(Path(value)):
+                raise ValueError(f"{variable} must be a CUDA toolkit (with bin/nvcc and include/cuda_runtime.h); "
+                                 f"got {value!r}")
+            return Path(value)
+    candidates = []
     nvcc = shutil.which("nvcc")
     if nvcc:
         # nvcc may be a wrapper script; `nvcc --list-gpu-arch` would not say where it lives, the realpath may.
-        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
-    candidates.append("/usr/local/cuda")
-    for candidate in filter(None, candidates):
-        home = Path(candidate)
-        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
-            return home
-    return None
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    return next((home for home in candidates if _is_toolkit(home)), None)
 
 
-# The architecture names TORCH_CUDA_ARCH_LIST may hold, as torch.utils.cpp_extension reads them (longest first).
+# The architecture names TORCH_CUDA_ARCH_LIST may hold, as torch.utils.cpp_extension (2.13) reads them.
 NAMED_ARCHS = {"Kepler+Tesla": "3.7", "Kepler": "3.5+PTX", "Maxwell+Tegra": "5.3", "Maxwell": "5.0;5.2+PTX",
                "Pascal": "6.0;6.1+PTX", "Volta+Tegra": "7.2", "Volta": "7.0+PTX", "Turing": "7.5+PTX",
-               "Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX"}
+               "Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX",
+               "Blackwell+Tegra": "11.0", "Blackwell": "10.0;10.3;12.0;12.1+PTX"}
+
+
+def _native_arch() -> str:
+    """TORCH_CUDA_ARCH_LIST=native: the architectures of the GPUs this machine sees, as torch reads it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("TORCH_CUDA_ARCH_LIST=native needs a visible GPU to read its architecture; name one instead "
+                         "(e.g. 9.0)")
+    return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
 
 
 def gencode_flags(home: Path) -> list[str]:
@@ -65,16 +89,21 @@ def gencode_flags(home: Path) -> list[str]:
     """
     listed = subprocess.run([str(home / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True, text=True)
     known = set(re.findall(r"compute_(\d+)", listed.stdout))  # nvcc lists base targets: 90, not 90a or 100f
-    requested = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    for name, archs in NAMED_ARCHS.items():
-        requested = requested.replace(name, archs)
+    requested = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCHS  # empty: the default, as torch
+    if requested == "native":
+        requested = _native_arch()
+    entries = []
+    for given in re.split(r"[;\s,]+", requested):
+        for entry in re.split(r";", NAMED_ARCHS.get(given, given)):
+            entries.append((given, entry))
     flags = []
-    for entry in re.split(r"[;\s,]+", requested.strip()):
+    for given, entry in entries:
         if not entry:
             continue
         match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry)
         if match is None:
-            raise ValueError(f"TORCH_CUDA_ARCH_LIST entries look like 8.0, 9.0a, 9.0+PTX or Hopper; got {entry!r}")
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST entries look like 8.0, 9.0a, 9.0+PTX, Hopper or native; got "
+                             f"{given!r}")
         arch = f"{match[1]}{match[2]}{match[3]}"
         if int(match[1]) < 8 or (known and f"{match[1]}{match[2]}" not in known):
             _say(f"TORCH_CUDA_ARCH_LIST: leaving out {entry} (the kernels need sm_80+, and this nvcc must know it)")
@@ -86,10 +115,10 @@ def gencode_flags(home: Path) -> list[str]:
 
 
 def _max_jobs() -> int:
-    value = os.environ.get("MAX_JOBS", "")
+    value = os.environ.get("MAX_JOBS", "").strip()
     if not value:
         return os.cpu_count() or 1
-    if not value.isdigit() or int(value) < 1:
+    if not value.isdecimal() or not value.isascii() or int(value) < 1:
         raise ValueError(f"MAX_JOBS must be a positive integer; got {value!r}")
     return int(value)
 
@@ -114,12 +143,15 @@ def compile_cuda(home: Path, build_dir: Path, gencode: list[str], jobs: int) -> 
 
 def cuda_extension():
     """(ext_modules, cmdclass) for lkconv._C, or ([], {}) when it is not built."""
-    if _flag("LKCONV_SKIP_CUDA_BUILD"):
+    skip, force = _flag("LKCONV_SKIP_CUDA_BUILD"), _flag("LKCONV_FORCE_CUDA")
+    if skip and force:
+        raise ValueError("LKCONV_SKIP_CUDA_BUILD=1 and LKCONV_FORCE_CUDA=1 contradict each other; unset one")
+    if skip:
         _say("LKCONV_SKIP_CUDA_BUILD=1, installing the pure-Python package")
         return [], {}
     home = cuda_home()
     if home is None:
-        if _flag("LKCONV_FORCE_CUDA"):
+        if force:
             raise RuntimeError("LKCONV_FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
         _say("nvcc not found, installing the pure-Python package (no `cuda` backend)")
         return [], {}
@@ -127,7 +159,7 @@ def cuda_extension():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as error:  # an isolated build without torch: say how to get the backend
-        if _flag("LKCONV_FORCE_CUDA"):
+        if force:
             raise
         _say(f"cannot build lkconv._C ({error}); installing the pure-Python package. Build it with "
              "pip install --no-build-isolation")
@@ -135,7 +167,7 @@ def cuda_extension():
     # A malformed TORCH_CUDA_ARCH_LIST or MAX_JOBS is the user's to fix: it fails the install, here and now.
     gencode, jobs = gencode_flags(home), _max_jobs()
     if not gencode:
-        if _flag("LKCONV_FORCE_CUDA"):
+        if force:
             raise RuntimeError(f"LKCONV_FORCE_CUDA=1 but TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')!r} "
                                "names no sm_80+ architecture this nvcc can build for")
         _say(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')!r} names no sm_80+ architecture this "
@@ -153,7 +185,7 @@ def cuda_extension():
                     extension.extra_objects = objects
                 super().build_extensions()
             except Exception as error:  # noqa: BLE001 - any build failure falls back the same way
-                if _flag("LKCONV_FORCE_CUDA"):
+                if force:
                     raise
                 _say(f"the CUDA build failed, installing the pure-Python package: {str(error).splitlines()[0]}")
                 self.extensions = []

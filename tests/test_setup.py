@@ -25,6 +25,10 @@ def setup_module():
     ("8.0 9.0a+PTX", ["arch=compute_80,code=sm_80", "arch=compute_90a,code=sm_90a",
                       "arch=compute_90a,code=compute_90a"]),
     ("Hopper", ["arch=compute_90,code=sm_90", "arch=compute_90,code=compute_90"]),
+    ("Ampere", ["arch=compute_80,code=sm_80", "arch=compute_86,code=sm_86", "arch=compute_86,code=compute_86"]),
+    ("Blackwell", ["arch=compute_100,code=sm_100", "arch=compute_103,code=sm_103", "arch=compute_120,code=sm_120",
+                   "arch=compute_121,code=sm_121", "arch=compute_121,code=compute_121"]),
+    (" ", ["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90", "arch=compute_90,code=compute_90"]),
     ("7.0;8.6", ["arch=compute_86,code=sm_86"]),  # below the kernels' sm_80 floor: left out
 ])
 def test_gencode_flags_follow_torch_cuda_arch_list(setup_module, monkeypatch, arch_list, expected):
@@ -43,11 +47,25 @@ def test_gencode_flags_are_empty_when_no_architecture_is_sm80_or_newer(setup_mod
     assert setup_module.gencode_flags(setup_module.cuda_home()) == []
 
 
-@pytest.mark.parametrize("arch_list", ["sm_90", "9", "Hoppers", "9.0;bogus"])
-def test_gencode_flags_reject_malformed_entries(setup_module, monkeypatch, arch_list):
+@pytest.mark.parametrize("arch_list", ["sm_90", "9", "Hoppers", "9.0;bogus", "AdaHopper"])
+def test_gencode_flags_reject_malformed_entries_as_given(setup_module, monkeypatch, arch_list):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
-    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST entries look like"):
+    with pytest.raises(ValueError, match=f"TORCH_CUDA_ARCH_LIST entries look like .*; got '{arch_list.split(';')[-1]}'"):
         setup_module.gencode_flags(setup_module.cuda_home())
+
+
+def test_native_reads_the_visible_gpus_or_says_it_needs_one(setup_module, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "native")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="TORCH_CUDA_ARCH_LIST=native needs a visible GPU"):
+        setup_module.gencode_flags(setup_module.cuda_home())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0) if index else (8, 0))
+    assert setup_module.gencode_flags(setup_module.cuda_home())[1::2] == ["arch=compute_80,code=sm_80",
+                                                                          "arch=compute_90,code=sm_90"]
 
 
 # --- the switches, through cuda_extension() (which decides; nothing is compiled here) ------------------------------
@@ -55,7 +73,8 @@ def test_gencode_flags_reject_malformed_entries(setup_module, monkeypatch, arch_
 
 @pytest.fixture
 def switches(setup_module, monkeypatch):
-    for name in ("LKCONV_SKIP_CUDA_BUILD", "LKCONV_FORCE_CUDA", "MAX_JOBS", "TORCH_CUDA_ARCH_LIST"):
+    for name in ("LKCONV_SKIP_CUDA_BUILD", "LKCONV_FORCE_CUDA", "MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME",
+                 "CUDA_PATH"):
         monkeypatch.delenv(name, raising=False)
     return setup_module
 
@@ -94,7 +113,11 @@ def test_no_usable_architecture_is_pure_python_unless_forced(switches, monkeypat
 @pytest.mark.parametrize("name,value,message", [
     ("MAX_JOBS", "0", "MAX_JOBS must be a positive integer; got '0'"),
     ("MAX_JOBS", "four", "MAX_JOBS must be a positive integer; got 'four'"),
-    ("TORCH_CUDA_ARCH_LIST", "9.0;bogus", "entries look like 8.0, 9.0a, 9.0\\+PTX or Hopper; got 'bogus'"),
+    ("MAX_JOBS", "²", "MAX_JOBS must be a positive integer; got '²'"),
+    ("LKCONV_FORCE_CUDA", "true", "LKCONV_FORCE_CUDA must be 1 \\(on\\) or 0 \\(off\\); got 'true'"),
+    ("LKCONV_SKIP_CUDA_BUILD", "yes", "LKCONV_SKIP_CUDA_BUILD must be 1 \\(on\\) or 0 \\(off\\); got 'yes'"),
+    ("CUDA_HOME", "/nonexistent", "CUDA_HOME must be a CUDA toolkit .*; got '/nonexistent'"),
+    ("TORCH_CUDA_ARCH_LIST", "9.0;bogus", "entries look like 8.0, 9.0a, 9.0\\+PTX, Hopper or native; got 'bogus'"),
 ])
 def test_a_malformed_switch_fails_the_install_instead_of_falling_back(switches, monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
@@ -102,8 +125,15 @@ def test_a_malformed_switch_fails_the_install_instead_of_falling_back(switches, 
         switches.cuda_extension()
 
 
+def test_both_switches_at_once_fail_the_install(switches, monkeypatch):
+    monkeypatch.setenv("LKCONV_SKIP_CUDA_BUILD", "1")
+    monkeypatch.setenv("LKCONV_FORCE_CUDA", "1")
+    with pytest.raises(ValueError, match="LKCONV_SKIP_CUDA_BUILD=1 and LKCONV_FORCE_CUDA=1 contradict each other"):
+        switches.cuda_extension()
+
+
 def test_max_jobs_sets_the_parallel_nvcc_processes(switches, monkeypatch):
-    monkeypatch.setenv("MAX_JOBS", "3")
+    monkeypatch.setenv("MAX_JOBS", " 3")
     assert switches._max_jobs() == 3
     monkeypatch.delenv("MAX_JOBS")
     assert switches._max_jobs() >= 1

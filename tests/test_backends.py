@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import time
 import warnings
 
@@ -84,6 +86,29 @@ def test_triton_is_not_available_without_a_gpu_or_the_interpreter(monkeypatch):
     assert "triton" not in lkconv.available_backends()
     with pytest.raises(lkconv.BackendUnavailableError, match="TRITON_INTERPRET"):
         lkconv.set_backend("triton")
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_lkconv_reads_triton_interpret_as_triton_does():
+    """Triton takes true/yes/on as on, and reads the variable when kernels are decorated: lkconv agrees on both, so
+    it neither refuses an interpreter Triton runs nor offers one Triton did not build."""
+    check = ("import os, torch, torch.nn.functional as F, lkconv\n"
+             "x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 1, 3, 3)\n"
+             "{before}\n"
+             "print(sorted(lkconv.available_backends()))\n"
+             "if 'triton' in lkconv.available_backends():\n"
+             "    with lkconv.use_backend('triton'):\n"
+             "        print(float((lkconv.depthwise_conv2d(x, w, padding=1) - F.conv2d(x, w, padding=1, groups=2))"
+             ".abs().max()) < 1e-5)\n")
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    on = subprocess.run([sys.executable, "-c", check.format(before="")], capture_output=True, text=True,
+                        env={**environment, "TRITON_INTERPRET": "true"}, timeout=300)
+    assert on.stdout.split() == ["['torch',", "'triton']", "True"], on.stderr
+    late = subprocess.run([sys.executable, "-c", check.format(before="import lkconv.kernels; "
+                                                                     "os.environ['TRITON_INTERPRET'] = '1'")],
+                          capture_output=True, text=True, env=environment, timeout=300)
+    assert late.stdout.split() == ["['torch']"], late.stderr
 
 
 def test_the_three_custom_ops_exist_under_torch_ops_lkconv():

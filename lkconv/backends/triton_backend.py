@@ -9,6 +9,7 @@ dispatcher can never disagree.
 import contextlib
 import functools
 import os
+import sys
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -97,21 +98,22 @@ def kernel_configs() -> dict[str, list]:
 
 # --- availability ------------------------------------------------------------------------------------------------
 
-_interpreted: Optional[bool] = None  # how the kernels were built, once they are imported
+# What Triton takes for "on" in TRITON_INTERPRET (its getenv_bool, case-insensitive): lkconv must agree with it.
+_TRUE = ("1", "true", "yes", "on", "y")
 
 
 def interpreting() -> bool:
-    """True when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when they were first imported)."""
-    if _interpreted is not None:
-        return _interpreted
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when the kernels run in Triton's interpreter. Triton reads TRITON_INTERPRET when a kernel is decorated,
+    so once lkconv.kernels is imported (by lkconv or by the user) its kernels say; before, the variable does."""
+    kernels = sys.modules.get("lkconv.kernels")
+    if kernels is not None and hasattr(kernels, "depthwise_rows_kernel"):
+        return type(kernels.depthwise_rows_kernel).__name__ == "InterpretedFunction"
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
     # Imported on first use: TRITON_INTERPRET is read when the kernels are decorated, and fixed from then on.
-    global _interpreted
-    _interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     from lkconv import kernels
 
     return kernels

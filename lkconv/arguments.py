@@ -256,11 +256,13 @@ def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_
     expected = (in_shape[0], weight_shape[0],
                 output_size(in_shape[2], weight_shape[2], stride[0], padding[0], padding[2], dilation[0]),
                 output_size(in_shape[3], weight_shape[3], stride[1], padding[1], padding[3], dilation[1]))
-    if min(expected[2:]) < 1 or (out_shape is not None and tuple(out_shape) != expected):
-        raise ValueError(
-            f"{op}: input {in_shape} and weight {weight_shape} with stride {list(stride)}, padding {list(padding)} and "
-            f"dilation {list(dilation)} give output {expected}; got {tuple(out_shape) if out_shape is not None else expected}"
-        )
+    geometry = (f"input {in_shape} and weight {weight_shape} with stride {list(stride)}, padding {list(padding)} and "
+                f"dilation {list(dilation)}")
+    if min(expected[2:]) < 1 or min(in_shape[2:]) < 1:
+        raise ValueError(f"{op}: the output would be empty: {geometry} give output size {expected[2:]}; the padded "
+                         "input must be at least the dilated kernel, and H, W >= 1")
+    if out_shape is not None and tuple(out_shape) != expected:
+        raise ValueError(f"{op}: {geometry} give output {expected}; got {tuple(out_shape)}")
     return expected
 
 

@@ -1,8 +1,10 @@
 """Backend control (set_backend, use_backend, LKCONV_BACKEND), dispatch, explain, and the forced triton backend."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -109,6 +111,35 @@ def test_lkconv_reads_triton_interpret_as_triton_does():
                                                                      "os.environ['TRITON_INTERPRET'] = '1'")],
                           capture_output=True, text=True, env=environment, timeout=300)
     assert late.stdout.split() == ["['torch']"], late.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_a_forced_backend_that_cannot_run_says_what_forced_it(monkeypatch):
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 1, 3, 3)
+    monkeypatch.setenv("LKCONV_BACKEND", " torch ")  # surrounding spaces are ignored, as for "" (auto)
+    assert lkconv.explain(x, w).backend == "torch"
+    for forced in ("LKCONV_BACKEND", "lkconv.set_backend", "lkconv.use_backend"):
+        backends._choose.cache_clear()
+        with contextlib.ExitStack() as stack:
+            stack.callback(lkconv.set_backend, None)
+            monkeypatch.setattr(triton_backend, "unavailable_reason", lambda: None)  # forcing it is allowed ...
+            monkeypatch.setenv("LKCONV_BACKEND", "triton" if forced == "LKCONV_BACKEND" else "auto")
+            if forced == "lkconv.set_backend":
+                lkconv.set_backend("triton")
+            elif forced == "lkconv.use_backend":
+                stack.enter_context(lkconv.use_backend("triton"))
+            # ... but it cannot run float64
+            with pytest.raises(lkconv.BackendUnavailableError, match=rf"'triton' was forced \({re.escape(forced)}\)"):
+                lkconv.explain(x.double(), w.double())
+    backends._choose.cache_clear()
+
+
+def test_an_empty_output_is_named_as_such_by_the_ops():
+    op = torch.ops.lkconv.depthwise_conv2d
+    with pytest.raises(ValueError, match=r"the output would be empty: .* give output size \(-3, -3\)"):
+        op(torch.randn(2, 4, 3, 3), torch.randn(4, 1, 7, 7), None, [1, 1], [0, 0, 0, 0], [1, 1])
+    with pytest.raises(ValueError, match=r"the output would be empty: input \(2, 4, 0, 3\)"):
+        op(torch.randn(2, 4, 0, 3), torch.randn(4, 1, 1, 1), None, [1, 1], [1, 1, 1, 1], [1, 1])
 
 
 def test_the_three_custom_ops_exist_under_torch_ops_lkconv():
@@ -937,6 +968,23 @@ def test_auto_answers_with_pytorch_where_a_gpu_backend_fails_and_says_so_once(fa
         warnings.simplefilter("error")  # the failure is remembered: no second warning, no second try
         again = lkconv.depthwise_conv2d(x, w, b, padding=(2, 1))
     assert torch.equal(again, y)
+
+
+def test_a_failing_cuda_backend_says_how_to_rebuild_it_for_this_gpu(monkeypatch):
+    """"no kernel image is available" means lkconv._C was built for other GPUs: the warning names the rebuild."""
+    from lkconv.backends import cuda_backend
+
+    def forward(*args):
+        raise RuntimeError("stand-in: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(cuda_backend, "forward", forward)
+    monkeypatch.setattr(backends, "_failures", {})
+    choice = backends.Choice(cuda_backend, "auto: cuda kernels", failure_key=("cuda", "cuda", 0, torch.float32, None))
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 1, 3, 3)
+    with pytest.warns(RuntimeWarning, match=r"rebuild it for this one: TORCH_CUDA_ARCH_LIST=native pip install .*"
+                                            r"--force-reinstall"):
+        y = backends.run_pass(choice, "forward", x, w, None, [1, 1], [1, 1, 1, 1], [1, 1])
+    assert_close(y, reference(x, w, None, 1, 1, 1)[0], TOLERANCE[torch.float32], "PyTorch's answer")
 
 
 def test_a_forced_backends_failure_and_memory_and_cuda_errors_are_not_stepped_around(failing_triton):

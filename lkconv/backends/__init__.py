@@ -65,7 +65,14 @@ def requested_backend() -> str:
         return scoped
     if _override is not None:
         return _override
-    return _check_name(os.environ.get("LKCONV_BACKEND", "auto") or "auto", "LKCONV_BACKEND")
+    return _check_name(os.environ.get("LKCONV_BACKEND", "").strip() or "auto", "LKCONV_BACKEND")
+
+
+def _forced_by() -> str:
+    """Which of the requests `requested_backend` reads forced the backend, in words."""
+    if _scoped.get() is not None:
+        return "lkconv.use_backend"
+    return "lkconv.set_backend" if _override is not None else "LKCONV_BACKEND"
 
 
 def unavailable_reason(name: str) -> Optional[str]:
@@ -94,7 +101,10 @@ def set_backend(name: Optional[str]) -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Forces a backend inside a `with` block, for this thread (or asyncio task) only; restores it on exit."""
+    """Forces a backend inside a `with` block, for this thread (or asyncio task) only; restores it on exit.
+
+    Like any context variable (decimal.localcontext, say), a `with` around a generator's `yield` also applies to
+    the code that resumes the generator, until the generator leaves the block."""
     token = _scoped.set(_checked(name))
     try:
         yield
@@ -140,7 +150,8 @@ def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, padding, dilation,
         return choice
     if (why := beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw)) is not None:
         if requested_backend() != "auto":
-            raise BackendUnavailableError(f"backend {choice.module.name!r} was forced but cannot run this call: {why}")
+            raise BackendUnavailableError(f"backend {choice.module.name!r} was forced ({_forced_by()}) but cannot run "
+                                          f"this call: {why}")
         return Choice(torch_backend, f"auto: {why}; PyTorch answers")
     return choice
 
@@ -180,8 +191,10 @@ def run_pass(choice: Choice, pass_name: str, *args):
         if choice.failure_key is None or _capturing(args[0]):
             raise
         _failures[choice.failure_key] = f"{type(error).__name__}: {error}"
+        advice = (f" If lkconv._C was built for other GPUs, rebuild it for this one: TORCH_CUDA_ARCH_LIST=native "
+                  f"{cuda_backend.REINSTALL}." if choice.module is cuda_backend else "")
         warnings.warn(f"lkconv: the {choice.module.name} backend failed ({type(error).__name__}: {error}); PyTorch "
-                      "answers this shape class from now on in this process. Please report it with "
+                      f"answers this shape class from now on in this process.{advice} Please report it with "
                       "lkconv.explain(...) of the call.", RuntimeWarning, stacklevel=2)
         return getattr(torch_backend, pass_name)(*args)
 
@@ -213,7 +226,8 @@ def _choose(requested: str, device_type: str, index: Optional[int], dtype: torch
     if requested != "auto":
         reason = unavailable_reason(requested) or _MODULES[requested].unsupported_reason(device, dtype)
         if reason is not None:
-            raise BackendUnavailableError(f"backend {requested!r} was forced but cannot run this call: {reason}")
+            raise BackendUnavailableError(f"backend {requested!r} was forced ({_forced_by()}) but cannot run this "
+                                          f"call: {reason}")
         return Choice(_MODULES[requested], f"forced ({requested!r})")
     if device_type != "cuda":
         return Choice(torch_backend, f"auto: lkconv's kernels run on CUDA tensors; PyTorch answers for {device_type}")

@@ -33,7 +33,7 @@ def _import_failure() -> Optional[str]:
     except ImportError as error:  # built, but cannot load here: say how to fix it, once
         warnings.warn(f"lkconv._C failed to import ({error}); the cuda backend is off. Reinstall with: {REINSTALL}",
                       RuntimeWarning, stacklevel=3)
-        return f"lkconv._C failed to import: {error}"
+        return f"lkconv._C failed to import ({error}); reinstall with: {REINSTALL}"
     return None
 
 

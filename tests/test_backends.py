@@ -895,6 +895,17 @@ def test_autotune_is_off_unless_asked_and_rejects_other_values(monkeypatch):
     monkeypatch.setenv("LKCONV_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match=r"LKCONV_AUTOTUNE must be 0 or 1; got 'yes'"):
         autotune.enabled()
+    # Read on every GPU call, also where one GPU backend alone could run it (nothing to time): a fake CUDA tensor.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("triton",))
+    with FakeTensorMode():
+        x = torch.empty(1, 2, 8, 8, device="cuda")
+    try:
+        with pytest.raises(ValueError, match=r"LKCONV_AUTOTUNE must be 0 or 1; got 'yes'"):
+            backends.choose_for_conv(x, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), (8, 8))
+    finally:
+        backends._choose.cache_clear()  # choices made under the patched order must not outlive it
 
 
 def test_the_forward_op_hands_its_call_to_autotune(monkeypatch):

@@ -161,7 +161,9 @@ def _choose_for_shape(map_tensor, kernel, stride, dilation, input_hw, problem) -
     shape = (measured.ShapeClass.of(kernel, stride, dilation, input_hw, measured.layout_of(map_tensor))
              if device.type == "cuda" else None)
     choice = choose(device, map_tensor.dtype, shape)
-    if choice.candidates and autotune.enabled():  # candidates come only with a shape class
+    # LKCONV_AUTOTUNE is read on every GPU call, so that a bad value fails on any machine, not only where it is used.
+    tune = device.type == "cuda" and autotune.enabled()
+    if choice.candidates and tune:  # candidates come only with a shape class
         choice = autotuned(choice, device, map_tensor, shape, problem)
     if (error := _failures.get(choice.failure_key)) is not None:
         return Choice(torch_backend, f"auto: {choice.module.name} failed on this shape class earlier in this process "

@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 TABLE = Path(__file__).with_name("measured_choices.json")
+_TABLE_NAME = str(TABLE)
 CHOICES_VARIABLE = "LKCONV_CHOICES"
 # A measured map size stands for maps up to this factor larger or smaller (per side).
 NEAREST_FACTOR = 2.0
@@ -56,11 +57,12 @@ def table_path() -> Path:
 def version() -> tuple:
     """What identifies the table auto would read now (its path and modification time), so that choices cached
     from one table are not served after LKCONV_CHOICES or the file changes."""
-    path = table_path()
+    value = os.environ.get(CHOICES_VARIABLE)
+    path = os.path.expanduser(value) if value else _TABLE_NAME  # plain strings: this runs on every GPU call
     try:
-        return str(path), path.stat().st_mtime_ns
+        return path, os.stat(path).st_mtime_ns
     except OSError:
-        return str(path), None
+        return path, None
 
 
 def load(path: Optional[Path] = None) -> dict:

@@ -130,9 +130,11 @@ def check_tensor(name: str, tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
     if tensor.dtype not in SUPPORTED_DTYPES + COMPLEX_DTYPES:
+        quantized = (" lkconv's layers are float only, and torch.ao quantization leaves them so: quantize "
+                     "lkconv.revert(model) instead." if tensor.is_quantized else "")
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64) or a complex one "
-            f"(complex32, complex64 or complex128); got {tensor.dtype}"
+            f"(complex32, complex64 or complex128); got {tensor.dtype}.{quantized}"
         )
 
 

@@ -63,6 +63,9 @@ class DepthwiseConv2d(nn.Conv2d):
         return self.out_channels // self.in_channels
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.groups != self.in_channels:  # set after construction: nn.Conv2d would compute a grouped conv
+            raise ValueError(f"groups of a DepthwiseConv2d must stay in_channels = {self.in_channels}; got "
+                             f"groups={self.groups} (for a grouped conv, use nn.Conv2d)")
         if self.padding_mode != "zeros":
             # As nn.Conv2d does: pad explicitly in the requested mode, then convolve without padding. The input is
             # checked first, so that a bad one gets lkconv's message rather than F.pad's (a tracer's proxy is not
@@ -98,7 +101,7 @@ class DepthwiseConv2d(nn.Conv2d):
                 f"conv must be depthwise (groups == in_channels, out_channels a multiple of in_channels); got "
                 f"in_channels={conv.in_channels}, out_channels={conv.out_channels}, groups={conv.groups}"
             )
-        return _recast(conv, cls)
+        return _recast(conv, cls, replaces=False)
 
 
 def is_depthwise(conv: nn.Conv2d) -> bool:
@@ -106,11 +109,22 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups == conv.in_channels
 
 
-def _recast(module: nn.Module, cls: type) -> nn.Module:
-    """A `cls` instance with `module`'s configuration, sharing its parameter and buffer tensors (no re-init)."""
+def _recast(module: nn.Module, cls: type, replaces: bool) -> nn.Module:
+    """A `cls` instance with `module`'s configuration, sharing its parameter and buffer tensors (no re-init).
+
+    Where the recast module `replaces` the original in a model (convert, revert), it takes over the original's
+    registries themselves, so hook handles the user holds still remove their hooks. Otherwise (from_conv2d, where
+    both live on) the registries are copied, so that the two never share hooks. A module compiled with
+    `Module.compile()` is compiled again: its compiled call would run the original's class."""
     recast = cls.__new__(cls)
-    # Registries (parameters, buffers, hooks, ...) are copied so the two modules never share hooks.
-    recast.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
+    if replaces:
+        recast.__dict__.update(module.__dict__)
+    else:
+        recast.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v
+                                for k, v in module.__dict__.items()})
+    if recast.__dict__.get("_compiled_call_impl") is not None:
+        recast._compiled_call_impl = None
+        recast.compile()
     return recast
 
 
@@ -174,7 +188,7 @@ def convert(model: nn.Module, min_kernel_size: int = 7, inplace: bool = False) -
 
     def convert_one(module):
         if type(module) is nn.Conv2d and is_depthwise(module) and max(module.kernel_size) >= min_kernel_size:
-            return DepthwiseConv2d.from_conv2d(module)
+            return _recast(module, DepthwiseConv2d, replaces=True)
         return None
 
     return replace_modules(model, convert_one)
@@ -192,4 +206,5 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
             _check_recastable(module, (DepthwiseConv2d,), f"model.{path}" if path else "model")
     if not inplace:
         model = copy.deepcopy(model)
-    return replace_modules(model, lambda m: _recast(m, nn.Conv2d) if isinstance(m, DepthwiseConv2d) else None)
+    return replace_modules(model, lambda m: _recast(m, nn.Conv2d, replaces=True) if isinstance(m, DepthwiseConv2d)
+                           else None)

@@ -151,6 +151,10 @@ def _forward_backward(ctx, grad_output):
         grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
             grad_output, input, list(weight.shape[2:]), stride, padding, dilation, bool(needs_bias and ctx.has_bias)
         )
+        if grad_weight.stride() != weight.stride():
+            # The parameter's own strides, as nn.Conv2d's grad has them (a channels_last model's weight is
+            # (kh·kw, 1, kw, 1)): DDP's buckets otherwise warn and copy. The filter is small.
+            grad_weight = torch.empty_like(weight).copy_(grad_weight)
     if needs_bias and ctx.has_bias and not needs_weight:
         grad_bias = grad_output.sum((0, 2, 3))
     return grad_input, grad_weight, (grad_bias if needs_bias else None), None, None, None

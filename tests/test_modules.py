@@ -573,6 +573,55 @@ def test_convert_and_revert_refuse_what_is_not_a_module(function, model):
         function(model)
 
 
+@pytest.mark.parametrize("direction", ["convert", "revert"])
+def test_hook_handles_and_compile_carry_over_an_inplace_conversion(direction):
+    """The converted layer replaces the original in the model, so it takes over its hooks themselves: a handle the
+    user holds still removes its hook (before, the removed hook kept zeroing the output). A layer compiled with
+    Module.compile() is compiled again, as the new class (before, its compiled call ran the old class)."""
+    layer = (nn.Conv2d(4, 4, 7, padding=3, groups=4, dtype=torch.float64) if direction == "convert"
+             else lkconv.DepthwiseConv2d(4, 7, padding=3, dtype=torch.float64))
+    model = nn.Sequential(layer)
+    handle = layer.register_forward_hook(lambda module, args, output: output * 0)
+    model[0].compile()
+    converted = getattr(lkconv, direction)(model, inplace=True)
+    new_class = lkconv.DepthwiseConv2d if direction == "convert" else nn.Conv2d
+    assert type(converted[0]) is new_class
+    assert converted[0]._compiled_call_impl._torchdynamo_orig_callable.__self__ is converted[0]
+    converted[0]._compiled_call_impl = None  # compiling for real is slow on a CPU; the hooks are what is checked
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    assert not converted(x).any(), "the hook runs on the converted layer"
+    handle.remove()
+    assert_close(converted(x), reference(x, layer.weight, layer.bias, 1, 3, 1)[0], TOLERANCE[torch.float64],
+                 "after the hook's removal")
+
+
+def test_setting_groups_after_construction_raises_instead_of_being_ignored():
+    layer = lkconv.DepthwiseConv2d(4, 5, padding=2)
+    layer.groups = 2
+    with pytest.raises(ValueError, match=r"groups of a DepthwiseConv2d must stay in_channels = 4; got groups=2"):
+        layer(torch.randn(1, 4, 8, 8))
+
+
+def test_a_channels_last_models_weight_grad_has_the_parameters_strides():
+    """model.to(memory_format=torch.channels_last) gives the weight strides (kh·kw, 1, kw, 1); its grad must have
+    them too, as nn.Conv2d's does, or DDP's gradient buckets warn and copy."""
+    layer = lkconv.DepthwiseConv2d(4, 5, padding=2, dtype=torch.float64).to(memory_format=torch.channels_last)
+    conv = equivalent_conv2d(4, 5, padding=2, dtype=torch.float64).to(memory_format=torch.channels_last)
+    conv.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last)
+    for module in (layer, conv):
+        module(x).square().sum().backward()
+    assert layer.weight.grad.stride() == layer.weight.stride() == conv.weight.grad.stride()
+    assert_close(layer.weight.grad, conv.weight.grad, TOLERANCE[torch.float64], "weight grad")
+
+
+def test_a_quantized_input_is_refused_with_the_way_to_quantize():
+    """torch.ao's eager quantization leaves lkconv's float layer in place and hands it a quantized tensor."""
+    x = torch.quantize_per_tensor(torch.randn(1, 4, 8, 8), 0.1, 0, torch.quint8)
+    with pytest.raises(TypeError, match=r"got torch.quint8\. lkconv's layers are float only.*lkconv.revert\(model\)"):
+        lkconv.DepthwiseConv2d(4, 5, padding=2)(x)
+
+
 @pytest.mark.parametrize("min_kernel_size", [0, -3, 2.5, "7", None, True])
 def test_convert_rejects_bad_min_kernel_size(min_kernel_size):
     with pytest.raises(ValueError, match="min_kernel_size"):

@@ -114,14 +114,17 @@ def beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw) -> Optional
     dilated kernel extents above 2**30, or a padded map of 2**31 rows or columns), or None. F.conv2d computes such
     convs in 64 bits, so PyTorch answers them."""
     for i, axis in enumerate(("height", "width")):
+        padded = input_hw[i] + padding[i] + padding[2 + i]
+        reach = dilation[i] * (kernel[i] - 1)
+        if max(kernel[i], stride[i], padding[i], padding[2 + i], reach) <= GPU_GEOMETRY_LIMIT \
+                and padded < 2 * GPU_GEOMETRY_LIMIT:
+            continue  # every call on a GPU asks: the common answer without building messages
         values = {"kernel size": kernel[i], "stride": stride[i], "padding": max(padding[i], padding[2 + i]),
-                  "dilation x (kernel size - 1)": dilation[i] * (kernel[i] - 1)}
+                  "dilation x (kernel size - 1)": reach}
         for name, value in values.items():
             if value > GPU_GEOMETRY_LIMIT:
                 return f"the {name} along the {axis}, {value}, is beyond the 2**30 the GPU kernels index in 32 bits"
-        if input_hw[i] + padding[i] + padding[2 + i] >= 2 * GPU_GEOMETRY_LIMIT:
-            return f"the padded {axis}, {input_hw[i] + padding[i] + padding[2 + i]}, is beyond the 2**31 the GPU " \
-                   "kernels index in 32 bits"
+        return f"the padded {axis}, {padded}, is beyond the 2**31 the GPU kernels index in 32 bits"
     return None
 
 

@@ -746,6 +746,7 @@ def test_auto_reads_a_changed_lkconv_choices_and_says_when_a_table_is_for_anothe
     for module in (triton_backend, cuda_backend):
         monkeypatch.setattr(module, "unavailable_reason", lambda: None)
         monkeypatch.setattr(module, "unsupported_reason", lambda device, dtype: None)
+    monkeypatch.setattr(cuda_backend, "extension_loaded", lambda: True)  # the table matters only with lkconv._C
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
     entry = {"dtype": "float32", "kernel": [13, 13], "stride": [1, 1], "dilation": [1, 1], "size": [14, 14]}
     for name, device, backend in (("cuda.json", "GPU X", "cuda"), ("triton.json", "GPU X", "triton"),

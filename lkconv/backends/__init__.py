@@ -134,7 +134,8 @@ def scope(name: str) -> Iterator[None]:
 def choose(device: torch.device, dtype: torch.dtype, shape: Optional[measured.ShapeClass] = None) -> Choice:
     """The backend that answers a call on tensors of this device and dtype, for a conv of this shape class
     (cached per request, device, dtype and shape class)."""
-    table = measured.version() if device.type == "cuda" else None
+    # The table decides only between triton and cuda: without lkconv._C, no need to look at it on every call.
+    table = measured.version() if device.type == "cuda" and cuda_backend.extension_loaded() else None
     return _choose(requested_backend(), device.type, device.index, dtype, triton_backend.interpreting(), shape, table)
 
 

@@ -191,9 +191,9 @@ def check(
     in_size = (input.shape[2], input.shape[3])
     out_size = (output_size(in_size[0], kernel_h, stride_pair[0], pads[0], pads[2], dilation_pair[0]),
                 output_size(in_size[1], kernel_w, stride_pair[1], pads[1], pads[3], dilation_pair[1]))
-    if min(in_size) < 1:
+    if any(size < 1 for size in in_size):  # one size at a time: a symbolic Min guard would hide its bound from export
         raise ValueError(f"input must have H, W >= 1; got shape {tuple(input.shape)}")
-    if min(out_size) < 1:
+    if any(size < 1 for size in out_size):
         raise ValueError(
             f"the output would be empty: input (H, W) = {in_size} padded by (top, left, bottom, right) = {pads} is "
             f"smaller than the dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation_pair, kernel_size))}; "
@@ -263,7 +263,7 @@ def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_
                 output_size(in_shape[3], weight_shape[3], stride[1], padding[1], padding[3], dilation[1]))
     geometry = (f"input {in_shape} and weight {weight_shape} with stride {list(stride)}, padding {list(padding)} and "
                 f"dilation {list(dilation)}")
-    if min(expected[2:]) < 1 or min(in_shape[2:]) < 1:
+    if any(size < 1 for size in (*expected[2:], *in_shape[2:])):
         raise ValueError(f"{op}: the output would be empty: {geometry} give output size {expected[2:]}; the padded "
                          "input must be at least the dilated kernel, and H, W >= 1")
     if out_shape is not None and tuple(out_shape) != expected:

@@ -3,6 +3,7 @@ autocast, torch.export, torch.func and forward-mode AD, and the deterministic we
 
 import gc
 import io
+import re
 import weakref
 
 import pytest
@@ -242,6 +243,22 @@ def test_torch_export_keeps_the_op_with_dynamic_shapes_and_survives_save_and_loa
     hidden = torch.relu(reference(x, model[0].weight, model[0].bias, 1, 3, 1)[0])
     expected = reference(hidden, model[2].weight, model[2].bias, 2, 1, 1)[0]
     assert_close(loaded(x), expected, TOLERANCE[torch.float32], "exported model")
+
+
+@pytest.mark.parametrize("padding", [0, 2])
+def test_torch_export_suggests_the_smallest_map_a_dynamic_range_may_start_at(padding):
+    """A dynamic height whose range starts below what the kernel needs gets PyTorch's own "suggested fixes", with the
+    same bound nn.Conv2d's export suggests. A Min() of both output sizes in lkconv's checks made PyTorch's error
+    formatter fail on a fractional bound (AssertionError) instead."""
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # see the export test above
+    suggestions = []
+    for layer in (torch.nn.Conv2d(4, 4, 7, padding=padding, groups=4), lkconv.DepthwiseConv2d(4, 7, padding=padding)):
+        height = torch.export.Dim("height", min=2, max=64)
+        with pytest.raises(torch._dynamo.exc.UserError) as raised:
+            torch.export.export(layer, (torch.randn(2, 4, 16, 16),), dynamic_shapes=({2: height},))
+        suggestions.append(re.search(r"height = Dim\('height', min=(\d+)", str(raised.value)))
+    assert suggestions[0] is not None and suggestions[1] is not None, suggestions
+    assert suggestions[1].group(1) == suggestions[0].group(1) == str(7 - 2 * padding)
 
 
 def _float64_conv(x, w, b=None):

@@ -420,6 +420,13 @@ def _autocast(tensor: Optional[Tensor], device_type: str) -> Optional[Tensor]:
     return tensor
 
 
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """Whether autocast exists for this device type: a constant per process, which torch.compile takes as one
+    (Dynamo in PyTorch 2.11 cannot trace torch.amp.is_autocast_available itself, and would break the graph)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _prepare(input, weight, bias, stride, padding, dilation):
     """Applies autocast and validates a call, as F.conv2d would; returns the op's arguments."""
     unbatched = isinstance(input, Tensor) and input.dim() == 3
@@ -427,7 +434,7 @@ def _prepare(input, weight, bias, stride, padding, dilation):
         input = input.unsqueeze(0)
     if isinstance(input, Tensor):
         device_type = input.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             input, weight, bias = (_autocast(t, device_type) for t in (input, weight, bias))
     args = arguments.check(input, weight, bias, stride, padding, dilation)
     return unbatched, (input, weight, bias, list(args.stride), list(args.padding), list(args.dilation))
@@ -461,7 +468,7 @@ def _complex_from_real(output: Tensor, channels: int, bias: Optional[Tensor]) ->
 def _autocast_off(device_type: str):
     """No autocast inside calls whose operands are already as they must be: a complex conv's real parts (F.conv2d
     leaves complex tensors alone) and PyTorch's conv where transforms need it (`_pytorch_conv`)."""
-    if torch.amp.is_autocast_available(device_type):
+    if _autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -847,7 +847,8 @@ def test_autotune_times_the_candidates_once_and_keeps_the_faster(two_gpu_backend
     assert choice.module is backends._MODULES[fast], choice.reason
     assert "measured faster at run time on GPU X" in choice.reason and f"{slow} " in choice.reason
     found = autotune.remembered(autotune.key_of("GPU X", torch.float32, shape))
-    assert found.name == fast and found.times_ms[slow] > found.times_ms[fast] + 10
+    # The slow candidate's delay was timed (a bound no load can break), and it lost.
+    assert found.name == fast and found.times_ms[slow] >= 20 and found.times_ms[slow] > found.times_ms[fast]
     # Later passes (no problem to time) and later calls take the remembered choice without timing again.
     two_gpu_backends[slow], two_gpu_backends[fast] = 0.0, 0.02
     assert backends.autotuned(default, device, x, shape, None).module is backends._MODULES[fast]

@@ -147,6 +147,8 @@ def _forward_backward(ctx, grad_output):
     grad_input = grad_weight = grad_bias = None
     if needs_input:
         grad_input = depthwise_conv2d_input_grad_op(grad_output, weight, list(input.shape), stride, padding, dilation)
+        # dx takes dy's layout, and a (N, C, 1, 1) dy is contiguous in both: then dx is NCHW where F.conv2d gives x's.
+        grad_input = grad_input.contiguous(memory_format=memory_format)
     if needs_weight:
         grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
             grad_output, input, list(weight.shape[2:]), stride, padding, dilation, bool(needs_bias and ctx.has_bias)

@@ -370,6 +370,26 @@ def test_output_layout_follows_f_conv2d(view, backend):
     assert_close(y, reference(x, w, None, 1, 1, 1)[0], TOLERANCE[torch.float32], view)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("view", VIEWS)
+@pytest.mark.parametrize("whole_map_kernel", [False, True], ids=["3x3", "1x1 output"])
+def test_input_grad_layout_follows_f_conv2d(view, whole_map_kernel, backend):
+    """dx takes the layout F.conv2d's backward gives it, also where the output is 1x1: a (N, C, 1, 1) dy is
+    contiguous in every layout, so dy's own layout says nothing (dx came back NCHW for a channels_last x there)."""
+    x = VIEWS[view](torch.randn(2, 8, 10, 12, device=device_for(backend))).requires_grad_()
+    kernel, padding = (tuple(x.shape[2:]), 0) if whole_map_kernel else ((3, 3), 1)
+    w = torch.randn(x.shape[1], 1, *kernel, device=x.device)
+    expected = F.conv2d(x, w, padding=padding, groups=x.shape[1])
+    dy = torch.randn_like(expected)
+    (expected_dx,) = torch.autograd.grad(expected, x, dy)
+    with lkconv.use_backend(backend):
+        (dx,) = torch.autograd.grad(lkconv.depthwise_conv2d(x, w, padding=padding), x, dy)
+    # Strides of size-1 dimensions say nothing about the layout (F.conv2d gives a one-channel dx a channel stride of 1).
+    memory_order = lambda t: [stride for stride, size in zip(t.stride(), t.shape) if size > 1]  # noqa: E731
+    assert memory_order(dx) == memory_order(expected_dx), f"{view}: strides {dx.stride()}, F.conv2d's {expected_dx.stride()}"
+    assert_close(dx, reference(x, w, None, 1, padding, 1, dy)[1], TOLERANCE[torch.float32], view)
+
+
 def far_images(images: torch.Tensor) -> torch.Tensor:
     """`images` (3 or more) copied into a view whose images lie far enough apart that the last one starts past 2**31
     elements, while the batch stride still fits in int32. Its storage spans 2.1e9 elements, but only the images' pages

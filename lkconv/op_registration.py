@@ -53,6 +53,18 @@ def nested_forward_levels() -> int:
                for interpreter in torch._C._functorch.get_interpreter_stack() or ())
 
 
+def batched_by_vmap(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is batched by a vmap: torch.func's (any level of the transform stack), or the legacy one of
+    autograd.grad(is_grads_batched=True). Such a tensor has only its logical layout: it can be neither asked whether
+    it is channels_last nor copied into that layout, nor copied into an unbatched tensor. Dynamo reads whether a
+    torch.func transform is active but not which, so while it traces any transform counts."""
+    if torch.compiler.is_compiling():
+        return torch._C._functorch.maybe_current_level() is not None
+    return torch._C._functorch.is_legacy_batchedtensor(tensor) or any(
+        interpreter.key() == torch._C._functorch.TransformType.Vmap
+        for interpreter in torch._C._functorch.get_interpreter_stack() or ())
+
+
 def _refuse_nested_forward_mode(op: torch._ops.OpOverload) -> None:
     """A jvp formula runs with forward mode off (as for any autograd.Function), so under two nested forward-mode
     transforms the outer one would get no tangent through it: a silently wrong derivative. Refuse instead."""

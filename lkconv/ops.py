@@ -36,6 +36,13 @@ def _in_layout_of(output: Tensor, like: Tensor) -> Tensor:
     return torch.empty(output.shape, dtype=output.dtype, device=output.device, memory_format=memory_format).copy_(output)
 
 
+def _layout_for(tensor: Tensor, memory_format: torch.memory_format) -> torch.memory_format:
+    """`memory_format`, or NCHW under vmap: a batched tensor has only its logical layout."""
+    if memory_format != torch.contiguous_format and op_registration.batched_by_vmap(tensor):
+        return torch.contiguous_format
+    return memory_format
+
+
 def _empty_in_layout_of(shape, like: Tensor) -> Tensor:
     return torch.empty(tuple(shape), dtype=like.dtype, device=like.device,
                        memory_format=arguments.output_memory_format(like))
@@ -141,19 +148,18 @@ def _forward_backward(ctx, grad_output):
     # in another one, e.g. the stride-0 expansion y.sum().backward() gives. One copy of dy puts it there, so each
     # pass runs the kernel `lkconv.explain` names.
     memory_format = arguments.output_memory_format(input)
-    if not grad_output.is_contiguous(memory_format=memory_format):
-        grad_output = grad_output.contiguous(memory_format=memory_format)
+    grad_output = grad_output.contiguous(memory_format=_layout_for(grad_output, memory_format))
     needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_input = grad_weight = grad_bias = None
     if needs_input:
         grad_input = depthwise_conv2d_input_grad_op(grad_output, weight, list(input.shape), stride, padding, dilation)
         # dx takes dy's layout, and a (N, C, 1, 1) dy is contiguous in both: then dx is NCHW where F.conv2d gives x's.
-        grad_input = grad_input.contiguous(memory_format=memory_format)
+        grad_input = grad_input.contiguous(memory_format=_layout_for(grad_input, memory_format))
     if needs_weight:
         grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
             grad_output, input, list(weight.shape[2:]), stride, padding, dilation, bool(needs_bias and ctx.has_bias)
         )
-        if grad_weight.stride() != weight.stride():
+        if grad_weight.stride() != weight.stride() and not op_registration.batched_by_vmap(grad_weight):
             # The parameter's own strides, as nn.Conv2d's grad has them (a channels_last model's weight is
             # (kh·kw, 1, kw, 1)): DDP's buckets otherwise warn and copy. The filter is small.
             grad_weight = torch.empty_like(weight).copy_(grad_weight)
@@ -226,7 +232,7 @@ def _forward_jvp(ctx, input_tangent, weight_tangent, bias_tangent, *_):
         from_filter = depthwise_conv2d_op(input, weight_tangent, bias_tangent, stride, padding, dilation)
     elif bias_tangent is not None:
         from_filter = bias_tangent.view(-1, 1, 1).expand(ctx.output_shape).clone(
-            memory_format=arguments.output_memory_format(input))
+            memory_format=_layout_for(bias_tangent, arguments.output_memory_format(input)))
     return _sum(from_input, from_filter)
 
 
@@ -480,7 +486,8 @@ def _complex_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
     imaginary views, so its gradients follow PyTorch's complex conventions."""
     with _autocast_off(input.device.type):
         output = depthwise_conv2d_op(*_complex_as_real(input, weight), None, stride, padding, dilation)
-    return _complex_from_real(output, input.shape[1], bias).contiguous(memory_format=arguments.output_memory_format(input))
+    output = _complex_from_real(output, input.shape[1], bias)
+    return output.contiguous(memory_format=_layout_for(output, arguments.output_memory_format(input)))
 
 
 def _pytorch_must_answer(tensors) -> Optional[str]:
@@ -510,7 +517,7 @@ def _pytorch_conv(input, weight, bias, stride, padding, dilation) -> Tensor:
     backend's own casts (CPU bfloat16 in float32) stand."""
     with _autocast_off(input.device.type):
         output = torch_backend.forward(input, weight, bias, stride, padding, dilation)
-    return output.contiguous(memory_format=arguments.output_memory_format(input))
+    return output.contiguous(memory_format=_layout_for(output, arguments.output_memory_format(input)))
 
 
 def depthwise_conv2d(

@@ -70,6 +70,46 @@ def test_batched_grads_match_float64():
             assert_close(actual[i], wanted, TOLERANCE[torch.float32], f"batched {what} grad {i}")
 
 
+LAYOUTS = {
+    "channels_last x": lambda x, w: (x.contiguous(memory_format=torch.channels_last), w),
+    "channels_last x, sliced weight": lambda x, w: (x.contiguous(memory_format=torch.channels_last),
+                                                    torch.cat([w, w], 3)[..., ::2]),
+    "NCHW x, channels_last weight": lambda x, w: (x, w.contiguous(memory_format=torch.channels_last)),
+}
+TRANSFORMS = {
+    # vmap over the backward: the batched dy, dx and dw have only their logical (NCHW) layout.
+    "hessian": lambda conv, x, w, b: torch.func.hessian(lambda x: conv(x, w, b).square().sum())(x),
+    "vmap of grad (per-sample grads)": lambda conv, x, w, b: torch.func.vmap(
+        torch.func.grad(lambda w, x: conv(x.unsqueeze(0), w, b).square().sum()), in_dims=(None, 0))(w, x),
+    "vmap of vjp (jacrev)": lambda conv, x, w, b: torch.func.jacrev(lambda w, b: conv(x, w, b), argnums=(0, 1))(w, b),
+    "vmap of a bias-only jvp": lambda conv, x, w, b: torch.func.vmap(
+        lambda tb: torch.func.jvp(lambda b: conv(x, w, b), (b,), (tb,))[1])(torch.randn(2, *b.shape, dtype=b.dtype)),
+    "is_grads_batched": lambda conv, x, w, b: torch.autograd.grad(
+        conv(x, w, b), (x, w), torch.randn(2, *conv(x, w, b).shape, dtype=x.dtype), is_grads_batched=True),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_vmapped_derivatives_of_channels_last_and_strided_operands(transform, layout):
+    """vmap's batched tensors can neither be asked whether they are channels_last nor be copied into that layout or
+    into an unbatched tensor: the backward's and jvp's layout steps (dy and dx in x's layout, dw in the weight's
+    strides) stand aside under vmap. These raised before; the results match the same transform of F.conv2d."""
+    torch.manual_seed(0)
+    x, w = LAYOUTS[layout](torch.randn(2, 3, 6, 7, dtype=torch.float64), torch.randn(6, 1, 3, 4, dtype=torch.float64))
+    b = torch.randn(6, dtype=torch.float64)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    torch.manual_seed(1)
+    with lkconv.use_backend("torch"):
+        actual = TRANSFORMS[transform](lambda x, w, b: lkconv.depthwise_conv2d(x, w, b, (2, 1), (1, 2), (1, 2)),
+                                       x, w, b)
+    torch.manual_seed(1)
+    expected = TRANSFORMS[transform](lambda x, w, b: F.conv2d(x, w, b, (2, 1), (1, 2), (1, 2), groups=3), x, w, b)
+    for got, wanted in zip(torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected),
+                           strict=True):
+        assert_close(got, wanted, TOLERANCE[torch.float64], transform)
+
+
 def test_gradcheck_and_gradgradcheck_of_the_backward_ops():
     x, w, _ = op_inputs(torch.float64)
     dy = grad_output_for(x, w, torch.float64).requires_grad_()

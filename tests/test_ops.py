@@ -75,6 +75,8 @@ LAYOUTS = {
     "channels_last x, sliced weight": lambda x, w: (x.contiguous(memory_format=torch.channels_last),
                                                     torch.cat([w, w], 3)[..., ::2]),
     "NCHW x, channels_last weight": lambda x, w: (x, w.contiguous(memory_format=torch.channels_last)),
+    # A batched weight grad of multiplier 1 is a strided view of the batching rule's channels: not the weight's strides.
+    "NCHW x, multiplier 1": lambda x, w: (x, w[::2].contiguous()),
 }
 TRANSFORMS = {
     # vmap over the backward: the batched dy, dx and dw have only their logical (NCHW) layout.
@@ -97,7 +99,7 @@ def test_vmapped_derivatives_of_channels_last_and_strided_operands(transform, la
     strides) stand aside under vmap. These raised before; the results match the same transform of F.conv2d."""
     torch.manual_seed(0)
     x, w = LAYOUTS[layout](torch.randn(2, 3, 6, 7, dtype=torch.float64), torch.randn(6, 1, 3, 4, dtype=torch.float64))
-    b = torch.randn(6, dtype=torch.float64)
+    b = torch.randn(w.shape[0], dtype=torch.float64)
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     torch.manual_seed(1)
     with lkconv.use_backend("torch"):

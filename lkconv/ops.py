@@ -147,14 +147,14 @@ def _forward_backward(ctx, grad_output):
     # The backward kernels read dy best in x's layout (vector loads, channels_last channel blocks); autograd may hand
     # in another one, e.g. the stride-0 expansion y.sum().backward() gives. One copy of dy puts it there, so each
     # pass runs the kernel `lkconv.explain` names.
-    memory_format = arguments.output_memory_format(input)
-    grad_output = grad_output.contiguous(memory_format=_layout_for(grad_output, memory_format))
+    memory_format = _layout_for(grad_output, arguments.output_memory_format(input))
+    grad_output = grad_output.contiguous(memory_format=memory_format)
     needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_input = grad_weight = grad_bias = None
     if needs_input:
         grad_input = depthwise_conv2d_input_grad_op(grad_output, weight, list(input.shape), stride, padding, dilation)
         # dx takes dy's layout, and a (N, C, 1, 1) dy is contiguous in both: then dx is NCHW where F.conv2d gives x's.
-        grad_input = grad_input.contiguous(memory_format=_layout_for(grad_input, memory_format))
+        grad_input = grad_input.contiguous(memory_format=memory_format)
     if needs_weight:
         grad_weight, grad_bias = depthwise_conv2d_weight_grad_op(
             grad_output, input, list(weight.shape[2:]), stride, padding, dilation, bool(needs_bias and ctx.has_bias)

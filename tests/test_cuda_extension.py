@@ -1,10 +1,13 @@
 """lkconv._C, the CUDA extension, on any machine: it is built wherever nvcc is, it loads with a CPU-only torch,
 its ops are registered for CUDA, and calls it cannot serve are answered cleanly (numerics are GPU tests)."""
 
+import importlib.machinery
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +42,29 @@ def test_extension_is_built_wherever_nvcc_is():
         assert "without its CUDA extension" in cuda_backend.unavailable_reason()
     else:
         assert cuda_backend.extension_loaded(), cuda_backend.unavailable_reason()
+
+
+def test_a_package_installed_without_the_extension_stays_quiet_and_says_why(tmp_path):
+    """A pure-Python install (no nvcc, or LKCONV_SKIP_CUDA_BUILD=1) has no lkconv/_C*.so. Importing and using it must
+    not warn about a broken build: the cuda backend names the missing extension, and auto answers with PyTorch."""
+    shutil.copytree(Path(lkconv.__file__).parent, tmp_path / "lkconv", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    script = f"""
+import sys, warnings
+sys.path.insert(0, {str(tmp_path)!r})
+# An editable install's finder maps lkconv._C to the source tree's library; a pure-Python install has none.
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+warnings.simplefilter("error")
+import torch, lkconv
+from lkconv.backends import cuda_backend
+assert lkconv.__file__.startswith({str(tmp_path)!r}), lkconv.__file__
+assert "cuda" not in lkconv.available_backends()
+x, w = torch.randn(1, 2, 8, 8, dtype=torch.float64), torch.randn(2, 1, 3, 3, dtype=torch.float64)
+assert torch.equal(lkconv.depthwise_conv2d(x, w, padding=1), torch.nn.functional.conv2d(x, w, padding=1, groups=2))
+print(cuda_backend.unavailable_reason())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "installed without its CUDA extension" in result.stdout and "pip install -v" in result.stdout
 
 
 @pytest.mark.skipif(not cuda_backend.extension_loaded(), reason="lkconv._C is not built (no nvcc at install)")
@@ -177,7 +203,13 @@ def test_a_broken_extension_warns_once_and_auto_carries_on(monkeypatch):
             raise ImportError("undefined symbol: _ZN3c10simulated")
         return real_import(name, globals, locals, fromlist, level)
 
+    real_find_spec = importlib.util.find_spec
+
+    def built_extension_spec(name, package=None):  # the library's file is there, on any machine
+        return importlib.machinery.ModuleSpec(name, None) if name == "lkconv._C" else real_find_spec(name, package)
+
     monkeypatch.setattr(builtins, "__import__", failing_import)
+    monkeypatch.setattr(importlib.util, "find_spec", built_extension_spec)
     cuda_backend._import_failure.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -7,6 +7,7 @@ extension is missing or fails to import, the backend reports why, and `auto` car
 """
 
 import functools
+import importlib.util
 import warnings
 from typing import Optional
 
@@ -25,11 +26,16 @@ REINSTALL = ("pip install -v --no-build-isolation --force-reinstall --no-deps -e
 
 @functools.lru_cache(maxsize=None)
 def _import_failure() -> Optional[str]:
-    """None once lkconv._C is loaded; otherwise why not. A broken build warns once, a skipped one stays quiet."""
+    """None once lkconv._C is loaded; otherwise why not. A broken build warns once, a skipped one stays quiet.
+
+    A skipped build is told apart by the missing file: `from lkconv import _C` raises a plain ImportError
+    ("cannot import name") for a missing module as well as for a library that fails to load.
+    """
+    if importlib.util.find_spec("lkconv._C") is None:
+        return ("lkconv was installed without its CUDA extension lkconv._C (no nvcc, LKCONV_SKIP_CUDA_BUILD=1, no "
+                "sm_80+ architecture in TORCH_CUDA_ARCH_LIST, or a failed build: `pip install -v` shows which)")
     try:
         from lkconv import _C  # noqa: F401  (loading the library registers the ops)
-    except ModuleNotFoundError:
-        return "lkconv was installed without its CUDA extension lkconv._C (no nvcc at install time)"
     except ImportError as error:  # built, but cannot load here: say how to fix it, once
         warnings.warn(f"lkconv._C failed to import ({error}); the cuda backend is off. Reinstall with: {REINSTALL}",
                       RuntimeWarning, stacklevel=3)

@@ -1136,8 +1136,20 @@ def test_reparameterize_model_calls_official_merge_names_and_skips_methods_with_
         def reparameterize(self, mu, logvar):
             raise AssertionError("must not be called")
 
-    reparameterize_model(nn.Sequential(OfficialRepLK(), OfficialUniRepLK(), VariationalEncoder()), inplace=True)
+    class FusionHead(nn.Module):  # layers named like merge methods are layers, not merges
+        def __init__(self):
+            super().__init__()
+            self.fuse = nn.Conv2d(4, 4, 1)
+            self.reparameterize = nn.Identity()
+
+        def forward(self, x):
+            return self.fuse(self.reparameterize(x))
+
+    head = FusionHead()
+    model = nn.Sequential(OfficialRepLK(), OfficialUniRepLK(), VariationalEncoder(), head)
+    assert reparameterize_model(model, inplace=True) is model
     assert calls == ["merge_kernel", "merge_dilated_branches"]
+    assert model[3] is head and isinstance(head.fuse, nn.Conv2d) and isinstance(head.reparameterize, nn.Identity)
 
 
 def test_validation_of_repeated_branches_and_list_strides():

@@ -46,11 +46,12 @@ def _merge_one(module: nn.Module) -> nn.Module:
 
 
 def _foreign_method(module: nn.Module) -> Optional[str]:
-    """The first merge method `module` defines that can be called without arguments (a VAE's
-    `reparameterize(mu, logvar)` is not a merge)."""
+    """The first merge method `module` defines that can be called without arguments. A VAE's
+    `reparameterize(mu, logvar)` is not a merge, nor a child layer that happens to be named `fuse` (a fusion head's):
+    only the module's own methods count."""
     for name in FOREIGN_METHODS:
         method = getattr(module, name, None)
-        if callable(method) and _takes_no_arguments(method):
+        if inspect.ismethod(method) and _takes_no_arguments(method):
             return name
     return None
 

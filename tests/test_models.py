@@ -208,19 +208,26 @@ def test_state_dict_round_trips_in_both_forms(name):
             assert torch.equal(fresh.eval()(x), source(x))
 
 
-@pytest.mark.parametrize("wrap", ["bare", "module_prefix", "model_wrapper", "both"])
+@pytest.mark.parametrize("wrap", ["bare", "module_prefix", "model_wrapper", "both", "imagenet_example",
+                                  "averaged_model_ema"])
 def test_load_checkpoint_unwraps_and_strips_prefixes(tmp_path, wrap):
     torch.manual_seed(0)
     source = randomize_batchnorm(tiny("replknet_31b")).eval()
-    state = source.state_dict()
-    if wrap in ("module_prefix", "both"):
+    state, key = source.state_dict(), None
+    if wrap in ("module_prefix", "both", "imagenet_example"):
         state = {f"module.{k}": v for k, v in state.items()}
     if wrap in ("model_wrapper", "both"):
         state = {"model": state, "epoch": 300}
+    if wrap == "imagenet_example":  # PyTorch's ImageNet example (and official RepVGG's train.py): metadata tensors
+        state = {"epoch": 120, "arch": "replknet_31b", "state_dict": state, "best_acc1": torch.tensor(71.2),
+                 "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}}
+    if wrap == "averaged_model_ema":  # torch.optim.swa_utils.AveragedModel saved beside the model's weights
+        ema = torch.optim.swa_utils.AveragedModel(source)
+        state, key = {"model": {}, "model_ema": ema.state_dict(), "epoch": torch.tensor(3)}, "model_ema"
     path = tmp_path / "checkpoint.pth"
     torch.save(state, path)
     target = tiny("replknet_31b").eval()
-    result = load_checkpoint(target, path)
+    result = load_checkpoint(target, path, key=key)
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -239,6 +246,10 @@ def test_clean_state_dict_errors_name_the_problem():
         clean_state_dict([1, 2])
     with pytest.raises(ValueError, match="holds no tensors"):
         clean_state_dict({"epoch": 3, "args": {"lr": 0.1}})
+    with pytest.raises(TypeError, match=r"a state dict's keys must be strings; got the key 0 \(int\)"):
+        clean_state_dict({"state_dict": {"conv.weight": torch.ones(1), 0: torch.ones(1)}})
+    with pytest.raises(ValueError, match=r"key must name a state dict in the checkpoint; got 'ema', keys are \[0, "):
+        clean_state_dict({0: 1, "model": {"w": torch.ones(1)}}, key="ema")
 
 
 @pytest.mark.parametrize("name", REPLKNETS + REPVGGS)

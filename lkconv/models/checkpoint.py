@@ -15,7 +15,8 @@ MERGED_NAMES = ("lkb_reparam", "rbr_reparam")
 
 
 def clean_state_dict(checkpoint: Mapping, key: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """The bare state dict inside `checkpoint`: a {"model": ...}-style wrapper removed, a `module.` prefix stripped.
+    """The bare state dict inside `checkpoint`: a {"model": ...}-style wrapper removed, a `module.` prefix stripped
+    (DataParallel's, or an EMA's: AveragedModel's update count is dropped).
 
     `key` picks a wrapper explicitly, e.g. "model_ema" for EMA weights saved beside the model's.
     """
@@ -25,15 +26,21 @@ def clean_state_dict(checkpoint: Mapping, key: Optional[str] = None) -> dict[str
     state = checkpoint
     if key is not None:
         if not isinstance(checkpoint.get(key), Mapping):
-            raise ValueError(f"key must name a state dict in the checkpoint; got {key!r}, keys are {sorted(checkpoint)}")
+            raise ValueError(f"key must name a state dict in the checkpoint; got {key!r}, keys are {sorted(checkpoint, key=str)}")
         state = checkpoint[key]
-    while not any(isinstance(v, torch.Tensor) for v in state.values()):
-        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
-        if inner is None:
-            raise ValueError(f"checkpoint holds no tensors; its keys are {sorted(state)[:10]} and none of "
-                             f"{WRAPPER_KEYS} wraps a state dict (pass key= to pick one)")
+    # A training script's wrapper keeps the weights under one of WRAPPER_KEYS beside metadata, which may hold tensors
+    # too (the PyTorch ImageNet example's best_acc1); a state dict's own values are never mappings.
+    while (inner := next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)) is not None:
         state = inner
+    if (bad := next((k for k in state if not isinstance(k, str)), None)) is not None:
+        raise TypeError(f"a state dict's keys must be strings; got the key {bad!r} ({type(bad).__name__})")
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint holds no tensors; its keys are {sorted(state)[:10]} and none of "
+                         f"{WRAPPER_KEYS} wraps a state dict (pass key= to pick one)")
     prefix = "module."
+    # torch.optim.swa_utils.AveragedModel (an EMA) saves its update count beside the averaged model's weights.
+    if "n_averaged" in state and all(k.startswith(prefix) for k in state if k != "n_averaged"):
+        state = {k: v for k, v in state.items() if k != "n_averaged"}
     if all(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items()}
     return dict(state)

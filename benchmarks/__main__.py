@@ -352,7 +352,10 @@ def main_choices(argv) -> int:
         p.error(f"the results come from several devices {sorted(map(str, devices))}; use one device's results")
     table = {"device": devices.pop(), "measured_from": [f"{m['file']} ({m.get('git_commit')})" for m in metas],
              "choices": choices}
-    args.to.write_text(json.dumps(table, indent=1) + "\n")
+    try:
+        args.to.write_text(json.dumps(table, indent=1) + "\n")
+    except OSError as error:
+        p.error(f"--to {args.to}: cannot write the table there ({error.strerror or error})")
     print(f"wrote {len(choices)} choices for {table['device']} to {args.to}")
     return 0
 

@@ -329,6 +329,23 @@ def test_choices_turns_a_run_timing_both_gpu_backends_into_autos_table(tmp_path,
     shape = measured.ShapeClass.of((31, 31), (1, 1), (1, 1), (32, 32))
     assert measured.lookup(table, "GPU X", torch.bfloat16, shape) == "cuda"
     assert measured.lookup(table, "GPU X", torch.bfloat16, shape._replace(layout="channels_last")) == "triton"
+    # Batch 1 on the same map: triton far faster, cuda failed. Only shapes both backends ran count, and the
+    # choice weighs them by their total time, so batch 64 decides.
+    small = [{**rows[0], "shape": "1x384x32x32", "median_ms": 0.3}, {**rows[1], "shape": "1x384x32x32",
+                                                                       "median_ms": None, "error": "failed"}]
+    (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X"}, "rows": rows + small}))
+    assert cli.main(["choices", str(tmp_path), "--to", str(target)]) == 0
+    nchw = next(c for c in json.loads(target.read_text())["choices"] if c["layout"] == "nchw")
+    assert nchw["backend"] == "cuda" and nchw["fwd_bwd_ms"] == {"64x384x32x32": {"triton": 2.0, "cuda": 1.5}}
+    small[1].update(median_ms=0.2, error=None)
+    (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X"}, "rows": rows + small}))
+    assert cli.main(["choices", str(tmp_path), "--to", str(target)]) == 0
+    nchw = next(c for c in json.loads(target.read_text())["choices"] if c["layout"] == "nchw")
+    assert nchw["backend"] == "cuda" and set(nchw["fwd_bwd_ms"]) == {"64x384x32x32", "1x384x32x32"}
+    with pytest.raises(SystemExit):
+        cli.main(["choices", str(tmp_path), "--to", str(tmp_path / "no-such-folder" / "choices.json")])
+    assert f"--to {tmp_path / 'no-such-folder' / 'choices.json'}: cannot write the table there" in \
+        capsys.readouterr().err
     (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X"}, "rows": rows[2:4]}))
     with pytest.raises(SystemExit):
         cli.main(["choices", str(tmp_path), "--to", str(target)])

@@ -122,8 +122,10 @@ def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass)
 
 
 def choices_from_rows(rows: list[dict]) -> list[dict]:
-    """One entry per shape class and layout that both GPU backends measured (forward+backward): the faster one."""
-    timed = {}
+    """One entry per shape class and layout that both GPU backends measured (forward+backward) on the same shapes:
+    the backend with the smaller total over those shapes, so the largest batches weigh most. A shape only one
+    backend ran (the other failed or was not timed) does not count: a batch-1 time is no answer to a batch-64 one."""
+    timed = {}  # shape class -> full shape -> backend -> fastest median
     for row in rows:
         if row.get("suite") != "op" or row.get("pass") != "fwd_bwd" or row.get("layout") not in LAYOUTS:
             continue
@@ -136,9 +138,14 @@ def choices_from_rows(rows: list[dict]) -> list[dict]:
         _, _, height, width = (int(v) for v in row["shape"].split("x"))
         kernel = tuple(int(v) for v in row["kernel"].split("x"))
         key = (row["dtype"], kernel, (1, 1), (1, 1), (height, width), row["layout"])
-        timed.setdefault(key, {})[backend] = row["median_ms"]
-    return [
-        {"dtype": dtype, "kernel": list(kernel), "stride": list(stride), "dilation": list(dilation),
-         "size": list(size), "layout": layout, "backend": min(times, key=times.get), "fwd_bwd_ms": times}
-        for (dtype, kernel, stride, dilation, size, layout), times in sorted(timed.items()) if len(times) == 2
-    ]
+        times = timed.setdefault(key, {}).setdefault(row["shape"], {})
+        times[backend] = min(row["median_ms"], times.get(backend, math.inf))
+    choices = []
+    for (dtype, kernel, stride, dilation, size, layout), shapes in sorted(timed.items()):
+        both = {shape: times for shape, times in sorted(shapes.items()) if len(times) == 2}
+        if both:
+            totals = {name: sum(times[name] for times in both.values()) for name in ("triton", "cuda")}
+            choices.append({"dtype": dtype, "kernel": list(kernel), "stride": list(stride),
+                            "dilation": list(dilation), "size": list(size), "layout": layout,
+                            "backend": min(totals, key=totals.get), "fwd_bwd_ms": both})
+    return choices

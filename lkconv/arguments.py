@@ -29,8 +29,9 @@ class ConvArgs(NamedTuple):
 
 
 def _int(value) -> int:
-    """Any integer (Python or NumPy), but not a bool, a float or a tensor."""
-    if isinstance(value, (bool, torch.Tensor)):
+    """Any integer, Python or NumPy, or an integer tensor of one element (F.conv2d takes those too); not a bool,
+    a bool tensor or a float."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise TypeError
     return operator.index(value)
 

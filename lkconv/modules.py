@@ -66,6 +66,13 @@ class DepthwiseConv2d(nn.Conv2d):
         if self.groups != self.in_channels:  # set after construction: nn.Conv2d would compute a grouped conv
             raise ValueError(f"groups of a DepthwiseConv2d must stay in_channels = {self.in_channels}; got "
                              f"groups={self.groups} (for a grouped conv, use nn.Conv2d)")
+        if isinstance(input, torch.Tensor) and not torch.overrides.has_torch_function_unary(input) and \
+                input.dim() in (3, 4) and input.shape[-3] != self.in_channels:
+            # depthwise_conv2d alone would read the filters with another depth multiplier wherever the channels
+            # divide out_channels, and answer without an error.
+            raise ValueError(f"input must have in_channels = {self.in_channels} channels (dimension -3) for "
+                             f"{type(self).__name__}({self.extra_repr()}); got {input.shape[-3]} channels, input "
+                             f"shape {tuple(input.shape)}")
         if self.padding_mode != "zeros":
             # As nn.Conv2d does: pad explicitly in the requested mode, then convolve without padding. The input is
             # checked first, so that a bad one gets lkconv's message rather than F.pad's (a tracer's proxy is not
@@ -181,8 +188,7 @@ def convert(model: nn.Module, min_kernel_size: int = 7, inplace: bool = False) -
     ``inplace=False`` the model is deep-copied first and the original is left untouched. Returns the new root.
     """
     check_model(model)
-    if not isinstance(min_kernel_size, int) or isinstance(min_kernel_size, bool) or min_kernel_size < 1:
-        raise ValueError(f"min_kernel_size must be an int >= 1; got {min_kernel_size!r}")
+    min_kernel_size = whole_number(min_kernel_size, "min_kernel_size")
     if not inplace:
         model = copy.deepcopy(model)
 

@@ -75,6 +75,9 @@ CASES = [
     ("stride-float", lambda: call(stride=1.5), "stride", "int", "1.5"),
     ("dilation-float", lambda: call(dilation=2.0), "dilation", "int", "2.0"),
     ("stride-pair-of-floats", lambda: call(stride=(1.0, 2.0)), "stride", "pair of ints", "(1.0, 2.0)"),
+    ("stride-float-tensor", lambda: call(stride=torch.tensor(2.0)), "stride", "pair of ints", "tensor(2.)"),
+    ("padding-2-element-tensor", lambda: call(padding=torch.tensor([1, 2])), "padding", "pair of ints",
+     "tensor([1, 2])"),
     ("padding-negative", lambda: call(padding=-1), "padding", ">= 0", "-1"),
     ("padding-pair-negative", lambda: call(padding=(1, -1)), "padding", ">= 0", "(1, -1)"),
     ("padding-unknown-string", lambda: call(padding="full"), "padding", "'same'", "'full'"),
@@ -127,8 +130,9 @@ def test_invalid_call_raises_the_same_under_a_forced_backend(case, backend, no_k
 MODULE_CASES = [
     ("input-2d", dict(), lambda: randn(3, 8), "input", "(3, 8)"),
     ("input-5d", dict(), lambda: randn(2, 3, 4, 8, 9), "input", "(2, 3, 4, 8, 9)"),
-    ("channel-mismatch", dict(), lambda: randn(2, 4, 8, 9), "weight", "(3, 1, 5, 5)"),
-    ("channel-mismatch-reflect", dict(padding=2, padding_mode="reflect"), lambda: randn(2, 4, 8, 9), "weight", "(3, 1, 5, 5)"),
+    ("channel-mismatch", dict(), lambda: randn(2, 4, 8, 9), "input", "got 4 channels"),
+    ("channel-mismatch-reflect", dict(padding=2, padding_mode="reflect"), lambda: randn(2, 4, 8, 9), "input",
+     "got 4 channels"),
     ("dtype-mismatch", dict(), lambda: randn(2, 3, 8, 9, dtype=torch.float64), "weight", "torch.float32"),
     ("device-mismatch", dict(device="meta"), lambda: randn(2, 3, 8, 9), "weight", "meta"),
     ("integer-input", dict(), lambda: torch.randint(0, 5, (2, 3, 8, 9)), "input", "torch.int64"),
@@ -335,9 +339,13 @@ def test_bfloat16_on_the_cpu_where_pytorch_gets_it_wrong(case, backend):
         dict(stride=np.int64(2)),
         dict(padding=np.int64(1)),
         dict(dilation=(np.int32(2), 1)),
+        dict(stride=torch.tensor(2)),
+        dict(padding=(torch.tensor(1, dtype=torch.uint8), 2)),
+        dict(dilation=torch.tensor([2])),
     ],
     ids=["stride-list", "padding-size", "stride-1-tuple", "padding-1-tuple", "dilation-1-list",
-         "stride-numpy-int", "padding-numpy-int", "dilation-numpy-int-pair"],
+         "stride-numpy-int", "padding-numpy-int", "dilation-numpy-int-pair", "stride-int-tensor",
+         "padding-uint8-tensor-pair", "dilation-1-element-tensor"],
 )
 def test_accepts_every_stride_padding_dilation_form_f_conv2d_accepts(conv):
     x = torch.randn(2, 3, 9, 10, dtype=torch.float64, requires_grad=True)

@@ -419,7 +419,7 @@ def test_convert_replaces_exactly_the_large_depthwise_convs_by_default():
             assert type(m) is type(originals[name]), name
 
 
-@pytest.mark.parametrize("min_kernel_size", [1, 3, 7, 9, 13, 14])
+@pytest.mark.parametrize("min_kernel_size", [1, 3, 7, 9, 13, 14, np.int64(7)])
 def test_convert_respects_min_kernel_size(min_kernel_size):
     model = make_model()
     expected = {name for name, m in model.named_modules() if eligible(m, min_kernel_size)}
@@ -664,3 +664,17 @@ def test_from_conv2d_hooks_on_the_new_layer_do_not_fire_on_the_original_conv():
     assert fired == [], "a hook registered on the DepthwiseConv2d ran on the original nn.Conv2d"
     layer(x)
     assert fired == ["DepthwiseConv2d"]
+
+
+@pytest.mark.parametrize("channels,multiplier,shape", [(3, 1, (2, 1, 9, 9)), (1, 4, (2, 9, 9)), (4, 2, (2, 8, 9, 9))])
+def test_an_input_with_other_channels_than_in_channels_is_refused_as_nn_conv2d_refuses_it(channels, multiplier, shape):
+    """Without the module's check these inputs would run: their channels divide out_channels, so the function would
+    read the filters with another depth multiplier and answer with the wrong conv."""
+    layer = lkconv.DepthwiseConv2d(channels, 3, depth_multiplier=multiplier)
+    x = torch.randn(shape)
+    with pytest.raises(RuntimeError, match="channels"):
+        F.conv2d(x, layer.weight, layer.bias, groups=layer.groups)  # what the nn.Conv2d it replaces runs
+    message = (f"input must have in_channels = {channels} channels (dimension -3) for DepthwiseConv2d("
+               f"{layer.extra_repr()}); got {shape[-3]} channels, input shape {shape}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer(x)

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import lkconv
 from lkconv import backends
@@ -274,6 +275,31 @@ def test_backward_on_another_thread_runs_on_the_backend_its_forward_used(forced,
     _, *expected = reference(x, w, b, 1, (2, 1), 1, grad_output)
     for name, actual, wanted in zip(("input", "weight", "bias"), (x.grad, w.grad, b.grad), expected):
         assert_close(actual, wanted, TOLERANCE[torch.float32], f"grad of {name}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("forced,default", [("torch", "triton"), ("triton", "torch")])
+def test_a_checkpointed_model_zoo_block_recomputes_on_the_forced_backend(forced, default, ran):
+    """Activation checkpointing reruns a block's forward inside the backward, outside the caller's use_backend."""
+    from lkconv.models.common import run_block
+
+    x, w, b = (t.requires_grad_() for t in small_call())
+    layer = lkconv.DepthwiseConv2d(3, (5, 3), padding=(2, 1))
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+    block = nn.Sequential(layer, nn.Tanh())  # tanh saves its output: the recompute happens in tanh's backward
+    lkconv.set_backend(default)
+    with lkconv.use_backend(forced):
+        y = run_block(block, x, use_checkpoint=True)
+    grad_output = torch.randn_like(y)
+    y.backward(grad_output)
+    assert ran == [(forced, "forward"), (forced, "forward"), (forced, "input_grad"), (forced, "weight_grad")]
+    reference_x = x.detach().double().requires_grad_()
+    expected_y = torch.tanh(F.conv2d(reference_x, w.double(), b.double(), 1, (2, 1), groups=3))
+    expected_y.backward(grad_output.double())
+    assert_close(y, expected_y, TOLERANCE[torch.float32], "output")
+    assert_close(x.grad, reference_x.grad, TOLERANCE[torch.float32], "grad of input")
 
 
 @needs_interpreter

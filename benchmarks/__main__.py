@@ -237,7 +237,8 @@ def settings_note(args: argparse.Namespace) -> dict:
     """The run's settings and each chosen suite's method notes, for the results' provenance."""
     suite_notes = {"op": lambda: op_suite.notes(op_suite.OpSettings(tf32=args.tf32)),
                    "table1": lambda: paper_table.notes(paper_table.TableSettings(tf32=args.tf32)),
-                   "model": lambda: model_suite.notes(model_suite.ModelSettings(tf32=args.tf32))}
+                   "model": lambda: model_suite.notes(model_suite.ModelSettings(
+                       tf32=args.tf32, model_overrides=args.defaults["model_overrides"]))}
     return {
         "preset": args.preset, "suites": list(args.suites),
         "chunk": "/".join(map(str, args.chunk)) if args.chunk else None,

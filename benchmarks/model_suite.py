@@ -61,6 +61,13 @@ class ModelSettings:
     def measurements(self) -> int:
         return len(self.resolutions) * len(self.cases()) * len(IMPLS)
 
+    def label(self) -> str:
+        """The model's name as results show it, with any create_model overrides: a CPU run's toy-sized model is not
+        RepLKNet-31B."""
+        if not self.model_overrides:
+            return self.model
+        return f"{self.model} ({', '.join(f'{k}={v}' for k, v in self.model_overrides.items())})"
+
 
 def build_models(settings: ModelSettings, device: torch.device) -> dict[tuple[str, str], nn.Module]:
     """Each (form, impl) the settings need; the PyTorch twins are deep copies with the same weights."""
@@ -133,9 +140,9 @@ def _resolution_rows(settings: ModelSettings, resolution: int, device: torch.dev
     rows = []
     for mode, layout, precision, form in settings.cases():
         for impl in IMPLS:
-            progress.update(f"model {settings.model} {resolution}px batch {batch} {mode} {precision} {layout} "
+            progress.update(f"model {settings.label()} {resolution}px batch {batch} {mode} {precision} {layout} "
                             f"{form} {impl}")
-            row = {"suite": "model", "model": settings.model, "resolution": resolution, "batch": batch, "mode": mode,
+            row = {"suite": "model", "model": settings.label(), "resolution": resolution, "batch": batch, "mode": mode,
                    "precision": precision, "layout": layout, "form": form, "impl": impl}
             row.update(setup_failure or _measured(models[form, impl], images, labels, mode, precision, layout,
                                                   settings.budget))
@@ -177,6 +184,7 @@ def notes(settings: ModelSettings) -> dict:
         "model_baseline": "the same model after lkconv.revert: each lkconv.DepthwiseConv2d as nn.Conv2d, same weights",
         "model_training_step": TRAINING_STEP,
         "model_fp32_math": "tf32 allowed" if settings.tf32 else "exact (ieee)",
+        "model": settings.label(),
     }
 
 

@@ -79,6 +79,8 @@ def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, ca
         assert not checked or r["rel_error"] <= 1e-5
     model_rows = [r for r in rows if r["suite"] == "model"]
     assert {r["impl"] for r in model_rows} == {"lkconv", "pytorch"}
+    toy = "replknet_31b (layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), num_classes=10)"  # not RepLKNet-31B itself
+    assert {r["model"] for r in model_rows} == {toy} and meta["model"] == toy
     assert all(r["images_per_s"] > 0 for r in model_rows)
     plots = ("op_latency.png", "table1.png", "model_throughput.png") if cli.plots.available() else ()
     for name in ("results.csv", "results.md", *plots):

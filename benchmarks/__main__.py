@@ -239,8 +239,13 @@ def settings_note(args: argparse.Namespace) -> dict:
                    "table1": lambda: paper_table.notes(paper_table.TableSettings(tf32=args.tf32)),
                    "model": lambda: model_suite.notes(model_suite.ModelSettings(
                        tf32=args.tf32, model_overrides=args.defaults["model_overrides"]))}
+    selection = {name: getattr(args, name) for name in (
+        "op_cases", "dtypes", "passes", "layouts", "backends", "baselines", "table_kernels", "table_dtypes",
+        "table_passes", "table_impls", "model_precisions", "model_layouts", "warmup_ms", "rep_ms", "cpu_seconds")}
     return {
         "preset": args.preset, "suites": list(args.suites),
+        # What the whole run measures (before --chunk splits it), so that `report` merges only chunks of one run.
+        "selection": json.loads(json.dumps(selection)),
         "chunk": "/".join(map(str, args.chunk)) if args.chunk else None,
         "fp32_math": "tf32 allowed" if args.tf32 else "exact (ieee)",
         "timing": (f"triton.testing.do_bench(warmup={args.warmup_ms}, rep={args.rep_ms}), CUDA events, L2 flushed, "
@@ -327,6 +332,10 @@ def main_report(argv) -> int:
     if meta.get("missing_chunks"):
         print(f"warning: chunks {', '.join(map(str, meta['missing_chunks']))} of {meta['chunks_of']} are missing "
               f"from {args.folder}: the report covers part of the run")
+    stops = meta.get("stopped_early")
+    for file, stopped in (stops.items() if isinstance(stops, dict) else [(args.folder, stops)] if stops else []):
+        if stopped:
+            print(f"warning: {file} {stopped}: the report covers part of the run")
     write_outputs(args.folder, "combined", rows, meta, True)
     print(report.short_table(rows))
     return 0

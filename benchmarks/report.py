@@ -127,8 +127,16 @@ def _run_files(directory: Path) -> list[Path]:
     return files
 
 
+# What makes two results files parts of one run: the same GPU model, code, library versions and selection. Other
+# provenance (dates, driver, an early stop) may differ between chunks; the merged provenance keeps it per file.
+RUN_KEYS = ("device", "git_commit", "git_dirty", "lkconv", "torch", "triton", "cuda", "cudnn", "preset", "suites",
+            "fp32_math", "timing", "selection")
+
+
 def load(directory: Path) -> tuple[list[dict], list[dict]]:
-    """Rows and provenance records of the results files of the one run in `directory` (its chunks, or the whole)."""
+    """Rows and provenance records of the results files of the one run in `directory` (its chunks, or the whole).
+    Chunks that disagree on any of RUN_KEYS come from different runs (another commit, GPU or selection): that
+    raises, since their rows would merge into a table no single run measured."""
     rows, metas = [], []
     for path in _run_files(directory):
         data = json.loads(path.read_text())
@@ -138,17 +146,27 @@ def load(directory: Path) -> tuple[list[dict], list[dict]]:
                              "'provenance' object and a list of 'rows' objects)")
         rows += data["rows"]
         metas.append({"file": path.name, **data["provenance"]})
+    first = metas[0]
+    for meta in metas[1:]:
+        for key in RUN_KEYS:
+            if meta.get(key) != first.get(key):
+                raise ValueError(f"{first['file']} and {meta['file']} are not chunks of one run: their {key} differ "
+                                 f"({first.get(key)!r} against {meta.get(key)!r})")
     return rows, metas
 
 
 def merged_provenance(metas: list[dict]) -> dict:
-    """One provenance for the files `load` read: the first file's, with the files merged and, for a chunked run,
-    which chunks of how many it covers (`missing_chunks` lists the absent ones)."""
-    meta = {"merged_from": [m["file"] for m in metas], **{k: v for k, v in metas[0].items() if k != "file"}}
+    """One provenance for the files `load` read: a value all files share once, a value that differs (dates, the
+    command, an early stop) as {file: value}; for a chunked run, which chunks of how many it covers
+    (`missing_chunks` lists the absent ones)."""
+    meta = {"merged_from": [m["file"] for m in metas]}
+    for key in dict.fromkeys(key for m in metas for key in m if key != "file"):
+        values = [m.get(key) for m in metas]
+        meta[key] = values[0] if all(v == values[0] for v in values) else {m["file"]: m.get(key) for m in metas}
     found = [CHUNK_FILE.fullmatch(m["file"]) for m in metas]
     if all(found):
         count = int(found[0][2])
         present = sorted(int(match[1]) for match in found)
-        meta.update(chunk=None, command=[m.get("command") for m in metas], chunks_of=count, chunks_merged=present,
+        meta.update(chunk=None, chunks_of=count, chunks_merged=present,
                     missing_chunks=[k for k in range(1, count + 1) if k not in present])
     return meta

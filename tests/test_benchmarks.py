@@ -265,13 +265,40 @@ def test_report_refuses_two_runs_in_one_folder_and_says_which_chunks_are_missing
     assert f"warning: chunks 2 of 3 are missing from {tmp_path}" in capsys.readouterr().out
     meta, _ = read_results(tmp_path, "combined")
     assert (meta["chunks_of"], meta["chunks_merged"], meta["missing_chunks"], meta["chunk"]) == (3, [1, 3], [2], None)
-    assert len(meta["command"]) == 2
+    assert meta["merged_from"] == ["results-chunk1of3.json", "results-chunk3of3.json"]
     for extra in ("results.json", "results-chunk1of2.json"):
         (tmp_path / extra).write_text((tmp_path / "results-chunk1of3.json").read_text())
         with pytest.raises(SystemExit):
             cli.main(["report", str(tmp_path)])
         assert "holds the results of more than one run" in capsys.readouterr().err
         (tmp_path / extra).unlink()
+
+
+def test_report_merges_only_chunks_of_one_run_and_names_a_chunk_that_stopped_early(tmp_path, capsys):
+    """Chunks of different selections, commits or GPUs would merge into a table no run measured."""
+    base = TINY + ["--suites", "op", "--dtypes", "float32", "--passes", "forward", "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(base + ["--chunk", "1/2"]) == 0
+    assert cli.main(base + ["--kernels", "7", "9", "--chunk", "2/2"]) == 0  # another selection
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(tmp_path)])
+    assert "results-chunk1of2.json and results-chunk2of2.json are not chunks of one run: their selection differ" in \
+        capsys.readouterr().err
+    assert cli.main(base + ["--chunk", "2/2"]) == 0
+    second = tmp_path / "results-chunk2of2.json"
+    data = json.loads(second.read_text())
+    for key, value in (("device", "NVIDIA A100"), ("git_commit", "0123abc")):
+        second.write_text(json.dumps({**data, "provenance": {**data["provenance"], key: value}}))
+        with pytest.raises(SystemExit):
+            cli.main(["report", str(tmp_path)])
+        assert f"their {key} differ" in capsys.readouterr().err
+    stopped = "stopped: interrupted (SIGINT, e.g. a time limit)"
+    second.write_text(json.dumps({**data, "provenance": {**data["provenance"], "stopped_early": stopped}}))
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert f"warning: results-chunk2of2.json {stopped}" in capsys.readouterr().out
+    meta, rows = read_results(tmp_path, "combined")
+    assert meta["stopped_early"] == {"results-chunk1of2.json": None, "results-chunk2of2.json": stopped}
+    assert meta["device"] == data["provenance"]["device"] and {r["kernel"] for r in rows} == {"3x3", "5x3"}
 
 
 def test_report_without_results_names_the_folder(tmp_path, capsys):

@@ -1121,6 +1121,29 @@ def test_reparameterize_model_keeps_shared_modules_shared():
         assert_close(merged(x), model(x), TOLERANCE[torch.float32], "shared modules")
 
 
+@pytest.mark.parametrize("inplace", [True, False])
+def test_reparameterize_model_moves_a_refconvs_hooks_to_its_plain_conv(inplace):
+    torch.manual_seed(0)
+    model = randomize_refconv(nn.Sequential(RefConv(8, 8, 9, groups=8, bias=True), nn.ReLU()))
+    seen = []
+    pre = model[0].register_forward_pre_hook(lambda module, args: seen.append("pre"))
+    post = model[0].register_forward_hook(lambda module, args, output: seen.append(tuple(output.shape)))
+    x = torch.randn(2, 8, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+        merged = reparameterize_model(model, inplace=inplace)
+        assert isinstance(merged[0], lkconv.DepthwiseConv2d) and not isinstance(merged[0], RefConv)
+        seen.clear()
+        assert_close(merged(x), expected, TOLERANCE[torch.float32], "merged RefConv")
+        assert seen == ["pre", (2, 8, 12, 12)]
+        if inplace:  # the handles the user holds still remove the hooks
+            pre.remove()
+            post.remove()
+            seen.clear()
+            merged(x)
+            assert seen == []
+
+
 def test_reparameterize_model_calls_official_merge_names_and_skips_methods_with_arguments():
     calls = []
 

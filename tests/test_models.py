@@ -7,6 +7,7 @@ on reduced widths and depths with the official kernel sizes.
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -395,8 +396,9 @@ def test_sync_batchnorm_and_in_chans_options(name):
     assert features.shape == (2, 16 if name.startswith("replknet") else 128)
 
 
-def test_drop_path_rates_rise_linearly_over_all_blocks():
-    model = tiny("replknet_31b", layers=(1, 2, 1, 1), drop_path_rate=0.4)
+@pytest.mark.parametrize("rate", [0.4, np.float32(0.4)])  # a config file's NumPy float too
+def test_drop_path_rates_rise_linearly_over_all_blocks(rate):
+    model = tiny("replknet_31b", layers=(1, 2, 1, 1), drop_path_rate=rate)
     rates = [block.drop_path.p if hasattr(block.drop_path, "p") else 0.0
              for stage in model.stages for block in stage.blocks[::2]]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])

@@ -1,5 +1,7 @@
 """Stochastic depth for residual blocks: drops a whole sample's branch in training and rescales the survivors."""
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -12,7 +14,7 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
             raise ValueError(f"drop path probability p must be in [0, 1); got {p!r}")
         self.p = float(p)
 

@@ -12,6 +12,11 @@ from ..reparam import refocused_kernel
 from .conv_bn import LARGE_KERNEL, ReparamBlock, _size_2_t, is_frozen, make_conv, take_state
 
 
+# nn.Module's registries of the hooks that see a call's input and output.
+CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+              "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
+
+
 class RefConv(ReparamBlock):
     """A conv whose kernel is W_t = W_b + W_b ⊛ W_r (REFERENCE.md §5), for depthwise, grouped and dense convs.
 
@@ -114,8 +119,13 @@ class RefConv(ReparamBlock):
         self.weight = nn.Parameter(weight.detach().clone())
 
     def deployed(self) -> nn.Module:
-        """The plain conv: after training RefConv leaves no trace in the inference model."""
-        return self.to_conv()
+        """The plain conv: after training RefConv leaves no trace in the inference model. It takes over this layer's
+        forward and backward hooks (the registries themselves, so their handles still remove them): it has the same
+        input and output."""
+        conv = self.to_conv()
+        for name in CALL_HOOKS:
+            setattr(conv, name, getattr(self, name))
+        return conv
 
     def to_conv(self) -> nn.Conv2d:
         """The plain conv with W_t and the bias: an nn.Conv2d, or lkconv.DepthwiseConv2d for large depthwise; in this

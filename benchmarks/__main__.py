@@ -105,6 +105,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     dtypes, forward/fwd_bwd, backends, the NCHW and channels_last baselines; model: fp32/bf16, layouts). Raises
     ValueError when one given explicitly leaves a requested suite with nothing to run.
     """
+    for name in ("suites", "shapes", "kernels", "dtypes", "layouts", "passes", "backends", "baselines"):
+        if getattr(args, name) is not None:  # a value given twice is measured once
+            setattr(args, name, list(dict.fromkeys(getattr(args, name))))
     asked = args.preset or presets.default_preset()
     args.preset = asked if torch.cuda.is_available() else "cpu"
     args.asked_preset = asked
@@ -125,6 +128,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.op_cases = [(s, k) for s in shapes for k in kernels]
     else:
         args.op_cases = presets.op_shapes(args.preset)
+    for name, takers in (("shapes", ("op",)), ("kernels", ("op", "table1"))):
+        if getattr(args, name) and not set(takers) & set(args.suites):
+            raise ValueError(f"--{name} applies to the {' and '.join(takers)} suite{'s' * (len(takers) > 1)}, "
+                             f"which --suites {' '.join(args.suites)} leaves out")
     square = [k for k, w in args.kernels or [] if k == w]
     if args.kernels and not square and "table1" in args.suites:
         raise ValueError(f"--kernels {' '.join(f'{h}x{w}' for h, w in args.kernels)} leaves the table1 suite nothing "

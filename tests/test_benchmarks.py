@@ -89,6 +89,17 @@ def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, ca
     assert printed.rstrip().endswith(report.short_table(rows).rstrip()), "the short table is printed last"
 
 
+def test_a_value_given_twice_is_measured_once():
+    twice = ["--suites", "op", "op", "--shapes", "1x4x8x8", "1x4x8x8", "--kernels", "3", "3x3", "--dtypes", "float32",
+             "float32", "--layouts", "nchw", "nchw", "--passes", "forward", "forward", "--backends", "torch", "torch",
+             "--baselines", "nchw", "nchw"]
+    args = cli.resolve(cli.parser().parse_args(twice))
+    assert args.op_cases == [((1, 4, 8, 8), (3, 3))]
+    assert (args.suites, args.dtypes, args.layouts, args.passes, args.backends, args.baselines) == (
+        ["op"], ["float32"], ["nchw"], ("forward",), ["torch"], ["nchw"])
+    assert len(cli.work_units(args)) == 1
+
+
 def test_chunks_partition_the_work_and_report_merges_them(tmp_path):
     args = cli.resolve(cli.parser().parse_args(TINY))
     whole = cli.work_units(args)
@@ -226,6 +237,10 @@ def test_the_lkconv_bench_entry_point_is_installed():
     (["--suites", "table1", "--baselines", "compile", "--backends"], "expected at least one argument"),
     (["--suites", "table1", "--kernels", "51x5", "5x51"], "--kernels 51x5 5x51 leaves the table1 suite nothing"),
     (["--cpu-seconds", "-5"], "argument --cpu-seconds: must be a number > 0; got '-5'"),
+    (["--suites", "model", "--kernels", "51x5"], "--kernels applies to the op and table1 suites, which --suites model "
+                                                 "leaves out"),
+    (["--suites", "table1", "model", "--shapes", "1x4x8x8"], "--shapes applies to the op suite, which --suites "
+                                                             "table1 model leaves out"),
     (["--rep-ms", "0"], "argument --rep-ms: must be a number > 0"),
     (["--warmup-ms", "inf"], "argument --warmup-ms: must be a number > 0"),
     (["--suites", "op", "--shapes", "1x4x8x8", "--kernels", "7", "--dtypes", "float32", "--chunk", "2/5"],

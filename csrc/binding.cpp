@@ -58,10 +58,10 @@ lkconv::Geometry geometry(const Tensor& weight, const char* name, int64_t channe
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1, name, " must have shape (C*m, 1, kh, kw); got ",
               weight.sizes());
   TORCH_CHECK(weight.is_contiguous(), name, " must be contiguous; got strides ", weight.strides());
-  TORCH_CHECK(weight.size(2) <= kMaxGeometry && weight.size(3) <= kMaxGeometry, name, " kernel sizes must be <= 2^30; "
-              "got ", weight.sizes());
-  TORCH_CHECK(channels > 0 && weight.size(0) % channels == 0, name, ".size(0) must be a multiple of the ", channels,
-              " input channels; got ", weight.size(0));
+  TORCH_CHECK(weight.size(2) >= 1 && weight.size(3) >= 1 && weight.size(2) * weight.size(3) <= kMaxGeometry, name,
+              " kernel sizes must be >= 1 with an area (kh * kw) <= 2^30; got ", weight.sizes());
+  TORCH_CHECK(channels > 0 && weight.size(0) > 0 && weight.size(0) % channels == 0, name,
+              ".size(0) must be a positive multiple of the ", channels, " input channels; got ", weight.size(0));
   check_pair(stride, 2, 1, "stride");
   check_pair(padding, 4, 0, "padding");
   check_pair(dilation, 2, 1, "dilation");
@@ -107,8 +107,15 @@ void* current_stream(const Tensor& t) {
   return c10::impl::getDeviceGuardImpl(t.device().type())->getStream(t.device()).native_handle();
 }
 
+// A launch's error as an exception: a sticky one (the context is broken, by this or an earlier kernel) as PyTorch
+// raises CUDA errors, torch.AcceleratorError, which `auto` lets through instead of falling back.
 void check_launch(int code, const char* op) {
-  TORCH_CHECK(code == 0, "lkconv::", op, ": CUDA launch failed: ", lkconv::error_string(code));
+  if (code == 0) return;
+  const std::string message = std::string("lkconv::") + op + ": CUDA launch failed: " + lkconv::error_string(code);
+  if (lkconv::is_sticky_error(code)) {
+    throw c10::AcceleratorError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, code, message);
+  }
+  TORCH_CHECK(false, message);
 }
 
 void forward(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias, c10::IntArrayRef stride,
@@ -168,10 +175,12 @@ std::string kernel_name(const std::string& pass_name, c10::ScalarType dtype, boo
                         c10::IntArrayRef stride, c10::IntArrayRef dilation) {
   const lkconv::DType type = dtype_of(dtype, "dtype");
   TORCH_CHECK(input_size.size() == 4, "input_size must be (N, C, H, W); got ", input_size);
-  for (int64_t size : input_size) TORCH_CHECK(size >= 0, "input_size entries must be >= 0; got ", input_size);
+  TORCH_CHECK(input_size[0] >= 0 && input_size[1] >= 0 && input_size[2] >= 1 && input_size[3] >= 1,
+              "input_size must have N, C >= 0 and H, W >= 1; got ", input_size);
   TORCH_CHECK(output_size.size() == 2 && output_size[0] > 0 && output_size[1] > 0,
               "output_size must be (OH, OW), both positive; got ", output_size);
   check_pair(kernel, 2, 1, "kernel");
+  TORCH_CHECK(kernel[0] * kernel[1] <= kMaxGeometry, "kernel area (kh * kw) must be <= 2^30; got ", kernel);
   check_pair(stride, 2, 1, "stride");
   check_pair(dilation, 2, 1, "dilation");
   const lkconv::Geometry conv{1, static_cast<int>(kernel[0]), static_cast<int>(kernel[1]), static_cast<int>(stride[0]),

@@ -2,6 +2,7 @@
 // 8 x 8 otherwise, in fp32, fp16 and bf16.
 
 #include "blocked.cuh"
+#include "launch.cuh"
 
 namespace lkconv {
 namespace {
@@ -10,8 +11,7 @@ template <int TX, int TY>
 int launch(const UnitStrideArgs& args, cudaStream_t stream) {
   return dispatch_dtype(args.dtype, [&]<typename T>() {
     const blocked::Tiling t = blocked::plan<T, TX, TY>(args);
-    blocked::conv_kernel<T, TX, TY><<<t.blocks, TX * TY, t.shared_bytes, stream>>>(args, t);
-    return static_cast<int>(cudaGetLastError());
+    return launch(blocked::conv_kernel<T, TX, TY>, t.blocks, TX * TY, t.shared_bytes, stream, args, t);
   });
 }
 

@@ -3,6 +3,7 @@
 // kernels of direct_conv.cuh. Any stride, dilation, padding, depth multiplier and element strides.
 
 #include "direct_conv.cuh"
+#include "launch.cuh"
 #include "unit_stride.h"
 
 namespace lkconv {
@@ -35,8 +36,7 @@ bool input_grad_is_tiled(const Geometry& g) {
 int launch_tiled(DType dtype, const direct_conv::Correlation& c, cudaStream_t stream) {
   const direct_conv::Tiling t = direct_conv::plan(c);
   return dispatch_dtype(dtype, [&]<typename T>() {
-    direct_conv::tiled_kernel<T><<<t.blocks, direct_conv::kThreads, t.shared_bytes, stream>>>(c, t);
-    return static_cast<int>(cudaGetLastError());
+    return launch(direct_conv::tiled_kernel<T>, t.blocks, direct_conv::kThreads, t.shared_bytes, stream, c, t);
   });
 }
 
@@ -92,9 +92,8 @@ int forward(const ForwardArgs& args, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   if (forward_is_tiled(g)) return launch_tiled(args.dtype, direct_conv::forward_correlation(args), s);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
-    direct_conv::forward_general<T><<<cdiv(total, direct_conv::kGeneralThreads), direct_conv::kGeneralThreads, 0,
-                                      s>>>(args, total);
-    return static_cast<int>(cudaGetLastError());
+    return launch(direct_conv::forward_general<T>, cdiv(total, direct_conv::kGeneralThreads),
+                  direct_conv::kGeneralThreads, 0, s, args, total);
   });
 }
 
@@ -110,12 +109,13 @@ int input_grad(const InputGradArgs& args, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   if (input_grad_is_tiled(g)) return launch_tiled(args.dtype, direct_conv::input_grad_correlation(args), s);
   return dispatch_dtype(args.dtype, [&]<typename T>() {
-    direct_conv::input_grad_general<T><<<cdiv(total, direct_conv::kGeneralThreads), direct_conv::kGeneralThreads, 0,
-                                         s>>>(args, total);
-    return static_cast<int>(cudaGetLastError());
+    return launch(direct_conv::input_grad_general<T>, cdiv(total, direct_conv::kGeneralThreads),
+                  direct_conv::kGeneralThreads, 0, s, args, total);
   });
 }
 
 const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+bool is_sticky_error(int code) { return breaks_the_context(static_cast<cudaError_t>(code)); }
 
 }  // namespace lkconv

@@ -92,5 +92,7 @@ const char* kernel_name(Pass pass, DType dtype, bool allow_tf32, const Geometry&
 
 // cudaGetErrorString for a code the launchers returned.
 const char* error_string(int code);
+// Whether the launchers' error `code` leaves the CUDA context broken (an illegal address, ...: sticky).
+bool is_sticky_error(int code);
 
 }  // namespace lkconv

@@ -55,7 +55,7 @@ struct Layout {
 
 struct Tiling {
   int64_t tap_tiles_w;  // 32-column tap tiles per kernel row band
-  int64_t tap_tiles;    // tap tiles in all: blockIdx.z
+  int64_t tap_tiles;    // tap tiles in all: the slowest-varying part of the block index
   int64_t rows_per_split;
 };
 

@@ -61,19 +61,17 @@ int launch_partials(const WeightGradArgs& args, bool whole_map, cudaStream_t str
     namespace wg = tensor_core_weight_grad;
     const wg::Tiling t = wg::plan(g.kernel_h, g.kernel_w, rows, args.splits);
     const int64_t blocks = channels * args.splits * t.tap_tiles;
-    wg::partials_kernel<T><<<blocks, wg::kThreads, wg::Layout<T>::kSharedBytes, stream>>>(args, t);
-    return static_cast<int>(cudaGetLastError());
+    return launch(wg::partials_kernel<T>, blocks, wg::kThreads, wg::Layout<T>::kSharedBytes, stream, args, t);
   }
   namespace dw = direct_weight_grad;
   const int64_t blocks = channels * args.splits;
   if (weight_grad_is_blocked(args.dtype, g)) {
     const dw::BlockedLayout layout = dw::blocked_layout<T>(args);
-    dw::blocked_partials_kernel<T>(layout)<<<blocks, dw::kBlockedThreads, layout.shared_bytes, stream>>>(
-        args, dw::rows_per_split(args), layout);
-  } else {
-    dw::weight_grad_partials<T><<<blocks, dw::kThreads, dw::kRowChunkBytes, stream>>>(args, dw::rows_per_split(args));
+    return launch(dw::blocked_partials_kernel<T>(layout), blocks, dw::kBlockedThreads, layout.shared_bytes, stream,
+                  args, dw::rows_per_split(args), layout);
   }
-  return static_cast<int>(cudaGetLastError());
+  return launch(dw::weight_grad_partials<T>, blocks, dw::kThreads, dw::kRowChunkBytes, stream, args,
+                dw::rows_per_split(args));
 }
 
 }  // namespace
@@ -93,8 +91,7 @@ int weight_grad(const WeightGradArgs& args, void* stream) {
     if (whole_map) used.splits = tensor_core_whole_map_weight_grad::splits_for<T>(args.input.n, args.splits);
     if (const int error = launch_partials<T>(used, whole_map, s); error != 0) return error;
     namespace dw = direct_weight_grad;
-    dw::weight_grad_reduce<T><<<cdiv(channels * (taps + 1), dw::kThreads), dw::kThreads, 0, s>>>(used);
-    return static_cast<int>(cudaGetLastError());
+    return launch(dw::weight_grad_reduce<T>, cdiv(channels * (taps + 1), dw::kThreads), dw::kThreads, 0, s, used);
   });
 }
 

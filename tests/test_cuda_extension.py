@@ -175,6 +175,12 @@ class TestLoadedExtension:
         with pytest.raises(RuntimeError, match=r"output_size must be \(OH, OW\), both positive; got \[0, 8\]"):
             torch.ops.lkconv.cuda_kernel_name("forward", torch.float32, False, [1, 8, 8, 8], [0, 8], [3, 3], [1, 1],
                                               [1, 1])
+        # Each of these divided by zero in the planners (the process died of SIGFPE) before the binding refused them.
+        with pytest.raises(RuntimeError, match=r"kernel area \(kh \* kw\) must be <= 2\^30; got \[65536, 524285\]"):
+            kernel_name("weight_grad", torch.float32, False, [65536, 524285], [1, 1], [1, 1])
+        with pytest.raises(RuntimeError, match=r"input_size must have N, C >= 0 and H, W >= 1; got \[64, 512, 14, 0\]"):
+            torch.ops.lkconv.cuda_kernel_name("weight_grad", torch.bfloat16, False, [64, 512, 14, 0], [14, 14],
+                                              [27, 27], [1, 1], [1, 1])
 
 
 @needs_cpu_only
@@ -256,3 +262,46 @@ def test_cuda_kernels_keep_every_value_in_registers(arch, tmp_path):
                 spilling.append(f"{kernel}: {spill.group(1)} bytes")
     assert kernels >= len(sources), f"ptxas reported {kernels} kernels for {len(sources)} sources"
     assert not spilling, f"sm_{arch} kernels that spill:\n" + "\n".join(spilling)
+
+
+LAUNCH_CHECK = r"""
+#include <cstdio>
+
+#include "launch.cuh"
+
+__global__ void mark(int* flags) { flags[blockIdx.x] = 1; }
+
+int main() {
+  int* flags = nullptr;  // never touched: every launch below must be refused before it runs
+  const long long counts[] = {0, 2147483648LL, 4294967296LL + 5};
+  for (long long blocks : counts) std::printf("%d\n", lkconv::launch(mark, blocks, 32, 0, nullptr, flags));
+  std::printf("%d %d %d\n", lkconv::breaks_the_context(cudaErrorIllegalAddress),
+              lkconv::breaks_the_context(cudaErrorAssert), lkconv::breaks_the_context(cudaErrorInvalidConfiguration));
+}
+"""
+
+
+def test_a_grid_past_2_to_the_31_blocks_is_refused_not_cut_down(tmp_path):
+    """<<<>>> keeps only 32 bits of a block count: 2^32 + 5 blocks would launch 5, leave the rest of the output
+    unwritten and report nothing (N*C*m >= 2^32 planes of 1x1 maps reach it). lkconv's launch helper refuses any
+    count outside [1, 2^31 - 1] as an invalid configuration, before the CUDA runtime is asked (so no GPU is needed),
+    and tells sticky errors (which break the context) from launch errors."""
+    nvcc = shutil.which("nvcc")
+    assert nvcc is not None, "nvcc is on every machine lkconv builds on (README); it is not on PATH here"
+    source, binary = tmp_path / "launch_check.cu", tmp_path / "launch_check"
+    source.write_text(LAUNCH_CHECK)
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    built = subprocess.run([nvcc, "-std=c++20", "-arch=sm_80", "-I", str(csrc), str(source), "-o", str(binary)],
+                           capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    invalid_configuration = "9"  # cudaErrorInvalidConfiguration
+    assert ran.returncode == 0 and ran.stdout.splitlines() == [invalid_configuration] * 3 + ["1 1 0"], ran
+
+
+def test_every_kernel_launch_goes_through_the_checked_helper():
+    """The block-count check above holds for every kernel only if no launcher writes <<<>>> itself."""
+    csrc = Path(__file__).resolve().parent.parent / "csrc"
+    raw = [f"{path.name}:{number}" for path in sorted(csrc.iterdir()) if path.name != "launch.cuh"
+           for number, line in enumerate(path.read_text().splitlines(), 1) if "<<<" in line]
+    assert not raw, f"launches outside launch.cuh's helpers: {raw}"

@@ -314,6 +314,13 @@ def test_cuda_ops_reject_bad_arguments_by_name():
         (lambda: torch.ops.lkconv.cuda_weight_grad(out, x, [1, 1], pad, [1, 1], False, torch.empty(4 * 10).half().cuda(),
                                                    torch.empty_like(w), None),
          "workspace must be a contiguous float32 tensor on cuda:0; got Half"),
+        # these two divided by zero in the launchers (the process died of SIGFPE) before the binding refused them
+        (lambda: torch.ops.lkconv.cuda_weight_grad(out[:, :0], x, [1, 1], pad, [1, 1], False,
+                                                   torch.empty(40, device="cuda"), w[:0], None),
+         "grad_weight.size\\(0\\) must be a positive multiple of the 4 input channels; got 0"),
+        (lambda: torch.ops.lkconv.cuda_weight_grad(out, x, [1, 1], pad, [1, 1], False, torch.empty(40, device="cuda"),
+                                                   torch.empty(4, 1, 0, 6, device="cuda"), None),
+         "grad_weight kernel sizes must be >= 1 with an area"),
     ]
     for call, message in calls:
         with pytest.raises(RuntimeError, match=message):

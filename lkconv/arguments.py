@@ -111,8 +111,8 @@ GPU_GEOMETRY_LIMIT = 2**30  # the GPU kernels keep sizes, strides, paddings and 
 
 
 def beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw) -> Optional[str]:
-    """Why a conv's geometry is too large for the GPU kernels' 32-bit index math (kernel sizes, strides, paddings and
-    dilated kernel extents above 2**30, or a padded map of 2**31 rows or columns), or None. F.conv2d computes such
+    """Why a conv's geometry is too large for the GPU kernels' 32-bit index math (kernel sizes, kernel areas, strides,
+    paddings and dilated kernel extents above 2**30, or a padded map of 2**31 rows or columns), or None. F.conv2d computes such
     convs in 64 bits, so PyTorch answers them."""
     for i, axis in enumerate(("height", "width")):
         padded = input_hw[i] + padding[i] + padding[2 + i]
@@ -126,6 +126,9 @@ def beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw) -> Optional
             if value > GPU_GEOMETRY_LIMIT:
                 return f"the {name} along the {axis}, {value}, is beyond the 2**30 the GPU kernels index in 32 bits"
         return f"the padded {axis}, {padded}, is beyond the 2**31 the GPU kernels index in 32 bits"
+    if kernel[0] * kernel[1] > GPU_GEOMETRY_LIMIT:
+        return (f"the kernel's area, {kernel[0]} x {kernel[1]} = {kernel[0] * kernel[1]} taps, is beyond the 2**30 the "
+                "GPU kernels index in 32 bits")
     return None
 
 

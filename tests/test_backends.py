@@ -595,7 +595,36 @@ def test_geometry_beyond_32_bit_indexing_is_refused_by_gpu_backends_and_huge_str
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(backends, "_choose_for_shape", lambda *args: choice)
         routed = backends.choose_for_conv(x, (3, 3), (2**31, 1), (0, 0, 0, 0), (1, 1), (8, 8))
-    assert routed.module is torch_backend and "beyond the 2**30" in routed.reason
+        assert routed.module is torch_backend and "beyond the 2**30" in routed.reason
+        # a kernel whose sides fit but whose taps do not (the weight grads count taps in 32 bits)
+        routed = backends.choose_for_conv(x, (2**15 + 1, 2**15), (1, 1), (0, 0, 0, 0), (1, 1), (2**16, 2**16))
+        assert routed.module is torch_backend and "kernel's area, 32769 x 32768 = 1073774592 taps" in routed.reason
+
+
+@pytest.mark.parametrize("batch,height,beyond", [(2**21, 1024, True), (2**21 - 2, 1024, False), (1, 2**30, False)])
+def test_a_batch_with_too_many_rows_for_the_triton_kernels_goes_to_pytorch_or_raises_where_forced(batch, height,
+                                                                                                 beyond):
+    """The Triton kernels number a batch's map rows (N x height) in 32 bits; past that they wrote nothing and
+    returned garbage. The CUDA kernels count rows in 64 bits and keep such calls."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lkconv.backends import cuda_backend
+
+    geometry = ((31, 1), (1, 1), (15, 15, 0, 0), (1, 1), (height, 1))
+    with FakeTensorMode():
+        x = torch.empty(batch, 1, height, 1, device="cuda")
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (triton_backend, cuda_backend):
+            choice = backends.Choice(module, "auto: stand-in", failure_key=(module.name, "cuda", 0, None, None))
+            patch.setattr(backends, "_choose_for_shape", lambda *args, c=choice: c)
+            routed = backends.choose_for_conv(x, *geometry)
+            assert routed.module is (torch_backend if beyond and module is triton_backend else module)
+            if routed.module is torch_backend:
+                assert f"the batch's maps have {batch * height} rows (N x height), beyond the 2**31" in routed.reason
+        if beyond:
+            patch.setattr(backends, "_choose_for_shape", lambda *args: backends.Choice(triton_backend, "forced"))
+            with lkconv.use_backend("triton"), pytest.raises(lkconv.BackendUnavailableError, match="rows"):
+                backends.choose_for_conv(x, *geometry)
 
 
 # --- the forced triton backend on CPU (interpreter) -----------------------------------------------------------------
@@ -1035,6 +1064,27 @@ def test_a_forced_backends_failure_and_memory_and_cuda_errors_are_not_stepped_ar
         with pytest.raises(type(error), match="stand-in"):
             lkconv.depthwise_conv2d(x, w, padding=1)
     assert lkconv.explain(x, w, padding=1).backend == "triton"
+
+
+def test_triton_s_out_of_memory_and_a_broken_context_are_not_stepped_around(failing_triton, monkeypatch):
+    """Triton raises CUDA errors as plain RuntimeErrors: out of memory loading a kernel propagates, and so does the
+    device's own error where the context is broken (PyTorch's kernels would fail too); neither is remembered as a
+    failure of the backend."""
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(2, 1, 3, 3)
+    failing_triton["error"] = RuntimeError("Triton Error [CUDA]: out of memory")
+    with pytest.raises(RuntimeError, match="Triton Error \\[CUDA\\]: out of memory"):
+        lkconv.depthwise_conv2d(x, w, padding=1)
+    broken = torch.AcceleratorError("stand-in: an illegal memory access was encountered")
+    monkeypatch.setattr(backends, "_context_error", lambda device: broken)
+    failing_triton["error"] = RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+    with pytest.raises(torch.AcceleratorError, match="stand-in: an illegal memory access") as raised:
+        lkconv.depthwise_conv2d(x, w, padding=1)
+    assert raised.value.__cause__ is failing_triton["error"]
+    assert lkconv.explain(x, w, padding=1).backend == "triton" and not backends._failures
+    monkeypatch.setattr(backends, "_context_error", lambda device: None)  # a launch error of the backend's own
+    with pytest.warns(RuntimeWarning, match="the triton backend failed"):
+        lkconv.depthwise_conv2d(x, w, padding=1)
+    assert lkconv.explain(x, w, padding=1).backend == "torch"
 
 
 def test_a_failure_is_remembered_for_its_shape_class_only(failing_triton):

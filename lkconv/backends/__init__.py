@@ -144,12 +144,15 @@ def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, padding, dilation,
     """`choose` for one pass of a conv that reads `map_tensor` (x, or dy in the backward). Only CUDA tensors can pick
     by shape class (measured.py), so only they build one: other calls share one cache entry per device and dtype.
     `problem` (the forward call's tensors) lets LKCONV_AUTOTUNE time the candidates where nothing was measured.
-    A geometry too large for the GPU kernels' 32-bit indexing goes to PyTorch under `auto`, and raises where a GPU
-    backend is forced."""
+    A geometry too large for the GPU kernels' 32-bit indexing (or a batch with too many rows for the Triton
+    kernels') goes to PyTorch under `auto`, and raises where a GPU backend is forced."""
     choice = _choose_for_shape(map_tensor, kernel, stride, dilation, input_hw, problem)
     if choice.module is torch_backend:
         return choice
-    if (why := beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw)) is not None:
+    why = beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw)
+    if why is None and choice.module is triton_backend:
+        why = triton_backend.beyond_row_count(map_tensor.shape[0], kernel, stride, padding, dilation, input_hw)
+    if why is not None:
         if requested_backend() != "auto":
             raise BackendUnavailableError(f"backend {choice.module.name!r} was forced ({_forced_by()}) but cannot run "
                                           f"this call: {why}")
@@ -172,6 +175,18 @@ def _choose_for_shape(map_tensor, kernel, stride, dilation, input_hw, problem) -
     return choice
 
 
+def _context_error(device: torch.device) -> Optional[BaseException]:
+    """The error of a CUDA device whose context a kernel broke (an illegal address, a failed assert: sticky, so every
+    later call fails), or None. Asked only after a GPU backend failed, so the synchronization costs nothing else."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except torch.AcceleratorError as error:
+        return error
+    return None
+
+
 def _capturing(tensor: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on the stream `tensor`'s kernels go to."""
     return tensor.is_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -183,16 +198,21 @@ def run_pass(choice: Choice, pass_name: str, *args):
     Where `auto` chose a GPU backend and it fails (a kernel that does not compile or launch on this GPU, driver or
     triton version, say), lkconv warns once and PyTorch answers, now and for the rest of the process for that shape
     class, as `auto` promises an answer wherever F.conv2d gives one. These propagate: every error of a forced
-    backend; out-of-memory errors; CUDA errors (`torch.AcceleratorError`: a sticky one, from an earlier kernel, too,
-    which PyTorch's kernels would meet as well); and any error during CUDA-graph capture, which it invalidates.
+    backend; out-of-memory errors (Triton's too); errors that leave the CUDA context broken (`torch.AcceleratorError`,
+    or the device's own error where Triton raised a plain one: a sticky error, from an earlier kernel too, which
+    PyTorch's kernels would meet as well); and any error during CUDA-graph capture, which it invalidates.
     """
     try:
         return getattr(choice.module, pass_name)(*args)
     except (torch.cuda.OutOfMemoryError, torch.AcceleratorError):
         raise
     except Exception as error:
-        if choice.failure_key is None or _capturing(args[0]):
+        # Triton reports CUDA errors as plain RuntimeErrors ("Triton Error [CUDA]: ..."): out of memory loading a
+        # kernel, or a broken context, which PyTorch's kernels would meet as well.
+        if choice.failure_key is None or _capturing(args[0]) or "out of memory" in str(error):
             raise
+        if (broken := _context_error(args[0].device)) is not None:
+            raise broken from error
         _failures[choice.failure_key] = f"{type(error).__name__}: {error}"
         advice = (f" If lkconv._C was built for other GPUs, rebuild it for this one: TORCH_CUDA_ARCH_LIST=native "
                   f"{cuda_backend.REINSTALL}." if choice.module is cuda_backend else "")

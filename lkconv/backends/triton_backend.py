@@ -457,6 +457,21 @@ def _channels_label(block_c: int, input: torch.Tensor) -> str:
 _INT32_LIMIT = 2**31
 
 
+# The kernels number the rows of a batch's maps (N x height, of the input or the output) in int32, with room for the
+# rounding of the last row block.
+ROW_COUNT_LIMIT = _INT32_LIMIT - 1024
+
+
+def beyond_row_count(batch: int, kernel, stride, padding, dilation, input_hw) -> Optional[str]:
+    """Why the kernels cannot number this batch's map rows in 32 bits, or None (`backends` then asks PyTorch)."""
+    out_h = output_size(input_hw[0], kernel[0], stride[0], padding[0], padding[2], dilation[0])
+    rows = batch * max(input_hw[0], out_h)
+    if rows < ROW_COUNT_LIMIT:
+        return None
+    return (f"the batch's maps have {rows} rows (N x height), beyond the 2**31 the triton kernels number in 32 "
+            "bits")
+
+
 # The kernels index within a map row (and within a filter) in int32, while image, channel and row offsets are int64.
 # Only exotic views (a row spanning 2**31 elements) need these copies.
 def _int32_safe_map(tensor: torch.Tensor) -> torch.Tensor:

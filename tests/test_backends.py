@@ -931,6 +931,38 @@ def test_autotune_leaves_out_a_candidate_that_fails_and_keys_by_rounded_size_and
     assert autotune.key_of("GPU X", torch.bfloat16, shape) == bf16_key  # the fp32 rule does not touch bf16
 
 
+def test_autotune_remembers_that_every_candidate_failed_and_lets_memory_errors_through(two_gpu_backends,
+                                                                                      monkeypatch):
+    """Both backends failing is remembered: later calls go to PyTorch at once instead of timing (and, for Triton,
+    compiling) the failures again on every call. Out of memory is no backend failure: it propagates."""
+    from lkconv.backends import autotune, cuda_backend
+
+    attempts = []
+
+    def broken(*args):
+        attempts.append(1)
+        raise RuntimeError("stand-in: does not launch")
+
+    for module in (triton_backend, cuda_backend):
+        monkeypatch.setattr(module, "forward", broken)
+    device, x, shape, problem = _autotune_call()
+    default = backends.choose(device, torch.float32, shape)
+    for _ in range(3):
+        choice = backends.autotuned(default, device, x, shape, problem)
+        assert choice.module is torch_backend and "every GPU backend failed while timed" in choice.reason
+        assert "triton: RuntimeError: stand-in: does not launch" in choice.reason
+    assert len(attempts) == 2
+    autotune.forget()
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("stand-in: out of memory")
+
+    monkeypatch.setattr(triton_backend, "forward", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="stand-in"):
+        backends.autotuned(default, device, x, shape, problem)
+    assert autotune.remembered(autotune.key_of("GPU X", torch.float32, shape)) is None
+
+
 def test_autotune_keeps_the_default_order_where_it_cannot_time(two_gpu_backends, monkeypatch):
     from lkconv.backends import autotune
 

@@ -234,6 +234,10 @@ def autotuned(choice: Choice, device: torch.device, map_tensor: torch.Tensor, sh
     if found is None:
         return choice._replace(reason=f"{choice.reason}; {autotune.VARIABLE}=1 times the candidates at the first "
                                       "forward call it can")
+    if found.name is None:
+        failed = "; ".join(f"{name}: {error}" for name, error in found.failures.items())
+        return Choice(torch_backend, f"auto: every GPU backend failed while timed at run time on {gpu} ({failed}); "
+                                     "PyTorch answers")
     times = ", ".join(f"{name} {ms:.3g} ms" for name, ms in found.times_ms.items())
     failed = "".join(f"; {name} failed while timed ({error})" for name, error in found.failures.items())
     return Choice(_MODULES[found.name], f"auto: {found.name} measured faster at run time on {gpu} (forward and "

@@ -38,10 +38,10 @@ class Problem(NamedTuple):
 
 
 class Measured(NamedTuple):
-    """The faster backend, every timed backend's time for one forward and backward in ms, and the error of each
-    candidate that failed while timed."""
+    """The faster backend (None where every candidate failed), every timed backend's time for one forward and
+    backward in ms, and the error of each candidate that failed while timed."""
 
-    name: str
+    name: Optional[str]
     times_ms: dict
     failures: dict
 
@@ -86,8 +86,9 @@ def can_measure(tensor: torch.Tensor) -> bool:
 
 
 def measure(key: tuple, candidates: dict, problem: Problem) -> Optional[Measured]:
-    """Times each candidate backend (name -> module) on `problem`, remembers the fastest under `key` and returns it;
-    None where every candidate failed (the call then runs as if nothing had been measured)."""
+    """Times each candidate backend (name -> module) on `problem`, remembers the fastest under `key` and returns it.
+    Where every candidate fails, that is remembered too (name None), so that later calls go to PyTorch at once
+    instead of timing the failures again. Out-of-memory and CUDA errors propagate, as they do from any call."""
     with _lock:
         if (found := _remembered.get(key)) is not None:  # another thread measured it meanwhile
             return found
@@ -95,11 +96,11 @@ def measure(key: tuple, candidates: dict, problem: Problem) -> Optional[Measured
         for name, module in candidates.items():
             try:
                 times[name] = _time_ms(module, problem)
+            except (torch.cuda.OutOfMemoryError, torch.AcceleratorError):
+                raise
             except Exception as error:  # noqa: BLE001 - a backend that fails here is not chosen; explain says why
                 failures[name] = f"{type(error).__name__}: {error}"
-        if not times:
-            return None
-        found = _remembered[key] = Measured(min(times, key=times.get), times, failures)
+        found = _remembered[key] = Measured(min(times, key=times.get) if times else None, times, failures)
         return found
 
 

@@ -1119,6 +1119,33 @@ def test_triton_s_out_of_memory_and_a_broken_context_are_not_stepped_around(fail
     assert lkconv.explain(x, w, padding=1).backend == "torch"
 
 
+def test_triton_launches_on_one_gpu_take_turns_and_other_gpus_do_not_wait(monkeypatch):
+    """Triton 3.6 can hand a second thread a kernel still loading for its first launch, and that launch fails: the
+    triton backend's launches on one GPU hold that GPU's lock."""
+    import threading
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())  # no GPU here
+    with FakeTensorMode():
+        on_0, also_on_0, on_1 = (torch.empty(1, device=f"cuda:{index}") for index in (0, 0, 1))
+    entered = []
+
+    def launch(tensor, name):
+        with triton_backend._launching_on(tensor):
+            entered.append(name)
+
+    with triton_backend._launching_on(on_0):
+        same, other = (threading.Thread(target=launch, args=args) for args in ((also_on_0, "same"), (on_1, "other")))
+        same.start()
+        other.start()
+        other.join(timeout=10)
+        same.join(timeout=0.3)
+        assert entered == ["other"] and same.is_alive()
+    same.join(timeout=10)
+    assert entered == ["other", "same"]
+
+
 def test_a_failure_is_remembered_for_its_shape_class_only(failing_triton):
     """Shape classes exist for CUDA tensors only: fake CUDA tensors (no GPU needed) give two classes, and a failure
     in one leaves auto's choice for the other alone."""

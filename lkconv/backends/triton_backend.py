@@ -10,7 +10,8 @@ import contextlib
 import functools
 import os
 import sys
-from typing import NamedTuple, Optional, Sequence
+import threading
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -489,9 +490,21 @@ def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> t
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
-def _device_guard(tensor: torch.Tensor):
-    """Launch on the tensor's GPU; triton then uses that device's current stream."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+_launch_locks: dict[int, threading.Lock] = {}  # per GPU index
+
+
+@contextlib.contextmanager
+def _launching_on(tensor: torch.Tensor) -> Iterator[None]:
+    """Makes the tensor's GPU current (triton then launches there, on its current stream) and holds that GPU's launch
+    lock. Triton 3.6 can hand a second thread a kernel whose first launch is still loading it (its launcher is set
+    before its function, and loading releases the GIL), and that launch fails; under `auto` the shape class would go
+    to PyTorch for good. Taking turns costs each launch its host time only (tens of µs); the kernels still overlap."""
+    if not tensor.is_cuda:
+        yield
+        return
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index), _launch_locks.setdefault(index, threading.Lock()):
+        yield
 
 
 def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier, src_strides):
@@ -514,7 +527,7 @@ def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier, src_s
         *src_strides, *filter_strides, *dst.stride(),
     )
     flags = dict(TRANSPOSED=p.transposed, HAS_BIAS=bias is not None, PRECISION=precision, OPERANDS_FP32=operands_fp32)
-    with _device_guard(dst):
+    with _launching_on(dst):
         if plan.form in ("rows", "rows_shifted_filter"):
             grid = (dst.shape[1] * _cdiv(p.batch * p.dst_h, c.block_m) * _cdiv(p.dst_w, c.block_w),)
             kernels.depthwise_rows_kernel[grid](
@@ -638,7 +651,7 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
     flags = dict(HAS_BIAS=with_bias, PRECISION=precision, OPERANDS_FP32=operands_fp32, BLOCK_R=c.block_r,
                  BLOCK_Q=c.block_q, BLOCK_ROWS=c.block_rows, BLOCK_IW=c.block_iw, num_warps=c.num_warps,
                  num_stages=c.num_stages)
-    with _device_guard(input):
+    with _launching_on(input):
         if block:
             _kernels().depthwise_weight_grad_channels_last_kernel[(tiles * splits,)](
                 grad_output, input, weight_partials, bias_partials, *shape_args, rows_per_split,

@@ -112,8 +112,8 @@ GPU_GEOMETRY_LIMIT = 2**30  # the GPU kernels keep sizes, strides, paddings and 
 
 def beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw) -> Optional[str]:
     """Why a conv's geometry is too large for the GPU kernels' 32-bit index math (kernel sizes, kernel areas, strides,
-    paddings and dilated kernel extents above 2**30, or a padded map of 2**31 rows or columns), or None. F.conv2d computes such
-    convs in 64 bits, so PyTorch answers them."""
+    paddings and dilated kernel extents above 2**30, or a padded map of 2**31 rows or columns), or None. F.conv2d
+    computes such convs in 64 bits, so PyTorch answers them."""
     for i, axis in enumerate(("height", "width")):
         padded = input_hw[i] + padding[i] + padding[2 + i]
         reach = dilation[i] * (kernel[i] - 1)

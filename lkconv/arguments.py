@@ -7,9 +7,11 @@ value.
 
 import functools
 import operator
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
+from torch._prims_common import is_contiguous_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 IntPair = Union[int, Sequence[int]]
 Padding = Union[str, int, Sequence[int]]
@@ -18,6 +20,24 @@ Padding = Union[str, int, Sequence[int]]
 # dtype of its parts: complex32 in float16, complex64 in float32, complex128 in float64.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COMPLEX_DTYPES = (torch.complex32, torch.complex64, torch.complex128)
+
+
+def _require(condition, message: Callable[[], str]) -> None:
+    """Raises ValueError(message()) unless `condition`. Under torch.compile or torch.export a size may be symbolic, and
+    one computed from data (unbacked) cannot be decided while tracing: torch._check_value then makes it a check the
+    graph runs, as F.conv2d's own checks do. Under Dynamo a symbolic condition's type reads as bool, and a message
+    built from symbolic sizes cannot be carried, hence its own branch. A passed eager check returns at once
+    (_check_value costs about a microsecond, and a call makes a dozen checks)."""
+    if condition is True:
+        return
+    if torch.compiler.is_compiling():
+        if condition is False:
+            raise ValueError(message())
+        torch._check_value(condition)
+    elif not isinstance(condition, bool):
+        torch._check_value(condition, message)
+    elif not condition:
+        raise ValueError(message())
 
 
 class ConvArgs(NamedTuple):
@@ -170,14 +190,15 @@ def check(
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (C*m, 1, kh, kw); got {weight.dim()}-D shape {tuple(weight.shape)}")
     channels = input.shape[1]
-    if channels == 0:
-        raise ValueError(f"input must have at least one channel; got shape {tuple(input.shape)}")
+    _require(channels != 0, lambda: f"input must have at least one channel; got shape {tuple(input.shape)}")
     out_channels, per_group, kernel_h, kernel_w = weight.shape
-    if per_group != 1 or out_channels == 0 or out_channels % channels != 0 or kernel_h == 0 or kernel_w == 0:
-        raise ValueError(
-            f"weight must have shape (C*m, 1, kh, kw) with C = {channels} input channels, m >= 1 and kh, kw >= 1; "
-            f"got {tuple(weight.shape)}"
-        )
+
+    def weight_message():
+        return (f"weight must have shape (C*m, 1, kh, kw) with C = {channels} input channels, m >= 1 and kh, kw >= 1; "
+                f"got {tuple(weight.shape)}")
+
+    for condition in (per_group == 1, out_channels != 0, out_channels % channels == 0, kernel_h != 0, kernel_w != 0):
+        _require(condition, weight_message)
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"bias must have shape ({out_channels},), one value per output channel; got {tuple(bias.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):
@@ -195,36 +216,41 @@ def check(
     in_size = (input.shape[2], input.shape[3])
     out_size = (output_size(in_size[0], kernel_h, stride_pair[0], pads[0], pads[2], dilation_pair[0]),
                 output_size(in_size[1], kernel_w, stride_pair[1], pads[1], pads[3], dilation_pair[1]))
-    if any(size < 1 for size in in_size):  # one size at a time: a symbolic Min guard would hide its bound from export
-        raise ValueError(f"input must have H, W >= 1; got shape {tuple(input.shape)}")
-    if any(size < 1 for size in out_size):
-        raise ValueError(
+    for size in in_size:  # one size at a time: a symbolic Min would hide its bound from export
+        _require(size >= 1, lambda: f"input must have H, W >= 1; got shape {tuple(input.shape)}")
+    for size in out_size:
+        _require(size >= 1, lambda: (
             f"the output would be empty: input (H, W) = {in_size} padded by (top, left, bottom, right) = {pads} is "
             f"smaller than the dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation_pair, kernel_size))}; "
-            f"got output size {out_size}"
-        )
+            f"got output size {out_size}"))
     return ConvArgs(stride_pair, pads, dilation_pair)
 
 
-def _strides_like_channels_last(shape, strides) -> bool:
+def _strides_like_channels_last(shape, strides, known=bool) -> bool:
     """PyTorch's test of a 4-d map's strides (suggest_memory_format): C, W, H, N from the fastest to the slowest, each
-    stride at least the extent of the faster ones. Views sliced out of a channels_last map pass it too."""
+    stride at least the extent of the faster ones. Views sliced out of a channels_last map pass it too. `known` turns
+    each comparison into a bool (guard_or_false for symbolic sizes: what tracing cannot decide does not hold)."""
     extent = 0
-    if strides[1] == 0:
+    if known(strides[1] == 0):
         return False
     for dim in (1, 3, 2, 0):
-        if shape[dim] == 0 or strides[dim] < extent or (dim == 0 and extent == strides[1]):
+        if known(shape[dim] == 0) or known(strides[dim] < extent) or (dim == 0 and known(extent == strides[1])):
             return False
-        extent = strides[dim] * shape[dim] if shape[dim] > 1 else strides[dim]
+        extent = strides[dim] * shape[dim] if known(shape[dim] > 1) else strides[dim]
     return True
 
 
 def output_memory_format(tensor: torch.Tensor) -> torch.memory_format:
     """The layout an op's output takes from its input, as F.conv2d chooses it: channels_last for a map whose strides
-    are channels_last's (a sliced view of one included) and that is not plain contiguous too; NCHW otherwise."""
-    if not tensor.is_contiguous() and _strides_like_channels_last(tensor.shape, tensor.stride()):
-        return torch.channels_last
-    return torch.contiguous_format
+    are channels_last's (a sliced view of one included) and that is not plain contiguous too; NCHW otherwise.
+    Symbolic sizes (torch.compile, torch.export) are read without guards that data-dependent sizes could not meet."""
+    shape, strides = tensor.shape, tensor.stride()
+    if all(type(size) is int for size in shape) and all(type(stride) is int for stride in strides):
+        channels_last = not tensor.is_contiguous() and _strides_like_channels_last(shape, strides)
+    else:
+        channels_last = (not is_contiguous_or_false(tensor)
+                         and _strides_like_channels_last(shape, strides, guard_or_false))
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def check_operands(op: str, first: tuple, *others: tuple) -> None:
@@ -257,21 +283,25 @@ def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_
             f"got stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}"
         )
     in_shape, weight_shape = tuple(in_shape), tuple(weight_shape)
-    if (len(in_shape) != 4 or len(weight_shape) != 4 or weight_shape[1] != 1 or in_shape[1] < 1
-            or weight_shape[0] < 1 or weight_shape[0] % in_shape[1] != 0 or min(weight_shape[2:]) < 1):
-        raise ValueError(
-            f"{op}: input must be (N, C, H, W) and weight (C*m, 1, kh, kw); got input {in_shape}, weight {weight_shape}"
-        )
+    def shapes_message():
+        return f"{op}: input must be (N, C, H, W) and weight (C*m, 1, kh, kw); got input {in_shape}, weight {weight_shape}"
+
+    _require(len(in_shape) == 4 and len(weight_shape) == 4, shapes_message)
+    for condition in (weight_shape[1] == 1, in_shape[1] >= 1, weight_shape[0] >= 1,
+                      weight_shape[0] % in_shape[1] == 0, weight_shape[2] >= 1, weight_shape[3] >= 1):
+        _require(condition, shapes_message)
     expected = (in_shape[0], weight_shape[0],
                 output_size(in_shape[2], weight_shape[2], stride[0], padding[0], padding[2], dilation[0]),
                 output_size(in_shape[3], weight_shape[3], stride[1], padding[1], padding[3], dilation[1]))
     geometry = (f"input {in_shape} and weight {weight_shape} with stride {list(stride)}, padding {list(padding)} and "
                 f"dilation {list(dilation)}")
-    if any(size < 1 for size in (*expected[2:], *in_shape[2:])):
-        raise ValueError(f"{op}: the output would be empty: {geometry} give output size {expected[2:]}; the padded "
-                         "input must be at least the dilated kernel, and H, W >= 1")
-    if out_shape is not None and tuple(out_shape) != expected:
-        raise ValueError(f"{op}: {geometry} give output {expected}; got {tuple(out_shape)}")
+    for size in (*expected[2:], *in_shape[2:]):
+        _require(size >= 1, lambda: f"{op}: the output would be empty: {geometry} give output size {expected[2:]}; "
+                                    "the padded input must be at least the dilated kernel, and H, W >= 1")
+    if out_shape is not None:
+        _require(len(out_shape) == 4, lambda: f"{op}: {geometry} give output {expected}; got {tuple(out_shape)}")
+        for size, wanted in zip(out_shape, expected):
+            _require(size == wanted, lambda: f"{op}: {geometry} give output {expected}; got {tuple(out_shape)}")
     return expected
 
 

@@ -303,6 +303,41 @@ def test_torch_export_suggests_the_smallest_map_a_dynamic_range_may_start_at(pad
     assert suggestions[1].group(1) == suggestions[0].group(1) == str(7 - 2 * padding)
 
 
+class _DataDependentCrop(torch.nn.Module):
+    """Keeps the first `rows` rows of the map, a number read from a tensor: an unbacked size for torch.export."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x, rows):
+        k = rows.item()
+        torch._check(k >= 1)
+        torch._check(k <= x.shape[2])
+        return self.conv(x[:, :, :k])
+
+
+def test_data_dependent_sizes_export_and_compile_as_with_f_conv2d():
+    """Sizes computed from data (unbacked) cannot be decided while tracing. lkconv's checks and its output layout
+    guarded on them, so export and fullgraph compile failed where nn.Conv2d's succeed; now the checks run in the
+    graph and the layout is read without guards."""
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # see the export test above
+    layer = lkconv.DepthwiseConv2d(3, 3, padding=1)
+    x = torch.randn(2, 3, 7, 8)
+    exported = torch.export.export(_DataDependentCrop(layer), (x, torch.tensor(5))).module()
+    for rows in (5, 3):
+        expected = reference(x[:, :, :rows], layer.weight, layer.bias, 1, 1, 1)[0]
+        assert_close(exported(x, torch.tensor(rows)), expected, TOLERANCE[torch.float32], f"exported, {rows} rows")
+    w = torch.randn(3, 1, 3, 3)
+    for dim, layout in ((0, torch.channels_last), (2, torch.contiguous_format), (3, torch.contiguous_format)):
+        torch._dynamo.reset()
+        x = torch.randn(4, 3, 7, 8).contiguous(memory_format=layout)
+        torch._dynamo.decorators.mark_unbacked(x, dim)
+        y = torch.compile(lambda t: lkconv.depthwise_conv2d(t, w, padding=1), fullgraph=True, backend="eager")(x)
+        assert_close(y, reference(x, w, None, 1, 1, 1)[0], TOLERANCE[torch.float32], f"unbacked dim {dim}")
+        assert y.is_contiguous(memory_format=layout), (dim, y.stride())
+
+
 def _float64_conv(x, w, b=None):
     return F.conv2d(x.double(), w.double(), None if b is None else b.double(), (2, 1), (1, 2), (1, 2), groups=x.shape[1])
 

@@ -198,7 +198,8 @@ def check(
                 f"got {tuple(weight.shape)}")
 
     for condition in (per_group == 1, out_channels != 0, out_channels % channels == 0, kernel_h != 0, kernel_w != 0):
-        _require(condition, weight_message)
+        if condition is not True:
+            _require(condition, weight_message)
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"bias must have shape ({out_channels},), one value per output channel; got {tuple(bias.shape)}")
     for name, tensor in (("weight", weight), ("bias", bias)):
@@ -217,12 +218,14 @@ def check(
     out_size = (output_size(in_size[0], kernel_h, stride_pair[0], pads[0], pads[2], dilation_pair[0]),
                 output_size(in_size[1], kernel_w, stride_pair[1], pads[1], pads[3], dilation_pair[1]))
     for size in in_size:  # one size at a time: a symbolic Min would hide its bound from export
-        _require(size >= 1, lambda: f"input must have H, W >= 1; got shape {tuple(input.shape)}")
+        if (positive := size >= 1) is not True:
+            _require(positive, lambda: f"input must have H, W >= 1; got shape {tuple(input.shape)}")
     for size in out_size:
-        _require(size >= 1, lambda: (
-            f"the output would be empty: input (H, W) = {in_size} padded by (top, left, bottom, right) = {pads} is "
-            f"smaller than the dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation_pair, kernel_size))}; "
-            f"got output size {out_size}"))
+        if (positive := size >= 1) is not True:
+            _require(positive, lambda: (
+                f"the output would be empty: input (H, W) = {in_size} padded by (top, left, bottom, right) = {pads} "
+                f"is smaller than the dilated kernel "
+                f"{tuple(d * (k - 1) + 1 for d, k in zip(dilation_pair, kernel_size))}; got output size {out_size}"))
     return ConvArgs(stride_pair, pads, dilation_pair)
 
 
@@ -244,12 +247,11 @@ def output_memory_format(tensor: torch.Tensor) -> torch.memory_format:
     """The layout an op's output takes from its input, as F.conv2d chooses it: channels_last for a map whose strides
     are channels_last's (a sliced view of one included) and that is not plain contiguous too; NCHW otherwise.
     Symbolic sizes (torch.compile, torch.export) are read without guards that data-dependent sizes could not meet."""
-    shape, strides = tensor.shape, tensor.stride()
-    if all(type(size) is int for size in shape) and all(type(stride) is int for stride in strides):
-        channels_last = not tensor.is_contiguous() and _strides_like_channels_last(shape, strides)
+    if type(tensor) is torch.Tensor and not torch.compiler.is_compiling():  # eager: concrete sizes, the fast test
+        channels_last = not tensor.is_contiguous() and _strides_like_channels_last(tensor.shape, tensor.stride())
     else:
         channels_last = (not is_contiguous_or_false(tensor)
-                         and _strides_like_channels_last(shape, strides, guard_or_false))
+                         and _strides_like_channels_last(tensor.shape, tensor.stride(), guard_or_false))
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

@@ -11,7 +11,7 @@ import functools
 import os
 import sys
 import threading
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -490,21 +490,35 @@ def new_buffer(shape, dtype, device, memory_format=torch.contiguous_format) -> t
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
-_launch_locks: dict[int, threading.Lock] = {}  # per GPU index
+class _LaunchingOn:
+    """Makes a GPU current (triton then launches there, on its current stream) and holds that GPU's launch lock.
+    Triton 3.6 can hand a second thread a kernel whose first launch is still loading it (its launcher is set before
+    its function, and loading releases the GIL), and that launch fails; under `auto` the shape class would go to
+    PyTorch for good. Taking turns costs each launch its host time only (tens of µs); the kernels still overlap."""
+
+    locks: dict[int, threading.Lock] = {}  # per GPU index
+
+    def __init__(self, index: int):
+        self.device = torch.cuda.device(index)
+        self.lock = self.locks.setdefault(index, threading.Lock())
+
+    def __enter__(self) -> None:
+        self.device.__enter__()
+        self.lock.acquire()
+
+    def __exit__(self, *exception) -> None:
+        self.lock.release()
+        self.device.__exit__(*exception)
 
 
-@contextlib.contextmanager
-def _launching_on(tensor: torch.Tensor) -> Iterator[None]:
-    """Makes the tensor's GPU current (triton then launches there, on its current stream) and holds that GPU's launch
-    lock. Triton 3.6 can hand a second thread a kernel whose first launch is still loading it (its launcher is set
-    before its function, and loading releases the GIL), and that launch fails; under `auto` the shape class would go
-    to PyTorch for good. Taking turns costs each launch its host time only (tens of µs); the kernels still overlap."""
+_ON_THE_HOST = contextlib.nullcontext()  # the interpreter's launches: no device, no lock
+
+
+def _launching_on(tensor: torch.Tensor):
+    """The context a launch on `tensor`'s device runs in (_LaunchingOn for a GPU)."""
     if not tensor.is_cuda:
-        yield
-        return
-    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(index), _launch_locks.setdefault(index, threading.Lock()):
-        yield
+        return _ON_THE_HOST
+    return _LaunchingOn(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device())
 
 
 def _launch_conv(p: ConvPass, src, weight, bias, dst, padding, multiplier, src_strides):

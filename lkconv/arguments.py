@@ -286,7 +286,8 @@ def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_
         )
     in_shape, weight_shape = tuple(in_shape), tuple(weight_shape)
     def shapes_message():
-        return f"{op}: input must be (N, C, H, W) and weight (C*m, 1, kh, kw); got input {in_shape}, weight {weight_shape}"
+        return (f"{op}: input must be (N, C, H, W) and weight (C*m, 1, kh, kw); got input {in_shape}, "
+                f"weight {weight_shape}")
 
     _require(len(in_shape) == 4 and len(weight_shape) == 4, shapes_message)
     for condition in (weight_shape[1] == 1, in_shape[1] >= 1, weight_shape[0] >= 1,

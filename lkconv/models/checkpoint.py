@@ -26,7 +26,8 @@ def clean_state_dict(checkpoint: Mapping, key: Optional[str] = None) -> dict[str
     state = checkpoint
     if key is not None:
         if not isinstance(checkpoint.get(key), Mapping):
-            raise ValueError(f"key must name a state dict in the checkpoint; got {key!r}, keys are {sorted(checkpoint, key=str)}")
+            raise ValueError(f"key must name a state dict in the checkpoint; got {key!r}, keys are "
+                             f"{sorted(checkpoint, key=str)}")
         state = checkpoint[key]
     # A training script's wrapper keeps the weights under one of WRAPPER_KEYS beside metadata, which may hold tensors
     # too (the PyTorch ImageNet example's best_acc1); a state dict's own values are never mappings.

@@ -285,26 +285,38 @@ def check_op(op: str, in_shape: Sequence[int], weight_shape: Sequence[int], out_
             f"got stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}"
         )
     in_shape, weight_shape = tuple(in_shape), tuple(weight_shape)
+
     def shapes_message():
         return (f"{op}: input must be (N, C, H, W) and weight (C*m, 1, kh, kw); got input {in_shape}, "
                 f"weight {weight_shape}")
 
+    def geometry():
+        return (f"input {in_shape} and weight {weight_shape} with stride {list(stride)}, padding {list(padding)} and "
+                f"dilation {list(dilation)}")
+
+    def empty_message():
+        return (f"{op}: the output would be empty: {geometry()} give output size {expected[2:]}; the padded input "
+                "must be at least the dilated kernel, and H, W >= 1")
+
+    def output_message():
+        return f"{op}: {geometry()} give output {expected}; got {tuple(out_shape)}"
+
     _require(len(in_shape) == 4 and len(weight_shape) == 4, shapes_message)
     for condition in (weight_shape[1] == 1, in_shape[1] >= 1, weight_shape[0] >= 1,
                       weight_shape[0] % in_shape[1] == 0, weight_shape[2] >= 1, weight_shape[3] >= 1):
-        _require(condition, shapes_message)
+        if condition is not True:
+            _require(condition, shapes_message)
     expected = (in_shape[0], weight_shape[0],
                 output_size(in_shape[2], weight_shape[2], stride[0], padding[0], padding[2], dilation[0]),
                 output_size(in_shape[3], weight_shape[3], stride[1], padding[1], padding[3], dilation[1]))
-    geometry = (f"input {in_shape} and weight {weight_shape} with stride {list(stride)}, padding {list(padding)} and "
-                f"dilation {list(dilation)}")
     for size in (*expected[2:], *in_shape[2:]):
-        _require(size >= 1, lambda: f"{op}: the output would be empty: {geometry} give output size {expected[2:]}; "
-                                    "the padded input must be at least the dilated kernel, and H, W >= 1")
+        if (positive := size >= 1) is not True:
+            _require(positive, empty_message)
     if out_shape is not None:
-        _require(len(out_shape) == 4, lambda: f"{op}: {geometry} give output {expected}; got {tuple(out_shape)}")
+        _require(len(out_shape) == 4, output_message)
         for size, wanted in zip(out_shape, expected):
-            _require(size == wanted, lambda: f"{op}: {geometry} give output {expected}; got {tuple(out_shape)}")
+            if (equal := size == wanted) is not True:
+                _require(equal, output_message)
     return expected
 
 

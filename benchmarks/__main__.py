@@ -69,11 +69,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def program() -> str:
+    """How the user started the command (`python -m benchmarks` or the `lkconv-bench` entry point), for usage lines
+    and hints."""
+    invoked_as = Path(sys.argv[0]).name
+    return "python -m benchmarks" if invoked_as in ("__main__.py", "-c", "") else invoked_as
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line of a benchmark run; its help is this module's docstring."""
-    invoked_as = Path(sys.argv[0]).name
-    prog = "python -m benchmarks" if invoked_as in ("__main__.py", "-c", "") else invoked_as
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=program(), description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("quick", "full", "cpu"),
@@ -271,7 +276,7 @@ def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, with_plots
             paths += plots.write_all(rows, out, meta.get("device", "?"))
         else:
             print("matplotlib is not installed: no plots (pip install matplotlib, then "
-                  f"python -m benchmarks report {out})")
+                  f"{program()} report {out})")
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -326,7 +331,7 @@ def main_run(argv) -> int:
 
 def main_report(argv) -> int:
     """`python -m benchmarks report DIR`: merges a folder's results and draws the plots."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks report",
+    p = argparse.ArgumentParser(prog=f"{program()} report",
                                 description="Merge the results*.json in a folder into combined.{json,csv,md} "
                                             "and PNG plots.")
     p.add_argument("folder", type=Path)
@@ -350,7 +355,7 @@ def main_report(argv) -> int:
 
 def main_choices(argv) -> int:
     """`python -m benchmarks choices DIR`: writes auto's triton-or-cuda table from a run that timed both."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks choices",
+    p = argparse.ArgumentParser(prog=f"{program()} choices",
                                 description="Write which GPU backend auto should pick per shape class, from a run that "
                                             "timed both (--backends triton cuda): the faster forward+backward wins.")
     p.add_argument("folder", type=Path)
@@ -379,7 +384,7 @@ def main_choices(argv) -> int:
 
 def main_precompile(argv) -> int:
     """`python -m benchmarks precompile`: fills Triton's cache with a GPU session's kernels."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks precompile",
+    p = argparse.ArgumentParser(prog=f"{program()} precompile",
                                 description="Compile, on every core, the Triton kernels a GPU session launches "
                                             "(benchmarks/triton_launches.py), so that its tests and benchmarks find "
                                             "them in Triton's cache instead of compiling them one at a time.")
@@ -395,7 +400,7 @@ def main_precompile(argv) -> int:
 
 def main_host(argv) -> int:
     """`python -m benchmarks host`: the host's time per call of lkconv's layers, launches skipped."""
-    p = argparse.ArgumentParser(prog="python -m benchmarks host",
+    p = argparse.ArgumentParser(prog=f"{program()} host",
                                 description="Time what a call costs the host in lkconv's Python layers (checks, "
                                             "dispatch, autograd, backend choice, Triton launch planning) on this "
                                             "machine's CPU, with the triton backend planning as on an H100 and its "

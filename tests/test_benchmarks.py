@@ -216,7 +216,7 @@ def test_the_commit_comes_from_lkconv_git_commit_outside_a_repository(monkeypatc
     assert meta["git_commit"] == "0123abc" and meta["git_dirty"] is None
 
 
-def test_the_lkconv_bench_entry_point_is_installed():
+def test_the_lkconv_bench_entry_point_is_installed_and_its_usage_lines_name_it():
     import shutil
     import subprocess
     import sys
@@ -225,6 +225,10 @@ def test_the_lkconv_bench_entry_point_is_installed():
     script = shutil.which("lkconv-bench") or str(Path(sys.executable).with_name("lkconv-bench"))
     result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--preset" in result.stdout, result.stderr
+    assert result.stdout.startswith("usage: lkconv-bench ")
+    for command in ("report", "choices", "precompile", "host"):
+        result = subprocess.run([script, command, "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: lkconv-bench {command}"), result.stdout
 
 
 @pytest.mark.parametrize("arguments,message", [

@@ -7,7 +7,8 @@ No GPU is needed to build, and a CPU-only torch works too. Switches:
 - LKCONV_FORCE_CUDA=1: the extension must build; without nvcc, or when it fails to compile, the install fails.
 - MAX_JOBS: parallel nvcc processes (default: CPU count).
 Without nvcc, when TORCH_CUDA_ARCH_LIST names no sm_80+ architecture, or when the CUDA build fails (and
-LKCONV_FORCE_CUDA is unset), the install is pure Python and says why in one line (pip shows it with -v). A malformed
+LKCONV_FORCE_CUDA is unset), the install is pure Python and says why in one line (pip shows it with -v), followed by
+the compiler's diagnostics for a failed build. A malformed
 TORCH_CUDA_ARCH_LIST or MAX_JOBS, a switch other than 1 or 0 (or both switches at once), or a CUDA_HOME that holds
 no toolkit fails the install instead.
 """
@@ -183,11 +184,19 @@ def cuda_extension():
                 objects = compile_cuda(home, Path(self.build_temp) / "cuda", gencode, jobs)
                 for extension in self.extensions:
                     extension.extra_objects = objects
+                    # setuptools relinks only when a dependency is newer than the library: the objects nvcc has
+                    # just rebuilt (for edited kernels or other architectures) must count, or a rebuild in the
+                    # same tree ships the old library.
+                    extension.depends = objects
                 super().build_extensions()
             except Exception as error:  # noqa: BLE001 - any build failure falls back the same way
                 if force:
                     raise
-                _say(f"the CUDA build failed, installing the pure-Python package: {str(error).splitlines()[0]}")
+                reason, *details = str(error).splitlines() or [type(error).__name__]
+                _say(f"the CUDA build failed, installing the pure-Python package: {reason}")
+                for line in details[-40:]:  # the compiler's own diagnostics, which say what to fix
+                    print(f"    {line}", file=sys.stderr)
+                _say("LKCONV_FORCE_CUDA=1 makes a failed CUDA build fail the install")
                 self.extensions = []
 
     extension = CppExtension(

@@ -2,6 +2,7 @@
 suffixes, +PTX, names) and its switches (LKCONV_SKIP_CUDA_BUILD, LKCONV_FORCE_CUDA, MAX_JOBS)."""
 
 import importlib.util
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,59 @@ def test_max_jobs_sets_the_parallel_nvcc_processes(switches, monkeypatch):
     assert switches._max_jobs() == 3
     monkeypatch.delenv("MAX_JOBS")
     assert switches._max_jobs() >= 1
+
+
+# --- the build command itself, on stand-ins for nvcc's objects and the binding (seconds, not nvcc's minutes) -------
+
+
+def _build(setup_module, monkeypatch, folder: Path, objects) -> list[Path]:
+    """Runs setup.py's build_ext as pip does, with `objects(build_dir)` standing in for compile_cuda's nvcc objects
+    and a one-line binding; returns the libraries built under `folder`."""
+    from setuptools import Distribution
+
+    monkeypatch.setattr(setup_module, "compile_cuda", lambda home, build_dir, gencode, jobs: objects(build_dir))
+    binding = folder / "binding.cpp"
+    if not binding.exists():  # an unchanged source between builds, as the real binding's usually is
+        binding.write_text("int lkconv_binding() { return 0; }\n")
+    modules, commands = setup_module.cuda_extension()
+    modules[0].sources = [str(binding)]
+    command = Distribution({"name": "lkconv", "ext_modules": modules, "cmdclass": commands}).get_command_obj(
+        "build_ext")
+    command.build_lib, command.build_temp = str(folder / "lib"), str(folder / "temp")
+    command.ensure_finalized()
+    command.run()
+    return sorted((folder / "lib").rglob("_C*.so"))
+
+
+def _kernels_object(version: str):
+    def objects(build_dir: Path) -> list[str]:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        source, target = build_dir / "kernels.c", build_dir / "kernels.o"
+        source.write_text(f'const char *lkconv_kernels = "kernels version {version}";\n')
+        subprocess.run(["gcc", "-fPIC", "-c", str(source), "-o", str(target)], check=True)
+        return [str(target)]
+    return objects
+
+
+def test_a_rebuild_in_the_same_tree_links_the_new_nvcc_objects(switches, monkeypatch, tmp_path):
+    """pip builds a regular install in ./build each time: after edited kernels or another TORCH_CUDA_ARCH_LIST, the
+    library must hold the new objects, though the binding's source has not changed."""
+    (library,) = _build(switches, monkeypatch, tmp_path, _kernels_object("one"))
+    assert b"kernels version one" in library.read_bytes()
+    (library,) = _build(switches, monkeypatch, tmp_path, _kernels_object("two"))
+    assert b"kernels version two" in library.read_bytes(), "the rebuild kept the old library"
+
+
+def test_a_failed_cuda_build_shows_nvcc_s_errors_and_the_switch_that_makes_it_fatal(switches, monkeypatch, tmp_path,
+                                                                                   capsys):
+    def failing(build_dir):
+        raise RuntimeError('nvcc failed on conv.cu:\nconv.cu(12): error: identifier "tile" is undefined')
+
+    assert _build(switches, monkeypatch, tmp_path, failing) == []
+    err = capsys.readouterr().err
+    assert "the CUDA build failed, installing the pure-Python package: nvcc failed on conv.cu:" in err
+    assert 'conv.cu(12): error: identifier "tile" is undefined' in err
+    assert "LKCONV_FORCE_CUDA=1 makes a failed CUDA build fail the install" in err
+    monkeypatch.setenv("LKCONV_FORCE_CUDA", "1")
+    with pytest.raises(RuntimeError, match="identifier \"tile\" is undefined"):
+        _build(switches, monkeypatch, tmp_path, failing)

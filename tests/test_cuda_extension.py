@@ -233,6 +233,24 @@ def test_a_broken_extension_warns_once_and_auto_carries_on(monkeypatch):
         cuda_backend._import_failure.cache_clear()
 
 
+def test_the_reinstall_command_fits_the_install_it_is_given_for(tmp_path):
+    """An editable install is rebuilt from its own folder, which the command names; an install from a wheel has no
+    source folder, so the command asks for the user's (a -e on site-packages would fail)."""
+    source = tmp_path / "src"
+    (source / "csrc").mkdir(parents=True)
+    (source / "setup.py").write_text("")
+    (source / "lkconv").mkdir()
+    editable = cuda_backend.reinstall_command(source / "lkconv")
+    assert f"--force-reinstall --no-deps -e {source} (with nvcc on PATH" in editable
+    (tmp_path / "site-packages" / "lkconv").mkdir(parents=True)
+    from_a_wheel = cuda_backend.reinstall_command(tmp_path / "site-packages" / "lkconv")
+    assert "--no-deps <lkconv's source folder or sdist> (with nvcc on PATH" in from_a_wheel
+    assert " -e " not in from_a_wheel
+    package = Path(lkconv.__file__).resolve().parent  # this test run's own lkconv
+    expected = f"-e {package.parent}" if (package.parent / "setup.py").is_file() else "<lkconv's source folder"
+    assert expected in cuda_backend.REINSTALL
+
+
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_cuda_kernels_keep_every_value_in_registers(arch, tmp_path):
     """No kernel in csrc/ spills registers to local memory on sm_80 or sm_90: ptxas's own count, with setup.py's

@@ -9,6 +9,7 @@ extension is missing or fails to import, the backend reports why, and `auto` car
 import functools
 import importlib.util
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -20,8 +21,21 @@ name = "cuda"
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUMMANDS_PER_SPLIT = 16384
-REINSTALL = ("pip install -v --no-build-isolation --force-reinstall --no-deps -e <lkconv's source folder> "
-             "(with nvcc on PATH; -v shows the build's own messages)")
+
+
+def reinstall_command(package: Path) -> str:
+    """The command that rebuilds lkconv._C for the lkconv at `package`: an editable install from its own source
+    folder, which it names; an install from a wheel from the sources the user has (a folder or an sdist)."""
+    source = package.parent
+    if (source / "setup.py").is_file() and (source / "csrc").is_dir():
+        target = f"-e {source}"
+    else:
+        target = "<lkconv's source folder or sdist>"
+    return (f"pip install -v --no-build-isolation --force-reinstall --no-deps {target} (with nvcc on PATH; -v shows "
+            "the build's own messages)")
+
+
+REINSTALL = reinstall_command(Path(__file__).resolve().parent.parent)
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,14 +55,20 @@ def test_depthwise_latency(benchmark, shape, kernel, dtype, implementation, pass
     w = (torch.randn(shape[1], 1, kernel, kernel, device=device, dtype=dtype) / kernel).requires_grad_(
         pass_name == "fwd_bwd")
     conv = IMPLEMENTATIONS[implementation]
-    expected = F.conv2d(x.double(), w.double(), None, 1, kernel // 2, 1, shape[1])
+    x64, w64 = (t.detach().double().requires_grad_(pass_name == "fwd_bwd") for t in (x, w))
+    expected = F.conv2d(x64, w64, None, 1, kernel // 2, 1, shape[1])
     output = conv(x, w, kernel // 2)
-    error = ((output.double() - expected).norm() / expected.norm()).item()
-    assert error < (1e-5 if dtype == torch.float32 else 1e-2), f"{implementation} is wrong: relative error {error}"
+    results, references = [output], [expected]
+    if pass_name == "fwd_bwd":
+        grad = torch.randn_like(output)
+        results += torch.autograd.grad(output, (x, w), grad)
+        references += torch.autograd.grad(expected, (x64, w64), grad.double())
+    for name, result, reference in zip(("output", "input grad", "weight grad"), results, references):
+        error = ((result.double() - reference).norm() / reference.norm()).item()
+        assert error < (1e-5 if dtype == torch.float32 else 1e-2), f"{implementation}'s {name}: relative error {error}"
     if pass_name == "forward":
         fn = lambda: conv(x, w, kernel // 2)  # noqa: E731
     else:
-        grad = torch.randn_like(output)
         fn = lambda: torch.autograd.grad(conv(x, w, kernel // 2), (x, w), grad)  # noqa: E731
     benchmark.extra_info.update(shape="x".join(map(str, shape)), kernel=kernel, dtype=str(dtype), device=device)
     # One untimed round first: the backward kernels compile on their first call.

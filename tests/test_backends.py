@@ -839,13 +839,17 @@ def test_lkconv_choices_entries_that_are_not_choices_are_named(change, monkeypat
         measured.load()
 
 
-def test_the_committed_table_is_valid():
+def test_the_committed_table_is_valid_and_says_which_gpu_measured_it():
+    """load() refuses a table with an entry that is not a choice (test_lkconv_choices_entries_that_are_not_choices_
+    are_named); the committed one loads, and names the GPU its choices were measured on, or none while it is empty."""
     from lkconv.backends import measured
 
-    table = measured.load()
+    table = measured.load(measured.TABLE)
     assert set(table) >= {"device", "choices"}
-    for entry in table["choices"]:
-        assert entry["backend"] in ("triton", "cuda") and len(entry["kernel"]) == len(entry["size"]) == 2
+    if table["choices"]:
+        assert isinstance(table["device"], str) and table["device"], "choices measured on no named GPU"
+    else:
+        assert table["device"] is None, "an empty table names a GPU"
 
 
 # --- LKCONV_AUTOTUNE: run-time measurement where nothing is committed ----------------------------------------------

@@ -42,7 +42,7 @@ def _inputs(shape, kernel, dtype, channels_last):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,kernel", SHAPES, ids=[f"{s}-k{k}" for s, k in SHAPES])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_matches_float64_at_realistic_shapes(backend, shape, kernel, dtype, channels_last):
+def test_matches_float64_at_realistic_shapes(backend, shape, kernel, dtype, channels_last, poisoned_outputs):
     x, w, b = _inputs(shape, kernel, dtype, channels_last)
     with lkconv.use_backend(backend):
         y = lkconv.depthwise_conv2d(x, w, b, padding=kernel // 2)
@@ -84,7 +84,7 @@ def test_auto_picks_triton_on_cuda():
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_tf32_within_tf32_tolerance_when_allowed(backend):
+def test_tf32_within_tf32_tolerance_when_allowed(backend, poisoned_outputs):
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     x, w, b = _inputs((8, 64, 32, 32), 31, torch.float32, False)
     with lkconv.use_backend(backend):
@@ -101,7 +101,7 @@ def test_tf32_within_tf32_tolerance_when_allowed(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch,form", [(40, "whole_map"), (1, "rows")])
-def test_cuda_tensor_core_forms_on_a_map_the_kernel_covers(batch, form, dtype):
+def test_cuda_tensor_core_forms_on_a_map_the_kernel_covers(batch, form, dtype, poisoned_outputs):
     """RepLKNet stage 3's 14x14 map with K=27: the whole-map GEMMs where the batch fills them, the row forms for one
     image; both against float64, every pass."""
     x, w, b = _inputs((batch, 48, 14, 14), 27, dtype, False)
@@ -188,7 +188,7 @@ def test_cuda_graph_capture_on_a_side_stream(backend):
 
 @pytest.mark.parametrize("stride,dilation", [(2, 1), (1, 2), (2, 3)])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_strided_and_dilated_large_kernels(backend, stride, dilation):
+def test_strided_and_dilated_large_kernels(backend, stride, dilation, poisoned_outputs):
     x, w, b = _inputs((8, 96, 40, 36), 13, torch.bfloat16, True)
     with lkconv.use_backend(backend):
         y = lkconv.depthwise_conv2d(x, w, b, stride, 6, dilation)

@@ -148,13 +148,25 @@ def test_double_backward_through_triton_kernels():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_weight_grad_is_bit_identical_over_runs(backend):
-    """Meaningful on a GPU, where the triton splits really run in parallel (on CPU the interpreter is serial)."""
+def test_weight_grad_is_bit_identical_over_runs_and_matches_the_reference(backend):
+    """Repeated weight grads are bit-identical. On triton they are summed from several fixed-order partial sums, as
+    on a GPU (where the splits run in parallel; the interpreter would otherwise take one): an order that varies
+    shows."""
+    x = torch.randn(3, 4, 12, 11, dtype=torch.float64)
+    dy = torch.randn(3, 4, 12, 11, dtype=torch.float64)
+    zeros = torch.zeros(4, dtype=torch.float64)
+    _, _, grad_w, grad_b = reference(x, torch.zeros(4, 1, 7, 5, dtype=torch.float64), zeros, 1, (3, 2), 1, dy)
     device = TRITON_DEVICE if backend == "triton" else "cpu"
-    x = torch.randn(3, 4, 12, 11, device=device)
-    dy = torch.randn(3, 4, 12, 11, device=device)
-    with lkconv.use_backend(backend):
-        runs = [ops.depthwise_conv2d_weight_grad(dy, x, [7, 5], [1, 1], [3, 2, 3, 2], [1, 1], True) for _ in range(5)]
+    x, dy = (t.float().to(device) for t in (x, dy))
+    if backend == "triton":
+        runs = [triton_backend.weight_grad(dy, x, (7, 5), (1, 1), (3, 2, 3, 2), (1, 1), True, splits=5)
+                for _ in range(5)]
+    else:
+        with lkconv.use_backend(backend):
+            runs = [ops.depthwise_conv2d_weight_grad(dy, x, [7, 5], [1, 1], [3, 2, 3, 2], [1, 1], True)
+                    for _ in range(5)]
+    assert_close(runs[0][0], grad_w, TOLERANCE[torch.float32], "grad_weight")
+    assert_close(runs[0][1], grad_b, TOLERANCE[torch.float32], "grad_bias")
     for grad_weight, grad_bias in runs[1:]:
         assert torch.equal(grad_weight, runs[0][0]) and torch.equal(grad_bias, runs[0][1])
 
@@ -625,8 +637,8 @@ def test_vmap_runs_the_op_once_for_the_whole_batch(batched, multiplier, monkeypa
 @pytest.mark.parametrize("in_dims", [(0, None), (None, 0), (0, 0)])
 def test_the_backward_ops_batching_rules_match_a_loop_over_members(op_name, with_bias, in_dims, monkeypatch):
     """vmap of each backward op (what torch.func's nested transforms call) is one call for the whole batch, and
-    each member's result is the op's result on that member alone. (in_dims (0, None) is jacrev in the weight: the
-    weight grad folds the members into the depth multiplier there, the others into the channels.)"""
+    each member's result is float64 F.conv2d's gradient for that member alone. (in_dims (0, None) is jacrev in the
+    weight: the weight grad folds the members into the depth multiplier there, the others into the channels.)"""
     members, kernel_size = 3, [3, 4]
     x = torch.randn(members, 2, 3, 7, 8)
     w = torch.randn(members, 6, 1, *kernel_size)
@@ -641,12 +653,20 @@ def test_the_backward_ops_batching_rules_match_a_loop_over_members(op_name, with
     counts = _counted_passes(monkeypatch, torch_backend)
     batched = torch.func.vmap(op, in_dims=in_dims)(*args)
     assert counts[op_name] == 1, counts
+    top, left, bottom, right = PADDING
     for i in range(members):
-        expected = op(*(t[i] if dim == 0 else t for t, dim in zip(args, in_dims)))
-        for actual, wanted in zip(batched if op_name == "weight_grad" else [batched],
-                                  expected if op_name == "weight_grad" else [expected]):
+        member_dy, member_operand = (t[i] if dim == 0 else t for t, dim in zip(args, in_dims))
+        map_ = member_operand if op_name == "weight_grad" else torch.zeros(2, 3, 7, 8)
+        filters = w[0] if op_name == "weight_grad" else member_operand  # the weight grad does not read the filters
+        _, padded_grad, grad_weight, grad_bias = reference(F.pad(map_, (left, right, top, bottom)), filters,
+                                                           torch.zeros(6), STRIDE, 0, DILATION, member_dy)
+        if op_name == "input_grad":
+            expected = [padded_grad[:, :, top:top + 7, left:left + 8]]
+        else:
+            expected = [grad_weight, grad_bias if with_bias else torch.zeros(0, dtype=torch.float64)]
+        for actual, wanted in zip(batched if op_name == "weight_grad" else [batched], expected, strict=True):
             assert actual[i].shape == wanted.shape, (actual.shape, wanted.shape)
-            assert_close(actual[i], wanted.double(), TOLERANCE[torch.float32], f"member {i} of vmap({op_name})")
+            assert_close(actual[i], wanted, TOLERANCE[torch.float32], f"member {i} of vmap({op_name})")
 
 
 def test_torch_function_modes_and_tensor_subclasses_see_one_call():
@@ -688,7 +708,9 @@ def test_autocast_computes_in_the_autocast_dtype_like_nn_conv2d():
     assert x.grad.dtype == torch.float32 and module.weight.grad.dtype == torch.float32
     # Autocast rounds x, the weight and the bias to bfloat16 and computes from those, as nn.Conv2d does.
     wanted = reference(*(t.bfloat16() for t in (x, module.weight, module.bias)), 1, 2, 1, grad_output)
-    for actual, expected, what in zip((y, x.grad, module.weight.grad), wanted, ("output", "input grad", "weight grad")):
+    computed = (y, x.grad, module.weight.grad, module.bias.grad)
+    for actual, expected, what in zip(computed, wanted, ("output", "input grad", "weight grad", "bias grad"),
+                                      strict=True):
         assert_close(actual, expected, TOLERANCE[torch.bfloat16], f"autocast {what}")
 
 
@@ -751,19 +773,23 @@ def test_ops_called_directly_reject_inconsistent_shapes(backend):
     x = torch.randn(1, 2, 6, 6, device=device)
     same = [1, 1, 1, 1]
     with lkconv.use_backend(backend):
-        with pytest.raises(ValueError, match="depthwise_conv2d_input_grad"):
+        with pytest.raises(ValueError, match=r"depthwise_conv2d_input_grad: .* give output \(1, 4, 6, 6\); "
+                                             r"got \(1, 2, 6, 6\)"):
             ops.depthwise_conv2d_input_grad(dy, w, [1, 2, 6, 6], [1, 1], same, [1, 1])  # dy has 2 channels, w 4
-        with pytest.raises(ValueError, match="depthwise_conv2d_input_grad"):
+        with pytest.raises(ValueError, match=r"depthwise_conv2d_input_grad: .* give output \(1, 2, 9, 6\); "
+                                             r"got \(1, 2, 6, 6\)"):
             ops.depthwise_conv2d_input_grad(dy, w[:2], [1, 2, 9, 6], [1, 1], same, [1, 1])  # dy too short for H=9
-        with pytest.raises(ValueError, match="depthwise_conv2d_weight_grad"):
+        with pytest.raises(ValueError, match=r"depthwise_conv2d_weight_grad: input must be \(N, C, H, W\) and weight "
+                                             r"\(C\*m, 1, kh, kw\); got input \(1, 3, 6, 6\), weight \(2, 1, 3, 3\)"):
             ops.depthwise_conv2d_weight_grad(dy, x[:, :1].repeat(1, 3, 1, 1), [3, 3], [1, 1], same, [1, 1], True)
-        with pytest.raises(ValueError, match="depthwise_conv2d_weight_grad"):
+        with pytest.raises(ValueError, match=r"depthwise_conv2d_weight_grad: input must match grad_output in dtype"):
             ops.depthwise_conv2d_weight_grad(dy.double(), x, [3, 3], [1, 1], same, [1, 1], True)
         with pytest.raises(ValueError, match=r"grad_output must be \(N, C\*m, OH, OW\); got \(2, 6, 6\)"):
             ops.depthwise_conv2d_weight_grad(dy[0], x, [3, 3], [1, 1], same, [1, 1], True)  # dy of one image, unbatched
-        with pytest.raises(ValueError, match="lkconv::depthwise_conv2d:"):
+        with pytest.raises(ValueError, match=r"lkconv::depthwise_conv2d: input must be .* got input \(1, 2, 6, 6\), "
+                                             r"weight \(3, 1, 3, 3\)"):
             ops.depthwise_conv2d(x, w[:3], None, [1, 1], same, [1, 1])  # 3 is not a multiple of 2 channels
-        with pytest.raises(ValueError, match="bias"):
+        with pytest.raises(ValueError, match=r"bias must have shape \(4,\); got \(3,\)"):
             ops.depthwise_conv2d(x, w, torch.randn(3, device=device), [1, 1], same, [1, 1])
 
 

@@ -1,5 +1,6 @@
-"""setup.py without building anything: its nvcc targets (TORCH_CUDA_ARCH_LIST as torch reads it: numbers, 'a'/'f'
-suffixes, +PTX, names) and its switches (LKCONV_SKIP_CUDA_BUILD, LKCONV_FORCE_CUDA, MAX_JOBS)."""
+"""setup.py without nvcc compiling anything: its nvcc targets (TORCH_CUDA_ARCH_LIST as torch reads it: numbers,
+'a'/'f' suffixes, +PTX, names), its switches (LKCONV_SKIP_CUDA_BUILD, LKCONV_FORCE_CUDA, MAX_JOBS), and its build
+command, run on stand-ins for nvcc's objects."""
 
 import importlib.util
 import subprocess

@@ -710,6 +710,28 @@ def test_refconv_from_lkconv_depthwise_conv():
     assert_close(ref(x), expected, F64, "RefConv from DepthwiseConv2d")
 
 
+@pytest.mark.parametrize("in_channels,out_channels,kernel_size,groups,dilation", [
+    pytest.param(4, 4, 7, 4, 1, id="depthwise-k7"),
+    pytest.param(4, 4, 8, 4, 1, id="depthwise-k8"),
+    pytest.param(4, 8, (8, 7), 4, (1, 2), id="depthwise-8x7-dilation1x2-multiplier2"),
+    pytest.param(6, 6, 4, 3, 3, id="grouped-k4-dilation3"),
+    pytest.param(3, 5, 4, 1, 1, id="dense-k4"),
+])
+def test_refconv_default_padding_keeps_the_map_s_size_for_odd_and_even_kernels(in_channels, out_channels,
+                                                                                  kernel_size, groups, dilation):
+    """Where no padding is given, the output has the input's size (an even kernel once came out a row and a column
+    short), and the merged conv gives the same output."""
+    torch.manual_seed(15)
+    ref = randomize_refconv(RefConv(in_channels, out_channels, kernel_size, groups=groups, dilation=dilation,
+                                    bias=True, dtype=torch.float64))
+    x = torch.randn(2, in_channels, 11, 10, dtype=torch.float64)
+    expected = F.conv2d(x, refocus_reference(ref.weight, ref.convmap.weight), ref.bias, padding="same",
+                        dilation=dilation, groups=groups)
+    assert expected.shape[-2:] == x.shape[-2:]
+    assert_close(ref(x), expected, F64, "RefConv with its default padding")
+    assert_close(ref.to_conv()(x), expected, F64, "RefConv's plain conv")
+
+
 def test_refconv_errors():
     with pytest.raises(TypeError, match=r"conv must be an nn\.Conv2d; got Linear"):
         RefConv.from_conv(nn.Linear(3, 3))
@@ -717,6 +739,9 @@ def test_refconv_errors():
         RefConv(4, 4, 3, map_k=4)
     with pytest.raises(ValueError, match=r"conv.padding_mode must be 'zeros' for RefConv; got 'reflect'"):
         RefConv.from_conv(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match=r"padding must be given .* is odd at stride > 1 .* got kernel_size=8, "
+                                         r"dilation=1, stride=2, padding=None"):
+        RefConv(4, 4, 8, stride=2, groups=4)
 
 
 # --------------------------------------------------------------------------------------------------------------

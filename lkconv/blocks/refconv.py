@@ -1,6 +1,6 @@
 """RefConv: a frozen pre-trained kernel refocused by a learnable conv over the bank of its own 2-D kernels."""
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ class RefConv(ReparamBlock):
     - `convmap`: the learnable refocusing conv W_r over the C_out·C_in/g base kernels, `map_k`×`map_k` with
       C_in·C_out/g² groups; for a depthwise conv it mixes all channels' kernels.
     - `bias`: the conv's own bias, if any, stays a learnable parameter.
+    - `padding=None` (the default) keeps the map's size at stride 1 (see `same_padding_for`).
 
     `RefConv.from_conv(conv)` starts from a trained conv with W_r = 0, so the model starts exactly equal to it.
     `reparameterize()` bakes W_t into `weight` (now a parameter) and drops `convmap`; `deploy=True` builds that
@@ -48,9 +49,10 @@ class RefConv(ReparamBlock):
     ) -> None:
         super().__init__()
         # A reference conv holds and checks the configuration; its weight becomes the base kernel.
-        template = make_conv(in_channels, out_channels, kernel_size, stride,
-                             same_padding_for(kernel_size, dilation) if padding is None else padding, dilation,
-                             groups, bias, device=device, dtype=dtype)
+        if padding is None:
+            padding = same_padding_for(kernel_size, dilation, stride)
+        template = make_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                             device=device, dtype=dtype)
         if not isinstance(map_k, int) or isinstance(map_k, bool) or map_k < 1 or map_k % 2 == 0:
             raise ValueError(f"map_k must be an odd int >= 1; got {map_k!r}")
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups"):
@@ -148,7 +150,19 @@ class RefConv(ReparamBlock):
 
 
 
-def same_padding_for(kernel_size: _size_2_t, dilation: _size_2_t) -> tuple[int, int]:
-    """'Same' padding of an odd (possibly dilated) kernel: half its span per side."""
+def same_padding_for(kernel_size: _size_2_t, dilation: _size_2_t, stride: _size_2_t) -> Union[tuple[int, int], str]:
+    """RefConv's default padding, which keeps the map's size at stride 1: half the (dilated) kernel's span per side.
+
+    The span is dilation·(kernel − 1). An odd one (an even kernel at dilation 1) cannot be split evenly: it gets
+    'same' (PyTorch's rule puts the extra row and column after the map), which needs stride 1, so at a stride > 1
+    the padding must be given.
+    """
     sizes, rates = pair(kernel_size, "kernel_size", 1), pair(dilation, "dilation", 1)
-    return tuple(r * (k - 1) // 2 for k, r in zip(sizes, rates))
+    spans = [r * (k - 1) for k, r in zip(sizes, rates)]
+    if all(span % 2 == 0 for span in spans):
+        return spans[0] // 2, spans[1] // 2
+    if pair(stride, "stride", 1) == (1, 1):
+        return "same"
+    raise ValueError(f"padding must be given for a kernel whose dilated span, dilation·(kernel − 1), is odd at "
+                     f"stride > 1 (no symmetric padding fits it); got kernel_size={kernel_size!r}, "
+                     f"dilation={dilation!r}, stride={stride!r}, padding=None")

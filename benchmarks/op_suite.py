@@ -135,19 +135,31 @@ def reference_results(case: ConvCase, t: Inputs) -> dict[str, torch.Tensor]:
     return {"forward": y, "input_grad": dx, "weight_grad": dw}
 
 
+# A row's timing fields: a row whose answer is wrong, or could not be checked, reports none of them.
+TIMED_FIELDS = ("median_ms", "p20_ms", "p80_ms", "peak_memory_mib", "host_us", "tflops", "floor_ms", "floor_fraction",
+                "fp32_fma_floor_fraction")
+
+
 def _checked(row: dict, fn: Callable, expected: torch.Tensor, tf32: bool) -> dict:
-    """`row` with the relative error of one untimed call of `fn` against `expected`; a result past the tolerance
-    turns the row into an error, so no time is ever reported for a wrong answer."""
-    result = fn()
-    result = result[0] if isinstance(result, tuple) else result  # the weight-grad op also returns the bias grad
-    # In fp32, on the device: precise enough for a 1e-5 tolerance, and no float64 copies of the largest maps.
-    scale = expected.norm().item()
-    error = (result.float() - expected).norm().item() / (scale or 1.0)
-    tolerance = TOLERANCE["tf32" if tf32 and row["dtype"] == "float32" else row["dtype"]]
-    row["rel_error"] = error
-    if not error <= tolerance:  # NaN fails too
-        row["error"] = f"wrong result: relative error {error:.2e} against PyTorch fp32 > {tolerance:.0e}"
-    return row
+    """`row` with the relative error of one untimed call of `fn` against `expected`. A result past the tolerance, or
+    a check that raised, turns the row into an error with no time, TFLOP/s or floor fraction (and so no speed-up, no
+    plot bar and no vote in `choices`); the time measured stays, as `unchecked_median_ms`, for diagnosis only."""
+    try:
+        result = fn()
+        result = result[0] if isinstance(result, tuple) else result  # the weight-grad op also returns the bias grad
+        # In fp32, on the device: precise enough for a 1e-5 tolerance, and no float64 copies of the largest maps.
+        scale = expected.norm().item()
+        error = (result.float() - expected).norm().item() / (scale or 1.0)
+    except Exception as raised:  # noqa: BLE001 - e.g. a wrong shape; a lost CUDA context still stops the run
+        reason = "not checked: " + failure(raised)["error"]
+        release_memory()
+    else:
+        tolerance = TOLERANCE["tf32" if tf32 and row["dtype"] == "float32" else row["dtype"]]
+        row["rel_error"] = error
+        if error <= tolerance:  # NaN fails too
+            return row
+        reason = f"wrong result: relative error {error:.2e} against PyTorch fp32 > {tolerance:.0e}"
+    return {**row, **dict.fromkeys(TIMED_FIELDS), "unchecked_median_ms": row.get("median_ms"), "error": reason}
 
 
 def baseline_label(baseline: str) -> str:
@@ -172,12 +184,12 @@ def _kernels_by_pass(explanation: lkconv.Explanation) -> dict[str, str]:
 
 
 def _host_us(fn: Callable, median_ms: float) -> Optional[float]:
-    """The host's time per call on a GPU (None on a CPU, or if it cannot be measured: the GPU timing stands). Calls
-    of 1 ms or more cannot be host-bound, so two calls do there, keeping a GPU session short."""
-    if not torch.cuda.is_available():
+    """The host's time per call on a GPU (None on a CPU, for calls of 1 ms or more, which no host overhead of
+    Python and launches reaches, or if it cannot be measured: the GPU timing stands)."""
+    if not torch.cuda.is_available() or median_ms >= 1:
         return None
     try:
-        return host_us(fn, calls=10 if median_ms < 1 else 2)
+        return host_us(fn)
     except Exception:  # noqa: BLE001 - e.g. out of memory with the timing's tensors still cached
         release_memory()
         return None
@@ -243,17 +255,18 @@ def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[d
             try:
                 with lkconv.use_backend(backend):
                     explanation = lkconv.explain(t.input, t.weight, None, 1, case.padding)
-            except lkconv.BackendUnavailableError as error:
-                runs_on, kernels, unavailable = "unavailable", {}, error
+            except Exception as error:  # noqa: BLE001 - unavailable here (skipped rows) or a failure (error rows)
+                unavailable = isinstance(error, lkconv.BackendUnavailableError)
+                runs_on, kernels, refused = "unavailable" if unavailable else "explain failed", {}, error
             else:
-                runs_on, kernels, unavailable = explanation.backend, _kernels_by_pass(explanation), None
+                runs_on, kernels, refused = explanation.backend, _kernels_by_pass(explanation), None
             passes = lkconv_passes(case, t)
             for pass_name in settings.passes:
                 progress.update(f"{case.label} {pass_name} lkconv[{backend}] {layout}")
                 row = {**_row(case, pass_name, f"lkconv[{backend}]", layout, runs_on),
                        "kernels": kernels.get(pass_name, "")}
-                if unavailable is not None:
-                    rows.append({**row, **failure(unavailable)})
+                if refused is not None:
+                    rows.append({**row, **failure(refused)})
                 else:
                     with lkconv.use_backend(backend):
                         row = _timed(row, case, passes[pass_name], settings)
@@ -283,7 +296,7 @@ def notes(settings: OpSettings) -> dict:
         "op_fp32_math": "tf32 allowed" if settings.tf32 else "exact (ieee)",
         "op_floors": FLOORS_NOTE,
         "op_flops": "useful taps only (taps that land inside the image), 2 FLOPs per multiply-add",
-        "op_host_us": "GPU only: the host's wall time per call, 10 calls (2 for calls of 1 ms or more) issued back to "
-                      "back without waiting for the GPU, fastest of 3; where it exceeds the median, consecutive calls "
-                      "are host-bound unless captured in a CUDA graph",
+        "op_host_us": "GPU only, for calls under 1 ms: the host's wall time per call, 10 calls issued back to back "
+                      "without waiting for the GPU, fastest of 3; where it exceeds the median, consecutive calls are "
+                      "host-bound unless captured in a CUDA graph",
     }

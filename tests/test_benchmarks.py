@@ -13,7 +13,7 @@ import lkconv
 
 from conftest import assert_close
 from lkconv.benchmarks import __main__ as cli
-from lkconv.benchmarks import report
+from lkconv.benchmarks import op_suite, report
 from lkconv.benchmarks.progress import Progress
 from lkconv.benchmarks.roofline import ConvCase, floor, minimum_bytes, useful_flops, useful_taps_per_axis
 
@@ -171,8 +171,48 @@ def test_a_wrong_result_is_an_error_not_a_time(tmp_path, capsys, monkeypatch, pa
     wrong = [r for r in rows if r["impl"].startswith("lkconv")]
     assert wrong and all(r["error"].startswith("wrong result: relative error") for r in wrong), wrong
     assert all(r["speedup_vs_nchw"] is None for r in wrong), "a wrong answer has no speed-up either"
+    assert all(r.get(field) is None for r in wrong for field in op_suite.TIMED_FIELDS), "nor a time"
+    assert all(r["unchecked_median_ms"] > 0 for r in wrong)
     assert all(not r["error"] for r in rows if r["impl"].startswith("pytorch"))
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_host_time_is_measured_only_for_calls_under_a_millisecond(monkeypatch):
+    """A GPU session's slow rows (PyTorch's NCHW weight grad takes hundreds of ms) spend no calls on host time."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    assert op_suite._host_us(lambda: calls.append(1), median_ms=1.0) is None and not calls
+    assert op_suite._host_us(lambda: calls.append(1), median_ms=0.9) > 0 and len(calls) == 30
+
+
+def test_a_check_or_an_explanation_that_raises_fails_its_rows_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A pass whose answer cannot even be compared (a wrong shape), or an `explain` that raises, turns its rows into
+    errors; the other passes, cases and baselines are still measured."""
+    from lkconv.backends import torch_backend
+
+    real_input_grad, real_explain = torch_backend.input_grad, lkconv.explain
+    monkeypatch.setattr(torch_backend, "input_grad", lambda *args: real_input_grad(*args)[..., :-1])
+
+    def explain_fails_for_channels_last(input, *args, **kwargs):
+        if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+            raise RuntimeError("explain exploded")
+        return real_explain(input, *args, **kwargs)
+
+    monkeypatch.setattr(lkconv, "explain", explain_fails_for_channels_last)
+    arguments = TINY + ["--suites", "op", "--passes", "forward", "input_grad", "--layouts", "nchw", "channels_last"]
+    assert cli.main(arguments + ["--no-plots", "--out", str(tmp_path)]) == 0
+    _, rows = read_results(tmp_path)
+    lkconv_rows = {(r["kernel"], r["pass"], r["layout"]): r for r in rows if r["impl"] == "lkconv[auto]"}
+    assert len(lkconv_rows) == 8 and all(r["median_ms"] > 0 for r in rows if r["impl"].startswith("pytorch"))
+    for (kernel, pass_name, layout), row in lkconv_rows.items():
+        if layout == "channels_last":
+            assert row["runs_on"] == "explain failed" and "explain exploded" in row["error"], row
+        elif pass_name == "input_grad":
+            assert row["error"].startswith("not checked: RuntimeError: The size of tensor a"), row
+            assert row["median_ms"] is None and row["unchecked_median_ms"] > 0
+        else:
+            assert not row["error"] and row["median_ms"] > 0, row
 
 
 def test_an_interrupted_run_keeps_the_units_it_finished(tmp_path, monkeypatch):
@@ -239,6 +279,9 @@ def test_the_lkconv_bench_entry_point_is_installed_and_its_usage_lines_name_it()
     (["--suites", "table1", "--passes", "input_grad"], "--passes input_grad leaves the table1 suite nothing to run"),
     (["--suites", "model", "--dtypes", "float16"], "--dtypes float16 leaves the model suite nothing to run"),
     (["--suites", "table1", "--baselines", "compile", "--backends"], "expected at least one argument"),
+    (["--suites", "op", "table1", "--baselines", "compile"], "--baselines compile leaves the table1 suite no "
+                                                              "PyTorch baseline to compare with (it takes nchw, "
+                                                              "channels_last)"),
     (["--suites", "table1", "--kernels", "51x5", "5x51"], "--kernels 51x5 5x51 leaves the table1 suite nothing"),
     (["--cpu-seconds", "-5"], "argument --cpu-seconds: must be a number > 0; got '-5'"),
     (["--suites", "model", "--kernels", "51x5"], "--kernels applies to the op and table1 suites, which --suites model "
@@ -391,6 +434,13 @@ def test_choices_turns_a_run_timing_both_gpu_backends_into_autos_table(tmp_path,
     assert cli.main(["choices", str(tmp_path), "--to", str(target)]) == 0
     nchw = next(c for c in json.loads(target.read_text())["choices"] if c["layout"] == "nchw")
     assert nchw["backend"] == "cuda" and set(nchw["fwd_bwd_ms"]) == {"64x384x32x32", "1x384x32x32"}
+    # A backend whose pass gave a wrong answer on a shape has no vote there (fwd_bwd itself is not checked).
+    wrong = {**rows[1], "pass": "forward", "median_ms": None, "error": "wrong result: relative error 1e-01"}
+    (tmp_path / "results.json").write_text(json.dumps({"provenance": {"device": "GPU X"},
+                                                       "rows": rows + small + [wrong]}))
+    assert cli.main(["choices", str(tmp_path), "--to", str(target)]) == 0
+    nchw = next(c for c in json.loads(target.read_text())["choices"] if c["layout"] == "nchw")
+    assert nchw["fwd_bwd_ms"] == {"1x384x32x32": {"triton": 0.3, "cuda": 0.2}}
     with pytest.raises(SystemExit):
         cli.main(["choices", str(tmp_path), "--to", str(tmp_path / "no-such-folder" / "choices.json")])
     assert f"--to {tmp_path / 'no-such-folder' / 'choices.json'}: cannot write the table there" in \

@@ -124,16 +124,22 @@ def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass)
 def choices_from_rows(rows: list[dict]) -> list[dict]:
     """One entry per shape class and layout that both GPU backends measured (forward+backward) on the same shapes:
     the backend with the smaller total over those shapes, so the largest batches weigh most. A shape only one
-    backend ran (the other failed or was not timed) does not count: a batch-1 time is no answer to a batch-64 one."""
-    timed = {}  # shape class -> full shape -> backend -> fastest median
-    for row in rows:
-        if row.get("suite") != "op" or row.get("pass") != "fwd_bwd" or row.get("layout") not in LAYOUTS:
-            continue
-        # A forced backend's rows, or `auto`'s, which say where they ran.
-        backend = {"lkconv[triton]": "triton", "lkconv[cuda]": "cuda"}.get(row.get("impl"))
+    backend ran (the other failed or was not timed) does not count: a batch-1 time is no answer to a batch-64 one.
+    Nor does a backend's shape where any of its passes failed (a wrong answer included): fwd_bwd is not checked."""
+
+    def run_by(row):  # a forced backend's rows, or `auto`'s, which say where they ran
         if row.get("impl") == "lkconv[auto]" and row.get("runs_on") in ("triton", "cuda"):
-            backend = row["runs_on"]
-        if backend is None or not row.get("median_ms"):
+            return row["runs_on"]
+        return {"lkconv[triton]": "triton", "lkconv[cuda]": "cuda"}.get(row.get("impl"))
+
+    op_rows = [row for row in rows if row.get("suite") == "op" and row.get("layout") in LAYOUTS]
+    failed = {(row["shape"], row["kernel"], row["dtype"], row["layout"], run_by(row))
+              for row in op_rows if row.get("error")}
+    timed = {}  # shape class -> full shape -> backend -> fastest median
+    for row in op_rows:
+        backend = run_by(row)
+        if (row.get("pass") != "fwd_bwd" or backend is None or not row.get("median_ms")
+                or (row["shape"], row["kernel"], row["dtype"], row["layout"], backend) in failed):
             continue
         _, _, height, width = (int(v) for v in row["shape"].split("x"))
         kernel = tuple(int(v) for v in row["kernel"].split("x"))

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Everything we want from one call on a lent GPU machine (under 10 minutes), most important first. Each phase has its
 # own time limit (SIGINT, then SIGKILL 15 s later), so a slow or failing phase cannot starve the ones after it:
-#   1. install lkconv (builds lkconv._C), then compile the Triton kernels the session launches on every core;
+#   1. install lkconv (builds lkconv._C; pip -v, so nvcc's errors reach the log, and a warning when the cuda backend
+#      is missing), then compile the Triton kernels the session launches on every core;
 #   2. the op benchmark at the issues' shapes (every pass, fp32 and bf16, NCHW and channels_last, lkconv's triton and
 #      cuda backends against PyTorch NCHW and channels_last, each lkconv result checked against PyTorch fp32);
-#   3. the GPU tests, compute-sanitizer runs excepted;
-#   4. the rest of the quick preset (the paper's Table 1, RepLKNet-31B);
+#   3. the rest of the quick preset (the paper's Table 1, RepLKNet-31B);
+#   4. the GPU tests, compute-sanitizer runs excepted;
 #   5. the CPU suite's awkward grid with the triton kernels compiled, then the compute-sanitizer tests.
 # The machine has torch, triton and nvcc but no network, so nothing is downloaded. $OUT (./out when unset) gets
 # session.log (every phase's output), op/results.{json,csv,md} and rest/results.{json,csv,md}: 7 files, within the
-# device tool's 8. The op table and the test summary are printed last.
-# - SESSION_SECONDS (default 560) is the whole budget; OP_SECONDS (200) and TEST_SECONDS (200) cap phases 2 and 3;
-#   phase 4 gets what is left but GRID_SECONDS (60) and SANITIZER_SECONDS (60), phase 5 the rest.
+# device tool's 8. The test summary, the op table and the phases' status are printed last.
+# - SESSION_SECONDS (default 560) is the whole budget. Each phase gets what is left, capped: OP_SECONDS (200),
+#   REST_SECONDS (150), TEST_SECONDS (200), GRID_SECONDS (60); the sanitizer tests get the rest. Nothing is held back
+#   for a later phase, so a slow install or benchmark shortens the phases after it, never the ones before.
 # - LKCONV_GIT_COMMIT names the commit when the tree was copied without .git.
 # Plots are drawn where matplotlib is: fetch $OUT and run `python -m benchmarks report DIR` (per folder).
 # Usage: LKCONV_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_session.sh
@@ -47,38 +49,45 @@ run_phase() {
     return "$status"
 }
 
-left() { echo $((SESSION_SECONDS - SECONDS - ${1:-0})); }
+left() { echo $((SESSION_SECONDS - SECONDS)); }
+# capped SECONDS: what is left of the session, at most SECONDS.
+capped() { local rest; rest=$(left); echo $((rest < $1 ? rest : $1)); }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >>"$LOG" 2>&1 || echo "(no nvidia-smi)" >>"$LOG"
-if ! run_phase install 300 env MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" -m pip install --no-index --no-build-isolation \
+if ! run_phase install 300 env MAX_JOBS="${MAX_JOBS:-16}" "$PYTHON" -m pip install -v --no-index --no-build-isolation \
         --no-deps -e .; then
     tail -n 30 "$LOG"
     echo "install failed: nothing else can run" >&2
     exit 1
 fi
-"$PYTHON" -c "import lkconv; print('backends:', lkconv.available_backends())" 2>&1 | tee -a "$LOG"
+"$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG" "$SUMMARY/status"
+import lkconv
+from lkconv.backends import cuda_backend
+
+print("backends:", lkconv.available_backends())
+if "cuda" not in lkconv.available_backends():
+    print("WARNING: no cuda backend:", cuda_backend.unavailable_reason(), "(the install's nvcc lines are in the log)")
+EOF
 
 # Every later phase then finds its Triton kernels compiled (about a second each, over a hundred, otherwise one at a
 # time inside the tests and benchmarks). Not fatal: whatever it missed compiles on first use.
-run_phase "precompile" "$(( $(left) < 120 ? $(left) : 120 ))" "$PYTHON" -m benchmarks precompile || true
+run_phase "precompile" "$(capped 120)" "$PYTHON" -m benchmarks precompile || true
 
 bench_status=0
-run_phase "op benchmark" "$(( $(left) < ${OP_SECONDS:-200} ? $(left) : ${OP_SECONDS:-200} ))" \
+run_phase "op benchmark" "$(capped "${OP_SECONDS:-200}")" \
     "$PYTHON" -m benchmarks --preset quick --suites op --backends triton cuda --strict --no-plots --out "$OUT/op" \
     || bench_status=1
-
-tests_status=0
-run_phase "GPU tests" "$(( $(left) < ${TEST_SECONDS:-200} ? $(left) : ${TEST_SECONDS:-200} ))" \
-    "$PYTHON" -m pytest -q -m "gpu and not sanitizer" -rfE --durations=25 -p no:cacheprovider tests/ \
-    || tests_status=1
-
-run_phase "table1 and model benchmarks" "$(left $(( ${SANITIZER_SECONDS:-60} + ${GRID_SECONDS:-60} )))" \
+run_phase "table1 and model benchmarks" "$(capped "${REST_SECONDS:-150}")" \
     "$PYTHON" -m benchmarks --preset quick --suites table1 model --strict --no-plots --out "$OUT/rest" \
     || bench_status=1
 
+tests_status=0
+run_phase "GPU tests" "$(capped "${TEST_SECONDS:-200}")" \
+    "$PYTHON" -m pytest -q -m "gpu and not sanitizer" -rfE --durations=25 -p no:cacheprovider tests/ \
+    || tests_status=1
 # The CPU suite's awkward grid (stride 2, dilation, multipliers, even and non-square kernels, sliced and channels_last
 # inputs) with the triton backend compiled instead of interpreted, then compute-sanitizer.
-run_phase "awkward grid, compiled triton" "$(left "${SANITIZER_SECONDS:-60}")" \
+run_phase "awkward grid, compiled triton" "$(capped "${GRID_SECONDS:-60}")" \
     "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_numerics.py -k "float64_reference and triton" \
     || tests_status=1
 run_phase "sanitizer tests" "$(left)" \

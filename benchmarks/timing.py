@@ -17,7 +17,7 @@ class Timing(NamedTuple):
     p20_ms: float
     p80_ms: float
     samples: int
-    peak_memory_mib: Optional[float]  # max allocated during one call, everything live included (GPU only)
+    peak_memory_mib: Optional[float]  # the most one call allocated beyond what was live before it (GPU only)
 
 
 class Budget(NamedTuple):
@@ -46,21 +46,23 @@ def _quantiles(times: list[float], samples: int) -> Timing:
 
 
 def time_gpu(fn: Callable, budget: Budget) -> Timing:
-    """The first call warms up (JIT, autotuning, cuDNN benchmark) and measures peak memory and a first estimate."""
+    """The first call warms up (JIT, autotuning, cuDNN benchmark); the second measures peak memory (above what is
+    live before it: the harness's inputs, references and other models are not the call's) and a first estimate."""
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    live = torch.cuda.memory_allocated()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
     end.record()
     torch.cuda.synchronize()
-    estimate, peak = start.elapsed_time(end), torch.cuda.max_memory_allocated() / 2**20
+    estimate, peak = start.elapsed_time(end), (torch.cuda.max_memory_allocated() - live) / 2**20
     if estimate * budget.min_samples <= budget.rep_ms:
         from triton.testing import do_bench
 
-        median, p20, p80 = do_bench(fn, warmup=budget.warmup_ms, rep=budget.rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return Timing(median, p20, p80, max(1, int(budget.rep_ms / max(estimate, 1e-3))), peak)
+        times = do_bench(fn, warmup=budget.warmup_ms, rep=budget.rep_ms, return_mode="all")
+        return _quantiles(times, len(times))._replace(peak_memory_mib=peak)
     # Slow calls: do_bench would time one or two; L2 flushing is moot when a call streams far more than L2 holds.
     times = []
     for _ in range(budget.min_samples):

@@ -3,6 +3,7 @@ into chunks that add up to the whole, merges them again, and counts work and flo
 
 import json
 import math
+import statistics
 import time
 
 import pytest
@@ -175,6 +176,39 @@ def test_a_wrong_result_is_an_error_not_a_time(tmp_path, capsys, monkeypatch, pa
     assert all(r["unchecked_median_ms"] > 0 for r in wrong)
     assert all(not r["error"] for r in rows if r["impl"].startswith("pytorch"))
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_gpu_timing_counts_the_samples_it_took_and_the_memory_the_call_allocated(monkeypatch):
+    """On a GPU (faked here: CUDA events on perf_counter, do_bench returning its samples): the quantiles and the count
+    are those of the samples, and the peak memory is what the call allocated above what was live before it."""
+    import triton.testing
+
+    from lkconv.benchmarks import timing
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1e3
+
+    mib = 2**20
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *args: 900 * mib)  # inputs, references, ...
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 912 * mib)  # ... and the call's 12 MiB
+    samples = [0.05 + 0.001 * ((7 * i) % 40) for i in range(700)]
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, return_mode: list(samples))
+    measured = timing.time_gpu(lambda: None, timing.Budget())
+    assert measured.samples == 700 and measured.peak_memory_mib == 12
+    assert measured.median_ms == pytest.approx(statistics.median(samples))
+    assert measured.p20_ms < measured.median_ms < measured.p80_ms
+    slow = timing.time_gpu(lambda: time.sleep(0.03), timing.Budget(rep_ms=100, min_samples=5))  # past do_bench
+    assert slow.samples == 5 and slow.peak_memory_mib == 12 and slow.median_ms >= 30
 
 
 def test_host_time_is_measured_only_for_calls_under_a_millisecond(monkeypatch):

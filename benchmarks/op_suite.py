@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import lkconv
 
 from .progress import Progress
-from .roofline import FLOORS_NOTE, PASSES, ConvCase, floor, useful_flops
+from .roofline import FLOORS_NOTE, PASSES, ConvCase, floor, reference_16bit_floor_ms, useful_flops
 from .timing import Budget, failure, host_us, measure, release_memory
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -137,7 +137,7 @@ def reference_results(case: ConvCase, t: Inputs) -> dict[str, torch.Tensor]:
 
 # A row's timing fields: a row whose answer is wrong, or could not be checked, reports none of them.
 TIMED_FIELDS = ("median_ms", "p20_ms", "p80_ms", "peak_memory_mib", "host_us", "tflops", "floor_ms", "floor_fraction",
-                "fp32_fma_floor_fraction")
+                "fp32_fma_floor_fraction", "memory_floor_fraction", "reference_16bit_floor_fraction")
 
 
 def _checked(row: dict, fn: Callable, expected: torch.Tensor, tf32: bool) -> dict:
@@ -209,10 +209,12 @@ def _timed(row: dict, case: ConvCase, fn: Callable, settings: OpSettings) -> dic
     row.update(timing._asdict(), host_us=_host_us(fn, timing.median_ms))
     row["tflops"] = useful_flops(case, row["pass"]) / (timing.median_ms * 1e-3) / 1e12
     if torch.cuda.is_available():
-        bound = floor(case, row["pass"], settings.tf32)
+        bound, reference = floor(case, row["pass"], settings.tf32), reference_16bit_floor_ms(case, row["pass"])
+        fma = floor(case._replace(dtype=torch.float32), row["pass"], False)
         row.update(floor_ms=bound.ms, floor_bound=bound.bound, floor_fraction=bound.ms / timing.median_ms,
-                   fp32_fma_floor_fraction=floor(case._replace(dtype=torch.float32), row["pass"], False).compute_ms
-                   / timing.median_ms)
+                   fp32_fma_floor_fraction=fma.compute_ms / timing.median_ms,
+                   memory_floor_fraction=bound.memory_ms / timing.median_ms,
+                   reference_16bit_floor_fraction=None if reference is None else reference / timing.median_ms)
     return row
 
 

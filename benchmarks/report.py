@@ -24,7 +24,8 @@ def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
     """Op rows: time, spread, host time per call, speed-up over each PyTorch baseline, TFLOP/s, % of the H100 floor,
     peak memory, and the relative error against PyTorch in exact fp32 (lkconv rows)."""
     header = ["shape", "K", "dtype", "pass", "impl", "layout", "runs on", "median ms", "p20–p80 ms (n)", "host µs",
-              "vs NCHW", "vs CL", "vs compile", "TFLOP/s", "% floor", "% fp32 FMA", "peak MiB", "rel. error"]
+              "vs NCHW", "vs CL", "vs compile", "TFLOP/s", "% floor", "% fp32 FMA", "% §4 16-bit", "% memory",
+              "peak MiB", "rel. error"]
     lines = []
     for r in rows:
         if r.get("suite") != "op" or (lkconv_only and not r["impl"].startswith("lkconv")):
@@ -39,7 +40,8 @@ def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
             ratio(r.get("speedup_vs_nchw")), ratio(r.get("speedup_vs_channels_last")),
             ratio(r.get("speedup_vs_compile")),
             "—" if failed else f"{r['tflops']:.3g}", percent(r.get("floor_fraction")),
-            percent(r.get("fp32_fma_floor_fraction")), "—" if memory is None else f"{memory:.0f}",
+            percent(r.get("fp32_fma_floor_fraction")), percent(r.get("reference_16bit_floor_fraction")),
+            percent(r.get("memory_floor_fraction")), "—" if memory is None else f"{memory:.0f}",
             "—" if r.get("rel_error") is None else f"{r['rel_error']:.1e}",
         ])
     return markdown(header, lines) if lines else ""

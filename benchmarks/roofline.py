@@ -2,7 +2,7 @@
 the H100 roofline floor they imply (REFERENCE.md §4)."""
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -11,10 +11,20 @@ PEAK_FP32_FMA = 67e12
 PEAK_TF32 = 495e12
 PEAK_16BIT_TENSOR_CORE = 989e12
 HBM_BYTES_PER_S = 3.35e12
+# REFERENCE.md §4's bf16 tensor-core floors (with the Toeplitz form's waste) per pass, in ms, for the shapes it lists:
+# issue 5's 40% goal is stated against these. (input shape, K) -> ms.
+REFERENCE_16BIT_FLOORS_MS = {
+    ((64, 384, 64, 64), 31): 0.24,
+    ((64, 128, 56, 56), 31): 0.061,
+    ((64, 256, 28, 28), 29): 0.020,
+    ((64, 512, 14, 14), 27): 0.0025,
+    ((64, 1024, 7, 7), 13): 0.0003,
+}
 FLOORS_NOTE = ("H100 SXM peaks (REFERENCE.md §4): fp32 FMA 67, TF32 495, bf16/fp16 tensor core 989 TFLOP/s, HBM "
                "3.35 TB/s. floor = max(useful FLOPs / peak, minimum bytes / HBM); the 16-bit floor counts no Toeplitz "
-               "waste, so it is stricter than REFERENCE §4's bf16 column. On another GPU the fractions still use "
-               "these H100 peaks.")
+               "waste, so it is stricter than REFERENCE §4's bf16 column, which '% §4 16-bit' uses for the shapes §4 "
+               "lists. '% memory' is the memory floor's fraction alone. On another GPU the fractions still use these "
+               "H100 peaks.")
 
 PASSES = ("forward", "input_grad", "weight_grad", "fwd_bwd")
 
@@ -98,3 +108,12 @@ def floor(case: ConvCase, pass_name: str, tf32: bool) -> Floor:
     else:
         peak = PEAK_16BIT_TENSOR_CORE
     return Floor(useful_flops(case, pass_name) / peak * 1e3, minimum_bytes(case, pass_name) / HBM_BYTES_PER_S * 1e3)
+
+
+def reference_16bit_floor_ms(case: ConvCase, pass_name: str) -> Optional[float]:
+    """REFERENCE.md §4's bf16 tensor-core floor of a 16-bit pass on a shape it lists (fwd_bwd: three passes' worth),
+    else None."""
+    if case.dtype == torch.float32 or case.kernel[0] != case.kernel[1]:
+        return None
+    per_pass = REFERENCE_16BIT_FLOORS_MS.get((tuple(case.shape), case.kernel[0]))
+    return None if per_pass is None else per_pass * (3 if pass_name == "fwd_bwd" else 1)

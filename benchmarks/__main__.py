@@ -294,8 +294,9 @@ def main_run(argv) -> int:
             p.error(f"--out {args.out}: cannot make it a folder for the results ({error.strerror or error})")
     if not torch.cuda.is_available():
         instead = "" if args.asked_preset == "cpu" else f" instead of '{args.asked_preset}'"
-        print(f"No CUDA GPU here: running the CPU defaults (preset 'cpu'{instead}), small shapes on the torch "
-              "backend.\nGPU numbers need a GPU; nothing below says how fast lkconv is on one.")
+        print(f"No CUDA GPU here: running on the CPU, with the defaults of preset 'cpu'{instead} (small shapes, the "
+              "torch backend) where the options say nothing else.\nGPU numbers need a GPU; nothing below says how fast "
+              "lkconv is on one.")
         torch.set_num_threads(1)  # on a small shared machine, oversubscribed threads turn ms calls into time slices
     set_fp32_math(args.tf32)
     # cuDNN picks its fastest algorithm in the (untimed) first call, so the baseline is cuDNN at its best.

@@ -14,7 +14,7 @@ import lkconv
 
 from .progress import Progress
 from .roofline import FLOORS_NOTE, PASSES, ConvCase, floor, reference_16bit_floor_ms, useful_flops
-from .timing import Budget, failure, host_us, measure, release_memory
+from .timing import Budget, exact_fp32, failure, host_us, measure, release_memory
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 BASELINES = ("nchw", "channels_last", "compile")  # PyTorch's conv in NCHW, in channels_last, and compiled (NCHW)
@@ -120,18 +120,20 @@ TOLERANCE = {"float32": 1e-5, "tf32": 3e-3, "bfloat16": 1e-2, "float16": 1e-2}
 CHECKED_PASSES = ("forward", "input_grad", "weight_grad")
 
 
+def tolerance(dtype_name: str, tf32: bool, layers: int = 1) -> float:
+    """The relative error a result may have against PyTorch in exact fp32: the dtype's (TF32's where allowed), grown
+    by the square root of the number of stacked layers, as independent roundings add up."""
+    return TOLERANCE["tf32" if tf32 and dtype_name == "float32" else dtype_name] * layers**0.5
+
+
 def reference_results(case: ConvCase, t: Inputs) -> dict[str, torch.Tensor]:
     """Each checked pass computed by PyTorch in exact fp32 from the case's inputs (NCHW: its native kernels)."""
     c, padding = case.shape[1], list(case.padding)
     x, w, dy = (tensor.float() for tensor in t)
-    previous = torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    try:
+    with exact_fp32():
         y = F.conv2d(x, w, None, 1, padding, 1, c)
         dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], padding, [1, 1], False, [0, 0], c,
                                                         [True, True, False])
-    finally:
-        torch.backends.cudnn.conv.fp32_precision = previous
     return {"forward": y, "input_grad": dx, "weight_grad": dw}
 
 
@@ -140,8 +142,8 @@ TIMED_FIELDS = ("median_ms", "p20_ms", "p80_ms", "peak_memory_mib", "host_us", "
                 "fp32_fma_floor_fraction", "memory_floor_fraction", "reference_16bit_floor_fraction")
 
 
-def _checked(row: dict, fn: Callable, expected: torch.Tensor, tf32: bool) -> dict:
-    """`row` with the relative error of one untimed call of `fn` against `expected`. A result past the tolerance, or
+def checked(row: dict, fn: Callable, expected: torch.Tensor, tolerance: float) -> dict:
+    """`row` with the relative error of one untimed call of `fn` against `expected`. A result past `tolerance`, or
     a check that raised, turns the row into an error with no time, TFLOP/s or floor fraction (and so no speed-up, no
     plot bar and no vote in `choices`); the time measured stays, as `unchecked_median_ms`, for diagnosis only."""
     try:
@@ -154,12 +156,12 @@ def _checked(row: dict, fn: Callable, expected: torch.Tensor, tf32: bool) -> dic
         reason = "not checked: " + failure(raised)["error"]
         release_memory()
     else:
-        tolerance = TOLERANCE["tf32" if tf32 and row["dtype"] == "float32" else row["dtype"]]
         row["rel_error"] = error
         if error <= tolerance:  # NaN fails too
             return row
         reason = f"wrong result: relative error {error:.2e} against PyTorch fp32 > {tolerance:.0e}"
-    return {**row, **dict.fromkeys(TIMED_FIELDS), "unchecked_median_ms": row.get("median_ms"), "error": reason}
+    withdrawn = {field: None for field in TIMED_FIELDS if field in row}
+    return {**row, **withdrawn, "unchecked_median_ms": row.get("median_ms"), "error": reason}
 
 
 def baseline_label(baseline: str) -> str:
@@ -273,7 +275,8 @@ def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[d
                     with lkconv.use_backend(backend):
                         row = _timed(row, case, passes[pass_name], settings)
                         if pass_name in expected and not row["error"]:
-                            row = _checked(row, passes[pass_name], expected[pass_name], settings.tf32)
+                            row = checked(row, passes[pass_name], expected[pass_name],
+                                          tolerance(row["dtype"], settings.tf32))
                         elif pass_name in CHECKED_PASSES and unchecked:
                             row["checked"] = unchecked
                     rows.append(row)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 import lkconv
 
-from .op_suite import BACKENDS, LAYOUTS, baseline_label
+from .op_suite import BACKENDS, LAYOUTS, baseline_label, checked, tolerance
 from .formatting import ms, speedup
 from .progress import Progress
-from .timing import Budget, failure, measure, release_memory, set_fp32_math
+from .timing import Budget, exact_fp32, failure, measure, release_memory, set_fp32_math
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PASSES = ("forward", "fwd_bwd")
@@ -137,6 +137,16 @@ def stack_call(stack: Stack, impl: Impl, pass_name: str) -> Callable:
     return lambda: torch.autograd.grad(layers(x, weights), (x, *weights), grad_output)
 
 
+def reference_output(stack: Stack) -> torch.Tensor:
+    """The stack's forward by PyTorch in exact fp32 (NCHW) from the same numbers: what lkconv's rows are checked
+    against."""
+    x = stack.input.float()
+    with exact_fp32():
+        for weight in stack.weights:
+            x = F.conv2d(x, weight.float(), None, 1, stack.padding, 1, x.shape[1])
+    return x
+
+
 def _measured(stack: Stack, impl: Impl, pass_name: str, budget: Budget) -> dict:
     """runs_on and the timing of one impl and pass, or the error it raised (a run never stops at one failure)."""
     fields = {"runs_on": baseline_label(impl.layout) if impl.backend is None else ""}
@@ -165,7 +175,13 @@ def _kernel_rows(settings: TableSettings, impls: list[Impl], resolution: int, dt
         stack = make_stack(settings, resolution, DTYPES[dtype_name], kernel, device)
     except Exception as error:  # noqa: BLE001 - e.g. out of memory; every row of this stack reports it
         setup_failure = {"runs_on": "", **failure(error)}
-    if setup_failure:
+    reference, unchecked = None, ""
+    if not setup_failure and "forward" in settings.passes and any(impl.backend for impl in impls):
+        try:
+            reference = reference_output(stack)
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory: lkconv's rows say they were not checked
+            unchecked = f"not checked against PyTorch: {failure(error)['error']}"
+    if setup_failure or unchecked:
         release_memory()
     rows = []
     for pass_name in settings.passes:
@@ -174,7 +190,15 @@ def _kernel_rows(settings: TableSettings, impls: list[Impl], resolution: int, dt
             row = {"suite": "table1", "resolution": resolution, "kernel": kernel, "batch": settings.batch,
                    "channels": settings.channels, "layers": settings.layers, "dtype": dtype_name, "pass": pass_name,
                    "impl": impl.name, "layout": impl.layout}
-            rows.append({**row, **(setup_failure or _measured(stack, impl, pass_name, settings.budget))})
+            row = {**row, **(setup_failure or _measured(stack, impl, pass_name, settings.budget))}
+            if impl.backend is not None and pass_name == "forward" and row.get("median_ms") is not None:
+                if reference is None:
+                    row["checked"] = unchecked
+                else:  # the forward's output against PyTorch's: a wrong answer is an error, not a time
+                    with lkconv.use_backend(impl.backend):
+                        row = checked(row, stack_call(stack, impl, "forward"), reference,
+                                      tolerance(dtype_name, settings.tf32, settings.layers))
+            rows.append(row)
             progress.advance()
     return rows
 
@@ -214,17 +238,15 @@ def notes(settings: TableSettings) -> dict:
     return {
         "table1_fp32_math": "tf32 allowed" if settings.tf32 else "exact (ieee)",
         "table1_inputs": "random normal input; weights N(0, 1/K^2), so each layer keeps its input's scale",
+        "table1_check": "each lkconv forward row's output against PyTorch's stack in exact fp32: past the dtype's "
+                        "tolerance times sqrt(layers) the row is an error, not a time (fwd_bwd rows: the op suite "
+                        "checks each backward pass)",
         "table1_reference": f"columns marked '{PAPER_SOURCE}' are the paper's Table 1 (REFERENCE.md §2: fp32 forward, "
                             "PyTorch 1.9 + cuDNN 7.6.5; MegEngine = the paper's kernel), not measured here",
     }
 
 
 # --- markdown in the paper's layout ---------------------------------------------------------------------------------
-
-
-
-
-
 
 def paper_layout(rows: list[dict], reference: bool = True) -> str:
     """Markdown in the paper's layout: a row per (R, implementation), a column per kernel size, and a speed-up row

@@ -1,6 +1,7 @@
 """Synchronised timing: CUDA events on a GPU (triton's do_bench for fast calls, which flushes L2 between them; an
 event loop with at least a few samples for slow ones), wall-clock per call on a CPU; plus peak memory."""
 
+import contextlib
 import gc
 import statistics
 import time
@@ -104,6 +105,18 @@ def host_us(fn: Callable, calls: int = 10, repeats: int = 3) -> float:
     if gpu:
         torch.cuda.synchronize()
     return best / calls * 1e6
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """PyTorch's convs in exact fp32 inside the block, whatever the run's rule: for the references results are
+    checked against."""
+    previous = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = previous
 
 
 def set_fp32_math(tf32: bool) -> None:

@@ -249,6 +249,32 @@ def test_host_time_is_measured_only_for_calls_under_a_millisecond(monkeypatch):
     assert op_suite._host_us(lambda: calls.append(1), median_ms=0.9) > 0 and len(calls) == 30
 
 
+def test_table1_checks_lkconv_s_forward_rows_against_pytorch(tmp_path, monkeypatch):
+    """Table 1's lkconv rows carry their error against PyTorch's stack; a wrong forward is an error with no time."""
+    from lkconv.backends import torch_backend
+
+    arguments = ["--suites", "table1", "--kernels", "3", "--passes", "forward", "fwd_bwd", "--cpu-seconds", "0.005",
+                 "--no-plots", "--out", str(tmp_path)]
+    assert cli.main(arguments) == 0
+    _, rows = read_results(tmp_path)
+    forward = [r for r in rows if r["impl"].startswith("lkconv") and r["pass"] == "forward"]
+    assert forward and all(not r["error"] and r["rel_error"] < 1e-5 and r["median_ms"] > 0 for r in forward)
+    real = torch_backend.forward
+
+    def off_by_one_element(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result[(0,) * result.dim()] += 1.0
+        return result
+
+    monkeypatch.setattr(torch_backend, "forward", off_by_one_element)
+    assert cli.main(arguments + ["--strict"]) == 1
+    _, rows = read_results(tmp_path)
+    wrong = [r for r in rows if r["impl"].startswith("lkconv") and r["pass"] == "forward"]
+    assert wrong and all(r["error"].startswith("wrong result") and r["median_ms"] is None for r in wrong), wrong
+    assert all(r["speedup_vs_nchw"] is None and r["unchecked_median_ms"] > 0 for r in wrong)
+    assert all(r["median_ms"] > 0 for r in rows if r["impl"].startswith("pytorch"))
+
+
 def test_a_check_or_an_explanation_that_raises_fails_its_rows_and_the_run_goes_on(tmp_path, monkeypatch):
     """A pass whose answer cannot even be compared (a wrong shape), or an `explain` that raises, turns its rows into
     errors; the other passes, cases and baselines are still measured."""

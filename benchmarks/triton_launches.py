@@ -18,7 +18,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from .presets import REPLKNET_31B_STAGES, op_shapes
+from .presets import REPLKNET_31B_STAGES, defaults, op_shapes
 
 
 class Case(NamedTuple):
@@ -44,6 +44,12 @@ SESSION_CASES = list(dict.fromkeys(
     + [Case((1, 8, 16, 48), (7, 7), 2, (3, 3)), Case((2, 4, 1, 64), (1, 9), 1, (0, 4)),
        Case((2, 1, 16, 32), (5, 5), 1, (2, 1), multiplier=2), Case((2, 6, 20, 40), (7, 7), 1, (6, 6), dilation=2)]
 ))
+# The quick preset's Table 1 stacks: the same kernels and block configurations at other kernel sizes. `precompile`
+# compiles them too (about 50 more kernels); the CPU compile test leaves them out, as they add time, not coverage.
+_QUICK = defaults("quick")
+TABLE1_CASES = [_same((_QUICK["table_batch"], _QUICK["table_channels"], r, r), (k, k))
+                for r in _QUICK["table_resolutions"] for k in _QUICK["table_kernels"]]
+PRECOMPILED_CASES = list(dict.fromkeys(SESSION_CASES + TABLE1_CASES))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
 
@@ -151,7 +157,7 @@ def _warm_part(part: tuple) -> int:
     return warm(*part)
 
 
-def precompile(cases=SESSION_CASES, workers: int = 0) -> int:
+def precompile(cases=PRECOMPILED_CASES, workers: int = 0) -> int:
     """Compiles the distinct launches of `cases` into Triton's cache with `workers` processes (default: every core);
     returns how many."""
     workers = workers or os.cpu_count() or 1

@@ -36,6 +36,10 @@ def test_the_session_cases_include_the_issue_shapes():
     assert ((64, 384, 32, 32), (31, 31)) in shapes and ((64, 128, 56, 56), (31, 31)) in shapes
     assert any(case.multiplier > 1 for case in triton_launches.SESSION_CASES)
     assert any(case.stride > 1 for case in triton_launches.SESSION_CASES)
+    # precompile also takes the quick preset's Table 1 stacks, which the session's third phase times
+    table1 = {((64, 384, r, r), (k, k)) for r in (16, 32) for k in (3, 5, 7, 9, 13, 17, 21, 27, 29, 31)}
+    assert table1 <= {(case.shape, case.kernel) for case in triton_launches.PRECOMPILED_CASES}
+    assert set(triton_launches.SESSION_CASES) <= set(triton_launches.PRECOMPILED_CASES)
 
 
 WARM = textwrap.dedent("""

@@ -122,6 +122,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("suites", "dtypes", "layouts", "backends", "baselines"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
+    # A training step takes hundreds of ms on a GPU: the model suite's own default window gives a median of several
+    # samples. A --rep-ms given applies to every suite.
+    args.model_rep_ms = args.rep_ms or defaults["model_rep_ms"]
     for name in ("rep_ms", "warmup_ms", "cpu_seconds"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
@@ -202,8 +205,7 @@ def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
         units += [("table1", dataclasses.replace(table, resolutions=(r,), dtypes=(dtype,), passes=(pass_name,)))
                   for r in table.resolutions for dtype in table.dtypes for pass_name in table.passes]
     if "model" in args.suites:
-        # A training step takes hundreds of ms on a GPU: a longer window gives a median of several samples.
-        model_budget = budget._replace(rep_ms=max(budget.rep_ms, 500.0))
+        model_budget = budget._replace(rep_ms=args.model_rep_ms)
         model = model_suite.ModelSettings(
             resolutions=d["model_resolutions"], batches=d["model_batches"], modes=d["model_modes"],
             precisions=args.model_precisions, layouts=args.model_layouts, model_overrides=d["model_overrides"],
@@ -259,8 +261,8 @@ def settings_note(args: argparse.Namespace) -> dict:
         "selection": json.loads(json.dumps(selection)),
         "chunk": "/".join(map(str, args.chunk)) if args.chunk else None,
         "fp32_math": "tf32 allowed" if args.tf32 else "exact (ieee)",
-        "timing": (f"triton.testing.do_bench(warmup={args.warmup_ms}, rep={args.rep_ms}), CUDA events, L2 flushed, "
-                   "median/p20/p80" if torch.cuda.is_available()
+        "timing": (f"triton.testing.do_bench(warmup={args.warmup_ms}, rep={args.rep_ms}; the model suite "
+                   f"rep={args.model_rep_ms}), CUDA events, L2 flushed, median/p20/p80" if torch.cuda.is_available()
                    else f"time.perf_counter per call, {args.cpu_seconds}s per measurement, median/p20/p80"),
         **{key: value for suite in args.suites for key, value in suite_notes[suite]().items()},
     }

@@ -60,6 +60,7 @@ def defaults(preset: str) -> dict:
         "model_overrides": {} if on_gpu else dict(layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), num_classes=10),
         "warmup_ms": 25.0,
         "rep_ms": 100.0,
+        "model_rep_ms": 500.0,
         "cpu_seconds": 0.05,
     }
 

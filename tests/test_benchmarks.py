@@ -130,6 +130,15 @@ def test_a_value_given_twice_is_measured_once():
     assert len(cli.work_units(args)) == 1
 
 
+def test_the_model_suite_s_longer_window_gives_way_to_an_explicit_rep_ms():
+    def budgets(arguments):
+        units = cli.work_units(cli.resolve(cli.parser().parse_args(["--suites", "op", "model"] + arguments)))
+        return {suite: (work[1] if suite == "op" else work).budget.rep_ms for suite, work in units}
+
+    assert budgets([]) == {"op": 100.0, "model": 500.0}
+    assert budgets(["--rep-ms", "40"]) == {"op": 40.0, "model": 40.0}
+
+
 def test_chunks_partition_the_work_and_report_merges_them(tmp_path):
     args = cli.resolve(cli.parser().parse_args(TINY))
     whole = cli.work_units(args)

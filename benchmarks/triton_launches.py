@@ -7,7 +7,8 @@ them first on every core (`python -m benchmarks precompile`), so the session fin
 The launches come from the triton backend itself: its three passes run for each case on never-touched CPU tensors
 with the kernels replaced by a recorder, as on a GPU with `multiprocessors` SMs. Each worker then calls the kernel's
 own `warmup`, Triton's JIT path, so the cache keys are exactly the ones a real launch looks up.
-tests/compile_kernels.py compiles the same launches for sm_80 and sm_90 on a CPU.
+tests/compile_kernels.py compiles the session cases' launches (with a bias; its configuration jobs cover HAS_BIAS
+both ways) for sm_80 and sm_90 on a CPU.
 """
 
 import contextlib
@@ -44,14 +45,30 @@ SESSION_CASES = list(dict.fromkeys(
     + [Case((1, 8, 16, 48), (7, 7), 2, (3, 3)), Case((2, 4, 1, 64), (1, 9), 1, (0, 4)),
        Case((2, 1, 16, 32), (5, 5), 1, (2, 1), multiplier=2), Case((2, 6, 20, 40), (7, 7), 1, (6, 6), dilation=2)]
 ))
-# The quick preset's Table 1 stacks: the same kernels and block configurations at other kernel sizes. `precompile`
-# compiles them too (about 50 more kernels); the CPU compile test leaves them out, as they add time, not coverage.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = (torch.contiguous_format, torch.channels_last)
+
+
+class Recording(NamedTuple):
+    """Cases whose launches to record, and in which dtypes, layouts and bias variants (HAS_BIAS is a compile-time
+    constant: the benchmarks run without a bias, merged models and some tests with one)."""
+    cases: list
+    dtypes: tuple = DTYPES
+    layouts: tuple = LAYOUTS
+    biases: tuple = (True, False)
+
+
+# What `precompile` compiles: every launch of the session's cases, then the quick preset's Table 1 stacks as Table 1
+# runs them (the same kernels and block configurations at other kernel sizes, so the CPU compile test leaves them
+# out: they add time, not coverage).
 _QUICK = defaults("quick")
 TABLE1_CASES = [_same((_QUICK["table_batch"], _QUICK["table_channels"], r, r), (k, k))
                 for r in _QUICK["table_resolutions"] for k in _QUICK["table_kernels"]]
-PRECOMPILED_CASES = list(dict.fromkeys(SESSION_CASES + TABLE1_CASES))
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LAYOUTS = (torch.contiguous_format, torch.channels_last)
+PRECOMPILED = (
+    Recording(SESSION_CASES),
+    Recording(TABLE1_CASES, tuple(getattr(torch, name) for name in _QUICK["table_dtypes"]), (torch.contiguous_format,),
+              (False,)),
+)
 
 
 class Launch(NamedTuple):
@@ -92,9 +109,10 @@ def planned_as_on_a_gpu(on_launch: Callable[[Launch], None], multiprocessors: in
             setattr(triton_backend, name, value)
 
 
-def record(cases=SESSION_CASES, multiprocessors: int = 132) -> list[Launch]:
-    """Every launch of the forward, input grad and weight grad (with bias) of `cases`, in fp32, fp16 and bf16, NCHW
-    and channels_last. The tensors are allocated but never read: nothing runs."""
+def record(cases=SESSION_CASES, multiprocessors: int = 132, dtypes=DTYPES, layouts=LAYOUTS,
+           biases=(True, False)) -> list[Launch]:
+    """Every launch of the forward, input grad and weight grad of `cases` in `dtypes` and `layouts`, with a bias and
+    without (`biases`). The tensors are allocated but never read: nothing runs."""
     from lkconv.backends import triton_backend
 
     launches = []
@@ -102,14 +120,16 @@ def record(cases=SESSION_CASES, multiprocessors: int = 132) -> list[Launch]:
         for case in cases:
             stride, dilation = (case.stride,) * 2, (case.dilation,) * 2
             padding = (*case.padding, *case.padding)
-            for dtype in DTYPES:
-                for memory_format in LAYOUTS:
+            for dtype in dtypes:
+                for memory_format in layouts:
                     x = torch.empty(case.shape, dtype=dtype, memory_format=memory_format)
                     channels = case.shape[1] * case.multiplier
                     w = torch.empty(channels, 1, *case.kernel, dtype=dtype)
-                    y = triton_backend.forward(x, w, torch.empty(channels, dtype=dtype), stride, padding, dilation)
+                    for bias in biases:
+                        b = torch.empty(channels, dtype=dtype) if bias else None
+                        y = triton_backend.forward(x, w, b, stride, padding, dilation)
+                        triton_backend.weight_grad(y, x, case.kernel, stride, padding, dilation, bias)
                     triton_backend.input_grad(y, w, x.shape, stride, padding, dilation)
-                    triton_backend.weight_grad(y, x, case.kernel, stride, padding, dilation, True)
     return launches
 
 
@@ -138,14 +158,16 @@ def distinct(launches: list[Launch], target) -> list[Launch]:
     return list(unique.values())
 
 
-def warm(cases, index: int = 0, count: int = 1) -> int:
-    """Compiles every `count`-th distinct launch of `cases` from `index` on, through the JIT of the current device
-    (on a GPU it also builds each launcher and loads the kernel, which reports an out-of-resources error now rather
-    than mid-test); returns how many."""
+def warm(recordings=PRECOMPILED, index: int = 0, count: int = 1) -> int:
+    """Compiles every `count`-th distinct launch of `recordings` from `index` on, through the JIT of the current
+    device (on a GPU it also builds each launcher and loads the kernel, which reports an out-of-resources error now
+    rather than mid-test); returns how many."""
     from triton.runtime import driver
 
     multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
-    launches = distinct(record(cases, multiprocessors), driver.active.get_current_target())[index::count]
+    launches = [launch for r in recordings
+                for launch in record(r.cases, multiprocessors, r.dtypes, r.layouts, r.biases)]
+    launches = distinct(launches, driver.active.get_current_target())[index::count]
     for launch in launches:
         compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
         if torch.cuda.is_available():
@@ -157,10 +179,10 @@ def _warm_part(part: tuple) -> int:
     return warm(*part)
 
 
-def precompile(cases=PRECOMPILED_CASES, workers: int = 0) -> int:
-    """Compiles the distinct launches of `cases` into Triton's cache with `workers` processes (default: every core);
-    returns how many."""
+def precompile(recordings=PRECOMPILED, workers: int = 0) -> int:
+    """Compiles the distinct launches of `recordings` into Triton's cache with `workers` processes (default: every
+    core); returns how many."""
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")  # a worker must not inherit a parent's CUDA state
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        return sum(pool.map(_warm_part, [(cases, index, workers) for index in range(workers)]))
+        return sum(pool.map(_warm_part, [(recordings, index, workers) for index in range(workers)]))

@@ -82,12 +82,13 @@ def _config_jobs():
 
 def _launch_jobs():
     """The specialized launches of the GPU session's shapes (lkconv.benchmarks.triton_launches), each compiled once
-    per arch."""
+    per arch. With a bias only: the bias-free variants differ in HAS_BIAS alone, which the configuration jobs above
+    compile both ways."""
     from triton.backends.compiler import GPUTarget
 
     from lkconv.benchmarks import triton_launches
 
-    launches = triton_launches.record()
+    launches = triton_launches.record(biases=(True,))
     jobs = {}
     for arch in ARCHES:
         for launch in launches:

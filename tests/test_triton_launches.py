@@ -18,8 +18,8 @@ def test_record_covers_every_kernel_layout_and_dtype_of_the_session():
     names = {launch.kernel.__name__ for launch in launches}
     assert names == {"depthwise_rows_kernel", "depthwise_rows_channels_last_kernel", "depthwise_weight_grad_kernel",
                      "depthwise_weight_grad_channels_last_kernel"}
-    # per dtype and layout: forward, input grad, weight grad
-    assert len(launches) == 3 * len(triton_launches.DTYPES) * len(triton_launches.LAYOUTS)
+    # per dtype and layout: forward and weight grad with a bias and without, input grad
+    assert len(launches) == 5 * len(triton_launches.DTYPES) * len(triton_launches.LAYOUTS)
     # NCHW maps load whole 16-byte vectors of their rows; channels_last maps 64 bytes of each pixel's channels.
     loads = {(launch.args[0].dtype, launch.args[0].is_contiguous(), launch.kernel.__name__,
               launch.kwargs.get("ALIGN", launch.kwargs.get("BLOCK_C"))) for launch in launches}
@@ -36,10 +36,47 @@ def test_the_session_cases_include_the_issue_shapes():
     assert ((64, 384, 32, 32), (31, 31)) in shapes and ((64, 128, 56, 56), (31, 31)) in shapes
     assert any(case.multiplier > 1 for case in triton_launches.SESSION_CASES)
     assert any(case.stride > 1 for case in triton_launches.SESSION_CASES)
-    # precompile also takes the quick preset's Table 1 stacks, which the session's third phase times
-    table1 = {((64, 384, r, r), (k, k)) for r in (16, 32) for k in (3, 5, 7, 9, 13, 17, 21, 27, 29, 31)}
-    assert table1 <= {(case.shape, case.kernel) for case in triton_launches.PRECOMPILED_CASES}
-    assert set(triton_launches.SESSION_CASES) <= set(triton_launches.PRECOMPILED_CASES)
+
+
+SESSION_LAUNCHES = textwrap.dedent("""
+    import torch
+    from triton.backends.compiler import GPUTarget
+
+    from lkconv.backends import triton_backend
+    from lkconv.benchmarks import presets, triton_launches
+
+    target = GPUTarget("cuda", 90, 32)
+    precompiled = {triton_launches.bind(launch, target)[0] for r in triton_launches.PRECOMPILED
+                   for launch in triton_launches.record(r.cases, 132, r.dtypes, r.layouts, r.biases)}
+    made = []
+    with triton_launches.planned_as_on_a_gpu(made.append, 132):
+        for shape, kernel in presets.op_shapes("quick"):  # the op suite: bias-free passes, both layouts
+            for dtype in (torch.float32, torch.bfloat16):
+                for memory_format in (torch.contiguous_format, torch.channels_last):
+                    x = torch.empty(shape, dtype=dtype, memory_format=memory_format)
+                    w = torch.empty(shape[1], 1, *kernel, dtype=dtype)
+                    padding = (kernel[0] // 2, kernel[1] // 2) * 2
+                    y = triton_backend.forward(x, w, None, (1, 1), padding, (1, 1))
+                    triton_backend.input_grad(y, w, x.shape, (1, 1), padding, (1, 1))
+                    triton_backend.weight_grad(y, x, kernel, (1, 1), padding, (1, 1), False)
+        for r in (16, 32):  # Table 1: fp32 NCHW stacks, forward, no bias
+            for k in (3, 5, 7, 9, 13, 17, 21, 27, 29, 31):
+                x, w = torch.empty(64, 384, r, r), torch.empty(384, 1, k, k)
+                triton_backend.forward(x, w, None, (1, 1), (k // 2,) * 4, (1, 1))
+    missing = {triton_launches.bind(launch, target)[0] for launch in made} - precompiled
+    print(len(made), len(missing), sorted(key[0] for key in missing))
+""")
+
+
+def test_precompile_covers_the_launches_of_the_session_s_benchmarks():
+    """The op suite's bias-free passes at the quick shapes and Table 1's bias-free fp32 stacks launch kernels that
+    precompile compiles (HAS_BIAS is a compile-time constant: launches with a bias alone once missed them all)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the JIT's own binding, as on a GPU
+    run = subprocess.run([sys.executable, "-c", SESSION_LAUNCHES], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    made, missing, names = run.stdout.split(" ", 2)
+    assert int(made) > 50 and missing == "0", names
 
 
 WARM = textwrap.dedent("""
@@ -56,7 +93,8 @@ WARM = textwrap.dedent("""
     driver.set_active(StubDriver())
     from lkconv.benchmarks import triton_launches
     case = triton_launches.Case((2, 8, 16, 32), (5, 5), padding=(2, 2))
-    first = triton_launches.warm([case], 0, 2) + triton_launches.warm([case], 1, 2)
+    recording = [triton_launches.Recording([case])]
+    first = triton_launches.warm(recording, 0, 2) + triton_launches.warm(recording, 1, 2)
     distinct = len(triton_launches.distinct(triton_launches.record([case]), GPUTarget("cuda", 90, 32)))
     print(json.dumps([first, distinct, sorted(os.listdir(os.environ["TRITON_CACHE_DIR"]))]))
 """)

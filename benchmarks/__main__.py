@@ -210,7 +210,9 @@ def work_units(args: argparse.Namespace) -> list[tuple[str, object]]:
             resolutions=d["model_resolutions"], batches=d["model_batches"], modes=d["model_modes"],
             precisions=args.model_precisions, layouts=args.model_layouts, model_overrides=d["model_overrides"],
             tf32=args.tf32, budget=model_budget)
-        units += [("model", dataclasses.replace(model, resolutions=(r,))) for r in model.resolutions]
+        # One unit per (resolution, mode): a time limit that stops the training steps keeps the inference rows.
+        units += [("model", dataclasses.replace(model, resolutions=(r,), modes=(mode,)))
+                  for r in model.resolutions for mode in model.modes]
     if args.chunk:
         index, count = args.chunk
         if count > len(units):

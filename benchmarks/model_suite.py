@@ -211,7 +211,8 @@ def summary_table(rows: list[dict]) -> str:
         ]) + " |")
     lines += ["", f"lkconv against the same model on plain PyTorch convs (lkconv.revert). bf16 = autocast. "
                   f"Training: {TRAINING_STEP}. Peak memory: what one call allocates above what is live before it "
-                  "(the models, their inputs), GPU only."]
+                  "(the models and their inputs; in training also the gradients the step before left, which the "
+                  "step frees and makes again), GPU only."]
     if failed := sum(1 for row in rows if row.get("error")):
         lines.append(f"{failed} of {len(rows)} measurements failed (—); the error column of the CSV says why.")
     return "\n".join(lines)

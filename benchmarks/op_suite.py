@@ -139,7 +139,7 @@ def reference_results(case: ConvCase, t: Inputs) -> dict[str, torch.Tensor]:
     return {"forward": y, "input_grad": dx, "weight_grad": dw}
 
 
-# A row's timing fields: a row whose answer is wrong, or could not be checked, reports none of them.
+# A row's timing fields: a row whose answer is wrong, or whose check raised, reports none of them.
 TIMED_FIELDS = ("median_ms", "p20_ms", "p80_ms", "peak_memory_mib", "host_us", "tflops", "floor_ms", "floor_fraction",
                 "fp32_fma_floor_fraction", "memory_floor_fraction", "reference_16bit_floor_fraction")
 
@@ -156,14 +156,19 @@ def checked(row: dict, fn: Callable, expected: torch.Tensor, tolerance: float) -
         error = (result.float() - expected).norm().item() / (scale or 1.0)
     except Exception as raised:  # noqa: BLE001 - e.g. a wrong shape; a lost CUDA context still stops the run
         reason = "not checked: " + failure(raised)["error"]
-        release_memory()
     else:
         row["rel_error"] = error
         if error <= tolerance:  # NaN fails too
             return row
         reason = f"wrong result: relative error {error:.2e} against PyTorch fp32 > {tolerance:.0e}"
-    withdrawn = {field: None for field in TIMED_FIELDS if field in row}
-    return {**row, **withdrawn, "unchecked_median_ms": row.get("median_ms"), "error": reason}
+    release_memory()  # here, once the traceback no longer holds the failed call's tensors
+    return withdrawn(row, reason)
+
+
+def withdrawn(row: dict, reason: str) -> dict:
+    """`row` as an error for `reason`, its timing fields emptied; the time measured stays as `unchecked_median_ms`."""
+    return {**row, **{field: None for field in TIMED_FIELDS if field in row},
+            "unchecked_median_ms": row.get("median_ms"), "error": reason}
 
 
 def baseline_label(baseline: str) -> str:
@@ -218,7 +223,8 @@ def _timed(row: dict, case: ConvCase, fn: Callable, settings: OpSettings) -> dic
         row.update(floor_ms=bound.ms, floor_bound=bound.bound, floor_fraction=bound.ms / timing.median_ms,
                    fp32_fma_floor_fraction=fma.compute_ms / timing.median_ms,
                    memory_floor_fraction=bound.memory_ms / timing.median_ms,
-                   reference_16bit_floor_fraction=None if reference is None else reference / timing.median_ms)
+                   reference_16bit_floor_fraction=(None if reference is None
+                                                   else max(reference, bound.memory_ms) / timing.median_ms))
     return row
 
 
@@ -266,7 +272,7 @@ def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[d
                 runs_on, kernels, refused = "unavailable" if unavailable else "explain failed", {}, error
             else:
                 runs_on, kernels, refused = explanation.backend, _kernels_by_pass(explanation), None
-            passes = lkconv_passes(case, t)
+            passes, first = lkconv_passes(case, t), len(rows)
             for pass_name in settings.passes:
                 progress.update(f"{case.label} {pass_name} lkconv[{backend}] {layout}")
                 row = {**_row(case, pass_name, f"lkconv[{backend}]", layout, runs_on),
@@ -283,8 +289,19 @@ def run_case(case: ConvCase, settings: OpSettings, progress: Progress) -> list[d
                             row["checked"] = unchecked
                     rows.append(row)
                 progress.advance()
+            rows[first:] = _without_fwd_bwd_of_wrong_passes(rows[first:])
     add_speedups(rows)
     return rows
+
+
+def _without_fwd_bwd_of_wrong_passes(rows: list[dict]) -> list[dict]:
+    """One backend's rows in one layout, where a checked pass gave a wrong answer (or its check raised): the unchecked
+    fwd_bwd row, which runs that pass, keeps no time either."""
+    wrong = [row["pass"] for row in rows if row["error"].startswith(("wrong result", "not checked"))]
+    if not wrong:
+        return rows
+    reason = f"not timed: its {' and '.join(wrong)} gave a wrong answer or failed its check"
+    return [withdrawn(row, reason) if row["pass"] == "fwd_bwd" and not row["error"] else row for row in rows]
 
 
 def add_speedups(rows: list[dict]) -> None:

@@ -66,6 +66,11 @@ def test_the_floors_are_reference_s_section_4_and_each_row_reports_its_fractions
     assert row["memory_floor_fraction"] == pytest.approx(floor(bf16, "forward", False).memory_ms / 0.6)
     assert row["fp32_fma_floor_fraction"] == pytest.approx(floor(fp32, "forward", False).compute_ms / 0.6)
     assert row["floor_fraction"] == pytest.approx(floor(bf16, "forward", False).ms / 0.6)
+    # Where §4's tensor-core value is below the memory floor (RepLKNet-31B stage 3), the memory floor binds.
+    stage3 = ConvCase((64, 512, 14, 14), (27, 27), torch.bfloat16)
+    assert roofline.reference_16bit_floor_ms(stage3, "forward") < floor(stage3, "forward", False).memory_ms
+    small = op_suite._timed({"pass": "forward", "error": ""}, stage3, lambda: None, op_suite.OpSettings())
+    assert small["reference_16bit_floor_fraction"] == pytest.approx(floor(stage3, "forward", False).memory_ms / 0.6)
     table = report.op_table([{**row, "suite": "op", "shape": "64x384x64x64", "kernel": "31x31", "dtype": "bfloat16",
                               "impl": "lkconv[cuda]", "layout": "nchw", "runs_on": "cuda", "host_us": None}])
     header, _, cells = (line.split(" | ") for line in table.splitlines())
@@ -137,6 +142,12 @@ def test_the_model_suite_s_longer_window_gives_way_to_an_explicit_rep_ms():
 
     assert budgets([]) == {"op": 100.0, "model": 500.0}
     assert budgets(["--rep-ms", "40"]) == {"op": 40.0, "model": 40.0}
+
+
+def test_the_model_suite_runs_each_mode_as_its_own_unit():
+    """A time limit that stops the training steps keeps the inference rows (each unit is saved when it ends)."""
+    units = cli.work_units(cli.resolve(cli.parser().parse_args(["--suites", "model"])))
+    assert [(work.resolutions, work.modes) for _, work in units] == [((64,), ("inference",)), ((64,), ("train",))]
 
 
 def test_chunks_partition_the_work_and_report_merges_them(tmp_path):
@@ -214,6 +225,27 @@ def test_a_wrong_result_is_an_error_not_a_time(tmp_path, capsys, monkeypatch, pa
     assert all(r["unchecked_median_ms"] > 0 for r in wrong)
     assert all(not r["error"] for r in rows if r["impl"].startswith("pytorch"))
     assert "FAILED" in capsys.readouterr().out
+    # fwd_bwd runs the wrong pass: it is not timed either
+    assert cli.main(TINY + ["--suites", "op", "--passes", pass_name, "fwd_bwd", "--out", str(tmp_path)]) == 0
+    _, rows = read_results(tmp_path)
+    both = [r for r in rows if r["impl"].startswith("lkconv") and r["pass"] == "fwd_bwd"]
+    assert both and all(r["error"] == f"not timed: its {pass_name} gave a wrong answer or failed its check"
+                        and r["median_ms"] is None and r["speedup_vs_nchw"] is None for r in both), both
+
+
+def test_a_withdrawn_row_keeps_none_of_its_gpu_timing_fields():
+    """On a GPU a row also has host time, TFLOP/s, floor fractions and peak memory: a wrong answer empties them all."""
+    row = {"pass": "forward", "dtype": "float32", "error": "", "samples": 9,
+           **{field: 1.5 for field in op_suite.TIMED_FIELDS}}
+    expected = torch.ones(3)
+    kept = op_suite.checked(dict(row), lambda: torch.ones(3), expected, 1e-5)
+    assert kept["rel_error"] == 0 and all(kept[field] == 1.5 for field in op_suite.TIMED_FIELDS)
+    wrong = op_suite.checked(dict(row), lambda: torch.zeros(3), expected, 1e-5)
+    assert wrong["error"].startswith("wrong result: relative error 1.00e+00")
+    assert all(wrong[field] is None for field in op_suite.TIMED_FIELDS)
+    assert wrong["unchecked_median_ms"] == 1.5 and wrong["samples"] == 9
+    raised = op_suite.checked(dict(row), lambda: torch.zeros(4), expected, 1e-5)
+    assert raised["error"].startswith("not checked: RuntimeError") and raised["median_ms"] is None
 
 
 def test_gpu_timing_counts_the_samples_it_took_and_the_memory_the_call_allocated(monkeypatch):

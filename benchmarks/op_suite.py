@@ -175,7 +175,8 @@ def baseline_label(baseline: str) -> str:
     """What answers PyTorch's call (REFERENCE.md §1): native kernels for NCHW, cuDNN for channels_last."""
     if not torch.cuda.is_available():
         return "PyTorch CPU conv"
-    return {"nchw": "aten native depthwise", "channels_last": "cuDNN", "compile": "inductor (aten conv, its layout)"}[baseline]
+    return {"nchw": "aten native depthwise", "channels_last": "cuDNN",
+            "compile": "inductor (aten conv, its layout)"}[baseline]
 
 
 def _row(case: ConvCase, pass_name: str, impl: str, layout: str, runs_on: str) -> dict:

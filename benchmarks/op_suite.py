@@ -161,7 +161,7 @@ def checked(row: dict, fn: Callable, expected: torch.Tensor, tolerance: float) -
         if error <= tolerance:  # NaN fails too
             return row
         reason = f"wrong result: relative error {error:.2e} against PyTorch fp32 > {tolerance:.0e}"
-    release_memory()  # here, once the traceback no longer holds the failed call's tensors
+    release_memory()  # here, after the except block: its traceback held the failed call's tensors
     return withdrawn(row, reason)
 
 

@@ -23,8 +23,8 @@ REFERENCE_16BIT_FLOORS_MS = {
 FLOORS_NOTE = ("H100 SXM peaks (REFERENCE.md §4): fp32 FMA 67, TF32 495, bf16/fp16 tensor core 989 TFLOP/s, HBM "
                "3.35 TB/s. floor = max(useful FLOPs / peak, minimum bytes / HBM); the 16-bit floor counts no Toeplitz "
                "waste, so it is stricter than REFERENCE §4's bf16 column, which '% §4 16-bit' uses for the shapes §4 "
-               "lists. '% memory' is the memory floor's fraction alone. On another GPU the fractions still use these "
-               "H100 peaks.")
+               "lists (or the memory floor, where that is larger). '% memory' is the memory floor's fraction alone. "
+               "On another GPU the fractions still use these H100 peaks.")
 
 PASSES = ("forward", "input_grad", "weight_grad", "fwd_bwd")
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 
 from .presets import REPLKNET_31B_STAGES, defaults, op_shapes
+from .timing import exact_fp32
 
 
 class Case(NamedTuple):
@@ -47,15 +48,17 @@ SESSION_CASES = list(dict.fromkeys(
 ))
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
+PASSES = ("forward", "input_grad", "weight_grad")
 
 
 class Recording(NamedTuple):
-    """Cases whose launches to record, and in which dtypes, layouts and bias variants (HAS_BIAS is a compile-time
-    constant: the benchmarks run without a bias, merged models and some tests with one)."""
+    """Cases whose launches to record, and in which dtypes, layouts, bias variants and passes (HAS_BIAS is a
+    compile-time constant: the benchmarks run without a bias, merged models and some tests with one)."""
     cases: list
     dtypes: tuple = DTYPES
     layouts: tuple = LAYOUTS
     biases: tuple = (True, False)
+    passes: tuple = PASSES
 
 
 # What `precompile` compiles: every launch of the session's cases, then the quick preset's Table 1 stacks as Table 1
@@ -67,7 +70,7 @@ TABLE1_CASES = [_same((_QUICK["table_batch"], _QUICK["table_channels"], r, r), (
 PRECOMPILED = (
     Recording(SESSION_CASES),
     Recording(TABLE1_CASES, tuple(getattr(torch, name) for name in _QUICK["table_dtypes"]), (torch.contiguous_format,),
-              (False,)),
+              (False,), ("forward",)),
 )
 
 
@@ -109,14 +112,22 @@ def planned_as_on_a_gpu(on_launch: Callable[[Launch], None], multiprocessors: in
             setattr(triton_backend, name, value)
 
 
-def record(cases=SESSION_CASES, multiprocessors: int = 132, dtypes=DTYPES, layouts=LAYOUTS,
-           biases=(True, False)) -> list[Launch]:
-    """Every launch of the forward, input grad and weight grad of `cases` in `dtypes` and `layouts`, with a bias and
-    without (`biases`). The tensors are allocated but never read: nothing runs."""
+def record(cases=SESSION_CASES, multiprocessors: int = 132, dtypes=DTYPES, layouts=LAYOUTS, biases=(True, False),
+           passes=PASSES) -> list[Launch]:
+    """Every launch of `passes` (forward, input grad, weight grad) of `cases` in `dtypes` and `layouts`, with a bias
+    and without (`biases`). fp32 is planned as exact fp32, the benchmarks' and tests' rule (the dot precision is a
+    compile-time constant too). The tensors are allocated but never read: nothing runs."""
     from lkconv.backends import triton_backend
 
-    launches = []
-    with planned_as_on_a_gpu(launches.append, multiprocessors):
+    if not biases:
+        raise ValueError(f"biases must hold True, False or both; got {biases!r}")
+    launches, running = [], [""]
+
+    def keep(launch: Launch) -> None:  # the launches of the passes asked for
+        if running[0] in passes:
+            launches.append(launch)
+
+    with planned_as_on_a_gpu(keep, multiprocessors), exact_fp32():
         for case in cases:
             stride, dilation = (case.stride,) * 2, (case.dilation,) * 2
             padding = (*case.padding, *case.padding)
@@ -127,8 +138,11 @@ def record(cases=SESSION_CASES, multiprocessors: int = 132, dtypes=DTYPES, layou
                     w = torch.empty(channels, 1, *case.kernel, dtype=dtype)
                     for bias in biases:
                         b = torch.empty(channels, dtype=dtype) if bias else None
+                        running[0] = "forward"
                         y = triton_backend.forward(x, w, b, stride, padding, dilation)
+                        running[0] = "weight_grad"
                         triton_backend.weight_grad(y, x, case.kernel, stride, padding, dilation, bias)
+                    running[0] = "input_grad"
                     triton_backend.input_grad(y, w, x.shape, stride, padding, dilation)
     return launches
 
@@ -166,7 +180,7 @@ def warm(recordings=PRECOMPILED, index: int = 0, count: int = 1) -> int:
 
     multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     launches = [launch for r in recordings
-                for launch in record(r.cases, multiprocessors, r.dtypes, r.layouts, r.biases)]
+                for launch in record(r.cases, multiprocessors, r.dtypes, r.layouts, r.biases, r.passes)]
     launches = distinct(launches, driver.active.get_current_target())[index::count]
     for launch in launches:
         compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.kwargs)

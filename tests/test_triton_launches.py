@@ -20,6 +20,17 @@ def test_record_covers_every_kernel_layout_and_dtype_of_the_session():
                      "depthwise_weight_grad_channels_last_kernel"}
     # per dtype and layout: forward and weight grad with a bias and without, input grad
     assert len(launches) == 5 * len(triton_launches.DTYPES) * len(triton_launches.LAYOUTS)
+    # passes can be chosen, and fp32 is planned exact whatever PyTorch's rule is (the benchmarks' and tests' rule)
+    previous = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        forward = triton_launches.record([triton_launches.Case((2, 8, 16, 32), (5, 5), padding=(2, 2))],
+                                         dtypes=(torch.float32,), passes=("forward",))
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = previous
+    assert {launch.kernel.__name__ for launch in forward} == {"depthwise_rows_kernel",
+                                                              "depthwise_rows_channels_last_kernel"}
+    assert len(forward) == 2 * len(triton_launches.LAYOUTS) and {l.kwargs["PRECISION"] for l in forward} == {"ieee"}
     # NCHW maps load whole 16-byte vectors of their rows; channels_last maps 64 bytes of each pixel's channels.
     loads = {(launch.args[0].dtype, launch.args[0].is_contiguous(), launch.kernel.__name__,
               launch.kwargs.get("ALIGN", launch.kwargs.get("BLOCK_C"))) for launch in launches}
@@ -43,11 +54,12 @@ SESSION_LAUNCHES = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
 
     from lkconv.backends import triton_backend
-    from lkconv.benchmarks import presets, triton_launches
+    from lkconv.benchmarks import presets, timing, triton_launches
 
     target = GPUTarget("cuda", 90, 32)
     precompiled = {triton_launches.bind(launch, target)[0] for r in triton_launches.PRECOMPILED
-                   for launch in triton_launches.record(r.cases, 132, r.dtypes, r.layouts, r.biases)}
+                   for launch in triton_launches.record(r.cases, 132, r.dtypes, r.layouts, r.biases, r.passes)}
+    timing.set_fp32_math(False)  # as the benchmark command does (and the tests' conftest)
     made = []
     with triton_launches.planned_as_on_a_gpu(made.append, 132):
         for shape, kernel in presets.op_shapes("quick"):  # the op suite: bias-free passes, both layouts
@@ -69,8 +81,9 @@ SESSION_LAUNCHES = textwrap.dedent("""
 
 
 def test_precompile_covers_the_launches_of_the_session_s_benchmarks():
-    """The op suite's bias-free passes at the quick shapes and Table 1's bias-free fp32 stacks launch kernels that
-    precompile compiles (HAS_BIAS is a compile-time constant: launches with a bias alone once missed them all)."""
+    """The op suite's bias-free passes at the quick shapes and Table 1's bias-free fp32 stacks, in exact fp32, launch
+    kernels that precompile compiles (HAS_BIAS and the dot precision are compile-time constants: launches with a bias
+    alone, planned under PyTorch's default TF32 rule, once missed all of them but bf16's with a bias)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the JIT's own binding, as on a GPU
     run = subprocess.run([sys.executable, "-c", SESSION_LAUNCHES], env=env, capture_output=True, text=True,
                          timeout=600)

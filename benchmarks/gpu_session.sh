@@ -27,6 +27,7 @@ SESSION_SECONDS="${SESSION_SECONDS:-560}"
 mkdir -p "$OUT/op" "$OUT/rest"
 LOG="$OUT/session.log"
 SUMMARY="$(mktemp -d)"  # the tails printed at the end; not under $OUT, which returns at most 8 files
+trap 'rm -rf "$SUMMARY"' EXIT
 export PYTHONUNBUFFERED=1
 : >"$LOG"
 

@@ -134,6 +134,59 @@ def test_unbatched_input_matches_reference():
     assert_close(lkconv.depthwise_conv2d(x, w, padding=(3, 1)), expected, TOLERANCE[torch.float64])
 
 
+def _reaches(grad_output_marks, input_marks, case):
+    """Where the weight grad sums a product of a marked dy and an input inside the map, or of a marked input and any
+    dy: the taps that must come out non-finite when the marks are non-finite values. Padding is not an input (F.conv2d
+    multiplies it too, so its own weight grad can also be NaN at taps that meet the value only through padding)."""
+    inside = torch.ones_like(input_marks)
+    every_dy = torch.ones_like(grad_output_marks)
+    kernel, groups = case.kernel, case.channels
+    grad = [torch.ops.aten.convolution_backward(
+        dy, x, torch.empty(groups * case.multiplier, 1, *kernel, dtype=torch.float64), None,
+        [case.stride] * 2 if isinstance(case.stride, int) else list(case.stride),
+        [case.padding] * 2 if isinstance(case.padding, int) else list(case.padding), [1, 1], False, [0, 0], groups,
+        [False, True, False])[1] for dy, x in ((grad_output_marks, inside), (every_dy, input_marks))]
+    return (grad[0] > 0) | (grad[1] > 0)
+
+
+NON_FINITE_CASES = [
+    Case(1, 2, 1, 8, 40, (7, 7), 1, 3),  # row blocks
+    Case(2, 2, 1, 7, 7, (13, 13), 1, 6),  # the kernel covers the map: whole-map GEMM
+    Case(1, 4, 1, 8, 40, (7, 5), 1, (3, 2), 1, "channels_last"),  # channel blocks
+    Case(2, 3, 2, 9, 12, (5, 5), 2, 2),  # stride 2, depth multiplier 2
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", NON_FINITE_CASES, ids=[c.id() for c in NON_FINITE_CASES])
+def test_a_non_finite_value_is_never_hidden(case, backend, dtype):
+    """An inf in the input and a NaN in the output grad reach every result F.conv2d's windows carry them to (more may
+    turn NaN: README, Numerics), and the results they do not reach are right. AMP's loss scaling relies on the first:
+    a grad that overflowed must not come back finite."""
+    device = device_for(backend)
+    x = make_input(case, dtype, device)
+    w = torch.randn(case.channels * case.multiplier, 1, *case.kernel, device=device).to(dtype)
+    x[-1, 0, case.height // 2, case.width // 3] = float("inf")
+    with lkconv.use_backend(backend):
+        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+        y = lkconv.depthwise_conv2d(xg, wg, None, case.stride, case.padding)
+        dy = torch.randn(y.shape, device=device).to(dtype).contiguous(
+            memory_format=lkconv.arguments.output_memory_format(y))
+        dy[0, -1, y.shape[2] // 2, y.shape[3] // 2] = float("nan")
+        dx, dw = torch.autograd.grad(y, [xg, wg], dy)
+    expected = reference(x, w, None, case.stride, case.padding, 1, dy)
+    must = {"output": ~torch.isfinite(expected[0]), "grad_input": ~torch.isfinite(expected[1]),
+            "grad_weight": _reaches((~torch.isfinite(dy)).double().cpu(), (~torch.isfinite(x)).double().cpu(), case)}
+    for name, actual, wanted in zip(("output", "grad_input", "grad_weight"), (y, dx, dw), expected):
+        finite = torch.isfinite(actual).cpu()
+        assert must[name].any(), f"{name}: the case puts no non-finite value in it, so it tests nothing"
+        assert not (must[name] & finite).any(), f"{backend} {name}: a non-finite value came back finite"
+        both = finite & torch.isfinite(wanted)
+        assert_close(actual.cpu()[both], wanted[both], TOLERANCE[dtype], f"{backend} {name}, finite elements")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tf32_when_pytorch_allows_it(backend):
     torch.backends.cudnn.conv.fp32_precision = "tf32"

@@ -193,6 +193,8 @@ std::string kernel_name(const std::string& pass_name, c10::ScalarType dtype, boo
   TORCH_CHECK(false, "pass_name must be forward, input_grad or weight_grad; got '", pass_name, "'");
 }
 
+std::vector<int64_t> cuda_versions() { return {lkconv::runtime_version(), lkconv::driver_version()}; }
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(lkconv, m) {
@@ -206,6 +208,8 @@ TORCH_LIBRARY_FRAGMENT(lkconv, m) {
   m.def("cuda_kernel_name(str pass_name, ScalarType dtype, bool allow_tf32, int[] input_size, int[] output_size, "
         "int[] kernel, int[] stride, int[] dilation) -> str",
         &kernel_name);
+  // (the CUDA runtime lkconv._C links, the newest the driver supports), as CUDA writes them: 13000 for 13.0.
+  m.def("cuda_versions() -> int[]", &cuda_versions);
 }
 
 TORCH_LIBRARY_IMPL(lkconv, CUDA, m) {

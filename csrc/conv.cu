@@ -118,4 +118,11 @@ const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaE
 
 bool is_sticky_error(int code) { return breaks_the_context(static_cast<cudaError_t>(code)); }
 
+int runtime_version() { return CUDART_VERSION; }
+
+int driver_version() {
+  int version = 0;
+  return cudaDriverGetVersion(&version) == cudaSuccess ? version : 0;
+}
+
 }  // namespace lkconv

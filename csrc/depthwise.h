@@ -95,4 +95,9 @@ const char* error_string(int code);
 // Whether the launchers' error `code` leaves the CUDA context broken (an illegal address, ...: sticky).
 bool is_sticky_error(int code);
 
+// The CUDA runtime version the kernels were built with (linked statically, e.g. 13000 for 13.0), and the newest one
+// the installed driver supports (0 without a driver): a runtime newer than the driver cannot launch anything.
+int runtime_version();
+int driver_version();
+
 }  // namespace lkconv

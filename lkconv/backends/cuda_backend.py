@@ -62,13 +62,31 @@ def extension_loaded() -> bool:
     return _import_failure() is None
 
 
+def _cuda_version(version: int) -> str:
+    """CUDA's integer version as people write it: 12080 -> '12.8'."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+@functools.lru_cache(maxsize=None)
+def _driver_too_old() -> Optional[str]:
+    """Why the GPU driver cannot run the CUDA runtime lkconv._C links (statically, from the nvcc that built it), or
+    None. torch may run on such a driver, being built for an older CUDA, while every launch of ours would fail."""
+    runtime, driver = torch.ops.lkconv.cuda_versions()
+    if driver >= runtime:
+        return None
+    return (f"lkconv._C was built with CUDA {_cuda_version(runtime)}, but this GPU driver supports CUDA up to "
+            f"{_cuda_version(driver)}: update the driver, or rebuild lkconv with the nvcc of a CUDA toolkit up to "
+            f"{_cuda_version(driver)} (CUDA_HOME names it): {REINSTALL}")
+
+
 def unavailable_reason() -> Optional[str]:
-    """Why the cuda backend cannot run at all here (no extension, no GPU), or None."""
+    """Why the cuda backend cannot run at all here (no extension, no GPU, a driver older than the extension's CUDA
+    runtime), or None."""
     if (reason := _import_failure()) is not None:
         return reason
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible"
-    return None
+    return _driver_too_old()
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:

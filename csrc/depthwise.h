@@ -96,7 +96,7 @@ const char* error_string(int code);
 bool is_sticky_error(int code);
 
 // The CUDA runtime version the kernels were built with (linked statically, e.g. 13000 for 13.0), and the newest one
-// the installed driver supports (0 without a driver): a runtime newer than the driver cannot launch anything.
+// the installed driver supports (0 without a driver): a driver of an older major version cannot launch anything.
 int runtime_version();
 int driver_version();
 

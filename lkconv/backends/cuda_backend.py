@@ -71,9 +71,10 @@ def _cuda_version(version: int) -> str:
 def _driver_too_old() -> Optional[str]:
     """Why the GPU driver cannot run the CUDA runtime lkconv._C links (statically, from the nvcc that built it), or
     None. torch may run on such a driver, being built for an older CUDA, while every launch of ours would fail. Within
-    one major version CUDA's minor-version compatibility lets an older driver run the kernels' machine code."""
+    one major version CUDA's minor-version compatibility lets an older driver run the kernels' machine code. A driver
+    version of 0 (no driver found) leaves the verdict to torch, which found one."""
     runtime, driver = torch.ops.lkconv.cuda_versions()
-    if driver // 1000 >= runtime // 1000:
+    if driver == 0 or driver // 1000 >= runtime // 1000:
         return None
     return (f"lkconv._C was built with CUDA {_cuda_version(runtime)}, but this GPU driver supports CUDA up to "
             f"{_cuda_version(driver)}: update the driver, or rebuild lkconv with the nvcc of a CUDA toolkit up to "

@@ -44,6 +44,14 @@ def output_index(in_index, tap, begin_pad, stride, dilation, out_size):
 
 
 @triton.jit
+def split_rows(split, rows_per_split, total_rows):
+    """The output rows [begin, end) a weight-grad split sums. The host makes every split's begin fall below
+    total_rows (< 2**31), but begin + rows_per_split may pass 2**31, where int32 wraps."""
+    begin = split * rows_per_split
+    return begin, begin + tl.minimum(rows_per_split, total_rows - begin)
+
+
+@triton.jit
 def input_columns_reached(q_block, BLOCK_Q: tl.constexpr, kernel_w, out_width, in_width, stride_w, pad_left,
                           dilation_w):
     """The input columns [begin, end) that a tile of BLOCK_Q kernel columns meets over the whole output row."""

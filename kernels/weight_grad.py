@@ -13,7 +13,7 @@ The programs holding the first tap tile also sum dy for the bias grad.
 import triton
 import triton.language as tl
 
-from .common import input_columns_reached, mma, output_index, vector_run, vector_strides
+from .common import input_columns_reached, mma, output_index, split_rows, vector_run, vector_strides
 
 
 @triton.jit
@@ -41,8 +41,7 @@ def depthwise_weight_grad_kernel(
 
     taps_h = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
     taps_w = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_begin = split * rows_per_split
-    row_end = tl.minimum(row_begin + rows_per_split, total_rows)
+    row_begin, row_end = split_rows(split, rows_per_split, total_rows)
     iw_begin, iw_end = input_columns_reached(q_block, BLOCK_Q, kernel_w, out_width, in_width, stride_w, pad_left,
                                              dilation_w)
     # Whole-vector input loads (common.py): the widened columns meet no tap, so the Hankel operand is zero there.

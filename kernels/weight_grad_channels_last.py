@@ -10,7 +10,7 @@ fixed order: no atomics, bit-identical run to run. Depth multiplier 1 only.
 import triton
 import triton.language as tl
 
-from .common import input_columns_reached, mma, output_index
+from .common import input_columns_reached, mma, output_index, split_rows
 
 
 @triton.jit
@@ -41,8 +41,7 @@ def depthwise_weight_grad_channels_last_kernel(
     taps_h = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
     taps_w = q_block * BLOCK_Q + tl.arange(0, BLOCK_Q)
     total_rows = batch * out_height
-    row_begin = split * rows_per_split
-    row_end = tl.minimum(row_begin + rows_per_split, total_rows)
+    row_begin, row_end = split_rows(split, rows_per_split, total_rows)
     iw_begin, iw_end = input_columns_reached(q_block, BLOCK_Q, kernel_w, out_width, in_width, stride_w, pad_left,
                                              dilation_w)
 

@@ -978,6 +978,27 @@ def test_autotune_remembers_that_every_candidate_failed_and_lets_memory_errors_t
     assert autotune.remembered(autotune.key_of("GPU X", torch.float32, shape)) is None
 
 
+@pytest.mark.parametrize("batch,stride,beyond", [(2**21, 1, "rows (N x height)"), (1, 2**31, "beyond the 2**30")])
+def test_autotune_never_times_a_call_a_gpu_backend_cannot_run(two_gpu_backends, monkeypatch, batch, stride, beyond):
+    """LKCONV_AUTOTUNE runs the candidates on the call's tensors; a batch with too many rows for the Triton kernels,
+    or a geometry past the GPU kernels' 32-bit indexing, would have run them (past the limits: memory corruption)
+    before the dispatcher sent the call to PyTorch. Such calls are not timed, and PyTorch answers them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lkconv.backends import autotune
+
+    def measure(*args):
+        raise AssertionError("timed a call that a candidate cannot run")
+
+    monkeypatch.setattr(autotune, "measure", measure)
+    with FakeTensorMode():
+        x = torch.empty(batch, 1, 1024, 1, device="cuda")
+        w = torch.empty(1, 1, 31, 1, device="cuda")
+    problem = autotune.Problem(x, w, None, (stride, 1), (15, 0, 15, 0), (1, 1))
+    choice = backends.choose_for_conv(x, (31, 1), (stride, 1), (15, 0, 15, 0), (1, 1), (1024, 1), problem)
+    assert choice.module is torch_backend and beyond in choice.reason, choice.reason
+
+
 def test_autotune_keeps_the_default_order_where_it_cannot_time(two_gpu_backends, monkeypatch):
     from lkconv.backends import autotune
 

@@ -5,9 +5,12 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import lkconv
 from lkconv.backends import triton_backend
+from lkconv.kernels.common import split_rows
 
 from conftest import TOLERANCE, TRITON_DEVICE, assert_close, reference
 
@@ -488,6 +491,45 @@ def test_channel_block_keeps_each_row_offset_below_2_to_the_31():
 
     assert block(1024, 2**21) == 32  # last offset 2**31 - 1
     assert block(1024, 2**21 + 1) == 0  # last offset 2**31 + 1023
+
+
+@pytest.mark.parametrize("padding,form", [(600, "whole_map"), (23700, "rows_shifted_filter")])
+def test_whole_map_plans_stay_below_2_to_the_31_output_pixels(padding, form):
+    """The whole-map kernel numbers a channel's output pixels in int32. A 64x64 map with K=1023 and padding 23700
+    has 46442**2 = 2.16e9 output pixels: it went to the whole-map kernel, whose pixel count wrapped, and left the
+    output unwritten. Such maps now take the row kernel; a padding that keeps the count below 2**31 does not."""
+    out_side = 64 + 2 * padding - 1023 + 1
+    p = triton_backend._forward_pass((1, 1, 64, 64), (out_side, out_side), (1023, 1023), (1, 1), (1, 1), padding, 8, 0)
+    assert triton_backend.plan_conv(p, interpret=False).form == form
+
+
+@triton.jit
+def _split_ranges(out_ptr, rows_per_split, total_rows):
+    """Each split's [begin, end) as the weight-grad kernels compute it."""
+    split = tl.program_id(0)
+    begin, end = split_rows(split, rows_per_split, total_rows)
+    tl.store(out_ptr + 2 * split, begin)
+    tl.store(out_ptr + 2 * split + 1, end)
+
+
+@pytest.mark.parametrize("total_rows,splits,block_rows", [
+    (2147482623, 432, 16),  # 2 x 3 taps on an H100 (4 programs per SM): the last split's end would be 2**31 + 5632
+    (2147482623, 432, 1),
+    (2**31 - 1025, 7, 16),
+    (5, 432, 16),
+])
+def test_weight_grad_splits_cover_the_rows_once_even_where_their_ends_pass_2_to_the_31(total_rows, splits,
+                                                                                        block_rows):
+    """The weight-grad kernels number a batch's N*OH output rows in int32 (the dispatcher keeps them below 2**31 -
+    1024). A split's end, begin + rows per split, could pass 2**31 and wrap negative, and the last split summed
+    nothing: a wrong weight grad. The kernels' own split_rows runs here (int32 in the interpreter as on a GPU)."""
+    count, rows_per_split = triton_backend.row_splits(total_rows, splits, block_rows)
+    out = torch.full((count, 2), -1, dtype=torch.int32, device=TRITON_DEVICE)
+    _split_ranges[(count,)](out, rows_per_split, total_rows)
+    begins, ends = out.cpu().T.tolist()
+    assert rows_per_split % block_rows == 0 and begins[0] == 0 and ends[-1] == total_rows, (begins[-1:], ends[-1:])
+    assert all(end == next_begin for end, next_begin in zip(ends, begins[1:])), "splits overlap or leave a gap"
+    assert all(begin < end for begin, end in zip(begins, ends)), "an empty split"
 
 
 @pytest.mark.parametrize("shape,kernel,stride,dilation,expected", [

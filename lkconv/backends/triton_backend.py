@@ -286,7 +286,7 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
         * _cdiv(dst_rows, rows.block_m) * rows.block_m / dst_rows
     )
     src_pixels = p.src_h * p.src_w
-    if src_pixels <= 4096:
+    if src_pixels <= 4096 and p.dst_h * p.dst_w < _INT32_LIMIT:  # the whole-map kernel numbers pixels in 32 bits
         whole = _whole_map_config(p, interpret)
         whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(p.batch, whole.block_n) * whole.block_n / p.batch
         if whole_cost < rows_cost:
@@ -625,6 +625,14 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def row_splits(total_rows: int, splits: int, block_rows: int) -> tuple[int, int]:
+    """(splits, rows per split) for the weight grad's N*OH output rows: whole row blocks per split, and no split
+    left empty, so each begins below total_rows (kernels/common.py split_rows)."""
+    splits = max(1, min(splits, _cdiv(total_rows, block_rows)))
+    rows_per_split = _cdiv(_cdiv(total_rows, splits), block_rows) * block_rows
+    return _cdiv(total_rows, rows_per_split), rows_per_split
+
+
 def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with_bias, splits: Optional[int] = None):
     """Weight grad (and bias grad) from fixed-order fp32 partials: bit-identical run to run.
 
@@ -653,9 +661,7 @@ def weight_grad(grad_output, input, kernel_size, stride, padding, dilation, with
         # Decided by how the kernels run, not where the tensors are, so that launches recorded on a CPU
         # (benchmarks/triton_launches.py) are the ones a GPU makes.
         splits = 1 if interpreting() else _cdiv(4 * _multiprocessors(input.device.index or 0), tiles)
-    splits = max(1, min(splits, _cdiv(total_rows, c.block_rows)))
-    rows_per_split = _cdiv(_cdiv(total_rows, splits), c.block_rows) * c.block_rows
-    splits = _cdiv(total_rows, rows_per_split)
+    splits, rows_per_split = row_splits(total_rows, splits, c.block_rows)
 
     weight_partials = new_buffer((splits, out_channels, kernel_h, kernel_w), torch.float32, input.device)
     bias_partials = new_buffer((splits, out_channels) if with_bias else (0,), torch.float32, input.device)

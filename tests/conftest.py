@@ -79,6 +79,32 @@ def reference(input, weight, bias, stride, padding, dilation, grad_output=None):
     return (y.detach(), grads[0], grads[1], grads[2] if b is not None else None)
 
 
+def non_finite_reach(input, grad_output, kernel, multiplier, stride, padding, dilation):
+    """The elements of (output, grad_input, grad_weight) that a non-finite element of `input` or `grad_output` must
+    make non-finite, padding (top, bottom, left, right) aside: an output whose window holds one, an input grad that
+    sums one, a weight-grad tap that pairs one with an input inside the map (or one input with any grad). F.conv2d
+    also multiplies the padding's zeros, so its weight grad can be NaN at more taps: they are not required here."""
+    top, bottom, left, right = padding
+    marks = [(~torch.isfinite(t.detach())).double().cpu() for t in (input, grad_output)]
+    ones = torch.ones(input.shape[1] * multiplier, 1, *kernel, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, w):
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), w, None, stride, 0, dilation, input.shape[1])
+
+    x = torch.zeros_like(marks[0], requires_grad=True)
+    (grad_input,) = torch.autograd.grad(conv(x, ones), x, marks[1])
+    (inside,) = torch.autograd.grad(conv(torch.ones_like(marks[0]), ones), ones, marks[1])
+    (from_input,) = torch.autograd.grad(conv(marks[0], ones), ones, torch.ones_like(marks[1]))
+    return conv(marks[0], ones).detach() > 0, grad_input > 0, (inside > 0) | (from_input > 0)
+
+
+def assert_never_hidden(name, actual, must) -> None:
+    """Every element `must` marks is non-finite in `actual` (and the case marks some, or it tests nothing)."""
+    assert must.any(), f"{name}: no non-finite value reaches it, so the case tests nothing"
+    hidden = must & torch.isfinite(actual.detach()).cpu()
+    assert not hidden.any(), f"{name}: {int(hidden.sum())} elements a non-finite value reaches came back finite"
+
+
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Triton and CUDA outputs start as NaN, so an element a kernel never writes fails the comparison."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, assert_never_hidden, non_finite_reach
 from emulation import (DTYPE_CODES, SANITIZERS, as_map, build_emulator, emulate, map_fields, nan_buffer,
                        random_tensor, read_weight_grad, run_emulator, written_view)
 
@@ -241,6 +241,29 @@ def test_weight_grad_matches_float64(emulator, tmp_path, form, case):
     magnitude = grad_output.double().abs().sum(dim=(0, 2, 3))
     error = (grad_bias.double() - bias.grad).abs() / magnitude
     assert error.max() <= TOLERANCE[dtype], f"emulated CUDA-core bias grad ({form}), {case}: error {error.max():.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_a_non_finite_value_is_never_hidden(emulator, tmp_path, dtype):
+    """An inf in the input and a NaN in the output grad reach every output and weight-grad tap F.conv2d's windows carry
+    them to, in every form (the blocked forms multiply whole chunks, so they may reach more: README, Numerics)."""
+    shape, kernel, padding = (1, 2, 8, 40), (7, 7), (3, 3, 3, 3)
+    x, weight = random_tensor(shape, dtype), random_tensor((2, 1, *kernel), dtype)
+    x[0, 0, 4, 13] = float("inf")
+    out_hw = _output_hw(shape, kernel, (1, 1), padding, (1, 1))
+    grad_output = random_tensor((1, 2, *out_hw), dtype)
+    grad_output[0, 1, 4, 20] = float("nan")
+    reach_y, _, reach_dw = non_finite_reach(x, grad_output, kernel, 1, (1, 1), padding, (1, 1))
+    for form, code in CONV_FORMS.items():
+        y = nan_buffer((1, 2, *out_hw), dtype, "nchw")
+        header = _header(dtype, kernel, 1, (1, 1), (3, 3), (1, 1), 0, code, x, y)
+        assert_never_hidden(f"{form} forward", written_view(emulate(emulator, tmp_path, "forward", header, [x, y, weight]),
+                                                            y), reach_y)
+    for form, code in WEIGHT_GRAD_FORMS.items():
+        header = _header(dtype, kernel, 1, (1, 1), (3, 3), (1, 1), 2, code, grad_output, x)
+        raw = emulate(emulator, tmp_path, "weight_grad", header, [grad_output, x])
+        grad_weight = read_weight_grad(raw, 2, 2, kernel[0] * kernel[1], dtype, finite_inputs=False)[2]
+        assert_never_hidden(f"{form} weight grad", grad_weight.view(2, 1, *kernel), reach_dw)
 
 
 def test_an_unmet_precondition_stops_the_emulator_with_its_message(emulator, tmp_path):

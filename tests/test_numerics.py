@@ -12,7 +12,7 @@ import lkconv
 from lkconv.backends import triton_backend
 from lkconv.kernels.common import split_rows
 
-from conftest import TOLERANCE, TRITON_DEVICE, assert_close, reference
+from conftest import TOLERANCE, TRITON_DEVICE, assert_close, assert_never_hidden, non_finite_reach, reference
 
 
 class Case(NamedTuple):
@@ -137,21 +137,6 @@ def test_unbatched_input_matches_reference():
     assert_close(lkconv.depthwise_conv2d(x, w, padding=(3, 1)), expected, TOLERANCE[torch.float64])
 
 
-def _reaches(grad_output_marks, input_marks, case):
-    """Where the weight grad sums a product of a marked dy and an input inside the map, or of a marked input and any
-    dy: the taps that must come out non-finite when the marks are non-finite values. Padding is not an input (F.conv2d
-    multiplies it too, so its own weight grad can also be NaN at taps that meet the value only through padding)."""
-    inside = torch.ones_like(input_marks)
-    every_dy = torch.ones_like(grad_output_marks)
-    kernel, groups = case.kernel, case.channels
-    grad = [torch.ops.aten.convolution_backward(
-        dy, x, torch.empty(groups * case.multiplier, 1, *kernel, dtype=torch.float64), None,
-        [case.stride] * 2 if isinstance(case.stride, int) else list(case.stride),
-        [case.padding] * 2 if isinstance(case.padding, int) else list(case.padding), [1, 1], False, [0, 0], groups,
-        [False, True, False])[1] for dy, x in ((grad_output_marks, inside), (every_dy, input_marks))]
-    return (grad[0] > 0) | (grad[1] > 0)
-
-
 NON_FINITE_CASES = [
     Case(1, 2, 1, 8, 40, (7, 7), 1, 3),  # row blocks
     Case(2, 2, 1, 7, 7, (13, 13), 1, 6),  # the kernel covers the map: whole-map GEMM
@@ -180,13 +165,12 @@ def test_a_non_finite_value_is_never_hidden(case, backend, dtype):
         dy[0, -1, y.shape[2] // 2, y.shape[3] // 2] = float("nan")
         dx, dw = torch.autograd.grad(y, [xg, wg], dy)
     expected = reference(x, w, None, case.stride, case.padding, 1, dy)
-    must = {"output": ~torch.isfinite(expected[0]), "grad_input": ~torch.isfinite(expected[1]),
-            "grad_weight": _reaches((~torch.isfinite(dy)).double().cpu(), (~torch.isfinite(x)).double().cpu(), case)}
-    for name, actual, wanted in zip(("output", "grad_input", "grad_weight"), (y, dx, dw), expected):
-        finite = torch.isfinite(actual).cpu()
-        assert must[name].any(), f"{name}: the case puts no non-finite value in it, so it tests nothing"
-        assert not (must[name] & finite).any(), f"{backend} {name}: a non-finite value came back finite"
-        both = finite & torch.isfinite(wanted)
+    padding = lkconv.arguments.conv_padding(case.padding, case.kernel, (case.stride,) * 2, (1, 1))
+    must = non_finite_reach(x, dy, case.kernel, case.multiplier, case.stride, (padding[0], padding[2], padding[1],
+                                                                              padding[3]), 1)
+    for name, actual, wanted, reached in zip(("output", "grad_input", "grad_weight"), (y, dx, dw), expected, must):
+        assert_never_hidden(f"{backend} {name}", actual, reached)
+        both = torch.isfinite(actual).cpu() & torch.isfinite(wanted)
         assert_close(actual.cpu()[both], wanted[both], TOLERANCE[dtype], f"{backend} {name}, finite elements")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TF32_TOLERANCE, TOLERANCE, assert_close
+from conftest import TF32_TOLERANCE, TOLERANCE, assert_close, assert_never_hidden, non_finite_reach
 from emulation import (DTYPE_CODES, SANITIZERS, as_map, build_emulator, emulate, map_fields, nan_buffer,
                        random_tensor, read_weight_grad, tensor_of, written_view)
 
@@ -258,3 +258,23 @@ def test_weight_grad_partials_add_up_to_float64(emulator, tmp_path, form, case):
     # The reduce adds the same partials in the same order, then rounds to the storage type.
     assert_close(grad_weight.view(weight.shape), weight.grad, _tolerance(dtype), f"reduced weight grad ({form}), {case}")
     assert torch.equal(grad_bias, total[:, taps].to(dtype)), f"reduced bias grad ({form}), {case}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_a_non_finite_value_is_never_hidden(emulator, tmp_path, dtype):
+    """An inf in the input and a NaN in the output grad reach every output and weight-grad tap F.conv2d's windows carry
+    them to, in both forms of each (their GEMMs also multiply it by zeros, so they may reach more: README, Numerics)."""
+    shape, kernel, padding = (2, 2, 7, 9), (5, 7), (2, 2, 3, 3)
+    x, weight = random_tensor(shape, dtype), random_tensor((2, 1, *kernel), dtype)
+    x[1, 0, 3, 2] = float("inf")
+    grad_output = random_tensor(shape, dtype)  # 'same' padding: the output is the input's size
+    grad_output[0, 1, 5, 6] = float("nan")
+    reach_y, _, reach_dw = non_finite_reach(x, grad_output, kernel, 1, (1, 1), padding, (1, 1))
+    for form in ("rows", "whole_map"):
+        y = run_conv(emulator, tmp_path, x, nan_buffer(shape, dtype, "nchw"), weight, None, (-2, -3), False, 1, form)
+        assert_never_hidden(f"{form} forward", y, reach_y)
+        header = [DTYPE_CODES[dtype], *kernel, 1, 2, 3, 2, int(form == "whole_map"), *map_fields(grad_output),
+                  *map_fields(x)]
+        raw = emulate(emulator, tmp_path, "weight_grad", header, [grad_output, x])
+        grad_weight = read_weight_grad(raw, 2, 2, kernel[0] * kernel[1], dtype, finite_inputs=False)[2]
+        assert_never_hidden(f"{form} weight grad", grad_weight.view(2, 1, *kernel), reach_dw)

@@ -44,6 +44,13 @@ def output_index(in_index, tap, begin_pad, stride, dilation, out_size):
 
 
 @triton.jit
+def split_count(total_rows, rows_per_split):
+    """How many weight-grad splits divide total_rows (>= 1), as the host's row_splits does; tl.cdiv would add
+    rows_per_split - 1 first, which passes 2**31 for the largest batches."""
+    return (total_rows - 1) // rows_per_split + 1
+
+
+@triton.jit
 def split_rows(split, rows_per_split, total_rows):
     """The output rows [begin, end) a weight-grad split sums. The host makes every split's begin fall below
     total_rows (< 2**31), but begin + rows_per_split may pass 2**31, where int32 wraps."""

@@ -13,7 +13,7 @@ The programs holding the first tap tile also sum dy for the bias grad.
 import triton
 import triton.language as tl
 
-from .common import input_columns_reached, mma, output_index, split_rows, vector_run, vector_strides
+from .common import input_columns_reached, mma, output_index, split_count, split_rows, vector_run, vector_strides
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def depthwise_weight_grad_kernel(
     total_rows = batch * out_height
     r_blocks = tl.cdiv(kernel_h, BLOCK_R)
     q_blocks = tl.cdiv(kernel_w, BLOCK_Q)
-    splits = tl.cdiv(total_rows, rows_per_split)
+    splits = split_count(total_rows, rows_per_split)
     tiles_per_channel = splits * r_blocks * q_blocks
     channel = pid // tiles_per_channel
     split = (pid % tiles_per_channel) // (r_blocks * q_blocks)

@@ -601,18 +601,24 @@ def test_geometry_beyond_32_bit_indexing_is_refused_by_gpu_backends_and_huge_str
         assert routed.module is torch_backend and "kernel's area, 32769 x 32768 = 1073774592 taps" in routed.reason
 
 
-@pytest.mark.parametrize("batch,height,beyond", [(2**21, 1024, True), (2**21 - 2, 1024, False), (1, 2**30, False)])
+@pytest.mark.parametrize("batch,height,width,beyond", [
+    (2**21, 1024, 1, "rows (N x height)"), (2**21 - 2, 1024, 1, None), (1, 2**30, 1, None),
+    (1, 1, 5000, "columns wide"),  # padding 2**30 - 2501 per side: 2**31 - 2 columns
+    (1, 1, 3974, None),  # 2**31 - 1028 columns
+])
 def test_a_batch_with_too_many_rows_for_the_triton_kernels_goes_to_pytorch_or_raises_where_forced(batch, height,
-                                                                                                 beyond):
-    """The Triton kernels number a batch's map rows (N x height) in 32 bits; past that they wrote nothing and
-    returned garbage. The CUDA kernels count rows in 64 bits and keep such calls."""
+                                                                                                 width, beyond):
+    """The Triton kernels count a batch's map rows (N x height) and a padded row's columns in 32 bits, with room for a
+    block; past that they wrote nothing and returned garbage (rows), or stored before the row (columns, where a
+    block's last index wrapped negative). The CUDA kernels index in 64 bits and keep such calls."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lkconv.backends import cuda_backend
 
-    geometry = ((31, 1), (1, 1), (15, 15, 0, 0), (1, 1), (height, 1))
+    side_padding = 2**30 - 2501 if width > 1 else 0
+    geometry = ((31, 1), (1, 1), (15, side_padding, 15, side_padding), (1, 1), (height, width))
     with FakeTensorMode():
-        x = torch.empty(batch, 1, height, 1, device="cuda")
+        x = torch.empty(batch, 1, height, width, device="cuda")
     with pytest.MonkeyPatch.context() as patch:
         for module in (triton_backend, cuda_backend):
             choice = backends.Choice(module, "auto: stand-in", failure_key=(module.name, "cuda", 0, None, None))
@@ -620,10 +626,10 @@ def test_a_batch_with_too_many_rows_for_the_triton_kernels_goes_to_pytorch_or_ra
             routed = backends.choose_for_conv(x, *geometry)
             assert routed.module is (torch_backend if beyond and module is triton_backend else module)
             if routed.module is torch_backend:
-                assert f"the batch's maps have {batch * height} rows (N x height), beyond the 2**31" in routed.reason
+                assert beyond in routed.reason and "beyond the 2**31 - 1024 the triton kernels count" in routed.reason
         if beyond:
             patch.setattr(backends, "_choose_for_shape", lambda *args: backends.Choice(triton_backend, "forced"))
-            with lkconv.use_backend("triton"), pytest.raises(lkconv.BackendUnavailableError, match="rows"):
+            with lkconv.use_backend("triton"), pytest.raises(lkconv.BackendUnavailableError, match=re.escape(beyond)):
                 backends.choose_for_conv(x, *geometry)
 
 

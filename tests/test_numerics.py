@@ -10,7 +10,7 @@ import triton.language as tl
 
 import lkconv
 from lkconv.backends import triton_backend
-from lkconv.kernels.common import split_rows
+from lkconv.kernels.common import split_count, split_rows
 
 from conftest import TOLERANCE, TRITON_DEVICE, assert_close, assert_never_hidden, non_finite_reach, reference
 
@@ -137,9 +137,10 @@ def test_unbatched_input_matches_reference():
     assert_close(lkconv.depthwise_conv2d(x, w, padding=(3, 1)), expected, TOLERANCE[torch.float64])
 
 
+# Three channels or more: the middle ones meet no non-finite value, in any of the three results.
 NON_FINITE_CASES = [
-    Case(1, 2, 1, 8, 40, (7, 7), 1, 3),  # row blocks
-    Case(2, 2, 1, 7, 7, (13, 13), 1, 6),  # the kernel covers the map: whole-map GEMM
+    Case(1, 3, 1, 8, 40, (7, 7), 1, 3),  # row blocks
+    Case(2, 3, 1, 7, 7, (13, 13), 1, 6),  # the kernel covers the map: whole-map GEMM
     Case(1, 4, 1, 8, 40, (7, 5), 1, (3, 2), 1, "channels_last"),  # channel blocks
     Case(2, 3, 2, 9, 12, (5, 5), 2, 2),  # stride 2, depth multiplier 2
 ]
@@ -151,8 +152,8 @@ NON_FINITE_CASES = [
 @pytest.mark.parametrize("case", NON_FINITE_CASES, ids=[c.id() for c in NON_FINITE_CASES])
 def test_a_non_finite_value_is_never_hidden(case, backend, dtype):
     """An inf in the input and a NaN in the output grad reach every result F.conv2d's windows carry them to (more may
-    turn NaN: README, Numerics), and the results they do not reach are right. AMP's loss scaling relies on the first:
-    a grad that overflowed must not come back finite."""
+    turn NaN: README, Numerics), and the images and channels they do not meet come back finite and right. AMP's loss
+    scaling relies on the first: a grad that overflowed must not come back finite."""
     device = device_for(backend)
     x = make_input(case, dtype, device)
     w = torch.randn(case.channels * case.multiplier, 1, *case.kernel, device=device).to(dtype)
@@ -168,9 +169,20 @@ def test_a_non_finite_value_is_never_hidden(case, backend, dtype):
     padding = lkconv.arguments.conv_padding(case.padding, case.kernel, (case.stride,) * 2, (1, 1))
     must = non_finite_reach(x, dy, case.kernel, case.multiplier, case.stride, (padding[0], padding[2], padding[1],
                                                                               padding[3]), 1)
-    for name, actual, wanted, reached in zip(("output", "grad_input", "grad_weight"), (y, dx, dw), expected, must):
+    # Per (image, channel): which hold no non-finite value in what they read (no kernel tile mixes them).
+    x_bad = ~torch.isfinite(x).cpu().flatten(2).all(2)  # (N, C)
+    dy_bad = ~torch.isfinite(dy).cpu().flatten(2).all(2)  # (N, C*m)
+    m = case.multiplier
+    untouched = [~x_bad.repeat_interleave(m, 1)[:, :, None, None],
+                 ~dy_bad.unflatten(1, (-1, m)).any(2)[:, :, None, None],
+                 ~(x_bad.any(0).repeat_interleave(m) | dy_bad.any(0))[:, None, None, None]]
+    for name, actual, wanted, reached, clean in zip(("output", "grad_input", "grad_weight"), (y, dx, dw), expected,
+                                                    must, untouched):
         assert_never_hidden(f"{backend} {name}", actual, reached)
-        both = torch.isfinite(actual).cpu() & torch.isfinite(wanted)
+        finite = torch.isfinite(actual).cpu()
+        clean = clean.expand_as(finite)
+        assert clean.any() and finite[clean].all(), f"{backend} {name}: non-finite where no non-finite value was read"
+        both = finite & torch.isfinite(wanted)
         assert_close(actual.cpu()[both], wanted[both], TOLERANCE[dtype], f"{backend} {name}, finite elements")
 
 
@@ -477,23 +489,29 @@ def test_channel_block_keeps_each_row_offset_below_2_to_the_31():
     assert block(1024, 2**21 + 1) == 0  # last offset 2**31 + 1023
 
 
-@pytest.mark.parametrize("padding,form", [(600, "whole_map"), (23700, "rows_shifted_filter")])
-def test_whole_map_plans_stay_below_2_to_the_31_output_pixels(padding, form):
-    """The whole-map kernel numbers a channel's output pixels in int32. A 64x64 map with K=1023 and padding 23700
-    has 46442**2 = 2.16e9 output pixels: it went to the whole-map kernel, whose pixel count wrapped, and left the
-    output unwritten. Such maps now take the row kernel; a padding that keeps the count below 2**31 does not."""
-    out_side = 64 + 2 * padding - 1023 + 1
-    p = triton_backend._forward_pass((1, 1, 64, 64), (out_side, out_side), (1023, 1023), (1, 1), (1, 1), padding, 8, 0)
+@pytest.mark.parametrize("out_hw,form", [
+    ((242, 242), "whole_map"),
+    ((46442, 46442), "rows_shifted_filter"),  # 2.16e9 pixels
+    ((44196, 48590), "rows_shifted_filter"),  # 2**31 - 8 pixels: the block count wrapped
+    ((44196, 48589), "whole_map"),  # 2**31 - 44204 pixels
+])
+def test_whole_map_plans_count_output_pixels_below_2_to_the_31(out_hw, form):
+    """The whole-map kernel counts a channel's output pixels, and its pixel blocks, in int32. A 64x64 map with K=1023
+    and a large padding has billions of output pixels: it went to the whole-map kernel, whose counts wrapped, and left
+    the output unwritten. Such maps now take the row kernel, from 2**31 - 1024 pixels on."""
+    p = triton_backend._forward_pass((1, 1, 64, 64), out_hw, (1023, 1023), (1, 1), (1, 1), (out_hw[1] + 958) // 2, 8,
+                                     0)
     assert triton_backend.plan_conv(p, interpret=False).form == form
 
 
 @triton.jit
 def _split_ranges(out_ptr, rows_per_split, total_rows):
-    """Each split's [begin, end) as the weight-grad kernels compute it."""
+    """Each split's [begin, end), and the split count, as the weight-grad kernels compute them."""
     split = tl.program_id(0)
     begin, end = split_rows(split, rows_per_split, total_rows)
-    tl.store(out_ptr + 2 * split, begin)
-    tl.store(out_ptr + 2 * split + 1, end)
+    tl.store(out_ptr + 3 * split, begin)
+    tl.store(out_ptr + 3 * split + 1, end)
+    tl.store(out_ptr + 3 * split + 2, split_count(total_rows, rows_per_split))
 
 
 @pytest.mark.parametrize("total_rows,splits,block_rows", [
@@ -506,11 +524,13 @@ def test_weight_grad_splits_cover_the_rows_once_even_where_their_ends_pass_2_to_
                                                                                         block_rows):
     """The weight-grad kernels number a batch's N*OH output rows in int32 (the dispatcher keeps them below 2**31 -
     1024). A split's end, begin + rows per split, could pass 2**31 and wrap negative, and the last split summed
-    nothing: a wrong weight grad. The kernels' own split_rows runs here (int32 in the interpreter as on a GPU)."""
+    nothing; the split count, a cdiv, wrapped too, and programs wrote outside their partials: a wrong weight grad.
+    The kernels' own split_rows and split_count run here (int32 in the interpreter as on a GPU)."""
     count, rows_per_split = triton_backend.row_splits(total_rows, splits, block_rows)
-    out = torch.full((count, 2), -1, dtype=torch.int32, device=TRITON_DEVICE)
+    out = torch.full((count, 3), -1, dtype=torch.int32, device=TRITON_DEVICE)
     _split_ranges[(count,)](out, rows_per_split, total_rows)
-    begins, ends = out.cpu().T.tolist()
+    begins, ends, counts = out.cpu().T.tolist()
+    assert set(counts) == {count}, f"the kernels count {set(counts)} splits, the host {count}"
     assert rows_per_split % block_rows == 0 and begins[0] == 0 and ends[-1] == total_rows, (begins[-1:], ends[-1:])
     assert all(end == next_begin for end, next_begin in zip(ends, begins[1:])), "splits overlap or leave a gap"
     assert all(begin < end for begin, end in zip(begins, ends)), "an empty split"

@@ -147,13 +147,13 @@ def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, padding, dilation,
     A geometry too large for the GPU kernels' 32-bit indexing (or a batch with too many rows for the Triton
     kernels') goes to PyTorch under `auto`, and raises where a GPU backend is forced."""
     beyond_geometry = beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw)
-    beyond_rows = triton_backend.beyond_row_count(map_tensor.shape[0], kernel, stride, padding, dilation, input_hw)
+    beyond_counts = triton_backend.beyond_count_limit(map_tensor.shape[0], kernel, stride, padding, dilation, input_hw)
     # LKCONV_AUTOTUNE times the candidates on the call's own tensors: never where one of them cannot run it.
-    timeable = problem if beyond_geometry is None and beyond_rows is None else None
+    timeable = problem if beyond_geometry is None and beyond_counts is None else None
     choice = _choose_for_shape(map_tensor, kernel, stride, dilation, input_hw, timeable)
     if choice.module is torch_backend:
         return choice
-    why = beyond_geometry or (beyond_rows if choice.module is triton_backend else None)
+    why = beyond_geometry or (beyond_counts if choice.module is triton_backend else None)
     if why is not None:
         if requested_backend() != "auto":
             raise BackendUnavailableError(f"backend {choice.module.name!r} was forced ({_forced_by()}) but cannot run "

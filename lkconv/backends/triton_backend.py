@@ -286,7 +286,7 @@ def plan_conv(p: ConvPass, interpret: bool) -> ConvPlan:
         * _cdiv(dst_rows, rows.block_m) * rows.block_m / dst_rows
     )
     src_pixels = p.src_h * p.src_w
-    if src_pixels <= 4096 and p.dst_h * p.dst_w < _INT32_LIMIT:  # the whole-map kernel numbers pixels in 32 bits
+    if src_pixels <= 4096 and p.dst_h * p.dst_w < COUNT_LIMIT:  # the whole-map kernel counts pixels in 32 bits
         whole = _whole_map_config(p, interpret)
         whole_cost = _cdiv(src_pixels, whole.block_k) * whole.block_k * _cdiv(p.batch, whole.block_n) * whole.block_n / p.batch
         if whole_cost < rows_cost:
@@ -458,19 +458,24 @@ def _channels_label(block_c: int, input: torch.Tensor) -> str:
 _INT32_LIMIT = 2**31
 
 
-# The kernels number the rows of a batch's maps (N x height, of the input or the output) in int32, with room for the
-# rounding of the last row block.
-ROW_COUNT_LIMIT = _INT32_LIMIT - 1024
+# The kernels count a batch's map rows (N x height, of the input or the output), a padded row's columns and a
+# whole-map channel's output pixels in int32, with room for a block (at most 1024) added to the last index.
+COUNT_LIMIT = _INT32_LIMIT - 1024
 
 
-def beyond_row_count(batch: int, kernel, stride, padding, dilation, input_hw) -> Optional[str]:
-    """Why the kernels cannot number this batch's map rows in 32 bits, or None (`backends` then asks PyTorch)."""
+def beyond_count_limit(batch: int, kernel, stride, padding, dilation, input_hw) -> Optional[str]:
+    """Why the kernels cannot count this call's map rows or padded columns in 32 bits, or None (`backends` then asks
+    PyTorch)."""
     out_h = output_size(input_hw[0], kernel[0], stride[0], padding[0], padding[2], dilation[0])
     rows = batch * max(input_hw[0], out_h)
-    if rows < ROW_COUNT_LIMIT:
-        return None
-    return (f"the batch's maps have {rows} rows (N x height), beyond the 2**31 the triton kernels number in 32 "
-            "bits")
+    if rows >= COUNT_LIMIT:
+        return (f"the batch's maps have {rows} rows (N x height), beyond the 2**31 - 1024 the triton kernels count "
+                "in 32 bits")
+    columns = input_hw[1] + padding[1] + padding[3]
+    if columns >= COUNT_LIMIT:
+        return (f"the padded map is {columns} columns wide, beyond the 2**31 - 1024 the triton kernels count in 32 "
+                "bits")
+    return None
 
 
 # The kernels index within a map row (and within a filter) in int32, while image, channel and row offsets are int64.

@@ -77,34 +77,47 @@ class TestLoadedExtension:
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"lkconv::{op}", "CPU")
 
     def test_it_reports_the_cuda_runtime_it_links_and_the_driver_s(self):
-        """The runtime is the CUDA of the nvcc that built it (setup.py takes nvcc from CUDA_HOME, else PATH); a GPU
-        machine that passes the other GPU tests has a driver for it, a machine without one reports 0."""
+        """The runtime is the CUDA of the toolkit that built it (found as setup.py finds it); a GPU machine that
+        passes the other GPU tests has a driver for it, a machine without one reports 0."""
         runtime, driver = torch.ops.lkconv.cuda_versions()
-        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-        nvcc = str(Path(home) / "bin" / "nvcc") if home else shutil.which("nvcc")
-        release = re.search(r"release (\d+)\.(\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
-                                                                    text=True).stdout)
+        spec = importlib.util.spec_from_file_location("lkconv_setup", Path(lkconv.__file__).parent.parent / "setup.py")
+        setup = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(setup)  # not __main__: defines the helpers, builds nothing
+        home = setup.cuda_home()
+        assert home is not None, "lkconv._C is built, but setup.py finds no CUDA toolkit now"
+        release = re.search(r"release (\d+)\.(\d+)", subprocess.run([str(home / "bin" / "nvcc"), "--version"],
+                                                                    capture_output=True, text=True).stdout)
         assert runtime == int(release.group(1)) * 1000 + int(release.group(2)) * 10, (runtime, release.group(0))
         assert driver // 1000 >= runtime // 1000 if torch.cuda.is_available() else driver >= 0, (runtime, driver)
 
     def test_a_driver_older_than_its_cuda_runtime_turns_the_backend_off_and_says_why(self, monkeypatch):
         """torch built for an older CUDA runs on such a driver, where every launch of ours would fail: auto must
         take another backend, and forcing cuda must name the versions and the fix."""
+        from lkconv import backends
+
         monkeypatch.setattr(torch.ops.lkconv, "cuda_versions", lambda: [13000, 12080])
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         cuda_backend._driver_too_old.cache_clear()
+        backends._choose.cache_clear()
         try:
             reason = cuda_backend.unavailable_reason()
             assert "built with CUDA 13.0" in reason and "supports CUDA up to 12.8" in reason, reason
             assert "pip install" in reason, reason
             with pytest.raises(lkconv.BackendUnavailableError, match="supports CUDA up to 12.8"):
                 lkconv.set_backend("cuda")
+            assert "cuda" not in lkconv.available_backends()
+            # auto leaves it out: with triton unusable too (float64), PyTorch answers and says why cuda cannot.
+            choice = backends.choose(torch.device("cuda", 0), torch.float64)
+            assert choice.module.name == "torch" and "supports CUDA up to 12.8" in choice.reason, choice.reason
         finally:
             cuda_backend._driver_too_old.cache_clear()
-        # An older driver of the same major version runs it (CUDA's minor-version compatibility).
-        monkeypatch.setattr(torch.ops.lkconv, "cuda_versions", lambda: [12080, 12040])
-        assert cuda_backend.unavailable_reason() is None
-        cuda_backend._driver_too_old.cache_clear()
+            backends._choose.cache_clear()
+        # An older driver of the same major version runs it (CUDA's minor-version compatibility), and a driver
+        # version of 0 (none found by the extension's runtime, where torch found one) leaves the verdict to torch.
+        for versions in ([12080, 12040], [13000, 0]):
+            monkeypatch.setattr(torch.ops.lkconv, "cuda_versions", lambda versions=versions: versions)
+            assert cuda_backend.unavailable_reason() is None, versions
+            cuda_backend._driver_too_old.cache_clear()
 
     def test_calling_an_op_with_cpu_tensors_raises_instead_of_crashing(self):
         x, w = torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3)

@@ -71,8 +71,9 @@ def _cuda_version(version: int) -> str:
 def _driver_too_old() -> Optional[str]:
     """Why the GPU driver cannot run the CUDA runtime lkconv._C links (statically, from the nvcc that built it), or
     None. torch may run on such a driver, being built for an older CUDA, while every launch of ours would fail. Within
-    one major version CUDA's minor-version compatibility lets an older driver run the kernels' machine code. A driver
-    version of 0 (no driver found) leaves the verdict to torch, which found one."""
+    one major version CUDA's minor-version compatibility lets an older driver run the kernels' machine code (not their
+    PTX, which a GPU newer than the built architectures needs: its launch fails, and `auto` falls back with the advice
+    to rebuild). A driver version of 0 (no driver found) leaves the verdict to torch, which found one."""
     runtime, driver = torch.ops.lkconv.cuda_versions()
     if driver == 0 or driver // 1000 >= runtime // 1000:
         return None

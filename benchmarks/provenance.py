@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 import lkconv
+from lkconv.backends import cuda_backend
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,6 +54,8 @@ def provenance(settings: dict) -> dict:
         "driver": (_command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
                    if on_gpu else None),
         "cuda": torch.version.cuda,
+        # The cuda backend runs on lkconv._C's own CUDA runtime (linked statically), which may differ from torch's.
+        "lkconv_cuda_runtime": cuda_backend.extension_cuda_runtime(),
         "cudnn": torch.backends.cudnn.version() if on_gpu else None,
         "torch": torch.__version__,
         "triton": triton_version,

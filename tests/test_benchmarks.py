@@ -87,8 +87,12 @@ def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, ca
     printed = capsys.readouterr().out
     assert "No CUDA GPU here" in printed and "GPU numbers need a GPU" in printed
     meta, rows = read_results(tmp_path)
-    for key in ("device", "torch", "triton", "cuda", "git_commit", "date_utc", "driver", "preset", "timing"):
+    for key in ("device", "torch", "triton", "cuda", "lkconv_cuda_runtime", "git_commit", "date_utc", "driver",
+                "preset", "timing"):
         assert key in meta
+    from lkconv.backends import cuda_backend
+
+    assert (meta["lkconv_cuda_runtime"] is None) == (not cuda_backend.extension_loaded())
     # Each suite that ran says how it measured: the op floors, what the paper columns are, the model baseline.
     for key in ("op_floors", "table1_reference", "model_baseline"):
         assert key in meta, f"the provenance lacks the method note {key!r}"

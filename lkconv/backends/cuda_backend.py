@@ -67,6 +67,11 @@ def _cuda_version(version: int) -> str:
     return f"{version // 1000}.{version % 1000 // 10}"
 
 
+def extension_cuda_runtime() -> Optional[str]:
+    """The CUDA runtime lkconv._C links, as '13.0' (benchmark provenance); None without the extension."""
+    return _cuda_version(torch.ops.lkconv.cuda_versions()[0]) if extension_loaded() else None
+
+
 @functools.lru_cache(maxsize=None)
 def _driver_too_old() -> Optional[str]:
     """Why the GPU driver cannot run the CUDA runtime lkconv._C links (statically, from the nvcc that built it), or

@@ -627,6 +627,16 @@ def test_a_batch_with_too_many_rows_for_the_triton_kernels_goes_to_pytorch_or_ra
             assert routed.module is (torch_backend if beyond and module is triton_backend else module)
             if routed.module is torch_backend:
                 assert beyond in routed.reason and "beyond the 2**31 - 1024 the triton kernels count" in routed.reason
+        # Where the cuda backend can run the call, it answers instead of PyTorch (unless it failed on the class).
+        patch.setattr(cuda_backend, "unavailable_reason", lambda: None)
+        patch.setattr(cuda_backend, "unsupported_reason", lambda device, dtype: None)
+        choice = backends.Choice(triton_backend, "auto: stand-in", failure_key=("triton", "cuda", 0, None, None))
+        patch.setattr(backends, "_choose_for_shape", lambda *args: choice)
+        routed = backends.choose_for_conv(x, *geometry)
+        assert routed.module is (cuda_backend if beyond else triton_backend), routed.reason
+        assert routed.failure_key == (("cuda" if beyond else "triton"), "cuda", 0, None, None)
+        patch.setitem(backends._failures, ("cuda", "cuda", 0, None, None), "RuntimeError: stand-in")
+        assert backends.choose_for_conv(x, *geometry).module is (torch_backend if beyond else triton_backend)
         if beyond:
             patch.setattr(backends, "_choose_for_shape", lambda *args: backends.Choice(triton_backend, "forced"))
             with lkconv.use_backend("triton"), pytest.raises(lkconv.BackendUnavailableError, match=re.escape(beyond)):
@@ -984,11 +994,14 @@ def test_autotune_remembers_that_every_candidate_failed_and_lets_memory_errors_t
     assert autotune.remembered(autotune.key_of("GPU X", torch.float32, shape)) is None
 
 
-@pytest.mark.parametrize("batch,stride,beyond", [(2**21, 1, "rows (N x height)"), (1, 2**31, "beyond the 2**30")])
-def test_autotune_never_times_a_call_a_gpu_backend_cannot_run(two_gpu_backends, monkeypatch, batch, stride, beyond):
+@pytest.mark.parametrize("batch,stride,beyond,answers", [(2**21, 1, "rows (N x height)", "cuda"),
+                                                          (1, 2**31, "beyond the 2**30", "torch")])
+def test_autotune_never_times_a_call_a_gpu_backend_cannot_run(two_gpu_backends, monkeypatch, batch, stride, beyond,
+                                                              answers):
     """LKCONV_AUTOTUNE runs the candidates on the call's tensors; a batch with too many rows for the Triton kernels,
     or a geometry past the GPU kernels' 32-bit indexing, would have run them (past the limits: memory corruption)
-    before the dispatcher sent the call to PyTorch. Such calls are not timed, and PyTorch answers them."""
+    before the dispatcher sent the call elsewhere. Such calls are not timed: cuda answers the first (it counts in 64
+    bits), PyTorch the second."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lkconv.backends import autotune
@@ -1002,7 +1015,7 @@ def test_autotune_never_times_a_call_a_gpu_backend_cannot_run(two_gpu_backends, 
         w = torch.empty(1, 1, 31, 1, device="cuda")
     problem = autotune.Problem(x, w, None, (stride, 1), (15, 0, 15, 0), (1, 1))
     choice = backends.choose_for_conv(x, (31, 1), (stride, 1), (15, 0, 15, 0), (1, 1), (1024, 1), problem)
-    assert choice.module is torch_backend and beyond in choice.reason, choice.reason
+    assert choice.module.name == answers and beyond in choice.reason, choice.reason
 
 
 def test_autotune_keeps_the_default_order_where_it_cannot_time(two_gpu_backends, monkeypatch):

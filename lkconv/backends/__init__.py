@@ -144,8 +144,9 @@ def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, padding, dilation,
     """`choose` for one pass of a conv that reads `map_tensor` (x, or dy in the backward). Only CUDA tensors can pick
     by shape class (measured.py), so only they build one: other calls share one cache entry per device and dtype.
     `problem` (the forward call's tensors) lets LKCONV_AUTOTUNE time the candidates where nothing was measured.
-    A geometry too large for the GPU kernels' 32-bit indexing (or a batch with too many rows for the Triton
-    kernels') goes to PyTorch under `auto`, and raises where a GPU backend is forced."""
+    A geometry too large for the GPU kernels' 32-bit indexing goes to PyTorch under `auto`, and raises where a GPU
+    backend is forced; counts too large for the Triton kernels (rows, padded columns) go to `cuda` where it can run
+    them (it counts in 64 bits), else to PyTorch."""
     beyond_geometry = beyond_gpu_geometry(kernel, stride, padding, dilation, input_hw)
     beyond_counts = triton_backend.beyond_count_limit(map_tensor.shape[0], kernel, stride, padding, dilation, input_hw)
     # LKCONV_AUTOTUNE times the candidates on the call's own tensors: never where one of them cannot run it.
@@ -158,6 +159,10 @@ def choose_for_conv(map_tensor: torch.Tensor, kernel, stride, padding, dilation,
         if requested_backend() != "auto":
             raise BackendUnavailableError(f"backend {choice.module.name!r} was forced ({_forced_by()}) but cannot run "
                                           f"this call: {why}")
+        cuda_key = ("cuda", *choice.failure_key[1:])
+        if beyond_geometry is None and cuda_key not in _failures and cuda_backend.unavailable_reason() is None \
+                and cuda_backend.unsupported_reason(map_tensor.device, map_tensor.dtype) is None:
+            return Choice(cuda_backend, f"auto: for triton, {why}; cuda answers", failure_key=cuda_key)
         return Choice(torch_backend, f"auto: {why}; PyTorch answers")
     return choice
 

@@ -464,8 +464,8 @@ COUNT_LIMIT = _INT32_LIMIT - 1024
 
 
 def beyond_count_limit(batch: int, kernel, stride, padding, dilation, input_hw) -> Optional[str]:
-    """Why the kernels cannot count this call's map rows or padded columns in 32 bits, or None (`backends` then asks
-    PyTorch)."""
+    """Why the kernels cannot count this call's map rows or padded columns in 32 bits, or None. For such a call
+    `backends` asks cuda (which counts in 64 bits) where it is usable, else PyTorch."""
     out_h = output_size(input_hw[0], kernel[0], stride[0], padding[0], padding[2], dilation[0])
     rows = batch * max(input_hw[0], out_h)
     if rows >= COUNT_LIMIT:

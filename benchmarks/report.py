@@ -96,17 +96,27 @@ def _json_safe(row: dict) -> dict:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
+# The provenance each CSV row repeats, so that a CSV copied away from its JSON still says where it was measured.
+CSV_PROVENANCE = ("device", "driver", "cuda", "lkconv_cuda_runtime", "torch", "triton", "lkconv", "git_commit",
+                  "git_dirty", "date_utc")
+
+
 def write(out: Path, stem: str, rows: list[dict], meta: dict) -> list[Path]:
-    """Writes `stem`.json (provenance + rows), .csv and .md under `out`; returns the paths."""
+    """Writes `stem`.json (provenance + rows), .csv (rows, each led by CSV_PROVENANCE) and .md under `out`; returns
+    the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.md"]
     paths[0].write_text(json.dumps({"provenance": meta, "rows": [_json_safe(r) for r in rows]}, indent=1,
                                    default=str))
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    clashes = sorted({key for row in rows for key in row} & set(CSV_PROVENANCE))
+    if clashes:
+        raise ValueError(f"result rows may not hold the provenance keys {clashes}: the CSV repeats those per row")
+    led = [{**{key: meta.get(key) for key in CSV_PROVENANCE}, **row} for row in rows]
+    columns = list(dict.fromkeys([*CSV_PROVENANCE, *(key for row in rows for key in row)]))
     with open(paths[1], "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(led)
     paths[2].write_text(full_report(rows, meta))
     return paths
 

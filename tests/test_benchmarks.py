@@ -1,6 +1,7 @@
 """The benchmark suite as a tool: the CLI runs end to end on a CPU, writes results with provenance and plots, splits
 into chunks that add up to the whole, merges them again, and counts work and floors correctly."""
 
+import csv
 import json
 import math
 import statistics
@@ -125,6 +126,13 @@ def test_cpu_run_of_every_suite_writes_results_provenance_and_plots(tmp_path, ca
     for name in ("results.csv", "results.md", *plots):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "RepLKNet paper, Table 1" in (tmp_path / "results.md").read_text()
+    with open(tmp_path / "results.csv", newline="") as file:
+        csv_rows = list(csv.DictReader(file))
+    assert len(csv_rows) == len(rows)
+    for csv_row, row in zip(csv_rows, rows):  # each CSV row says where it was measured, then what
+        assert {k: csv_row[k] for k in report.CSV_PROVENANCE} == {
+            k: "" if meta[k] is None else str(meta[k]) for k in report.CSV_PROVENANCE}
+        assert {k: csv_row[k] for k in row} == {k: "" if v is None else str(v) for k, v in row.items()}
     assert printed.rstrip().endswith(report.short_table(rows).rstrip()), "the short table is printed last"
 
 

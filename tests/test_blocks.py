@@ -775,6 +775,21 @@ def test_conv_bn(in_channels, out_channels, kernel_size, stride, groups, large_d
     assert_close(fused, expected, F64, "fused_kernel_bias")
 
 
+@pytest.mark.parametrize("kernel_size, dilation", [(3, 2), ((5, 3), (1, 3)), ((3, 1), 4)])
+def test_conv_bn_default_padding_keeps_the_map_size_under_dilation(kernel_size, dilation):
+    torch.manual_seed(17)
+    block = randomize_bn(ConvBN(3, 3, kernel_size, dilation=dilation, groups=3, dtype=torch.float64)).eval()
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    rh, rw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    assert block.conv.padding == (rh * (kh // 2), rw * (kw // 2))
+    x = torch.randn(2, 3, 13, 12, dtype=torch.float64)
+    bn = block.bn
+    expected = F.batch_norm(F.conv2d(x, block.conv.weight, None, 1, "same", (rh, rw), groups=3),
+                            bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    assert block(x).shape == x.shape
+    assert_close(block(x), expected, F64, "dilated ConvBN")
+
+
 def test_conv_bn_rejects_even_kernel_without_padding():
     with pytest.raises(ValueError, match=r"kernel_size must be an odd int or a pair of odd ints"):
         ConvBN(4, 4, 4)

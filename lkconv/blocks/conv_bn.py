@@ -56,7 +56,7 @@ def same_padding(kernel_size: _size_2_t, name: str = "kernel_size") -> tuple[int
 
 class ConvBN(nn.Sequential):
     """conv (no bias) -> BatchNorm [-> activation], named `conv`, `bn`, `nonlinear` as in the official RepLKNet
-    and RepVGG checkpoints. Padding defaults to 'same' for odd kernels."""
+    and RepVGG checkpoints. Padding defaults to 'same' for odd kernels: dilation·(kernel − 1)/2 per side."""
 
     def __init__(
         self,
@@ -74,7 +74,8 @@ class ConvBN(nn.Sequential):
     ) -> None:
         super().__init__()
         if padding is None:
-            padding = same_padding(kernel_size)
+            rates = pair(dilation, "dilation", 1)
+            padding = tuple(rate * half for rate, half in zip(rates, same_padding(kernel_size)))
         self.add_module("conv", make_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                           bias=False, device=device, dtype=dtype))
         self.add_module("bn", norm_layer(out_channels, device=device, dtype=dtype))

@@ -1105,6 +1105,48 @@ def test_reparameterize_model_inplace_on_mixed_model():
     assert_close(model(x), before, F64, "merged in place")
 
 
+class ForeignMergeKernel(nn.Module):
+    """Official RepLKNet/SLaK style: `merge_kernel()` builds `lkb_reparam` and deletes `lkb_origin`, with no guard
+    against a second call; `merged=True` builds the merged form directly (`small_kernel_merged=True`)."""
+
+    def __init__(self, channels, merged=False):
+        super().__init__()
+        if merged:
+            self.lkb_reparam = nn.Conv2d(channels, channels, 5, padding=2, groups=channels, dtype=torch.float64)
+        else:
+            self.lkb_origin = nn.Conv2d(channels, channels, 5, padding=2, groups=channels, dtype=torch.float64)
+            self.small_conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, dtype=torch.float64)
+
+    def forward(self, x):
+        if hasattr(self, "lkb_reparam"):
+            return self.lkb_reparam(x)
+        return self.lkb_origin(x) + self.small_conv(x)
+
+    def merge_kernel(self):
+        CALLS.append(("merge_kernel", id(self)))
+        origin, small = self.lkb_origin, self.small_conv
+        self.lkb_reparam = nn.Conv2d(origin.in_channels, origin.out_channels, 5, padding=2, groups=origin.groups,
+                                     dtype=torch.float64)
+        with torch.no_grad():
+            self.lkb_reparam.weight.copy_(origin.weight + F.pad(small.weight, (1, 1, 1, 1)))
+            self.lkb_reparam.bias.copy_(origin.bias + small.bias)
+        del self.lkb_origin, self.small_conv
+
+
+def test_reparameterize_model_twice_or_on_a_foreign_block_built_merged_merges_nothing_again():
+    torch.manual_seed(19)
+    model = nn.Sequential(ForeignMergeKernel(4), nn.ReLU(), ForeignMergeKernel(4, merged=True)).eval()
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    before = model(x)
+    CALLS.clear()
+    once = reparameterize_model(model)
+    assert len(CALLS) == 1 and not hasattr(once[0], "lkb_origin")  # only the unmerged block merges
+    twice = reparameterize_model(once)
+    assert len(CALLS) == 1
+    assert_close(once(x), before, F64, "merge_kernel block merged once")
+    assert torch.equal(twice(x), once(x))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # constructor errors
 

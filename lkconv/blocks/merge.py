@@ -39,7 +39,7 @@ def _merge_one(module: nn.Module) -> nn.Module:
         # lkconv's models and helpers merge only through their blocks, never a second time here.
         return module
     name = _foreign_method(module)
-    if name is None:
+    if name is None or _foreign_already_merged(module, name):
         return module
     result = getattr(module, name)()
     return result if name == "fuse" and isinstance(result, nn.Module) else module
@@ -54,6 +54,13 @@ def _foreign_method(module: nn.Module) -> Optional[str]:
         if inspect.ismethod(method) and _takes_no_arguments(method):
             return name
     return None
+
+
+def _foreign_already_merged(module: nn.Module, name: str) -> bool:
+    """Whether a foreign block is already in its merged form. Official RepLKNet's and SLaK's `merge_kernel()` has no
+    guard of its own: a second call (or one on a block built merged, `small_kernel_merged=True`) fails on the
+    deleted `lkb_origin`. Their merged form is known by its names, `lkb_reparam` present and `lkb_origin` gone."""
+    return name == "merge_kernel" and hasattr(module, "lkb_reparam") and not hasattr(module, "lkb_origin")
 
 
 def _takes_no_arguments(method) -> bool:

@@ -6,6 +6,7 @@ value.
 """
 
 import functools
+import numbers
 import operator
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -75,6 +76,14 @@ def positive_number(value, name: str) -> float:
     """`value` as a finite float > 0 (an int or a float, not a bool); else a ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ValueError(f"{name} must be a number > 0; got {value!r}")
+    return float(value)
+
+
+def probability(value, name: str) -> float:
+    """`value` as a float in [0, 1) (a real number, not a bool), as drop-path rates are; else a ValueError naming the
+    argument."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1); got {value!r}")
     return float(value)
 
 

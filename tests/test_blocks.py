@@ -818,7 +818,7 @@ def test_drop_path_drops_whole_samples_and_rescales():
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
 def test_drop_path_rejects_p_outside_unit_interval(p):
-    with pytest.raises(ValueError, match=r"drop path probability p must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"drop path probability p must be a number in \[0, 1\)"):
         DropPath(p)
 
 
@@ -1172,8 +1172,8 @@ def test_reparameterize_model_twice_or_on_a_foreign_block_built_merged_merges_no
      r"kernel_sizes and dilations must have the same length"),
     (lambda: RepVGGBlock(8, 8, kernel_size=5), r"RepVGGBlock needs kernel_size=3 and padding=1; got kernel_size=5"),
     (lambda: RepVGGBlock(8, 8, kernel_size=1, padding=0), r"RepVGGBlock needs kernel_size=3"),
-    (lambda: RepVGGBlock(8, 8, drop_path=1.0), r"drop path probability p must be in \[0, 1\)"),
-    (lambda: RepVGGBlock(8, 8, drop_path=-0.5), r"drop path probability p must be in \[0, 1\)"),
+    (lambda: RepVGGBlock(8, 8, drop_path=1.0), r"drop path probability p must be a number in \[0, 1\)"),
+    (lambda: RepVGGBlock(8, 8, drop_path=-0.5), r"drop path probability p must be a number in \[0, 1\)"),
     (lambda: DilatedReparamBlock(8, 9, kernel_sizes=(3,), dilations=(True,)), r"each dilation must be an int >= 1"),
     (lambda: ReparamLargeKernelConv(0, 4, 7), r"in_channels must be an int >= 1; got 0"),
     (lambda: ReparamLargeKernelConv(4, 6, 7),
@@ -1183,7 +1183,7 @@ def test_reparameterize_model_twice_or_on_a_foreign_block_built_merged_merges_no
     (lambda: ConvBN(4, 4, 3, groups=0), r"groups must be an int >= 1; got 0"),
     (lambda: DecomposedLargeKernelConv(0, 13), r"channels must be an int >= 1; got 0"),
     (lambda: DilatedReparamBlock(-8, 9), r"channels must be an int >= 1; got -8"),
-    (lambda: DropPath("a"), r"drop path probability p must be in \[0, 1\); got 'a'"),
+    (lambda: DropPath("a"), r"drop path probability p must be a number in \[0, 1\); got 'a'"),
 ], ids=lambda v: v if isinstance(v, str) else "make")
 def test_constructor_errors(make, match):
     with pytest.raises(ValueError, match=match):

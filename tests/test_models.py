@@ -339,6 +339,18 @@ def test_repvgg_rejects_widths_of_zero_channels():
     ("replknet_31b", dict(in_chans=0), "in_chans must be an int >= 1; got 0"),
     ("repvgg_a0", dict(num_classes=-1), "num_classes must be an int >= 0; got -1"),
     ("repvgg_a0", dict(num_blocks=(1, 0, 1, 1)), "every entry of num_blocks must be an int >= 1; got 0"),
+    ("replknet_31b", dict(large_kernel_sizes=(31, 29, 6, 13)),
+     "large_kernel_sizes[2] must be an odd int (the small kernel shares its centre); got 6"),
+    ("replknet_31b", dict(large_kernel_sizes=(7, 0, 7, 7)), "large_kernel_sizes[1] must be an int >= 1; got 0"),
+    ("replknet_31b", dict(large_kernel_sizes=(7, 3, 7, 7)),
+     "small_kernel must not exceed any stage's large kernel; got small_kernel=5 and large_kernel_sizes[1]=3"),
+    ("replknet_31b", dict(drop_path_rate="0.1"), "drop_path_rate must be a number in [0, 1); got '0.1'"),
+    ("repvgg_a0", dict(drop_path_rate=1.0), "drop_path_rate must be a number in [0, 1); got 1.0"),
+    ("repvgg_a0", dict(override_groups_map={2: 5}),
+     "override_groups_map[2] must divide layer 2's in and out channels (16, 16); got 5"),
+    ("repvgg_a0", dict(override_groups_map={2: 0}), "override_groups_map[2] must be an int >= 1; got 0"),
+    ("repvgg_a0", dict(override_groups_map={22: 2}),
+     "override_groups_map's keys must be layer indices 1-21 (layers count from 1 after stage 0); got 22"),
 ])
 def test_bad_model_options_name_the_option_and_the_value(name, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -1,9 +1,9 @@
 """Stochastic depth for residual blocks: drops a whole sample's branch in training and rescales the survivors."""
 
-import numbers
-
 import torch
 from torch import nn
+
+from ..arguments import probability
 
 
 class DropPath(nn.Module):
@@ -14,9 +14,7 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-            raise ValueError(f"drop path probability p must be in [0, 1); got {p!r}")
-        self.p = float(p)
+        self.p = probability(p, "drop path probability p")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In training, each sample zeroed with probability p and the rest scaled by 1 / (1 - p)."""

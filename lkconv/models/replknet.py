@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..arguments import positive_number, whole_number
+from ..arguments import positive_number, probability, whole_number
 from ..blocks import ConvBN, DropPath, ReparamLargeKernelConv, reparameterize_model
 from .common import batchnorm_class, run_block
 from .registry import register_model
@@ -116,11 +116,18 @@ class RepLKNet(nn.Module):
                              f"{len(large_kernel_sizes)}, {len(layers)}, {len(channels)}")
         if out_indices is not None and any(not 0 <= i < len(layers) for i in out_indices):
             raise ValueError(f"out_indices must index the {len(layers)} stages; got {tuple(out_indices)}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+        probability(drop_path_rate, "drop_path_rate")
         for name, values in (("channels", channels), ("layers", layers)):
             for value in values:
                 whole_number(value, f"every entry of {name}")
+        for stage, kernel in enumerate(large_kernel_sizes):
+            if whole_number(kernel, f"large_kernel_sizes[{stage}]") % 2 == 0:
+                raise ValueError(f"large_kernel_sizes[{stage}] must be an odd int (the small kernel shares its "
+                                 f"centre); got {kernel!r}")
+            if small_kernel is not None and whole_number(small_kernel, "small_kernel") > kernel:
+                raise ValueError(f"small_kernel must not exceed any stage's large kernel; got small_kernel="
+                                 f"{small_kernel!r} and large_kernel_sizes[{stage}]={kernel!r} (small_kernel=None "
+                                 "drops the small branch)")
         for name, ratio in (("dw_ratio", dw_ratio), ("ffn_ratio", ffn_ratio)):
             if min(int(width * positive_number(ratio, name)) for width in channels) < 1:
                 raise ValueError(f"{name} must give every stage at least one channel; got {ratio!r} for channels "

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..arguments import whole_number
+from ..arguments import probability, whole_number
 from ..blocks import RepVGGBlock
 from .common import batchnorm_class, run_block
 from .registry import register_model
@@ -47,32 +47,40 @@ class RepVGG(nn.Module):
                              f"{tuple(num_blocks)} and {tuple(width_multiplier)}")
         if out_indices is not None and any(not 0 <= i < 4 for i in out_indices):
             raise ValueError(f"out_indices must index the 4 stages (0-3); got {tuple(out_indices)}")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate!r}")
+        probability(drop_path_rate, "drop_path_rate")
         for value in num_blocks:
             whole_number(value, "every entry of num_blocks")
+        total = sum(num_blocks)
+        groups_map = dict(override_groups_map or {})
+        for layer, groups in groups_map.items():
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= total:
+                raise ValueError(f"override_groups_map's keys must be layer indices 1-{total} (layers count from 1 "
+                                 f"after stage 0); got {layer!r}")
+            whole_number(groups, f"override_groups_map[{layer}]")
         whole_number(num_classes, "num_classes", 0)
         whole_number(in_chans, "in_chans")
         widths = [int(base * m) for base, m in zip((64, 128, 256, 512), width_multiplier)]
         if min(widths) < 1:
             raise ValueError(f"width_multiplier must give every stage at least one channel (64a, 128a, 256a, 512b); "
                              f"got {tuple(width_multiplier)}, i.e. widths {widths}")
-        groups_map = dict(override_groups_map or {})
         block_args = dict(deploy=deploy, use_se=use_se, norm_layer=batchnorm_class(use_sync_bn), device=device,
                           dtype=dtype)
         self.out_indices = None if out_indices is None else tuple(out_indices)
         self.use_checkpoint = use_checkpoint
         in_planes = min(64, int(64 * width_multiplier[0]))
         self.stage0 = RepVGGBlock(in_chans, in_planes, 3, 2, 1, **block_args)
-        total = sum(num_blocks)
         rates = iter([drop_path_rate * i / max(total - 1, 1) for i in range(total)])
         layer = 1
         for index, (blocks, base) in enumerate(zip(num_blocks, (64, 128, 256, 512))):
             planes = int(base * width_multiplier[index])
             stage = []
             for position in range(blocks):
+                groups = groups_map.get(layer, 1)
+                if in_planes % groups or planes % groups:
+                    raise ValueError(f"override_groups_map[{layer}] must divide layer {layer}'s in and out channels "
+                                     f"({in_planes}, {planes}); got {groups}")
                 stage.append(RepVGGBlock(in_planes, planes, 3, 2 if position == 0 else 1, 1,
-                                         groups=groups_map.get(layer, 1), drop_path=next(rates), **block_args))
+                                         groups=groups, drop_path=next(rates), **block_args))
                 in_planes = planes
                 layer += 1
             setattr(self, f"stage{index + 1}", nn.ModuleList(stage))

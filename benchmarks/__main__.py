@@ -25,7 +25,7 @@ from . import host_time, model_suite, op_suite, paper_table, plots, presets, rep
 from .progress import Progress
 from .provenance import provenance
 from .roofline import PASSES, ConvCase
-from .timing import Budget, CudaContextLost, release_memory, set_fp32_math
+from .timing import Budget, CudaContextLost, failure, release_memory, set_fp32_math
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUITES = ("op", "table1", "model")
@@ -227,24 +227,45 @@ def measurements(suite: str, work) -> int:
     return work[1].measurements_per_case() if suite == "op" else work.measurements()
 
 
+def unit_label(suite: str, work) -> str:
+    """What a work unit measures, in a few words, for a unit that failed as a whole."""
+    if suite == "op":
+        return work[0].label
+    if suite == "table1":
+        return f"R={work.resolutions[0]} {work.dtypes[0]} {work.passes[0]}"
+    return f"{work.label()} R={work.resolutions[0]} {work.modes[0]}"
+
+
+def run_unit(suite: str, work, progress: Progress) -> list[dict]:
+    """One unit's rows. A failure outside the suite's own per-measurement handling (say, out of memory while
+    preparing) becomes one error row for the unit, suite 'failed unit', and the run goes on with the next."""
+    try:
+        if suite == "op":
+            return op_suite.run_case(*work, progress)
+        if suite == "table1":
+            return paper_table.run(work, progress)
+        return model_suite.run(work, progress)
+    except (CudaContextLost, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 - failure() raises CudaContextLost where the context is gone
+        return [{"suite": "failed unit", "unit": f"{suite} {unit_label(suite, work)}", **failure(error)}]
+
+
 def run(units: list, progress: Progress, save) -> tuple[list[dict], Optional[str]]:
-    """Runs the units in order, saving after each; stops early (keeping what it has) when interrupted or when a
-    CUDA error made the context unusable. Returns the rows and why it stopped early, if it did."""
+    """Runs the units in order, saving after each (marked as in progress, so that a file left by a killed run says
+    so); stops early (keeping what it has) when interrupted or when a CUDA error made the context unusable.
+    Returns the rows and why it stopped early, if it did."""
     rows = []
-    for suite, work in units:
+    for done, (suite, work) in enumerate(units, 1):
         try:
-            if suite == "op":
-                rows += op_suite.run_case(*work, progress)
-            elif suite == "table1":
-                rows += paper_table.run(work, progress)
-            else:
-                rows += model_suite.run(work, progress)
+            rows += run_unit(suite, work, progress)
             release_memory()
         except CudaContextLost as error:
             return rows, f"stopped: the CUDA context was lost ({error})"
         except KeyboardInterrupt:
             return rows, "stopped: interrupted (SIGINT, e.g. a time limit)"
-        save(rows, None)
+        if done < len(units):
+            save(rows, f"in progress: {done} of {len(units)} work units done (a run killed before its end)")
     return rows, None
 
 
@@ -306,7 +327,10 @@ def main_run(argv) -> int:
     # cuDNN picks its fastest algorithm in the (untimed) first call, so the baseline is cuDNN at its best.
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    meta = provenance(settings_note(args))
+    try:
+        meta = provenance(settings_note(args))
+    except ValueError as error:  # a malformed LKCONV_GIT_COMMIT
+        p.error(str(error))
     print(f"{meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | "
           f"commit {(meta['git_commit'] or 'unknown')[:12]} | preset {args.preset} | fp32 {meta['fp32_math']}")
     progress = Progress(sum(measurements(suite, work) for suite, work in units))
@@ -339,11 +363,21 @@ def main_report(argv) -> int:
                                 description="Merge the results*.json in a folder into combined.{json,csv,md} "
                                             "and PNG plots.")
     p.add_argument("folder", type=Path)
+    p.add_argument("--out", type=Path, help="where to write them (default: the folder itself; give another for a "
+                                            "read-only one, such as fetched device results)")
     args = p.parse_args(argv)
     try:
         rows, metas = report.load(args.folder)
     except (OSError, ValueError, KeyError) as error:
         p.error(f"cannot read results from {args.folder}: {error}")
+    out = args.out or args.folder
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / "combined.json.partial"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        p.error(f"cannot write the report to {out} ({error.strerror or error}); choose a folder with --out")
     meta = report.merged_provenance(metas)
     if meta.get("missing_chunks"):
         print(f"warning: chunks {', '.join(map(str, meta['missing_chunks']))} of {meta['chunks_of']} are missing "
@@ -352,7 +386,7 @@ def main_report(argv) -> int:
     for file, stopped in (stops.items() if isinstance(stops, dict) else [(args.folder, stops)] if stops else []):
         if stopped:
             print(f"warning: {file} {stopped}: the report covers part of the run")
-    write_outputs(args.folder, "combined", rows, meta, True)
+    write_outputs(out, "combined", rows, meta, True)
     print(report.short_table(rows))
     return 0
 

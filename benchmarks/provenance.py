@@ -3,6 +3,7 @@
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,24 @@ def device_name() -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} torch threads)"
 
 
+COMMIT_VARIABLE = "LKCONV_GIT_COMMIT"
+
+
+def passed_commit() -> tuple[Optional[str], Optional[bool]]:
+    """The commit and whether the tree differed from it, as a copy of the tree without .git (a lent GPU machine's)
+    is told them: LKCONV_GIT_COMMIT holds `git describe --always --dirty --abbrev=40`, a hash with "-dirty" added
+    when tracked files had changes. (None, None) when unset; anything but a hex hash raises, so that a results file
+    never names a commit that is not one."""
+    value = os.environ.get(COMMIT_VARIABLE)
+    if not value:
+        return None, None
+    commit, dirty = (value[:-len("-dirty")], True) if value.endswith("-dirty") else (value, False)
+    if not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+        raise ValueError(f"{COMMIT_VARIABLE} must be a commit hash, with '-dirty' where the tree had changes (the "
+                         f"output of `git describe --always --dirty --abbrev=40`); got {value!r}")
+    return commit, dirty
+
+
 def provenance(settings: dict) -> dict:
     """Everything needed to tell later which machine and code produced the numbers, plus the run's `settings`."""
     import numpy
@@ -43,13 +62,16 @@ def provenance(settings: dict) -> dict:
         triton_version = None
     on_gpu = torch.cuda.is_available()
     in_repository = _command_output("git", "rev-parse", "--show-toplevel") == str(REPO)
-    status = _command_output("git", "status", "--porcelain", "--untracked-files=no") if in_repository else None
+    if in_repository:
+        commit = _command_output("git", "rev-parse", "HEAD")
+        status = _command_output("git", "status", "--porcelain", "--untracked-files=no")
+        dirty = None if status is None else bool(status)
+    else:
+        commit, dirty = passed_commit()
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # A copy of the tree without .git (as on a lent GPU machine) passes the commit in LKCONV_GIT_COMMIT.
-        "git_commit": (_command_output("git", "rev-parse", "HEAD") if in_repository else None)
-        or os.environ.get("LKCONV_GIT_COMMIT"),
-        "git_dirty": None if status is None else bool(status),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "device": device_name(),
         "driver": (_command_output("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader")
                    if on_gpu else None),

@@ -4,8 +4,10 @@
 """
 
 import csv
+import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -47,8 +49,29 @@ def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
     return markdown(header, lines) if lines else ""
 
 
+def compact_table(rows: list[dict]) -> str:
+    """The op results in few characters (a GPU call's reply keeps only its output's last 12,000): one line per case
+    and pass, each lkconv backend's median ms, and the fastest one's speed-ups and fraction of the floor."""
+    cases: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("suite") == "op" and r["impl"].startswith("lkconv"):
+            cases.setdefault((r["shape"], r["kernel"], r["dtype"], r["layout"], r["pass"]), {})[r["impl"]] = r
+    impls = sorted({impl for found in cases.values() for impl in found})
+    header = ["case", "dtype", "layout", "pass", *(impl.removeprefix("lkconv") + " ms" for impl in impls), "vs NCHW",
+              "vs CL", "% floor"]
+    lines = []
+    for (shape, kernel, dtype, layout, pass_name), found in cases.items():
+        timed = [r for r in found.values() if r.get("median_ms") is not None]
+        best = min(timed, key=lambda r: r["median_ms"]) if timed else {}
+        lines.append([f"{shape} K={kernel}", dtype, layout, pass_name,
+                      *(ms(found[impl].get("median_ms")) if impl in found else "" for impl in impls),
+                      ratio(best.get("speedup_vs_nchw")), ratio(best.get("speedup_vs_channels_last")),
+                      percent(best.get("floor_fraction"))])
+    return markdown(header, lines) if lines else ""
+
+
 def _describe(r: dict) -> str:
-    keys = ("suite", "shape", "kernel", "resolution", "dtype", "pass", "mode", "precision", "impl", "layout", "form")
+    keys = ("suite", "unit", "shape", "kernel", "resolution", "dtype", "pass", "mode", "precision", "impl", "layout", "form")
     return " ".join(str(r[k]) for k in keys if r.get(k) not in (None, ""))
 
 
@@ -105,20 +128,25 @@ def write(out: Path, stem: str, rows: list[dict], meta: dict) -> list[Path]:
     """Writes `stem`.json (provenance + rows), .csv (rows, each led by CSV_PROVENANCE) and .md under `out`; returns
     the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.csv", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps({"provenance": meta, "rows": [_json_safe(r) for r in rows]}, indent=1,
-                                   default=str))
     clashes = sorted({key for row in rows for key in row} & set(CSV_PROVENANCE))
     if clashes:
         raise ValueError(f"result rows may not hold the provenance keys {clashes}: the CSV repeats those per row")
     led = [{**{key: meta.get(key) for key in CSV_PROVENANCE}, **row} for row in rows]
-    columns = list(dict.fromkeys([*CSV_PROVENANCE, *(key for row in rows for key in row)]))
-    with open(paths[1], "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(led)
-    paths[2].write_text(full_report(rows, meta))
-    return paths
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys([*CSV_PROVENANCE, *(k for row in rows for k in row)])))
+    writer.writeheader()
+    writer.writerows(led)
+    texts = {
+        out / f"{stem}.json": json.dumps({"provenance": meta, "rows": [_json_safe(r) for r in rows]}, indent=1,
+                                         default=str),
+        out / f"{stem}.csv": table.getvalue(),
+        out / f"{stem}.md": full_report(rows, meta),
+    }
+    for path, text in texts.items():  # whole files only: a run killed mid-write leaves the previous save
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(text, newline="")
+        os.replace(partial, path)
+    return list(texts)
 
 
 CHUNK_FILE = re.compile(r"results-chunk(\d+)of(\d+)\.json")

@@ -16,6 +16,7 @@ import lkconv
 from conftest import assert_close
 from lkconv.benchmarks import __main__ as cli
 from lkconv.benchmarks import op_suite, report
+from lkconv.benchmarks.formatting import ms, percent, ratio
 from lkconv.benchmarks.progress import Progress
 from lkconv.benchmarks.roofline import ConvCase, floor, minimum_bytes, useful_flops, useful_taps_per_axis
 
@@ -374,6 +375,69 @@ def test_an_interrupted_run_keeps_the_units_it_finished(tmp_path, monkeypatch):
     assert {r["kernel"] for r in rows} == {"3x3"}
 
 
+def test_a_unit_that_raises_becomes_one_error_row_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """An error outside a suite's own per-measurement handling (out of memory while preparing, say) costs that unit
+    only; the file saved after each unit but the last says the run was still in progress."""
+    real_run_case, saved = cli.op_suite.run_case, []
+    real_write = cli.report.write
+
+    def fail_first(case, *args):
+        if case.kernel == (3, 3):
+            raise RuntimeError("out of memory while preparing")
+        return real_run_case(case, *args)
+
+    def spy(out, stem, rows, meta):
+        saved.append(meta["stopped_early"])
+        return real_write(out, stem, rows, meta)
+
+    monkeypatch.setattr(cli.op_suite, "run_case", fail_first)
+    monkeypatch.setattr(cli.report, "write", spy)
+    assert cli.main(["--suites", "op", "--out", str(tmp_path), "--no-plots", "--strict"] + TINY) == 1
+    meta, rows = read_results(tmp_path)
+    assert meta["stopped_early"] is None
+    assert saved == ["in progress: 1 of 2 work units done (a run killed before its end)", None]
+    failed = [r for r in rows if r["suite"] == "failed unit"]
+    assert len(failed) == 1 and failed[0]["unit"] == "op 1x4x8x8 K=3x3 float32"
+    assert failed[0]["error"] == "RuntimeError: out of memory while preparing"
+    assert {r["kernel"] for r in rows if r["suite"] == "op"} == {"5x3"}
+    printed = capsys.readouterr().out
+    assert "FAILED failed unit op 1x4x8x8 K=3x3 float32: RuntimeError: out of memory while preparing" in printed
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_compact_table_gives_each_case_and_pass_one_line_with_the_fastest_backends_ratios(tmp_path):
+    assert cli.main(["--suites", "op", "--backends", "torch", "auto", "--out", str(tmp_path), "--no-plots"] + TINY) == 0
+    _, rows = read_results(tmp_path)
+    lines = report.compact_table(rows).splitlines()
+    assert lines[0] == ("| case | dtype | layout | pass | [auto] ms | [torch] ms | vs NCHW | vs CL | % floor |")
+    lkconv_rows = [r for r in rows if r["suite"] == "op" and r["impl"].startswith("lkconv")]
+    cases = {(r["shape"], r["kernel"], r["dtype"], r["layout"], r["pass"]) for r in lkconv_rows}
+    assert len(lines) == 2 + len(cases) and len(cases) == len(lkconv_rows) // 2
+    for shape, kernel, dtype, layout, pass_name in cases:
+        pair = [r for r in lkconv_rows if (r["shape"], r["kernel"], r["dtype"], r["layout"], r["pass"]) ==
+                (shape, kernel, dtype, layout, pass_name)]
+        best = min(pair, key=lambda r: r["median_ms"])
+        auto, torch_row = sorted(pair, key=lambda r: r["impl"])
+        expected = (f"| {shape} K={kernel} | {dtype} | {layout} | {pass_name} | {ms(auto['median_ms'])} | "
+                    f"{ms(torch_row['median_ms'])} | {ratio(best['speedup_vs_nchw'])} | "
+                    f"{ratio(best['speedup_vs_channels_last'])} | {percent(best.get('floor_fraction'))} |")
+        assert expected in lines
+
+
+def test_report_writes_to_another_folder_when_asked_and_names_an_unwritable_one(tmp_path, capsys):
+    results, elsewhere = tmp_path / "fetched", tmp_path / "report"
+    assert cli.main(["--suites", "op", "--out", str(results), "--no-plots"] + TINY) == 0
+    before = sorted(path.name for path in results.iterdir())
+    assert cli.main(["report", str(results), "--out", str(elsewhere)]) == 0
+    assert sorted(path.name for path in results.iterdir()) == before
+    assert (elsewhere / "combined.json").is_file() and (elsewhere / "combined.csv").is_file()
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(results), "--out", str(blocked / "inside")])
+    assert f"cannot write the report to {blocked / 'inside'}" in capsys.readouterr().err
+
+
 def test_dtype_pass_layout_backend_and_baseline_options_reach_table1_and_model(tmp_path):
     arguments = ["--suites", "table1", "model", "--dtypes", "bfloat16", "--layouts", "channels_last", "--passes",
                  "fwd_bwd", "--backends", "torch", "--baselines", "channels_last", "--kernels", "3", "--no-plots",
@@ -393,9 +457,14 @@ def test_the_commit_comes_from_lkconv_git_commit_outside_a_repository(monkeypatc
     from lkconv.benchmarks import provenance
 
     monkeypatch.setattr(provenance, "_command_output", lambda *command: None)  # no git here
-    monkeypatch.setenv("LKCONV_GIT_COMMIT", "0123abc")
-    meta = provenance.provenance({})
-    assert meta["git_commit"] == "0123abc" and meta["git_dirty"] is None
+    for value, commit, dirty in (("0123abc", "0123abc", False), ("0123abc-dirty", "0123abc", True), ("", None, None)):
+        monkeypatch.setenv("LKCONV_GIT_COMMIT", value)
+        meta = provenance.provenance({})
+        assert (meta["git_commit"], meta["git_dirty"]) == (commit, dirty), value
+    for value in ("HEAD", "0123abc-changed", "0123ABCZ"):
+        monkeypatch.setenv("LKCONV_GIT_COMMIT", value)
+        with pytest.raises(ValueError, match=f"LKCONV_GIT_COMMIT must be a commit hash.*; got '{value}'"):
+            provenance.provenance({})
 
 
 def test_the_lkconv_bench_entry_point_is_installed_and_its_usage_lines_name_it():

@@ -70,10 +70,13 @@ def positive_float(text: str) -> float:
 
 
 def program() -> str:
-    """How the user started the command (`python -m benchmarks` or the `lkconv-bench` entry point), for usage lines
-    and hints."""
+    """How the user started the command (`python -m benchmarks`, `python -m lkconv.benchmarks` or the
+    `lkconv-bench` entry point), for usage lines and hints."""
     invoked_as = Path(sys.argv[0]).name
-    return "python -m benchmarks" if invoked_as in ("__main__.py", "-c", "") else invoked_as
+    if invoked_as not in ("__main__.py", "-c", ""):
+        return invoked_as
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None else "python -m benchmarks"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -82,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("quick", "full", "cpu"),
-                   help="quick (<5 min on an H100), full (use --chunk), cpu; default quick on a GPU, cpu otherwise")
+                   help="quick (predicted <5 min on an H100, not yet measured), full (use --chunk), cpu; default quick on a GPU, cpu otherwise")
     p.add_argument("--suites", nargs="+", choices=SUITES, help="default: all three")
     p.add_argument("--out", type=Path, help="folder for results*.{json,csv,md} and PNG plots")
     p.add_argument("--chunk", type=parse_chunk, help="run only part K of N of the work (each part writes its files)")

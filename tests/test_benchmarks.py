@@ -480,6 +480,10 @@ def test_the_lkconv_bench_entry_point_is_installed_and_its_usage_lines_name_it()
     for command in ("report", "choices", "precompile", "host"):
         result = subprocess.run([script, command, "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and result.stdout.startswith(f"usage: lkconv-bench {command}"), result.stdout
+    # Run as a module, the usage names the module the user ran, which works from any folder.
+    result = subprocess.run([sys.executable, "-m", "lkconv.benchmarks", "report", "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=Path(lkconv.__file__).parent.parent.parent)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m lkconv.benchmarks report"), result
 
 
 @pytest.mark.parametrize("arguments,message", [

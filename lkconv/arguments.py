@@ -11,7 +11,6 @@ import operator
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
-from torch._prims_common import is_contiguous_or_false
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 IntPair = Union[int, Sequence[int]]
@@ -253,18 +252,14 @@ def _strides_like_channels_last(shape, strides, known=bool) -> bool:
 
 
 def output_memory_format(tensor: torch.Tensor) -> torch.memory_format:
-    """The layout an op's output takes from its input, as F.conv2d chooses it: channels_last for a map whose strides
-    are channels_last's (a sliced view of one included) and that is not plain contiguous too; NCHW otherwise.
-    Symbolic sizes (torch.compile, torch.export) are read without guards that data-dependent sizes could not meet."""
-    if torch.compiler.is_dynamo_compiling():
-        # Dynamo answers is_contiguous itself (and cannot trace is_contiguous_or_false on torch 2.11).
-        channels_last = (not tensor.is_contiguous()
-                         and _strides_like_channels_last(tensor.shape, tensor.stride(), guard_or_false))
-    elif type(tensor) is torch.Tensor:  # eager: concrete sizes, the fast test
-        channels_last = not tensor.is_contiguous() and _strides_like_channels_last(tensor.shape, tensor.stride())
-    else:  # fake tensors (compiled graphs' shapes, torch.export), whose sizes may be data-dependent
-        channels_last = (not is_contiguous_or_false(tensor)
-                         and _strides_like_channels_last(tensor.shape, tensor.stride(), guard_or_false))
+    """The layout an op's output takes from its input, as F.conv2d chooses it (suggest_memory_format): channels_last
+    for a map whose strides are channels_last's (a sliced view of one included, and a one-channel NHWC map, which is
+    plain contiguous too); NCHW otherwise. Symbolic sizes (torch.compile, torch.export) are read without guards that
+    data-dependent sizes could not meet."""
+    if type(tensor) is torch.Tensor and not torch.compiler.is_dynamo_compiling():  # eager: concrete sizes
+        channels_last = _strides_like_channels_last(tensor.shape, tensor.stride())
+    else:  # Dynamo's and fake tensors' (compiled graphs', torch.export's) sizes may be symbolic or data-dependent
+        channels_last = _strides_like_channels_last(tensor.shape, tensor.stride(), guard_or_false)
     return torch.channels_last if channels_last else torch.contiguous_format
 
 

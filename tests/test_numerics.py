@@ -405,6 +405,8 @@ VIEWS = {
     "channels_last sliced along C": lambda x: x.contiguous(memory_format=torch.channels_last)[:, 1:5],
     "channels_last, one image": lambda x: x.contiguous(memory_format=torch.channels_last)[:1],
     "channels_last, one channel": lambda x: x.contiguous(memory_format=torch.channels_last)[:, :1],
+    # Contiguous too, as a one-channel NHWC map is (a grayscale image permuted to NCHW): F.conv2d reads channels_last.
+    "one-channel NHWC map": lambda x: x[:, :1].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
     "NCHW sliced along W": lambda x: x[..., ::2],
     "H and W transposed": lambda x: x.transpose(2, 3),
 }

@@ -66,8 +66,7 @@ class DepthwiseConv2d(nn.Conv2d):
         if self.groups != self.in_channels:  # set after construction: nn.Conv2d would compute a grouped conv
             raise ValueError(f"groups of a DepthwiseConv2d must stay in_channels = {self.in_channels}; got "
                              f"groups={self.groups} (for a grouped conv, use nn.Conv2d)")
-        if isinstance(input, torch.Tensor) and not torch.overrides.has_torch_function_unary(input) and \
-                input.dim() in (3, 4) and input.shape[-3] != self.in_channels:
+        if isinstance(input, torch.Tensor) and input.dim() in (3, 4) and input.shape[-3] != self.in_channels:
             # depthwise_conv2d alone would read the filters with another depth multiplier wherever the channels
             # divide out_channels, and answer without an error.
             raise ValueError(f"input must have in_channels = {self.in_channels} channels (dimension -3) for "

@@ -437,6 +437,10 @@ def _autocast_available(device_type: str) -> bool:
 
 def _prepare(input, weight, bias, stride, padding, dilation):
     """Applies autocast and validates a call, as F.conv2d would; returns the op's arguments."""
+    if torch.jit.is_tracing():  # its sizes are tensors there, which no check of ours reads
+        raise RuntimeError(
+            "torch.jit.trace cannot trace lkconv's depthwise conv: trace lkconv.revert(model) instead (a copy with "
+            "plain nn.Conv2d layers, on PyTorch's conv), or use torch.compile or torch.export, which keep lkconv's op")
     unbatched = isinstance(input, Tensor) and input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)

@@ -291,6 +291,30 @@ def test_torch_jit_script_refuses_clearly_and_leaves_the_model_alone():
     assert_close(scripted(x), model(x), TOLERANCE[torch.float64], "scripted reverted model")
 
 
+def test_torch_jit_trace_refuses_clearly_and_the_reverted_model_traces():
+    model = nn.Sequential(lkconv.DepthwiseConv2d(3, 5, padding=2, dtype=torch.float64), nn.GELU())
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    for traced in (model, lambda t: lkconv.depthwise_conv2d(t, model[0].weight, None, 1, 2)):
+        with pytest.raises(RuntimeError, match=r"torch.jit.trace cannot trace lkconv's depthwise conv: trace "
+                                               r"lkconv.revert\(model\) instead"):
+            torch.jit.trace(traced, x)
+    plain = torch.jit.trace(lkconv.revert(model), x)
+    assert_close(plain(x), model(x), TOLERANCE[torch.float64], "traced reverted model")
+
+
+class SubclassedTensor(torch.Tensor):
+    """A Tensor subclass (as torchvision's tv_tensors.Image is): it has __torch_function__, yet real sizes."""
+
+
+def test_a_tensor_subclass_with_the_wrong_channel_count_is_refused():
+    layer = lkconv.DepthwiseConv2d(3, 3, padding=1, depth_multiplier=2)
+    with pytest.raises(ValueError, match=r"input must have in_channels = 3 channels \(dimension -3\) for "
+                                         r"DepthwiseConv2d\(3, 6, .*got 6 channels"):
+        layer(torch.randn(1, 6, 5, 5).as_subclass(SubclassedTensor))
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.equal(layer(x.as_subclass(SubclassedTensor)).as_subclass(torch.Tensor), layer(x))
+
+
 # --- from_conv2d ----------------------------------------------------------------------------------------------------
 
 

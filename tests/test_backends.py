@@ -740,6 +740,10 @@ def test_measured_lookup_matches_geometry_exactly_and_size_within_a_factor_of_tw
     assert lookup(table, "GPU X", torch.bfloat16, shape) == "cuda"
     assert lookup(table, "GPU X", torch.bfloat16, shape._replace(size=(70, 60))) == "triton"
     assert lookup(table, "GPU X", torch.bfloat16, shape._replace(size=(7, 7))) is None  # nothing measured near
+    # Each side within a factor of two: 4x off on one side is too far, whatever the other side matches.
+    assert lookup(table, "GPU X", torch.bfloat16, shape._replace(size=(8, 32))) is None
+    assert lookup(table, "GPU X", torch.bfloat16, shape._replace(size=(256, 64))) is None
+    assert lookup(table, "GPU X", torch.bfloat16, shape._replace(size=(16, 16))) == "cuda"  # 2x per side
     assert lookup(table, "GPU X", torch.float32, shape) is None  # another dtype
     assert lookup(table, "GPU X", torch.bfloat16, shape._replace(kernel=(29, 29))) is None
     assert lookup(table, "GPU Y", torch.bfloat16, shape) is None  # measured on another GPU model

@@ -172,7 +172,8 @@ def _choose_for_shape(map_tensor, kernel, stride, dilation, input_hw, problem) -
     shape = (measured.ShapeClass.of(kernel, stride, dilation, input_hw, measured.layout_of(map_tensor))
              if device.type == "cuda" else None)
     choice = choose(device, map_tensor.dtype, shape)
-    # LKCONV_AUTOTUNE is read on every GPU call, so that a bad value fails on any machine, not only where it is used.
+    # LKCONV_AUTOTUNE is read on every GPU call, so that a bad value fails on any GPU, not only where a choice is timed
+    # (CPU calls never tune, and do not read it).
     tune = device.type == "cuda" and autotune.enabled()
     if choice.candidates and tune:  # candidates come only with a shape class
         choice = autotuned(choice, device, map_tensor, shape, problem)

@@ -110,14 +110,15 @@ def lookup(table: dict, device_name: str, dtype: torch.dtype, shape: ShapeClass)
     if table.get("device") != device_name:
         return None
     dtype_name = str(dtype).removeprefix("torch.")
-    best, best_distance = None, math.log2(NEAREST_FACTOR) * 2
+    best, best_distance = None, math.inf
     for entry in table.get("choices", []):
         if (entry["dtype"], tuple(entry["kernel"]), tuple(entry["stride"]), tuple(entry["dilation"]),
                 entry.get("layout", "nchw")) != (dtype_name, shape.kernel, shape.stride, shape.dilation, shape.layout):
             continue
-        distance = sum(abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(entry["size"], shape.size))
-        if distance <= best_distance:
-            best, best_distance = entry["backend"], distance
+        # Each side within NEAREST_FACTOR; of those entries, the nearest over both sides.
+        sides = [abs(math.log2(max(a, 1) / max(b, 1))) for a, b in zip(entry["size"], shape.size)]
+        if max(sides) <= math.log2(NEAREST_FACTOR) and sum(sides) <= best_distance:
+            best, best_distance = entry["backend"], sum(sides)
     return best
 
 

@@ -76,7 +76,9 @@ def program() -> str:
     if invoked_as not in ("__main__.py", "-c", ""):
         return invoked_as
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return f"python -m {spec.name.removesuffix('.__main__')}" if spec is not None else "python -m benchmarks"
+    if spec is not None and spec.name == "lkconv.benchmarks.__main__":
+        return "python -m lkconv.benchmarks"
+    return "python -m benchmarks"  # also where another program (pytest) imported this module
 
 
 def parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@
 #   5. the CPU suite's awkward grid with the triton kernels compiled, then the compute-sanitizer tests.
 # The machine has torch, triton and nvcc but no network, so nothing is downloaded. $OUT (./out when unset) gets
 # session.log (every phase's output), op/results.{json,csv,md} and rest/results.{json,csv,md}: 7 files, within the
-# device tool's 8. The test summary, a compact op table and the phases' status are printed last, within the 12,000
-# characters the device tool's reply keeps.
+# device tool's 8. Only a compact op table, the tests' summary and the phases' status go to stdout, at the end, within
+# the 12,000 characters the device tool's reply keeps.
 # - SESSION_SECONDS (default 540, which leaves the summary time inside a 590 s call) is the whole budget. Each phase gets what is left, capped: OP_SECONDS (200),
 #   REST_SECONDS (120), TEST_SECONDS (200), GRID_SECONDS (60); the sanitizer tests get the rest. Nothing is held back
 #   for a later phase, so a slow install or benchmark shortens the phases after it, never the ones before.
@@ -41,17 +41,17 @@ run_phase() {
     local name=$1 seconds=$2
     shift 2
     if [ "$seconds" -lt 10 ]; then
-        echo "$name: skipped (${seconds}s left)" | tee -a "$SUMMARY/status" "$LOG"
+        echo "$name: skipped (${seconds}s left)" | tee -a "$SUMMARY/status" >>"$LOG"
         return 0
     fi
-    echo "== $name (up to ${seconds}s, started at ${SECONDS}s)" | tee -a "$LOG"
+    echo "== $name (up to ${seconds}s, started at ${SECONDS}s)" >>"$LOG"
     local status=0
     timeout -s INT -k 15 "$seconds" "$@" >>"$LOG" 2>&1 || status=$?
     case "$status" in
         0) echo "$name: ok (done at ${SECONDS}s)" ;;
         124 | 130 | 137) echo "$name: TIMED OUT after ${seconds}s (exit $status)" ;;
         *) echo "$name: FAILED (exit $status)" ;;
-    esac | tee -a "$SUMMARY/status" "$LOG"
+    esac | tee -a "$SUMMARY/status" >>"$LOG"
     return "$status"
 }
 
@@ -70,7 +70,7 @@ if ! run_phase install 300 env MAX_JOBS="${MAX_JOBS:-16}" "${install[@]}"; then
         exit 1
     fi
 fi
-"$PYTHON" - <<'EOF' 2>&1 | tee -a "$LOG" "$SUMMARY/status"
+"$PYTHON" - <<'EOF' 2>&1 | tee -a "$SUMMARY/status" >>"$LOG"
 import lkconv
 from lkconv.backends import cuda_backend
 
@@ -107,8 +107,8 @@ run_phase "awkward grid, compiled triton" "$(capped "${GRID_SECONDS:-60}")" \
 run_phase "sanitizer tests" "$(left)" \
     "$PYTHON" -m pytest -q -m sanitizer -rfE -p no:cacheprovider tests/ || tests_status=1
 
-echo
-grep -E "^(FAILED|ERROR) |passed|failed|slowest|^[0-9.]+s (call|setup)" "$LOG" | tail -n 30 | cut -c 1-200
+# What the device tool's reply keeps (its last 12,000 characters): the op table, the tests' summary, each phase's
+# status. The phases' own output is in session.log.
 echo
 "$PYTHON" - "$OUT/op" <<'EOF' || true
 import sys
@@ -119,6 +119,8 @@ from lkconv.benchmarks import report
 rows, _ = report.load(Path(sys.argv[1]))
 print(report.compact_table(rows))
 EOF
+echo
+grep -E "^(FAILED|ERROR) |passed|failed" "$LOG" | tail -n 20 | cut -c 1-160
 echo
 cat "$SUMMARY/status"
 echo "session took ${SECONDS}s"

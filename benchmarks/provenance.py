@@ -43,11 +43,12 @@ def passed_commit() -> tuple[Optional[str], Optional[bool]]:
     value = os.environ.get(COMMIT_VARIABLE)
     if not value:
         return None, None
-    commit, dirty = (value[:-len("-dirty")], True) if value.endswith("-dirty") else (value, False)
-    if not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+    # A tagged history makes describe print TAG-N-gHASH: the hash is what identifies the commit.
+    match = re.fullmatch(r"(?:.+-g)?([0-9a-f]{7,40})(-dirty)?", value)
+    if match is None:
         raise ValueError(f"{COMMIT_VARIABLE} must be a commit hash, with '-dirty' where the tree had changes (the "
                          f"output of `git describe --always --dirty --abbrev=40`); got {value!r}")
-    return commit, dirty
+    return match[1], match[2] is not None
 
 
 def provenance(settings: dict) -> dict:

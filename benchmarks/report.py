@@ -49,6 +49,11 @@ def op_table(rows: list[dict], lkconv_only: bool = False) -> str:
     return markdown(header, lines) if lines else ""
 
 
+# compact_table's short names.
+SHORT_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "nchw": "NCHW", "channels_last": "CL",
+               "forward": "fwd", "input_grad": "dgrad", "weight_grad": "wgrad", "fwd_bwd": "fwd+bwd"}
+
+
 def compact_table(rows: list[dict]) -> str:
     """The op results in few characters (a GPU call's reply keeps only its output's last 12,000): one line per case
     and pass, each lkconv backend's median ms, and the fastest one's speed-ups and fraction of the floor."""
@@ -63,7 +68,7 @@ def compact_table(rows: list[dict]) -> str:
     for (shape, kernel, dtype, layout, pass_name), found in cases.items():
         timed = [r for r in found.values() if r.get("median_ms") is not None]
         best = min(timed, key=lambda r: r["median_ms"]) if timed else {}
-        lines.append([f"{shape} K={kernel}", dtype, layout, pass_name,
+        lines.append([f"{shape} K={kernel}", *(SHORT_NAMES.get(name, name) for name in (dtype, layout, pass_name)),
                       *(ms(found[impl].get("median_ms")) if impl in found else "" for impl in impls),
                       ratio(best.get("speedup_vs_nchw")), ratio(best.get("speedup_vs_channels_last")),
                       percent(best.get("floor_fraction"))])

@@ -418,7 +418,8 @@ def test_compact_table_gives_each_case_and_pass_one_line_with_the_fastest_backen
                 (shape, kernel, dtype, layout, pass_name)]
         best = min(pair, key=lambda r: r["median_ms"])
         auto, torch_row = sorted(pair, key=lambda r: r["impl"])
-        expected = (f"| {shape} K={kernel} | {dtype} | {layout} | {pass_name} | {ms(auto['median_ms'])} | "
+        short = [report.SHORT_NAMES[name] for name in (dtype, layout, pass_name)]
+        expected = (f"| {shape} K={kernel} | {' | '.join(short)} | {ms(auto['median_ms'])} | "
                     f"{ms(torch_row['median_ms'])} | {ratio(best['speedup_vs_nchw'])} | "
                     f"{ratio(best['speedup_vs_channels_last'])} | {percent(best.get('floor_fraction'))} |")
         assert expected in lines
@@ -457,7 +458,8 @@ def test_the_commit_comes_from_lkconv_git_commit_outside_a_repository(monkeypatc
     from lkconv.benchmarks import provenance
 
     monkeypatch.setattr(provenance, "_command_output", lambda *command: None)  # no git here
-    for value, commit, dirty in (("0123abc", "0123abc", False), ("0123abc-dirty", "0123abc", True), ("", None, None)):
+    for value, commit, dirty in (("0123abc", "0123abc", False), ("0123abc-dirty", "0123abc", True), ("", None, None),
+                                 ("v0.1.0-2-g0123abc-dirty", "0123abc", True)):  # a tagged history's describe
         monkeypatch.setenv("LKCONV_GIT_COMMIT", value)
         meta = provenance.provenance({})
         assert (meta["git_commit"], meta["git_dirty"]) == (commit, dirty), value

@@ -340,8 +340,11 @@ def test_repvgg_rejects_widths_of_zero_channels():
     ("repvgg_a0", dict(num_classes=-1), "num_classes must be an int >= 0; got -1"),
     ("repvgg_a0", dict(num_blocks=(1, 0, 1, 1)), "every entry of num_blocks must be an int >= 1; got 0"),
     ("replknet_31b", dict(large_kernel_sizes=(31, 29, 6, 13)),
-     "large_kernel_sizes[2] must be an odd int (the small kernel shares its centre); got 6"),
-    ("replknet_31b", dict(large_kernel_sizes=(7, 0, 7, 7)), "large_kernel_sizes[1] must be an int >= 1; got 0"),
+     "large_kernel_sizes[2] must be an odd int or a pair of odd ints (the small kernel shares its centre); got 6"),
+    ("replknet_31b", dict(large_kernel_sizes=(31, 29, (7, 4), 13)), "large_kernel_sizes[2] must be an odd int or a"),
+    ("replknet_31b", dict(large_kernel_sizes=(7, 0, 7, 7)), "large_kernel_sizes[1] must be"),
+    ("replknet_31b", dict(large_kernel_sizes=(7, 7, (7, 3), 7)),
+     "small_kernel must not exceed any stage's large kernel; got small_kernel=5 and large_kernel_sizes[2]=(7, 3)"),
     ("replknet_31b", dict(large_kernel_sizes=(7, 3, 7, 7)),
      "small_kernel must not exceed any stage's large kernel; got small_kernel=5 and large_kernel_sizes[1]=3"),
     ("replknet_31b", dict(drop_path_rate="0.1"), "drop_path_rate must be a number in [0, 1); got '0.1'"),
@@ -349,12 +352,26 @@ def test_repvgg_rejects_widths_of_zero_channels():
     ("repvgg_a0", dict(override_groups_map={2: 5}),
      "override_groups_map[2] must divide layer 2's in and out channels (16, 16); got 5"),
     ("repvgg_a0", dict(override_groups_map={2: 0}), "override_groups_map[2] must be an int >= 1; got 0"),
-    ("repvgg_a0", dict(override_groups_map={22: 2}),
-     "override_groups_map's keys must be layer indices 1-21 (layers count from 1 after stage 0); got 22"),
+    ("repvgg_a0", dict(override_groups_map={0: 2}),
+     "override_groups_map's keys (layer indices, counting from 1 after stage 0) must be an int >= 1; got 0"),
+    ("repvgg_a0", dict(override_groups_map={"2": 2}),
+     "override_groups_map's keys (layer indices, counting from 1 after stage 0) must be an int >= 1; got '2'"),
 ])
+
 def test_bad_model_options_name_the_option_and_the_value(name, options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         tiny(name, **options)
+
+
+def test_model_options_take_kernel_pairs_and_group_maps_past_a_shallower_variant_s_layers():
+    """Kernel pairs reach the blocks, and official g2/g4 maps (layers 2-26) fit a variant overridden to fewer layers,
+    as in official RepVGG, while their layers within it are grouped."""
+    model = tiny("replknet_31b", large_kernel_sizes=(7, 7, (7, 5), 7), small_kernel=(3, 3))
+    assert model.stages[2].blocks[0].large_kernel.lkb_origin.conv.kernel_size == (7, 5)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    model = create_model("repvgg_b1g4", num_blocks=(2, 4, 14, 1), width_multiplier=(0.25, 0.25, 0.25, 0.25),
+                         override_groups_map={np.int64(2): 4, 22: 4, 26: 4}, num_classes=5)
+    assert model.stage1[1].rbr_dense.conv.groups == 4 and model.stage1[0].rbr_dense.conv.groups == 1
 
 
 def test_register_model_takes_named_functions_and_never_replaces_another_model():

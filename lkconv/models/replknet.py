@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..arguments import positive_number, probability, whole_number
+from ..arguments import pair, positive_number, probability, whole_number
 from ..blocks import ConvBN, DropPath, ReparamLargeKernelConv, reparameterize_model
 from .common import batchnorm_class, run_block
 from .registry import register_model
@@ -120,11 +120,13 @@ class RepLKNet(nn.Module):
         for name, values in (("channels", channels), ("layers", layers)):
             for value in values:
                 whole_number(value, f"every entry of {name}")
+        small = None if small_kernel is None else pair(small_kernel, "small_kernel", 1)
         for stage, kernel in enumerate(large_kernel_sizes):
-            if whole_number(kernel, f"large_kernel_sizes[{stage}]") % 2 == 0:
-                raise ValueError(f"large_kernel_sizes[{stage}] must be an odd int (the small kernel shares its "
-                                 f"centre); got {kernel!r}")
-            if small_kernel is not None and whole_number(small_kernel, "small_kernel") > kernel:
+            sides = pair(kernel, f"large_kernel_sizes[{stage}]", 1)
+            if sides[0] % 2 == 0 or sides[1] % 2 == 0:
+                raise ValueError(f"large_kernel_sizes[{stage}] must be an odd int or a pair of odd ints (the small "
+                                 f"kernel shares its centre); got {kernel!r}")
+            if small is not None and (small[0] > sides[0] or small[1] > sides[1]):
                 raise ValueError(f"small_kernel must not exceed any stage's large kernel; got small_kernel="
                                  f"{small_kernel!r} and large_kernel_sizes[{stage}]={kernel!r} (small_kernel=None "
                                  "drops the small branch)")

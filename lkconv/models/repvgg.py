@@ -19,7 +19,8 @@ from .registry import register_model
 class RepVGG(nn.Module):
     """RepVGG with widths 64a, 128a, 256a, 512b (stage 0 min(64, 64a)) and `num_blocks` blocks in stages 1-4.
 
-    - `override_groups_map`: {layer index: groups} for the g2/g4 variants (layers count from 1 after stage 0).
+    - `override_groups_map`: {layer index: groups} for the g2/g4 variants (layers count from 1 after stage 0; keys past
+      the last layer are ignored, as in official RepVGG, so the maps fit shallower variants too).
     - `out_indices`: return the listed stages' (1-4 as 0-3) features instead of logits.
     - `drop_path_rate`: stochastic depth on blocks with an identity branch, rising linearly (0 as in the paper).
     - `deploy`: build the merged form; `use_checkpoint`: activation checkpointing; `use_sync_bn`: SyncBatchNorm.
@@ -51,12 +52,11 @@ class RepVGG(nn.Module):
         for value in num_blocks:
             whole_number(value, "every entry of num_blocks")
         total = sum(num_blocks)
-        groups_map = dict(override_groups_map or {})
-        for layer, groups in groups_map.items():
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= total:
-                raise ValueError(f"override_groups_map's keys must be layer indices 1-{total} (layers count from 1 "
-                                 f"after stage 0); got {layer!r}")
-            whole_number(groups, f"override_groups_map[{layer}]")
+        groups_map = {}
+        for layer, groups in dict(override_groups_map or {}).items():
+            index = whole_number(layer, "override_groups_map's keys (layer indices, counting from 1 after stage 0)")
+            # Layers past the last are ignored, as in official RepVGG: the g2/g4 maps fit shallower variants too.
+            groups_map[index] = whole_number(groups, f"override_groups_map[{layer!r}]")
         whole_number(num_classes, "num_classes", 0)
         whole_number(in_chans, "in_chans")
         widths = [int(base * m) for base, m in zip((64, 128, 256, 512), width_multiplier)]

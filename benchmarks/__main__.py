@@ -87,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("quick", "full", "cpu"),
-                   help="quick (predicted <5 min on an H100, not yet measured), full (use --chunk), cpu; default quick on a GPU, cpu otherwise")
+                   help="quick (predicted <5 min on an H100, not yet measured), full (use --chunk), cpu; default "
+                        "quick on a GPU, cpu otherwise")
     p.add_argument("--suites", nargs="+", choices=SUITES, help="default: all three")
     p.add_argument("--out", type=Path, help="folder for results*.{json,csv,md} and PNG plots")
     p.add_argument("--chunk", type=parse_chunk, help="run only part K of N of the work (each part writes its files)")
@@ -376,13 +377,6 @@ def main_report(argv) -> int:
     except (OSError, ValueError, KeyError) as error:
         p.error(f"cannot read results from {args.folder}: {error}")
     out = args.out or args.folder
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / "combined.json.partial"
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        p.error(f"cannot write the report to {out} ({error.strerror or error}); choose a folder with --out")
     meta = report.merged_provenance(metas)
     if meta.get("missing_chunks"):
         print(f"warning: chunks {', '.join(map(str, meta['missing_chunks']))} of {meta['chunks_of']} are missing "
@@ -391,7 +385,10 @@ def main_report(argv) -> int:
     for file, stopped in (stops.items() if isinstance(stops, dict) else [(args.folder, stops)] if stops else []):
         if stopped:
             print(f"warning: {file} {stopped}: the report covers part of the run")
-    write_outputs(out, "combined", rows, meta, True)
+    try:
+        write_outputs(out, "combined", rows, meta, True)
+    except OSError as error:
+        p.error(f"cannot write the report to {out} ({error.strerror or error}); choose a folder with --out")
     print(report.short_table(rows))
     return 0
 

@@ -14,9 +14,10 @@
 # session.log (every phase's output), op/results.{json,csv,md} and rest/results.{json,csv,md}: 7 files, within the
 # device tool's 8. Only a compact op table, the tests' summary and the phases' status go to stdout, at the end, within
 # the 12,000 characters the device tool's reply keeps.
-# - SESSION_SECONDS (default 540, which leaves the summary time inside a 590 s call) is the whole budget. Each phase gets what is left, capped: OP_SECONDS (200),
-#   REST_SECONDS (120), TEST_SECONDS (200), GRID_SECONDS (60); the sanitizer tests get the rest. Nothing is held back
-#   for a later phase, so a slow install or benchmark shortens the phases after it, never the ones before.
+# - SESSION_SECONDS (default 540, which leaves the summary time inside a 590 s call) is the whole budget. Each phase
+#   gets what is left, capped: OP_SECONDS (200), REST_SECONDS (120), TEST_SECONDS (200), GRID_SECONDS (60); the
+#   sanitizer tests get the rest. Nothing is held back for a later phase, so a slow install or benchmark shortens the
+#   phases after it, never the ones before.
 # - LKCONV_GIT_COMMIT names the commit, and "-dirty" a changed tree, when the tree was copied without .git.
 # - Each test may take TEST_TIMEOUT seconds (default 120) where pytest-timeout is installed, so that one hung test
 #   does not take its phase's whole time.

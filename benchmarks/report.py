@@ -76,7 +76,8 @@ def compact_table(rows: list[dict]) -> str:
 
 
 def _describe(r: dict) -> str:
-    keys = ("suite", "unit", "shape", "kernel", "resolution", "dtype", "pass", "mode", "precision", "impl", "layout", "form")
+    keys = ("suite", "unit", "shape", "kernel", "resolution", "dtype", "pass", "mode", "precision", "impl", "layout",
+            "form")
     return " ".join(str(r[k]) for k in keys if r.get(k) not in (None, ""))
 
 
